@@ -1,0 +1,34 @@
+// CPU loops of the fused softmax cross-entropy over a range of rows. Callers
+// (the TF kernels, the pybind11 module) split rows over their own thread
+// pools; every row is computed by one call in a fixed order, so results do not
+// depend on how rows are split.
+#pragma once
+
+#include <cstdint>
+
+#include "core/xent_params.h"
+
+namespace fused_xent {
+namespace cpu {
+
+template <typename T, typename Label>
+void sparse_forward(const SparseForwardArgs<T, Label>& args, int64_t row_begin, int64_t row_end);
+
+template <typename T, typename Label>
+void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin, int64_t row_end);
+
+template <typename T>
+void dense_forward(const DenseForwardArgs<T>& args, int64_t row_begin, int64_t row_end);
+
+template <typename T>
+void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t row_end);
+
+// Index of the first label that is neither in [0, classes) nor ignore_index, or -1.
+template <typename Label>
+int64_t find_invalid_label(const Label* labels, int64_t count, int64_t classes, const Options& options);
+
+// Rough cost of one row in CPU cycles, for thread-pool sharding.
+inline int64_t row_cost_cycles(int64_t classes) { return 8 + 6 * classes; }
+
+}  // namespace cpu
+}  // namespace fused_xent

@@ -1,0 +1,100 @@
+// Glue between TensorFlow tensors and the TF-free core: dtype mapping, the
+// [outer, classes, inner] layout, attrs, and row sharding over TF's pool.
+#pragma once
+
+#include <cmath>
+
+#include "core/xent_params.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace fused_xent {
+
+// Core element type with the same bits as TensorFlow's.
+template <typename T> struct CoreTypeOf { using type = T; };
+template <> struct CoreTypeOf<Eigen::half> { using type = float16_t; };
+template <> struct CoreTypeOf<Eigen::bfloat16> { using type = bfloat16_t; };
+template <typename T> using CoreType = typename CoreTypeOf<T>::type;
+
+template <typename T> const CoreType<T>* core_ptr(const tensorflow::Tensor& t) {
+  return reinterpret_cast<const CoreType<T>*>(t.flat<T>().data());
+}
+template <typename T> CoreType<T>* core_mutable_ptr(tensorflow::Tensor* t) {
+  return reinterpret_cast<CoreType<T>*>(t->flat<T>().data());
+}
+
+// Layout of `logits` around `axis` (negative counts from the end); also the
+// shape without that axis, which is the shape of labels (sparse) and of the loss.
+inline absl::Status LayoutOf(const tensorflow::TensorShape& logits, int64_t axis, Layout* layout,
+                             tensorflow::TensorShape* reduced) {
+  const int rank = logits.dims();
+  if (rank < 1) return absl::InvalidArgumentError("logits must have rank >= 1, got a scalar");
+  if (axis < -rank || axis >= rank) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("axis ", axis, " is out of range for logits of shape ", logits.DebugString()));
+  }
+  if (axis < 0) axis += rank;
+  layout->outer = 1;
+  layout->inner = 1;
+  layout->classes = logits.dim_size(axis);
+  reduced->Clear();
+  for (int d = 0; d < rank; ++d) {
+    if (d == axis) continue;
+    (d < axis ? layout->outer : layout->inner) *= logits.dim_size(d);
+    reduced->AddDim(logits.dim_size(d));
+  }
+  if (layout->classes == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Must have at least one class, but got logits shape ", logits.DebugString()));
+  }
+  return absl::OkStatus();
+}
+
+// Attrs shared by every op of the project.
+inline absl::Status ReadOptions(tensorflow::OpKernelConstruction* ctx, bool sparse, Options* options,
+                                int64_t* axis) {
+  TF_RETURN_IF_ERROR(ctx->GetAttr("axis", axis));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("label_smoothing", &options->label_smoothing));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("z_loss", &options->z_loss));
+  if (!(options->label_smoothing >= 0.0f && options->label_smoothing <= 1.0f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("label_smoothing must lie in [0, 1], got ", options->label_smoothing));
+  }
+  if (!std::isfinite(options->z_loss) || options->z_loss < 0.0f) {
+    return absl::InvalidArgumentError(absl::StrCat("z_loss must be finite and >= 0, got ", options->z_loss));
+  }
+  if (sparse) {
+    TF_RETURN_IF_ERROR(ctx->GetAttr("has_ignore_index", &options->has_ignore_index));
+    TF_RETURN_IF_ERROR(ctx->GetAttr("ignore_index", &options->ignore_index));
+  }
+  return absl::OkStatus();
+}
+
+inline absl::Status CheckSameShape(const tensorflow::Tensor& t, const tensorflow::TensorShape& expected,
+                                   const char* name, const char* expected_name) {
+  if (t.shape() == expected) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(name, " must have the shape of ", expected_name, " ",
+                                                 expected.DebugString(), ", got ", t.shape().DebugString()));
+}
+
+// Class weights are a vector of size 0 (none) or one weight per class.
+inline absl::Status ClassWeightsOf(const tensorflow::Tensor& weights, int64_t classes, Options* options) {
+  if (weights.dims() != 1 || (weights.NumElements() != 0 && weights.NumElements() != classes)) {
+    return absl::InvalidArgumentError(absl::StrCat("class_weights must be a vector of ", classes,
+                                                   " weights (one per class), got shape ",
+                                                   weights.shape().DebugString()));
+  }
+  options->class_weights = weights.NumElements() ? weights.flat<float>().data() : nullptr;
+  return absl::OkStatus();
+}
+
+// Runs fn(begin, end) over [0, rows) on TensorFlow's intra-op pool.
+template <typename Fn>
+void ShardRows(tensorflow::OpKernelContext* ctx, int64_t rows, int64_t cost_per_row, const Fn& fn) {
+  const auto* threads = ctx->device()->tensorflow_cpu_worker_threads();
+  tensorflow::Shard(threads->num_threads, threads->workers, rows, cost_per_row, fn);
+}
+
+}  // namespace fused_xent

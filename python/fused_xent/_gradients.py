@@ -1,0 +1,163 @@
+"""Gradients of the fused ops, first order and higher.
+
+Forward ops output (loss, lse). Their gradient with respect to the logits is
+the fused Grad op, which reads logits, labels, lse and the upstream gradient:
+
+    dz = g * w * ((sum(q) + 2 lambda lse) * p - q),   p = exp(z - lse)
+
+plus grad_lse * p when the lse output itself receives a gradient (which happens
+only on second-order paths). The Grad ops are differentiated here with a few
+TensorFlow element-wise ops: that path (Hessian-vector products, gradient
+penalties) is rare and its cost is dominated by the rest of the double backward.
+Treating lse as an independent input of the Grad op keeps this exact: its
+gradient flows back into the forward op's lse output. docs/derivation.md has
+the formulas.
+"""
+
+import tensorflow as tf
+
+from fused_xent._loader import load_op_library
+
+_SPARSE_ATTRS = ("axis", "label_smoothing", "z_loss", "ignore_index", "has_ignore_index")
+_DENSE_ATTRS = ("axis", "label_smoothing", "z_loss")
+
+
+def _attrs(op, names):
+    return {name: op.get_attr(name) for name in names}
+
+
+def _input_gradient_needed(op, index):
+    skip = getattr(op, "skip_input_indices", None)  # set by the eager tape
+    return skip is None or index not in skip
+
+
+def _softmax(logits, lse, axis):
+    z = tf.cast(logits, lse.dtype)
+    return tf.exp(z - tf.expand_dims(lse, axis))
+
+
+def _add_lse_gradient(grad_logits, logits, lse, grad_lse, axis):
+    """d lse / dz = softmax(z): adds grad_lse * p when lse has a gradient."""
+    if grad_lse is None:
+        return grad_logits
+    extra = tf.expand_dims(tf.cast(grad_lse, lse.dtype), axis) * _softmax(logits, lse, axis)
+    return grad_logits + tf.cast(extra, grad_logits.dtype)
+
+
+def _positive_axis(axis, logits):
+    if axis >= 0:
+        return axis
+    rank = logits.shape.rank
+    if rank is None:
+        if axis == -1:
+            return -1
+        raise ValueError("second-order gradients need the rank of logits to be known when axis != -1")
+    return axis + rank
+
+
+@tf.RegisterGradient("FusedXent>SparseSoftmaxCrossEntropy")
+def _sparse_forward_grad(op, grad_loss, grad_lse):
+    logits, labels, class_weights = op.inputs
+    lse = op.outputs[1]
+    attrs = _attrs(op, _SPARSE_ATTRS)
+    if grad_loss is None:
+        grad_loss = tf.zeros_like(op.outputs[0])
+    grad_logits = load_op_library().fused_xent_sparse_softmax_cross_entropy_grad(
+        logits, labels, class_weights, lse, grad_loss, **attrs
+    )
+    grad_logits = _add_lse_gradient(grad_logits, logits, lse, grad_lse, attrs["axis"])
+    return grad_logits, None, None
+
+
+@tf.RegisterGradient("FusedXent>SoftmaxCrossEntropy")
+def _dense_forward_grad(op, grad_loss, grad_lse):
+    logits, labels = op.inputs
+    lse = op.outputs[1]
+    attrs = _attrs(op, _DENSE_ATTRS)
+    axis = attrs["axis"]
+    if grad_loss is None:
+        grad_loss = tf.zeros_like(op.outputs[0])
+    grad_logits = load_op_library().fused_xent_softmax_cross_entropy_grad(logits, labels, lse, grad_loss, **attrs)
+    grad_logits = _add_lse_gradient(grad_logits, logits, lse, grad_lse, axis)
+    grad_labels = None
+    if _input_gradient_needed(op, 1):
+        # d loss / d t_j = (1 - eps) * (lse - z_j) = -(1 - eps) * log_softmax(z)_j
+        scale = tf.cast(grad_loss, lse.dtype) * (1.0 - attrs["label_smoothing"])
+        neg_log_p = tf.expand_dims(lse, axis) - tf.cast(logits, lse.dtype)
+        grad_labels = tf.cast(tf.expand_dims(scale, axis) * neg_log_p, labels.dtype)
+    return grad_logits, grad_labels
+
+
+def _sparse_row_weights(labels, class_weights, attrs, dtype):
+    """w per row: the class weight of the label (or 1), and 0 for ignored rows."""
+    valid_labels = labels
+    if attrs["has_ignore_index"]:
+        ignored = tf.equal(labels, tf.cast(attrs["ignore_index"], labels.dtype))
+        valid_labels = tf.where(ignored, tf.zeros_like(labels), labels)
+    size = class_weights.shape[0]
+    if size == 0:
+        weights = tf.ones_like(labels, dtype)
+    elif size is not None:
+        weights = tf.cast(tf.gather(class_weights, valid_labels), dtype)
+    else:
+        weights = tf.cond(
+            tf.size(class_weights) > 0,
+            lambda: tf.cast(tf.gather(class_weights, valid_labels), dtype),
+            lambda: tf.ones_like(labels, dtype),
+        )
+    if attrs["has_ignore_index"]:
+        weights = tf.where(ignored, tf.zeros_like(weights), weights)
+    return weights
+
+
+@tf.RegisterGradient("FusedXent>SparseSoftmaxCrossEntropyGrad")
+def _sparse_backward_grad(op, v):
+    logits, labels, class_weights, lse, grad_loss = op.inputs
+    attrs = _attrs(op, _SPARSE_ATTRS)
+    axis, eps, lam = attrs["axis"], attrs["label_smoothing"], attrs["z_loss"]
+    acc = lse.dtype
+    p = _softmax(logits, lse, axis)
+    v = tf.cast(v, acc)
+    g = tf.cast(grad_loss, acc)
+    w = _sparse_row_weights(labels, class_weights, attrs, acc)
+    classes = tf.cast(tf.shape(logits)[axis], acc)
+    onehot = tf.one_hot(labels, tf.shape(logits)[axis], axis=_positive_axis(axis, logits), dtype=acc)
+    p_dot_v = tf.reduce_sum(p * v, axis)
+    q_dot_v = (1.0 - eps) * tf.reduce_sum(onehot * v, axis) + eps / classes * tf.reduce_sum(v, axis)
+    a = 1.0 + 2.0 * lam * lse
+    grad_logits = tf.expand_dims(g * w * a, axis) * p * v
+    grad_lse = g * w * (2.0 * lam - a) * p_dot_v
+    grad_grad_loss = w * (a * p_dot_v - q_dot_v)
+    return (
+        tf.cast(grad_logits, logits.dtype),
+        None,
+        None,
+        grad_lse,
+        tf.cast(grad_grad_loss, grad_loss.dtype),
+    )
+
+
+@tf.RegisterGradient("FusedXent>SoftmaxCrossEntropyGrad")
+def _dense_backward_grad(op, v):
+    logits, labels, lse, grad_loss = op.inputs
+    attrs = _attrs(op, _DENSE_ATTRS)
+    axis, eps, lam = attrs["axis"], attrs["label_smoothing"], attrs["z_loss"]
+    acc = lse.dtype
+    p = _softmax(logits, lse, axis)
+    v = tf.cast(v, acc)
+    t = tf.cast(labels, acc)
+    g = tf.cast(grad_loss, acc)
+    classes = tf.cast(tf.shape(logits)[axis], acc)
+    p_dot_v = tf.reduce_sum(p * v, axis)
+    q_dot_v = (1.0 - eps) * tf.reduce_sum(t * v, axis) + eps / classes * tf.reduce_sum(v, axis)
+    a = (1.0 - eps) * tf.reduce_sum(t, axis) + eps + 2.0 * lam * lse
+    grad_logits = tf.expand_dims(g * a, axis) * p * v
+    grad_lse = g * (2.0 * lam - a) * p_dot_v
+    grad_grad_loss = a * p_dot_v - q_dot_v
+    grad_labels = tf.expand_dims(g * (1.0 - eps), axis) * (tf.expand_dims(p_dot_v, axis) - v)
+    return (
+        tf.cast(grad_logits, logits.dtype),
+        tf.cast(grad_labels, labels.dtype),
+        grad_lse,
+        tf.cast(grad_grad_loss, grad_loss.dtype),
+    )
