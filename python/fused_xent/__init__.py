@@ -28,6 +28,7 @@ if _tf is not None and _core.build_info()["tensorflow_version"] is not None:
 
     _loader.load_op_library()  # raises ImportError naming both versions on a mismatch
     from fused_xent._ops import softmax_cross_entropy_with_logits, sparse_softmax_cross_entropy_with_logits
+    from fused_xent import losses  # registers the Keras losses for model loading
 else:
     def _tensorflow_missing(name):
         def unavailable(*args, **kwargs):

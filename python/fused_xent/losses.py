@@ -1,0 +1,1 @@
+"""Keras losses on the fused op (being written)."""
