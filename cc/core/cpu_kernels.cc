@@ -1,6 +1,7 @@
 #include "core/cpu_kernels.h"
 
 #include <algorithm>
+#include <limits>
 
 #include "core/row_math.h"
 
@@ -42,71 +43,74 @@ Acc<T> load_block(const Row<T>& row, int64_t start, int64_t len, Acc<T>* out) {
   return block_max;
 }
 
+// Sums of one block (already loaded, with max `block_max`), relative to that max.
 template <typename A>
-A sum_exp_shifted(const A* values, int64_t len, A shift) {
-  A sum = 0;
-  for (int64_t k = 0; k < len; ++k) sum += fx_exp(values[k] - shift);
-  return sum;
+RowSums<A> block_sums(const A* z, const A* labels, int64_t len, A block_max, bool want_mean, A inv_classes) {
+  RowSums<A> sums;
+  sums.max = block_max;
+  const bool all_negative_infinity = block_max == negative_infinity<A>();
+  if (want_mean) {
+    sums.count = static_cast<A>(len) * inv_classes;
+    A gap = 0;
+    if (!all_negative_infinity)
+      for (int64_t k = 0; k < len; ++k) gap += block_max - z[k];
+    sums.gap = all_negative_infinity ? std::numeric_limits<A>::infinity() : gap * inv_classes;
+  }
+  if (labels) {
+    A label_sum = 0, label_gap = 0;
+    for (int64_t k = 0; k < len; ++k) {
+      label_sum += labels[k];
+      label_gap += labels[k] != 0 ? labels[k] * (block_max - z[k]) : A(0);
+    }
+    sums.label_sum = label_sum;
+    sums.label_gap = label_gap;  // +inf (or NaN) for an all -inf block with a nonzero label
+  }
+  if (!all_negative_infinity) {
+    A sum_exp = 0;
+    for (int64_t k = 0; k < len; ++k) sum_exp += fx_exp(z[k] - block_max);
+    sums.sum_exp = sum_exp;
+  }
+  return sums;
 }
 
-template <typename A>
-A sum_scaled(const A* values, int64_t len, A scale) {
-  A sum = 0;
-  for (int64_t k = 0; k < len; ++k) sum += values[k] * scale;
-  return sum;
-}
-
-// One read of a row: its online softmax stats and, when wanted, mean(z).
+// One read of a row of logits (and of dense labels when given), block by block.
 template <typename T>
-RowStats<Acc<T>> scan_logits(const Row<T>& row, bool want_mean, Acc<T>* mean_z) {
+RowSums<Acc<T>> scan_row(const Row<T>& row, bool want_mean, const Row<T>* labels = nullptr) {
   using A = Acc<T>;
   A block[kBlock];
-  RowStats<A> stats;
-  const A inv_count = A(1) / static_cast<A>(row.count);
-  A mean = 0;
+  A label_block[kBlock];
+  RowSums<A> sums;
+  const A inv_classes = A(1) / static_cast<A>(row.count);
   for (int64_t start = 0; start < row.count; start += kBlock) {
     const int64_t len = std::min(kBlock, row.count - start);
     const A block_max = load_block(row, start, len, block);
-    if (want_mean) mean += sum_scaled(block, len, inv_count);
-    const A block_sum = block_max == negative_infinity<A>() ? A(0) : sum_exp_shifted(block, len, block_max);
-    merge_stats(stats, block_max, block_sum);
-  }
-  *mean_z = mean;
-  return stats;
-}
-
-// Sums over a dense label row: sum(t) and sum of t_j z_j over t_j != 0.
-template <typename T>
-struct LabelSums {
-  Acc<T> label_sum = 0;
-  Acc<T> label_dot_z = 0;
-};
-
-template <typename T>
-LabelSums<T> scan_labels(const Row<T>& labels, const Row<T>& logits) {
-  using A = Acc<T>;
-  LabelSums<T> sums;
-  for (int64_t j = 0; j < labels.count; ++j) {
-    const A t = labels[j];
-    sums.label_sum += t;
-    if (t != 0) sums.label_dot_z += t * logits[j];
+    if (labels) load_block(*labels, start, len, label_block);
+    merge_sums(sums, block_sums(block, labels ? label_block : nullptr, len, block_max, want_mean, inv_classes));
   }
   return sums;
 }
 
 template <typename T>
 Acc<T> label_sum_of(const Row<T>& labels) {
-  Acc<T> sum = 0;
-  for (int64_t j = 0; j < labels.count; ++j) sum += labels[j];
+  using A = Acc<T>;
+  A block[kBlock];
+  A sum = 0;
+  for (int64_t start = 0; start < labels.count; start += kBlock) {
+    const int64_t len = std::min(kBlock, labels.count - start);
+    load_block(labels, start, len, block);
+    A block_sum = 0;
+    for (int64_t k = 0; k < len; ++k) block_sum += block[k];
+    sum += block_sum;
+  }
   return sum;
 }
 
 // Writes dz_j = c.softmax_scale * exp(z_j - lse) - c.uniform for j in [begin, end).
 template <typename T>
 void write_softmax_gradient(const T* logits, T* out, int64_t stride, int64_t begin, int64_t end,
-                            Acc<T> lse, const BackwardCoefficients<Acc<T>>& c) {
+                            const SplitLse<Acc<T>>& lse, const BackwardCoefficients<Acc<T>>& c) {
   for (int64_t j = begin; j < end; ++j) {
-    const Acc<T> p = fx_exp(load_acc(logits[j * stride]) - lse);
+    const Acc<T> p = softmax_at(load_acc(logits[j * stride]), lse);
     out[j * stride] = store_as<T>(c.softmax_scale * p - c.uniform);
   }
 }
@@ -126,14 +130,14 @@ void sparse_forward(const SparseForwardArgs<T, Label>& args, int64_t row_begin, 
   const bool want_mean = args.options.label_smoothing > 0;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const Row<T> row = row_of(args.logits, layout, r);
-    A mean_z = 0;
-    const A lse = log_sum_exp(scan_logits(row, want_mean, &mean_z));
+    const RowSums<A> sums = scan_row(row, want_mean);
+    const double lse = lse_of(sums.max, log_sum(sums));
     args.lse[r] = lse;
     const LabelKind kind = classify_label(args.labels[r], layout.classes, args.options);
     A loss = 0;
     if (kind == LabelKind::kValid) {
       const int64_t y = static_cast<int64_t>(args.labels[r]);
-      loss = sparse_row_loss<A>(lse, row[y], mean_z, label_weight(y, args.options), args.options);
+      loss = sparse_row_loss<A>(sums, lse, row[y], label_weight(y, args.options), args.options);
     } else if (kind == LabelKind::kOutOfRange) {
       loss = quiet_nan<A>();
     }
@@ -161,13 +165,14 @@ void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin
       continue;
     }
     const int64_t y = static_cast<int64_t>(args.labels[r]);
-    const A lse = args.lse[r];
+    const double lse = args.lse[r];
+    const SplitLse<A> split = split_lse<A>(lse);
     const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), label_weight(y, args.options),
                                             lse, A(1), classes, args.options);
     // The target column is written apart so the two long loops stay branch-free.
-    const A p_label = fx_exp(load_acc(logits[y * stride]) - lse);
-    write_softmax_gradient(logits, out, stride, 0, y, lse, c);
-    write_softmax_gradient(logits, out, stride, y + 1, classes, lse, c);
+    const A p_label = softmax_at(load_acc(logits[y * stride]), split);
+    write_softmax_gradient(logits, out, stride, 0, y, split, c);
+    write_softmax_gradient(logits, out, stride, y + 1, classes, split, c);
     out[y * stride] = store_as<T>(c.softmax_scale * p_label - c.uniform - c.target_scale);
   }
 }
@@ -179,11 +184,10 @@ void dense_forward(const DenseForwardArgs<T>& args, int64_t row_begin, int64_t r
   for (int64_t r = row_begin; r < row_end; ++r) {
     const Row<T> logits = row_of(args.logits, args.layout, r);
     const Row<T> labels = row_of(args.labels, args.layout, r);
-    A mean_z = 0;
-    const A lse = log_sum_exp(scan_logits(logits, want_mean, &mean_z));
-    const LabelSums<T> sums = scan_labels(labels, logits);
+    const RowSums<A> sums = scan_row(logits, want_mean, &labels);
+    const double lse = lse_of(sums.max, log_sum(sums));
     args.lse[r] = lse;
-    args.loss[r] = store_as<T>(dense_row_loss<A>(lse, sums.label_sum, sums.label_dot_z, mean_z, args.options));
+    args.loss[r] = store_as<T>(dense_row_loss<A>(sums, lse, args.options));
   }
 }
 
@@ -192,20 +196,19 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
   using A = Acc<T>;
   const Layout& layout = args.layout;
   const int64_t stride = layout.inner;
-  const A eps = args.options.label_smoothing;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t offset = layout.row_offset(r);
     const Row<T> labels = row_of(args.labels, layout, r);
     const T* logits = args.logits + offset;
     T* out = args.grad_logits + offset;
-    const A lse = args.lse[r];
-    const A target_sum = (1 - eps) * label_sum_of(labels) + eps;
+    const double lse = args.lse[r];
+    const SplitLse<A> split = split_lse<A>(lse);
+    const A target_sum = dense_target_sum(label_sum_of(labels), args.options);
     const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), A(1), lse, target_sum,
                                             layout.classes, args.options);
     for (int64_t j = 0; j < layout.classes; ++j) {
-      const A p = fx_exp(load_acc(logits[j * stride]) - lse);
-      const A t = labels[j];
-      out[j * stride] = store_as<T>(c.softmax_scale * p - c.target_scale * t - c.uniform);
+      const A p = softmax_at(load_acc(logits[j * stride]), split);
+      out[j * stride] = store_as<T>(c.softmax_scale * p - c.target_scale * labels[j] - c.uniform);
     }
   }
 }

@@ -32,12 +32,22 @@ template <typename A> FX_HOST_DEVICE A negative_infinity() {
 }
 template <typename A> FX_HOST_DEVICE A quiet_nan() { return std::numeric_limits<A>::quiet_NaN(); }
 
-// Running max and sum of exp(z - max): the online softmax state of one row
-// (or of one slice of a row; slices merge in a fixed order).
+// Sums over a row (or a slice of it) kept relative to the slice's max m, so
+// that every term is >= 0 and nothing cancels even for logits of +-1e4:
+//   sum_exp   = sum_j exp(z_j - m)
+//   gap       = sum_j (m - z_j) / C         (for label smoothing's mean(z))
+//   count     = n / C                       (elements seen, over C)
+//   label_sum = sum_j t_j                   (dense labels only)
+//   label_gap = sum_j t_j (m - z_j), t_j != 0 (dense labels only)
+// Slices merge in a fixed order; a NaN anywhere makes the whole row NaN.
 template <typename A>
-struct RowStats {
+struct RowSums {
   A max = negative_infinity<A>();
   A sum_exp = 0;
+  A gap = 0;
+  A count = 0;
+  A label_sum = 0;
+  A label_gap = 0;
 };
 
 // A max that keeps NaN once seen, so a NaN anywhere makes the row NaN.
@@ -45,29 +55,56 @@ template <typename A> FX_HOST_DEVICE A nan_sticky_max(A running, A x) {
   return (x > running || x != x) ? x : running;
 }
 
-// Folds a block whose max is `block_max` and whose sum of exp(z - block_max)
-// is `block_sum` into `stats`. A max of -inf means an all -inf block: nothing to add.
-template <typename A>
-FX_HOST_DEVICE void merge_stats(RowStats<A>& stats, A block_max, A block_sum) {
-  if (block_max == negative_infinity<A>()) return;
-  if (stats.max == negative_infinity<A>()) {
-    stats.max = block_max;
-    stats.sum_exp = block_sum;
-  } else if (block_max > stats.max) {
-    stats.sum_exp = stats.sum_exp * fx_exp(stats.max - block_max) + block_sum;
-    stats.max = block_max;
-  } else if (block_max != block_max) {
-    stats.max = block_max;
-    stats.sum_exp = block_max;
-  } else {
-    stats.sum_exp += block_sum * fx_exp(block_max - stats.max);
-  }
+// Adds `weight * shift` to `sum` unless the weight is 0, so an empty (or
+// all -inf) prefix shifted by +inf stays finite instead of turning NaN.
+template <typename A> FX_HOST_DEVICE A add_shifted(A sum, A weight, A shift) {
+  return weight != 0 ? sum + weight * shift : sum;
 }
 
-template <typename A> FX_HOST_DEVICE A log_sum_exp(const RowStats<A>& stats) {
-  if (stats.max == negative_infinity<A>()) return stats.max;  // all -inf row
-  return stats.max + fx_log(stats.sum_exp);
+template <typename A>
+FX_HOST_DEVICE void merge_sums(RowSums<A>& run, const RowSums<A>& block) {
+  if (block.max > run.max) {
+    const A shift = block.max - run.max;  // +inf while run has seen only -inf
+    run.sum_exp = run.sum_exp * fx_exp(-shift) + block.sum_exp;
+    run.gap = add_shifted(run.gap, run.count, shift) + block.gap;
+    run.label_gap = add_shifted(run.label_gap, run.label_sum, shift) + block.label_gap;
+    run.max = block.max;
+  } else if (block.max == negative_infinity<A>()) {
+    // An all -inf block adds no probability; its gaps are already +inf where they count.
+    run.gap += block.gap;
+    run.label_gap += block.label_gap;
+  } else {
+    const A shift = run.max - block.max;  // NaN if either max is NaN: it spreads to every sum
+    run.sum_exp += block.sum_exp * fx_exp(-shift);
+    run.gap = add_shifted(run.gap + block.gap, block.count, shift);
+    run.label_gap = add_shifted(run.label_gap + block.label_gap, block.label_sum, shift);
+    if (shift != shift) run.max = shift;
+  }
+  run.count += block.count;
+  run.label_sum += block.label_sum;
 }
+
+// log(sum_exp): with max, it gives lse = max + log_sum in double, which keeps
+// the backward's exp(z - lse) exact to float precision even when |lse| is large.
+template <typename A> FX_HOST_DEVICE A log_sum(const RowSums<A>& sums) { return fx_log(sums.sum_exp); }
+
+FX_HOST_DEVICE double lse_of(double max, double log_sum) {
+  return max == negative_infinity<double>() ? max : max + log_sum;
+}
+
+// z_j - lse evaluated as (z_j - hi) - lo with hi + lo = lse: z_j - hi is exact
+// where it matters (z_j near lse), so p_j = exp(.) keeps full precision.
+template <typename A>
+struct SplitLse {
+  A hi;
+  A lo;
+};
+template <typename A> FX_HOST_DEVICE SplitLse<A> split_lse(double lse) {
+  const A hi = static_cast<A>(lse);
+  const double rest = lse - static_cast<double>(hi);
+  return SplitLse<A>{hi, rest == rest ? static_cast<A>(rest) : A(0)};  // inf - inf: no low part
+}
+template <typename A> FX_HOST_DEVICE A softmax_at(A z, const SplitLse<A>& lse) { return fx_exp((z - lse.hi) - lse.lo); }
 
 // How a sparse label maps to a row weight.
 enum class LabelKind { kValid, kIgnored, kOutOfRange };
@@ -85,24 +122,38 @@ FX_HOST_DEVICE float label_weight(int64_t label, const Options& options) {
   return options.class_weights ? options.class_weights[label] : 1.0f;
 }
 
-// Loss of a sparse row: w * (lse - (1 - eps) z_y - eps * mean(z) + lambda lse^2).
-// mean_z is only read when eps > 0, so -inf logits do not turn 0 * -inf into NaN.
+// Cross-entropy part of a row, sum_j q_j (lse - z_j), written with
+// nonnegative terms: log_sum * sum(q) + (1 - eps) * sum_j t_j (m - z_j) + eps * mean_j (m - z_j).
+// The mean term is only read when eps > 0 (it is +inf when a logit is -inf).
 template <typename A>
-FX_HOST_DEVICE A sparse_row_loss(A lse, A z_label, A mean_z, A weight, const Options& options) {
+FX_HOST_DEVICE A cross_entropy(A log_sum, A target_sum, A label_gap, A mean_gap, const Options& options) {
   const A eps = options.label_smoothing;
-  A cross_entropy = lse - (1 - eps) * z_label;
-  if (eps > 0) cross_entropy -= eps * mean_z;
-  return weight * (cross_entropy + static_cast<A>(options.z_loss) * lse * lse);
+  A ce = log_sum * target_sum + (1 - eps) * label_gap;
+  if (eps > 0) ce += eps * mean_gap;
+  return ce;
 }
 
-// Loss of a dense row, given sum(t), sum over t_j != 0 of t_j z_j, and mean(z).
+template <typename A> FX_HOST_DEVICE A z_loss_term(double lse, const Options& options) {
+  return options.z_loss > 0 ? static_cast<A>(static_cast<double>(options.z_loss) * lse * lse) : A(0);
+}
+
+// Sparse row: t = onehot(y), so sum(t) = 1 and sum_j t_j (m - z_j) = m - z_y.
 template <typename A>
-FX_HOST_DEVICE A dense_row_loss(A lse, A label_sum, A label_dot_z, A mean_z, const Options& options) {
+FX_HOST_DEVICE A sparse_row_loss(const RowSums<A>& sums, double lse, A z_label, A weight, const Options& options) {
+  const A ce = cross_entropy(log_sum(sums), A(1), sums.max - z_label, sums.gap, options);
+  return weight * (ce + z_loss_term<A>(lse, options));
+}
+
+template <typename A>
+FX_HOST_DEVICE A dense_target_sum(A label_sum, const Options& options) {
   const A eps = options.label_smoothing;
-  const A target_sum = (1 - eps) * label_sum + eps;
-  A cross_entropy = lse * target_sum - (1 - eps) * label_dot_z;
-  if (eps > 0) cross_entropy -= eps * mean_z;
-  return cross_entropy + static_cast<A>(options.z_loss) * lse * lse;
+  return (1 - eps) * label_sum + eps;
+}
+
+template <typename A>
+FX_HOST_DEVICE A dense_row_loss(const RowSums<A>& sums, double lse, const Options& options) {
+  const A target_sum = dense_target_sum(sums.label_sum, options);
+  return cross_entropy(log_sum(sums), target_sum, sums.label_gap, sums.gap, options) + z_loss_term<A>(lse, options);
 }
 
 // The backward of a row is dz_j = softmax_scale * p_j - target_scale * t_j - uniform,
@@ -115,12 +166,12 @@ struct BackwardCoefficients {
 };
 
 template <typename A>
-FX_HOST_DEVICE BackwardCoefficients<A> backward_coefficients(A grad, A weight, A lse, A target_sum,
+FX_HOST_DEVICE BackwardCoefficients<A> backward_coefficients(A grad, A weight, double lse, A target_sum,
                                                             int64_t classes, const Options& options) {
   const A eps = options.label_smoothing;
   const A scale = grad * weight;
   BackwardCoefficients<A> c;
-  c.softmax_scale = scale * (target_sum + 2 * static_cast<A>(options.z_loss) * lse);
+  c.softmax_scale = scale * (target_sum + (options.z_loss > 0 ? static_cast<A>(2.0 * options.z_loss * lse) : A(0)));
   c.target_scale = scale * (1 - eps);
   c.uniform = scale * eps / static_cast<A>(classes);
   return c;

@@ -39,7 +39,7 @@ struct SparseForwardArgs {
   const T* logits = nullptr;
   const Label* labels = nullptr;  // one per row
   T* loss = nullptr;              // one per row
-  Acc<T>* lse = nullptr;          // one per row, log-sum-exp kept for the backward
+  double* lse = nullptr;          // one per row: log-sum-exp, in double so the backward stays exact
 };
 
 template <typename T, typename Label>
@@ -48,7 +48,7 @@ struct SparseBackwardArgs {
   Options options;
   const T* logits = nullptr;
   const Label* labels = nullptr;
-  const Acc<T>* lse = nullptr;
+  const double* lse = nullptr;
   const T* grad_loss = nullptr;  // upstream gradient, one per row
   T* grad_logits = nullptr;      // may alias `logits`: each element is read before it is written
 };
@@ -60,7 +60,7 @@ struct DenseForwardArgs {
   const T* logits = nullptr;
   const T* labels = nullptr;
   T* loss = nullptr;
-  Acc<T>* lse = nullptr;
+  double* lse = nullptr;
 };
 
 template <typename T>
@@ -69,7 +69,7 @@ struct DenseBackwardArgs {
   Options options;
   const T* logits = nullptr;
   const T* labels = nullptr;
-  const Acc<T>* lse = nullptr;
+  const double* lse = nullptr;
   const T* grad_loss = nullptr;
   T* grad_logits = nullptr;  // may alias `logits`
 };

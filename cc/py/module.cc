@@ -88,7 +88,7 @@ void run_sparse(const fx::Layout& layout, const fx::Options& options, const py::
   require_buffer(logits, rows * layout.classes, sizeof(T), "logits");
   require_buffer(labels, rows, sizeof(Label), "labels");
   require_buffer(loss, rows, sizeof(T), "loss");
-  require_buffer(lse, rows, sizeof(fx::Acc<T>), "lse");
+  require_buffer(lse, rows, sizeof(double), "lse");
   require_writable(loss, "loss");
   require_writable(lse, "lse");
   const Label* label_data = static_cast<const Label*>(labels.data());
@@ -103,7 +103,7 @@ void run_sparse(const fx::Layout& layout, const fx::Options& options, const py::
   fwd.logits = static_cast<const T*>(logits.data());
   fwd.labels = label_data;
   fwd.loss = static_cast<T*>(loss.mutable_data());
-  fwd.lse = static_cast<fx::Acc<T>*>(lse.mutable_data());
+  fwd.lse = static_cast<double*>(lse.mutable_data());
   if (grad_logits) {
     require_buffer(*grad_loss, rows, sizeof(T), "grad_loss");
     require_buffer(*grad_logits, rows * layout.classes, sizeof(T), "grad_logits");
@@ -132,7 +132,7 @@ void run_dense(const fx::Layout& layout, const fx::Options& options, const py::a
   require_buffer(logits, elements, sizeof(T), "logits");
   require_buffer(labels, elements, sizeof(T), "labels");
   require_buffer(loss, rows, sizeof(T), "loss");
-  require_buffer(lse, rows, sizeof(fx::Acc<T>), "lse");
+  require_buffer(lse, rows, sizeof(double), "lse");
   require_writable(loss, "loss");
   require_writable(lse, "lse");
   fx::DenseForwardArgs<T> fwd;
@@ -141,7 +141,7 @@ void run_dense(const fx::Layout& layout, const fx::Options& options, const py::a
   fwd.logits = static_cast<const T*>(logits.data());
   fwd.labels = static_cast<const T*>(labels.data());
   fwd.loss = static_cast<T*>(loss.mutable_data());
-  fwd.lse = static_cast<fx::Acc<T>*>(lse.mutable_data());
+  fwd.lse = static_cast<double*>(lse.mutable_data());
   if (grad_logits) {
     require_buffer(*grad_loss, rows, sizeof(T), "grad_loss");
     require_buffer(*grad_logits, elements, sizeof(T), "grad_logits");

@@ -90,7 +90,6 @@ absl::Status BackwardShape(InferenceContext* c, bool sparse) {
 
 #define FX_COMMON_ATTRS                                                      \
   Attr("T: {half, bfloat16, float, double}")                                 \
-      .Attr("Tacc: {float, double}")                                         \
       .Attr("axis: int = -1")                                                \
       .Attr("label_smoothing: float = 0.0")                                  \
       .Attr("z_loss: float = 0.0")
@@ -105,7 +104,7 @@ REGISTER_OP("FusedXent>SparseSoftmaxCrossEntropy")
     .Input("labels: Tlabels")
     .Input("class_weights: float")
     .Output("loss: T")
-    .Output("lse: Tacc")
+    .Output("lse: double")
     .FX_SPARSE_ATTRS
     .SetShapeFn(SparseForwardShape)
     .Doc("Per-row sparse softmax cross-entropy and log-sum-exp of the logits.");
@@ -114,7 +113,7 @@ REGISTER_OP("FusedXent>SparseSoftmaxCrossEntropyGrad")
     .Input("logits: T")
     .Input("labels: Tlabels")
     .Input("class_weights: float")
-    .Input("lse: Tacc")
+    .Input("lse: double")
     .Input("grad_loss: T")
     .Output("grad_logits: T")
     .FX_SPARSE_ATTRS
@@ -125,7 +124,7 @@ REGISTER_OP("FusedXent>SoftmaxCrossEntropy")
     .Input("logits: T")
     .Input("labels: T")
     .Output("loss: T")
-    .Output("lse: Tacc")
+    .Output("lse: double")
     .FX_COMMON_ATTRS
     .SetShapeFn(DenseForwardShape)
     .Doc("Per-row softmax cross-entropy against dense labels, and log-sum-exp of the logits.");
@@ -133,7 +132,7 @@ REGISTER_OP("FusedXent>SoftmaxCrossEntropy")
 REGISTER_OP("FusedXent>SoftmaxCrossEntropyGrad")
     .Input("logits: T")
     .Input("labels: T")
-    .Input("lse: Tacc")
+    .Input("lse: double")
     .Input("grad_loss: T")
     .Output("grad_logits: T")
     .FX_COMMON_ATTRS

@@ -55,7 +55,7 @@ class SparseForwardOp : public OpKernel {
     args.logits = core_ptr<T>(ctx->input(0));
     args.labels = ctx->input(1).flat<Label>().data();
     args.loss = core_mutable_ptr<T>(loss);
-    args.lse = lse->flat<Acc<CoreType<T>>>().data();
+    args.lse = lse->flat<double>().data();
     ShardRows(ctx, args.layout.rows(), cpu::row_cost_cycles(args.layout.classes),
               [&args](int64_t begin, int64_t end) { cpu::sparse_forward(args, begin, end); });
   }
@@ -84,7 +84,7 @@ class SparseBackwardOp : public OpKernel {
     const Tensor& logits = ctx->input(0);
     args.logits = core_ptr<T>(logits);
     args.labels = ctx->input(1).flat<Label>().data();
-    args.lse = ctx->input(3).flat<Acc<CoreType<T>>>().data();
+    args.lse = ctx->input(3).flat<double>().data();
     args.grad_loss = core_ptr<T>(ctx->input(4));
     Tensor* grad_logits;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, logits.shape(), &grad_logits));
@@ -118,7 +118,7 @@ class DenseForwardOp : public OpKernel {
     args.logits = core_ptr<T>(logits);
     args.labels = core_ptr<T>(ctx->input(1));
     args.loss = core_mutable_ptr<T>(loss);
-    args.lse = lse->flat<Acc<CoreType<T>>>().data();
+    args.lse = lse->flat<double>().data();
     ShardRows(ctx, args.layout.rows(), 2 * cpu::row_cost_cycles(args.layout.classes),
               [&args](int64_t begin, int64_t end) { cpu::dense_forward(args, begin, end); });
   }
@@ -146,7 +146,7 @@ class DenseBackwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckSameShape(ctx->input(3), reduced, "grad_loss", "logits without the class axis"));
     args.logits = core_ptr<T>(logits);
     args.labels = core_ptr<T>(ctx->input(1));
-    args.lse = ctx->input(2).flat<Acc<CoreType<T>>>().data();
+    args.lse = ctx->input(2).flat<double>().data();
     args.grad_loss = core_ptr<T>(ctx->input(3));
     Tensor* grad_logits;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, logits.shape(), &grad_logits));
@@ -160,30 +160,22 @@ class DenseBackwardOp : public OpKernel {
   int64_t axis_;
 };
 
-template <typename T> using AccOf = Acc<CoreType<T>>;
-
 #define FX_REGISTER_SPARSE(T, Label)                                                         \
   REGISTER_KERNEL_BUILDER(Name("FusedXent>SparseSoftmaxCrossEntropy")                        \
                               .Device(DEVICE_CPU)                                            \
                               .TypeConstraint<T>("T")                                        \
-                              .TypeConstraint<AccOf<T>>("Tacc")                              \
                               .TypeConstraint<Label>("Tlabels"),                             \
                           SparseForwardOp<T, Label>);                                        \
   REGISTER_KERNEL_BUILDER(Name("FusedXent>SparseSoftmaxCrossEntropyGrad")                    \
                               .Device(DEVICE_CPU)                                            \
                               .TypeConstraint<T>("T")                                        \
-                              .TypeConstraint<AccOf<T>>("Tacc")                              \
                               .TypeConstraint<Label>("Tlabels"),                             \
                           SparseBackwardOp<T, Label>);
 
-#define FX_REGISTER_DENSE(T)                                                                                 \
-  REGISTER_KERNEL_BUILDER(                                                                                   \
-      Name("FusedXent>SoftmaxCrossEntropy").Device(DEVICE_CPU).TypeConstraint<T>("T").TypeConstraint<AccOf<T>>("Tacc"), \
-      DenseForwardOp<T>);                                                                                    \
-  REGISTER_KERNEL_BUILDER(Name("FusedXent>SoftmaxCrossEntropyGrad")                                          \
-                              .Device(DEVICE_CPU)                                                            \
-                              .TypeConstraint<T>("T")                                                        \
-                              .TypeConstraint<AccOf<T>>("Tacc"),                                             \
+#define FX_REGISTER_DENSE(T)                                                                               \
+  REGISTER_KERNEL_BUILDER(Name("FusedXent>SoftmaxCrossEntropy").Device(DEVICE_CPU).TypeConstraint<T>("T"),     \
+                          DenseForwardOp<T>);                                                                \
+  REGISTER_KERNEL_BUILDER(Name("FusedXent>SoftmaxCrossEntropyGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
                           DenseBackwardOp<T>);
 
 #define FX_REGISTER_ALL(T)         \

@@ -14,6 +14,7 @@ gradient flows back into the forward op's lse output. docs/derivation.md has
 the formulas.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from fused_xent._loader import load_op_library
@@ -23,7 +24,11 @@ _DENSE_ATTRS = ("axis", "label_smoothing", "z_loss")
 
 
 def _attrs(op, names):
-    return {name: op.get_attr(name) for name in names}
+    attrs = {name: op.get_attr(name) for name in names}
+    # The kernel sees float attrs as float32; eager ops report them as passed.
+    for name in ("label_smoothing", "z_loss"):
+        attrs[name] = float(np.float32(attrs[name]))
+    return attrs
 
 
 def _input_gradient_needed(op, index):

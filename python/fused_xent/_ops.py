@@ -10,11 +10,6 @@ from fused_xent._loader import load_op_library
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
 
-def accumulator_dtype(dtype):
-    """float64 logits accumulate in float64, every other float type in float32."""
-    return tf.float64 if dtype == tf.float64 else tf.float32
-
-
 def _float_logits(logits):
     logits = tf.convert_to_tensor(logits, name="logits")
     if logits.dtype not in _FLOAT_DTYPES:
@@ -130,7 +125,6 @@ def sparse_softmax_cross_entropy_with_logits(
             logits,
             labels,
             _class_weights(class_weights, logits, axis),
-            Tacc=accumulator_dtype(logits.dtype),
             axis=axis,
             label_smoothing=_check_smoothing(label_smoothing),
             z_loss=_check_z_loss(z_loss),
@@ -182,7 +176,6 @@ def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothin
         loss, _ = load_op_library().fused_xent_softmax_cross_entropy(
             logits,
             labels,
-            Tacc=accumulator_dtype(logits.dtype),
             axis=axis,
             label_smoothing=_check_smoothing(label_smoothing),
             z_loss=_check_z_loss(z_loss),

@@ -1,1 +1,474 @@
-"""Keras losses on the fused op (being written)."""
+"""Keras losses on the fused op: drop-in replacements for Keras's cross-entropies.
+
+``CategoricalCrossentropy`` and ``SparseCategoricalCrossentropy`` take the
+constructor arguments of ``keras.losses``' classes of the same names and give
+the same values on the same inputs: every reduction, ``sample_weight``, Keras
+masks, probabilities (``from_logits=False``, with Keras's normalisation and
+clipping) and softmax outputs (whose logits are used, as Keras does). Beyond
+Keras: ``axis`` for sparse labels, label smoothing for sparse labels,
+``class_weights``, ``z_loss``, and no float32 copy of half-precision logits
+under mixed precision (the kernel reads them and accumulates in float32).
+
+They need Keras's TensorFlow backend. ``import fused_xent`` registers them, so
+models saved with them load after that import. docs/keras.md has the details.
+"""
+
+import numbers
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+try:
+    import keras
+except ImportError as error:  # e.g. KERAS_BACKEND names a backend that is not installed
+    keras = None
+    _keras_import_error = error
+
+from fused_xent._ops import softmax_cross_entropy_with_logits, sparse_softmax_cross_entropy_with_logits
+
+__all__ = ["CategoricalCrossentropy", "SparseCategoricalCrossentropy"]
+
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def _require_tensorflow_backend(class_name):
+    if keras is None:
+        raise RuntimeError(
+            f"fused_xent.losses.{class_name} needs Keras with its TensorFlow backend, but importing keras "
+            f"failed ({type(_keras_import_error).__name__}: {_keras_import_error}). Set KERAS_BACKEND=tensorflow."
+        )
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(
+            f"fused_xent.losses.{class_name} needs Keras's TensorFlow backend (the fused op is a "
+            f"TensorFlow op), but Keras runs on the {backend!r} backend. Set KERAS_BACKEND=tensorflow "
+            "before importing keras."
+        )
+
+
+def _checked_axis(axis):
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise ValueError(f"`axis` must be of type `int`. Received: axis={axis!r} of type {type(axis)}")
+    return int(axis)
+
+
+def _checked_fraction(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}")
+    return float(value)
+
+
+def _checked_z_loss(z_loss):
+    if isinstance(z_loss, bool) or not isinstance(z_loss, numbers.Real) or not 0.0 <= float(z_loss) < np.inf:
+        raise ValueError(f"`z_loss` must be a finite number >= 0. Received: z_loss={z_loss!r}")
+    return float(z_loss)
+
+
+def _checked_ignore_class(ignore_class):
+    if ignore_class is None:
+        return None
+    if isinstance(ignore_class, bool) or not isinstance(ignore_class, numbers.Integral):
+        raise ValueError(f"`ignore_class` must be an integer or None. Received: ignore_class={ignore_class!r}")
+    return int(ignore_class)
+
+
+def _checked_class_weights(class_weights):
+    """A plain list of floats, which is what get_config must hold."""
+    if class_weights is None:
+        return None
+    try:
+        weights = np.asarray(class_weights, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"`class_weights` must be a vector of numbers: {error}") from None
+    if weights.ndim != 1 or weights.size == 0:
+        raise ValueError(f"`class_weights` must be a non-empty vector (one weight per class), got shape {weights.shape}")
+    if not np.all(np.isfinite(weights)):
+        raise ValueError("`class_weights` must be finite")
+    return [float(w) for w in weights]
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _keras_mask(tensor):
+    try:  # Keras keeps masks in a private attribute (or a side table for C types)
+        from keras.src.backend import get_keras_mask
+    except ImportError:
+        return getattr(tensor, "_keras_mask", None)
+    return get_keras_mask(tensor)
+
+
+def _prediction_tensor(y_pred, loss_dtype):
+    """Float TensorFlow tensors keep their dtype (no copy of half logits);
+    anything else becomes a tensor of the loss dtype, as in Keras."""
+    if isinstance(y_pred, (tf.Tensor, tf.Variable)) and y_pred.dtype.is_floating:
+        return tf.convert_to_tensor(y_pred)
+    y_pred = tf.convert_to_tensor(y_pred)
+    return y_pred if y_pred.dtype == loss_dtype else tf.cast(y_pred, loss_dtype)
+
+
+def _softmax_input(y_pred):
+    """The logits behind a softmax output, as Keras's TensorFlow backend finds them."""
+    logits = getattr(y_pred, "_keras_logits", None)
+    if logits is not None:
+        return logits
+    if isinstance(y_pred, tf.Variable) or tf.executing_eagerly():
+        return None
+    op = getattr(y_pred, "op", None)
+    if op is not None and op.type == "Softmax" and len(op.inputs) == 1:
+        return op.inputs[0]
+    return None
+
+
+def _scores(y_pred, from_logits, loss_name):
+    """(tensor, is_logits): a softmax output is replaced by its logits."""
+    logits = _softmax_input(y_pred)
+    if logits is None:
+        return y_pred, from_logits
+    if from_logits:
+        warnings.warn(
+            f"`{loss_name}` received `from_logits=True`, but `y_pred` was produced by a softmax "
+            "activation and thus does not represent logits; its logits are used. Was this intended?",
+            stacklevel=4,
+        )
+    return tf.convert_to_tensor(logits), True
+
+
+def _clipped_probabilities(y_pred, axis, normalize):
+    """Keras's probability handling, in float32 (float64 stays float64)."""
+    dtype = tf.float64 if y_pred.dtype == tf.float64 else tf.float32
+    p = tf.cast(y_pred, dtype)
+    if normalize:
+        p = p / tf.reduce_sum(p, axis, keepdims=True)
+    eps = keras.backend.epsilon()
+    return tf.clip_by_value(p, eps, 1.0 - eps)
+
+
+def _sparse_labels(y_true, logits, axis):
+    """Integer labels shaped like `logits` without `axis` (a size-1 class axis is dropped)."""
+    labels = tf.convert_to_tensor(y_true)
+    if not labels.dtype.is_integer:
+        labels = tf.cast(labels, tf.int64)  # float labels truncate, as in Keras
+    elif labels.dtype not in (tf.int32, tf.int64):
+        labels = tf.cast(labels, tf.int64)
+    rank = logits.shape.rank
+    if labels.shape.rank == rank and labels.shape[axis] == 1:
+        labels = tf.squeeze(labels, axis)
+    if labels.shape.rank != rank - 1:
+        raise ValueError(
+            "`y_pred` must have rank (ndim) `y_true.ndim + 1` (or `y_true` a size-1 class axis). "
+            f"Received: y_true.shape={tuple(labels.shape)}, y_pred.shape={tuple(logits.shape)}"
+        )
+    expected = logits.shape.as_list()
+    del expected[axis]
+    if not labels.shape.is_compatible_with(expected):
+        raise ValueError(
+            "Arguments `y_true` and `y_pred` must have the same shape except for the class axis "
+            f"(axis={axis}). Received: y_true.shape={tuple(labels.shape)}, y_pred.shape={tuple(logits.shape)}"
+        )
+    return labels
+
+
+def _dense_labels(y_true, y_pred):
+    labels = tf.convert_to_tensor(y_true)
+    if labels.shape.rank != y_pred.shape.rank:
+        raise ValueError(
+            "Arguments `y_true` and `y_pred` must have the same rank (ndim). "
+            f"Received: y_true.shape={tuple(labels.shape)}, y_pred.shape={tuple(y_pred.shape)}"
+        )
+    if not labels.shape.is_compatible_with(y_pred.shape):
+        raise ValueError(
+            "Arguments `y_true` and `y_pred` must have the same shape. "
+            f"Received: y_true.shape={tuple(labels.shape)}, y_pred.shape={tuple(y_pred.shape)}"
+        )
+    return labels
+
+
+def _check_rank(y_pred, axis):
+    rank = y_pred.shape.rank
+    if rank is None or rank < 1:
+        raise ValueError(f"`y_pred` must have a known rank of at least 1. Received: y_pred.shape={y_pred.shape}")
+    if not -rank <= axis < rank:
+        raise ValueError(f"`axis`={axis} is out of range for `y_pred` of rank {rank}")
+
+
+# ---------------------------------------------------------------- reduction (Keras's semantics)
+
+
+def _align_weights(values, weights):
+    """Keras's rule: drop or add one trailing size-1 axis so the ranks agree; a
+    lower-rank weight (per sample for per-time-step losses, where Keras fails)
+    then gets trailing axes so that it broadcasts over the extra axes."""
+    v_rank, w_rank = values.shape.rank, weights.shape.rank
+    if w_rank == v_rank + 1 and weights.shape[-1] == 1:
+        if v_rank == 1:
+            values = tf.expand_dims(values, -1)
+        else:
+            weights = tf.squeeze(weights, -1)
+    elif v_rank == w_rank + 1 and values.shape[-1] == 1:
+        if w_rank == 1:
+            weights = tf.expand_dims(weights, -1)
+        else:
+            values = tf.squeeze(values, -1)
+    missing = values.shape.rank - weights.shape.rank
+    if weights.shape.rank > 0 and missing > 0:
+        weights = tf.reshape(weights, tf.concat([tf.shape(weights), tf.ones([missing], tf.int32)], 0))
+    return values, weights
+
+
+def _mask_as_weights(mask, sample_weight, reduction, dtype):
+    """Masked-out entries get weight 0; for the per-element means the others get
+    total/valid, so that dividing by the element count averages the valid ones."""
+    weights = tf.cast(mask, dtype)
+    if reduction in ("sum_over_batch_size", "mean"):
+        total = tf.cast(tf.size(weights), dtype)
+        weights = weights * tf.math.divide_no_nan(total, tf.reduce_sum(weights))
+    if sample_weight is None:
+        return weights
+    weights, sample_weight = _align_weights(weights, sample_weight)
+    return sample_weight * weights
+
+
+def _per_replica(loss):
+    """Keras sums gradients over replicas, so a mean is divided by their number."""
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return loss * tf.cast(1.0 / replicas, loss.dtype) if replicas > 1 else loss
+
+
+def _reduce(values, sample_weight, mask, reduction, dtype):
+    values = tf.cast(values, dtype)
+    if sample_weight is not None:
+        sample_weight = tf.cast(tf.convert_to_tensor(sample_weight), dtype)
+    if mask is not None:
+        sample_weight = _mask_as_weights(mask, sample_weight, reduction, dtype)
+    if sample_weight is not None:
+        values, sample_weight = _align_weights(values, sample_weight)
+        values = values * sample_weight
+    if reduction in (None, "none") or values.shape.as_list() in ([], [0]):
+        return values
+    total = tf.reduce_sum(values)
+    if reduction == "sum":
+        return total
+    if reduction == "mean_with_sample_weight" and sample_weight is not None:
+        divisor = tf.reduce_sum(sample_weight)
+    else:
+        divisor = tf.cast(tf.size(values), dtype)
+    return _per_replica(tf.math.divide_no_nan(total, divisor))
+
+
+def _and_masks(first, second):
+    if first is None or second is None:
+        return second if first is None else first
+    return tf.logical_and(tf.cast(first, tf.bool), tf.cast(second, tf.bool))
+
+
+# ---------------------------------------------------------------- the losses
+
+# Without Keras the module still imports (fused_xent imports it); constructing a loss then explains.
+_LossBase = object if keras is None else keras.losses.Loss
+
+
+def _registered(cls):
+    return cls if keras is None else keras.saving.register_keras_serializable(package="fused_xent")(cls)
+
+
+class _FusedCrossentropy(_LossBase):
+    """Shared __call__: like Keras's, but y_pred keeps its float dtype."""
+
+    def __init__(self, *, from_logits, label_smoothing, axis, z_loss, reduction, name, dtype):
+        _require_tensorflow_backend(type(self).__name__)
+        super().__init__(name=name, reduction=reduction, dtype=dtype)  # checks `reduction`
+        self.from_logits = bool(from_logits)
+        self.label_smoothing = _checked_fraction("label_smoothing", label_smoothing)
+        self.axis = _checked_axis(axis)
+        self.z_loss = _checked_z_loss(z_loss)
+        self._dtype_argument = None if dtype is None else self._dtype_policy.name
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        input_mask = _keras_mask(y_pred)
+        with keras.name_scope(self.name):
+            losses, loss_mask, extra_weight = self._losses(y_true, y_pred)
+            if extra_weight is not None:
+                sample_weight = _times_weight(sample_weight, extra_weight, self.dtype)
+            mask = _and_masks(input_mask, loss_mask)
+            return _reduce(losses, sample_weight, mask, self.reduction, self.dtype)
+
+    def call(self, y_true, y_pred):
+        """The per-element losses, before masks, weights and reduction."""
+        losses, _, extra_weight = self._losses(y_true, y_pred)
+        losses = tf.cast(losses, self.dtype)
+        return losses if extra_weight is None else losses * tf.cast(extra_weight, self.dtype)
+
+    def _losses(self, y_true, y_pred):
+        """Returns (per-element losses, mask or None, per-element weight or None)."""
+        raise NotImplementedError
+
+    def _prepared_scores(self, y_pred):
+        y_pred = _prediction_tensor(y_pred, self.dtype)
+        _check_rank(y_pred, self.axis)
+        return y_pred, _scores(y_pred, self.from_logits, self.name)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            from_logits=self.from_logits,
+            label_smoothing=self.label_smoothing,
+            axis=self.axis,
+            z_loss=self.z_loss,
+            dtype=self._dtype_argument,
+        )
+        return config
+
+
+def _times_weight(sample_weight, weight, dtype):
+    weight = tf.cast(weight, dtype)
+    if sample_weight is None:
+        return weight
+    sample_weight = tf.cast(tf.convert_to_tensor(sample_weight), dtype)
+    weight, sample_weight = _align_weights(weight, sample_weight)
+    return weight * sample_weight
+
+
+@_registered
+class CategoricalCrossentropy(_FusedCrossentropy):
+    """Cross-entropy between one-hot (or soft) labels and predictions, fused.
+
+    A drop-in for ``keras.losses.CategoricalCrossentropy`` with the same
+    arguments and values, plus ``z_loss`` (adds ``z_loss * logsumexp(logits)**2``
+    per element; it acts on logits, so on plain probabilities it has no effect).
+
+    Args:
+      from_logits: whether ``y_pred`` holds logits; otherwise probabilities,
+        normalised and clipped as Keras does (a softmax output's logits are used).
+      label_smoothing: epsilon in [0, 1]; targets become ``(1 - eps) * y_true + eps / C``.
+      axis: the class axis.
+      reduction: ``"sum_over_batch_size"``, ``"sum"``, ``"mean"``,
+        ``"mean_with_sample_weight"``, ``"none"`` or None.
+      name: the loss's name.
+      dtype: dtype (or policy) of the result; None means ``keras.config.floatx()``.
+      z_loss: lambda >= 0 of the z-loss.
+    """
+
+    def __init__(
+        self,
+        from_logits=False,
+        label_smoothing=0.0,
+        axis=-1,
+        reduction="sum_over_batch_size",
+        name="categorical_crossentropy",
+        dtype=None,
+        *,
+        z_loss=0.0,
+    ):
+        super().__init__(
+            from_logits=from_logits,
+            label_smoothing=label_smoothing,
+            axis=axis,
+            z_loss=z_loss,
+            reduction=reduction,
+            name=name,
+            dtype=dtype,
+        )
+
+    def _losses(self, y_true, y_pred):
+        y_pred, (scores, is_logits) = self._prepared_scores(y_pred)
+        labels = _dense_labels(y_true, y_pred)
+        options = dict(axis=self.axis, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
+        if is_logits:
+            return softmax_cross_entropy_with_logits(labels, scores, **options), None, None
+        # Keras sums -q * log(clipped p) without renormalising after the clip; the
+        # op's softmax of log(clipped p) renormalises, so its logsumexp is taken back.
+        clipped = _clipped_probabilities(scores, self.axis, normalize=True)
+        losses = softmax_cross_entropy_with_logits(labels, tf.math.log(clipped), **options)
+        target_mass = (1.0 - self.label_smoothing) * tf.reduce_sum(tf.cast(labels, clipped.dtype), self.axis)
+        target_mass += self.label_smoothing
+        return losses - target_mass * tf.math.log(tf.reduce_sum(clipped, self.axis)), None, None
+
+
+@_registered
+class SparseCategoricalCrossentropy(_FusedCrossentropy):
+    """Cross-entropy between integer labels and predictions, fused.
+
+    A drop-in for ``keras.losses.SparseCategoricalCrossentropy`` with the same
+    arguments and values. Beyond Keras: any class ``axis``, ``label_smoothing``
+    (targets ``(1 - eps) * onehot + eps / C``), ``class_weights`` and ``z_loss``.
+
+    ``class_weights`` act like per-element sample weights equal to the weight of
+    each element's label (as ``fit(class_weight=...)`` does): ``"sum_over_batch_size"``
+    divides the weighted sum by the number of (unmasked) elements, and
+    ``"mean_with_sample_weight"`` by the sum of the combined weights.
+
+    Args:
+      from_logits: whether ``y_pred`` holds logits; otherwise probabilities,
+        clipped as Keras does (a softmax output's logits are used).
+      ignore_class: an integer label whose elements give no loss and no
+        gradient, and are left out of the mean (a Keras mask).
+      reduction: ``"sum_over_batch_size"``, ``"sum"``, ``"mean"``,
+        ``"mean_with_sample_weight"``, ``"none"`` or None.
+      axis: the class axis of ``y_pred``.
+      name: the loss's name.
+      dtype: dtype (or policy) of the result; None means ``keras.config.floatx()``.
+      label_smoothing: epsilon in [0, 1].
+      class_weights: optional length-C vector of per-class weights.
+      z_loss: lambda >= 0; adds ``z_loss * logsumexp(logits)**2`` per element.
+    """
+
+    def __init__(
+        self,
+        from_logits=False,
+        ignore_class=None,
+        reduction="sum_over_batch_size",
+        axis=-1,
+        name="sparse_categorical_crossentropy",
+        dtype=None,
+        *,
+        label_smoothing=0.0,
+        class_weights=None,
+        z_loss=0.0,
+    ):
+        super().__init__(
+            from_logits=from_logits,
+            label_smoothing=label_smoothing,
+            axis=axis,
+            z_loss=z_loss,
+            reduction=reduction,
+            name=name,
+            dtype=dtype,
+        )
+        self.ignore_class = _checked_ignore_class(ignore_class)
+        self.class_weights = _checked_class_weights(class_weights)
+
+    def _losses(self, y_true, y_pred):
+        y_pred, (scores, is_logits) = self._prepared_scores(y_pred)
+        labels = _sparse_labels(y_true, scores, self.axis)
+        if not is_logits:
+            scores = tf.math.log(_clipped_probabilities(scores, self.axis, normalize=False))
+        # The weighted mean divides by the sum of the weights, class weights
+        # included, so they go into the sample weights instead of the op.
+        weights_as_samples = self.class_weights is not None and self.reduction == "mean_with_sample_weight"
+        losses = sparse_softmax_cross_entropy_with_logits(
+            labels,
+            scores,
+            ignore_index=self.ignore_class,
+            label_smoothing=self.label_smoothing,
+            class_weights=None if weights_as_samples else self.class_weights,
+            z_loss=self.z_loss,
+            axis=self.axis,
+        )
+        mask = None if self.ignore_class is None else tf.not_equal(labels, tf.cast(self.ignore_class, labels.dtype))
+        extra_weight = self._label_weights(labels) if weights_as_samples else None
+        return losses, mask, extra_weight
+
+    def _label_weights(self, labels):
+        # Clipped so that an out-of-range label reaches the op's error, not gather's.
+        in_range = tf.clip_by_value(labels, 0, len(self.class_weights) - 1)
+        return tf.gather(tf.constant(self.class_weights, tf.float32), in_range)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(ignore_class=self.ignore_class, class_weights=self.class_weights)
+        return config

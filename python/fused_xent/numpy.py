@@ -49,7 +49,7 @@ def _check_options(label_smoothing, z_loss):
 
 def _outputs(logits, reduced, grad_loss, compute_gradient):
     loss = np.empty(reduced, logits.dtype)
-    lse = np.empty(reduced, np.float64 if logits.dtype == np.float64 else np.float32)
+    lse = np.empty(reduced, np.float64)
     if not compute_gradient:
         return loss, lse, None, None
     if grad_loss is None:

@@ -1,0 +1,28 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+
+def tf_or_skip():
+    return pytest.importorskip("tensorflow")
+
+
+# Output tolerances per logits dtype, relative to max(1, |reference|).
+TOLERANCE = {"float64": 1e-12, "float32": 2e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+def assert_close(actual, expected, dtype_name, scale=1.0):
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    tol = TOLERANCE[dtype_name] * scale
+    both_nan = np.isnan(actual) & np.isnan(expected)
+    same_inf = np.isinf(actual) & (actual == expected)
+    ok = both_nan | same_inf | (np.abs(actual - expected) <= tol * np.maximum(1.0, np.abs(expected)))
+    if not ok.all():
+        bad = np.argwhere(~ok)[:5]
+        details = [(tuple(i), actual[tuple(i)], expected[tuple(i)]) for i in bad]
+        raise AssertionError(f"{(~ok).sum()} of {ok.size} values differ beyond {tol}: {details}")
