@@ -102,7 +102,7 @@ class Result:
 
 def draw_shape(case, rng, quick):
     classes = case.classes or int(rng.integers(3, 5 if quick else 7))
-    outer = [int(rng.integers(2, 3 if quick else 5)) for _ in range(case.rank - 1)]
+    outer = [int(rng.integers(2, 3 if quick else 6 - case.rank)) for _ in range(case.rank - 1)]
     if case.classes > 100:
         outer = [2] * (case.rank - 1)
     axis = case.axis % case.rank
@@ -242,13 +242,16 @@ def checks_of(case, objective, inputs):
     return checks
 
 
-def check_case(case, seed, index, *, quick=False, step=STEP, loss=case_loss):
-    """All gradient checks of one case; the draws depend only on (seed, index)."""
+def check_case(case, seed, index, *, quick=False, step=STEP, graph=False, loss=case_loss):
+    """All gradient checks of one case; the draws depend only on (seed, index).
+    graph=True runs each function in a tf.function, where gradients take the graph path."""
     rng = np.random.default_rng([seed, index])
     inputs = draw_inputs(case, rng, quick)
     objective = Objective(case, inputs, loss)
     results = []
     for name, order, fn, x, out_size in checks_of(case, objective, inputs):
+        if graph:
+            fn = tf.function(fn)
         error, tolerance = compare(fn, x, out_size, rng, step)
         results.append(Result(f"{case.name} {list(inputs.logits.shape)}", name, order, error, tolerance))
     return results
@@ -281,6 +284,7 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0, help="seed of the random shapes and values (default 0)")
     parser.add_argument("--quick", action="store_true", help="small shapes, and skip the 1100-class cases")
     parser.add_argument("--only", metavar="TEXT", help="run only the cases whose name contains TEXT")
+    parser.add_argument("--graph", action="store_true", help="differentiate inside tf.function instead of eagerly")
     parser.add_argument("--step", type=float, default=STEP, help=f"finite-difference step (default {STEP:g})")
     return parser.parse_args(argv)
 
@@ -296,11 +300,11 @@ def main(argv=None, *, loss=case_loss):
         return 2
     results = []
     for index, case in cases:
-        results += check_case(case, args.seed, index, quick=args.quick, step=args.step, loss=loss)
+        results += check_case(case, args.seed, index, quick=args.quick, step=args.step, graph=args.graph, loss=loss)
     print_table(results)
     failed = sum(not r.passed for r in results)
     print(f"{len(results)} checks on {len(cases)} cases, {failed} failed "
-          f"(seed {args.seed}, float64, step {args.step:g}, {time.perf_counter() - started:.1f} s)")
+          f"(seed {args.seed}, float64, step {args.step:g}, {'graph' if args.graph else 'eager'}, {time.perf_counter() - started:.1f} s)")
     return 1 if failed else 0
 
 

@@ -1,0 +1,167 @@
+"""First- and second-order gradients against finite differences (float64)."""
+
+import numpy as np
+import pytest
+
+from conftest import tf_or_skip
+
+tf = tf_or_skip()
+import fused_xent  # noqa: E402
+
+
+def _max_error(theoretical, numerical):
+    """Largest difference, relative to the Jacobian's scale (finite differences have relative error)."""
+    return max(np.max(np.abs(t - n)) / max(1.0, np.max(np.abs(n))) for t, n in zip(theoretical, numerical))
+
+
+def _logits(shape, seed=0):
+    return tf.constant(np.random.default_rng(seed).normal(size=shape) * 2.0)
+
+
+SPARSE_CASES = [
+    {},
+    {"label_smoothing": 0.25},
+    {"z_loss": 0.1},
+    {"ignore_index": 1},
+    {"class_weights": [0.5, 2.0, 1.0, 3.0, 0.25]},
+    {"label_smoothing": 0.1, "z_loss": 0.05, "ignore_index": 0, "class_weights": [1.0, 2.0, 3.0, 4.0, 5.0]},
+]
+
+
+def _case_id(case):
+    return ",".join(case) or "defaults"
+
+
+@pytest.mark.parametrize("options", SPARSE_CASES, ids=_case_id)
+def test_sparse_first_order(options):
+    labels = np.array([0, 1, 4, 2, 1, 3])
+    weights = tf.constant(np.random.default_rng(1).normal(size=6))
+
+    def loss(x):
+        return tf.reduce_sum(weights * fused_xent.sparse_softmax_cross_entropy_with_logits(labels, x, **options))
+
+    theoretical, numerical = tf.test.compute_gradient(loss, [_logits((6, 5))])
+    assert _max_error(theoretical, numerical) < 1e-7
+
+
+@pytest.mark.parametrize("options", SPARSE_CASES, ids=_case_id)
+def test_sparse_second_order(options):
+    labels = np.array([0, 1, 4, 2, 1, 3])
+    direction = tf.constant(np.random.default_rng(2).normal(size=(6, 5)))
+
+    def directional_derivative(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(fused_xent.sparse_softmax_cross_entropy_with_logits(labels, x, **options) ** 2)
+        return tf.reduce_sum(tape.gradient(loss, x) * direction)
+
+    theoretical, numerical = tf.test.compute_gradient(directional_derivative, [_logits((6, 5))])
+    assert _max_error(theoretical, numerical) < 1e-6
+
+
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.3}, {"z_loss": 0.1}], ids=_case_id)
+def test_dense_first_and_second_order_in_logits_and_labels(options):
+    labels = tf.constant(np.random.default_rng(3).random((4, 5)))
+
+    def loss(x, t):
+        return tf.reduce_sum(fused_xent.softmax_cross_entropy_with_logits(t, x, **options) ** 2)
+
+    theoretical, numerical = tf.test.compute_gradient(loss, [_logits((4, 5)), labels])
+    assert _max_error(theoretical, numerical) < 1e-6
+
+    direction = tf.constant(np.random.default_rng(4).normal(size=(4, 5)))
+
+    def gradient_dot_direction(x, t):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = loss(x, t)
+        return tf.reduce_sum(tape.gradient(value, x) * direction)
+
+    theoretical, numerical = tf.test.compute_gradient(gradient_dot_direction, [_logits((4, 5)), labels])
+    assert _max_error(theoretical, numerical) < 1e-6
+
+
+@pytest.mark.parametrize("axis", [0, -2])
+def test_second_order_with_class_axis(axis):
+    labels = np.array([[0, 2], [1, 1], [3, 0]])  # shape (3, 2): 4 classes on axis 1 (-2) or 0 of (4, 3, 2)
+
+    def loss(x):
+        per_example = fused_xent.sparse_softmax_cross_entropy_with_logits(labels, x, axis=axis, label_smoothing=0.1)
+        return tf.reduce_sum(per_example**2)
+
+    shape = (3, 4, 2) if axis == -2 else (4, 3, 2)
+    x = _logits(shape)
+
+    def gradient_norm(v):
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            value = loss(v)
+        return tf.reduce_sum(tape.gradient(value, v) ** 2)
+
+    theoretical, numerical = tf.test.compute_gradient(gradient_norm, [x])
+    assert _max_error(theoretical, numerical) < 1e-6
+
+
+def test_hessian_vector_product_matches_explicit_hessian():
+    x = _logits((3, 4))
+    labels = np.array([1, 0, 3])
+    v = tf.constant(np.random.default_rng(5).normal(size=(3, 4)))
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            loss = tf.reduce_sum(fused_xent.sparse_softmax_cross_entropy_with_logits(labels, x, z_loss=0.2))
+        grad = inner.gradient(loss, x)
+    hvp = outer.gradient(grad, x, output_gradients=v)
+    # Per row, the Hessian of lse + z lse^2 is (1 + 2 z lse)(diag(p) - p p^T) + 2 z p p^T.
+    p = tf.nn.softmax(x).numpy()
+    lse = tf.reduce_logsumexp(x, axis=-1).numpy()
+    expected = []
+    for row in range(3):
+        pr = p[row]
+        hessian = (1 + 0.4 * lse[row]) * (np.diag(pr) - np.outer(pr, pr)) + 0.4 * np.outer(pr, pr)
+        expected.append(hessian @ v.numpy()[row])
+    np.testing.assert_allclose(hvp.numpy(), np.array(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_penalty_trains_in_tf_function():
+    w = tf.Variable(np.random.default_rng(6).normal(size=(3, 4)))
+    inputs = tf.constant(np.random.default_rng(7).normal(size=(5, 3)))
+    labels = tf.constant([0, 1, 2, 3, 1])
+
+    @tf.function
+    def penalised_loss():
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                inner.watch(inputs)
+                loss = tf.reduce_mean(fused_xent.sparse_softmax_cross_entropy_with_logits(labels, inputs @ w))
+            penalty = tf.reduce_sum(inner.gradient(loss, inputs) ** 2)
+            total = loss + penalty
+        return total, outer.gradient(total, w)
+
+    def reference_loss():
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                inner.watch(inputs)
+                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, inputs @ w))
+            penalty = tf.reduce_sum(inner.gradient(loss, inputs) ** 2)
+            total = loss + penalty
+        return total, outer.gradient(total, w)
+
+    ours, reference = penalised_loss(), reference_loss()
+    np.testing.assert_allclose(ours[0], reference[0], rtol=1e-10)
+    np.testing.assert_allclose(ours[1], reference[1], rtol=1e-8, atol=1e-12)
+
+
+def test_half_precision_second_order_runs():
+    x = tf.constant(np.random.default_rng(8).normal(size=(4, 6)), tf.bfloat16)
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            loss = tf.reduce_sum(fused_xent.sparse_softmax_cross_entropy_with_logits([1, 2, 3, 0], x))
+        grad = inner.gradient(loss, x)
+        norm = tf.reduce_sum(tf.cast(grad, tf.float32) ** 2)
+    second = outer.gradient(norm, x)
+    assert second.dtype == tf.bfloat16 and second.shape == x.shape
+    assert np.isfinite(tf.cast(second, tf.float32).numpy()).all()

@@ -1,0 +1,146 @@
+"""fused_xent.numpy: the same kernels through the pybind11 module (no TensorFlow needed)."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import assert_close
+import reference
+from fused_xent import numpy as fxnp
+
+try:
+    import ml_dtypes
+except ImportError:
+    ml_dtypes = None
+
+DTYPES = [np.float32, np.float64, np.float16] + ([ml_dtypes.bfloat16] if ml_dtypes else [])
+
+
+def _name(dtype):
+    return np.dtype(dtype).name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("shape", [(1, 2), (7, 13), (3, 70000), (2, 3, 11)])
+def test_sparse_matches_reference(dtype, shape):
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=shape) * 3).astype(dtype)
+    labels = rng.integers(0, shape[-1], size=shape[:-1])
+    grad_loss = rng.normal(size=shape[:-1]).astype(dtype)
+    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss)
+    assert loss.dtype == logits.dtype and grad.dtype == logits.dtype and grad.shape == shape
+    ref_loss, ref_grad = reference.sparse(labels, logits.astype(np.float64), grad_loss=grad_loss.astype(np.float64))
+    assert_close(loss, ref_loss, _name(dtype))
+    assert_close(grad, ref_grad, _name(dtype), scale=2)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"label_smoothing": 0.2}, {"z_loss": 0.01}, {"ignore_index": 3}, {"class_weights": np.arange(1, 8) / 3.0}],
+    ids=lambda o: ",".join(o),
+)
+def test_sparse_options(options):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(30, 7))
+    labels = rng.integers(0, 7, size=30)
+    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, **options)
+    expected = {k: float(np.float32(v)) if k in ("label_smoothing", "z_loss") else v for k, v in options.items()}
+    if "class_weights" in expected:
+        expected["class_weights"] = expected["class_weights"].astype(np.float32)
+    ref_loss, ref_grad = reference.sparse(labels, logits, **expected)
+    assert_close(loss, ref_loss, "float64")
+    assert_close(grad, ref_grad, "float64")
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_dense_with_axis_and_broadcast_labels(axis):
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(4, 5, 6))
+    labels = rng.random(size=(4, 5, 6))
+    loss, grad = fxnp.softmax_cross_entropy_with_logits(labels, logits, axis=axis, label_smoothing=0.1, z_loss=0.01)
+    ref_loss, ref_grad, _ = reference.dense(
+        labels, logits, axis=axis, label_smoothing=float(np.float32(0.1)), z_loss=float(np.float32(0.01))
+    )
+    assert_close(loss, ref_loss, "float64")
+    assert_close(grad, ref_grad, "float64")
+    row = np.full((6,), 1 / 6)
+    loss, _ = fxnp.softmax_cross_entropy_with_logits(row, logits)
+    assert_close(loss, reference.dense(row, logits)[0], "float64")
+
+
+def test_loss_only_and_sparse_axis():
+    logits = np.random.default_rng(3).normal(size=(3, 8, 2)).astype(np.float32)
+    labels = np.array([[0, 7], [3, 3], [1, 2]])
+    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, axis=1, compute_gradient=False)
+    assert grad is None
+    assert_close(loss, reference.sparse(labels, logits.astype(np.float64), axis=1)[0], "float32")
+
+
+def test_non_contiguous_input_is_accepted():
+    logits = np.random.default_rng(4).normal(size=(6, 10))[:, ::2]
+    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits([0, 1, 2, 3, 4, 0], logits)
+    ref_loss, ref_grad = reference.sparse([0, 1, 2, 3, 4, 0], logits)
+    assert_close(loss, ref_loss, "float64")
+    assert_close(grad, ref_grad, "float64")
+
+
+def test_bad_input():
+    logits = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"label value of 4 which is outside the valid range of \[0, 4\)"):
+        fxnp.sparse_softmax_cross_entropy_with_logits([0, 4, 1], logits)
+    with pytest.raises(ValueError, match=r"labels shape"):
+        fxnp.sparse_softmax_cross_entropy_with_logits([0, 1], logits)
+    with pytest.raises(TypeError, match=r"labels must be integer"):
+        fxnp.sparse_softmax_cross_entropy_with_logits([0.0, 1.0, 2.0], logits)
+    with pytest.raises(TypeError, match=r"logits must be"):
+        fxnp.sparse_softmax_cross_entropy_with_logits([0, 1, 2], logits.astype(np.int32))
+    with pytest.raises(ValueError, match=r"scalar"):
+        fxnp.sparse_softmax_cross_entropy_with_logits(0, np.float32(1.0))
+    with pytest.raises(ValueError, match=r"at least one class"):
+        fxnp.sparse_softmax_cross_entropy_with_logits([0, 0], np.zeros((2, 0)))
+    with pytest.raises(ValueError, match=r"class_weights must have shape \(4,\)"):
+        fxnp.sparse_softmax_cross_entropy_with_logits([0, 1, 2], logits, class_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"label_smoothing"):
+        fxnp.softmax_cross_entropy_with_logits(np.ones((3, 4)), logits, label_smoothing=-0.5)
+    with pytest.raises(ValueError):
+        fxnp.softmax_cross_entropy_with_logits(np.ones((3, 5)), logits)
+
+
+def test_private_module_checks_buffer_sizes():
+    from fused_xent import _core
+
+    logits = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match=r"logits has 6 elements, expected 12"):
+        _core.sparse("float32", logits, np.zeros(4, np.int64), 4, 3, 1, 0.0, 0.0, None, None,
+                     np.zeros(4, np.float32), np.zeros(4), None, None)
+
+
+def test_empty_batch():
+    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(np.zeros(0, int), np.zeros((0, 5)))
+    assert loss.shape == (0,) and grad.shape == (0, 5)
+
+
+def test_works_without_tensorflow(tmp_path):
+    # A meta-path hook makes `import tensorflow` fail, as on a machine without it.
+    script = tmp_path / "no_tf.py"
+    script.write_text(
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'tensorflow' or name.startswith('tensorflow.'):\n"
+        "            raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import numpy as np, fused_xent\n"
+        "loss, grad = fused_xent.numpy.sparse_softmax_cross_entropy_with_logits([1], np.array([[0.0, 1.0]]))\n"
+        "print('loss', float(loss[0]))\n"
+        "assert 'tensorflow' not in sys.modules\n"
+        "try:\n"
+        "    fused_xent.sparse_softmax_cross_entropy_with_logits([1], [[0.0, 1.0]])\n"
+        "except ImportError as e:\n"
+        "    print('error', e)\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "loss 0.313261" in out
+    assert "needs TensorFlow, which is not installed" in out
