@@ -177,22 +177,29 @@ def network_gradient_errors(x, y, rng):
 
 
 def train(data, rate, batch_size, epochs, seed, step1=output_error):
-    """Plain SGD from scratch. Returns the parameters and, after each update, the
-    test accuracy and the share of test inputs predicted as the label of the last
-    example of that update (the question's symptom when near 1)."""
+    """Plain SGD from scratch. Records, after each update, on the test inputs: the
+    accuracy; the share predicted as the label of the update's last example (the
+    question's symptom when near 1); how much that label's logit rose; and how far
+    below the top logit it was before the update."""
     x_train, y_train, x_test, y_test = data
     rng = np.random.default_rng(seed)
     params = init_params(x_train.shape[1], HIDDEN_UNITS, 10, rng)
-    accuracies, follow_shares = [], []
+    history = {"accuracy": [], "follows": [], "rise": [], "gap": []}
+    logits = forward(params, x_test)[1]
     for _ in range(epochs):
         order = rng.permutation(len(y_train))
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             sgd_step(params, backprop(params, x_train[batch], y_train[batch], step1), rate)
-            predictions = predict(params, x_test)
-            accuracies.append(np.mean(predictions == y_test))
-            follow_shares.append(np.mean(predictions == y_train[batch[-1]]))
-    return params, np.array(accuracies), np.array(follow_shares)
+            last_label = y_train[batch[-1]]
+            new_logits = forward(params, x_test)[1]
+            predictions = new_logits.argmax(axis=1)
+            history["accuracy"].append(np.mean(predictions == y_test))
+            history["follows"].append(np.mean(predictions == last_label))
+            history["rise"].append(np.mean(new_logits[:, last_label] - logits[:, last_label]))
+            history["gap"].append(np.mean(logits.max(axis=1) - logits[:, last_label]))
+            logits = new_logits
+    return params, {key: np.array(values) for key, values in history.items()}
 
 
 def largest_class_share(params, x):
@@ -246,9 +253,9 @@ def save_figure(path, logits_errors, runs):
     axes[0].set_title("(a) dE/dz against central differences")
     axes[0].legend(loc="lower right")
 
-    for name, (batch_size, accuracies, _) in runs.items():
-        examples_seen = np.arange(1, len(accuracies) + 1) * batch_size
-        axes[1].plot(examples_seen, accuracies, label=name, linewidth=1)
+    for name, (batch_size, history) in runs.items():
+        examples_seen = np.arange(1, len(history["accuracy"]) + 1) * batch_size
+        axes[1].plot(examples_seen, history["accuracy"], label=name, linewidth=1)
     axes[1].set_xscale("log")
     axes[1].set_xlabel("training examples seen")
     axes[1].set_ylabel("test accuracy after the update")
@@ -256,7 +263,8 @@ def save_figure(path, logits_errors, runs):
     axes[1].set_title("(b) learning the digits")
     axes[1].legend(fontsize=8, loc="upper left")
 
-    for name, (_, _, shares) in runs.items():
+    for name, (_, history) in runs.items():
+        shares = history["follows"]
         window = min(50, len(shares))
         smooth = np.convolve(shares, np.ones(window) / window, mode="valid")
         axes[2].plot(np.arange(window, len(shares) + 1), smooth, label=name)
@@ -292,15 +300,21 @@ def report_gradient_checks(x_train, y_train):
 def report_training(data):
     x_train, y_train, x_test, y_test = data
     print(f"(b, c) SGD from scratch on digits ({len(y_train)} train / {len(y_test)} test images, "
-          f"{HIDDEN_UNITS} sigmoid hidden units). 'follows last label': share of test images")
-    print("    predicted as the label of the last example trained on, averaged over updates "
-          f"(an always-right classifier scores {np.mean([np.mean(y_test == label) for label in y_train]):.3f})")
+          f"{HIDDEN_UNITS} sigmoid hidden units). Measured on the test images after each update:")
+    print("    follows: share predicted as the label y of the update's last example "
+          f"(an always-right classifier: {np.mean([np.mean(y_test == label) for label in y_train]):.3f});")
+    print("    rise: mean rise of the logit z_y; gap: mean of max_j z_j - z_y before the update "
+          "(rise and gap: medians over updates);")
+    print("    largest: share of the test images given the most frequent prediction, after training.")
+    print(f"    {'run':<42s}  {'epochs':>6s}  {'updates':>7s}  {'test acc':>8s}  {'follows':>7s}  "
+          f"{'largest':>7s}  {'rise':>6s}  {'gap':>6s}")
     runs = {}
     for name, rate, batch_size, epochs, step1 in training_runs():
-        params, accuracies, shares = train(data, rate, batch_size, epochs, SEED, step1)
-        runs[name] = (batch_size, accuracies, shares)
-        print(f"    {name:<42s} {epochs:2d} epoch(s), {len(shares):4d} updates: test accuracy {accuracies[-1]:.4f}, "
-              f"follows last label {shares.mean():.3f}, largest predicted class {largest_class_share(params, x_test):.3f}")
+        params, history = train(data, rate, batch_size, epochs, SEED, step1)
+        runs[name] = (batch_size, history)
+        print(f"    {name:<42s}  {epochs:6d}  {len(history['follows']):7d}  {history['accuracy'][-1]:8.4f}  "
+              f"{history['follows'].mean():7.3f}  {largest_class_share(params, x_test):7.3f}  "
+              f"{np.median(history['rise']):6.2f}  {np.median(history['gap']):6.2f}")
     return runs
 
 

@@ -13,11 +13,8 @@ pytest.importorskip("matplotlib")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "numpy_backprop.py"
 
 FD_LINE = re.compile(r"^\s+(?P<name>.+?)\s+max abs error (?P<error>\S+)\s+(?P<verdict>PASS|FAIL)$", re.M)
-RUN_LINE = re.compile(
-    r"^\s+(?P<name>.+?)\s+\d+ epoch\(s\),\s+\d+ updates: test accuracy (?P<accuracy>[\d.]+), "
-    r"follows last label (?P<follows>[\d.]+), largest predicted class (?P<largest>[\d.]+)$",
-    re.M,
-)
+COLUMNS = ("epochs", "updates", "accuracy", "follows", "largest", "rise", "gap")
+RUN_LINE = re.compile(r"^ {4}(?P<name>\S.*?)" + "".join(rf"\s{{2,}}(?P<{c}>-?[\d.]+)" for c in COLUMNS) + "$", re.M)
 
 # Runs the example as a script with `import tensorflow` made to fail.
 WITHOUT_TENSORFLOW = (
@@ -47,7 +44,7 @@ def _fd_errors(report):
 
 
 def _runs(report):
-    return {m["name"]: {k: float(m[k]) for k in ("accuracy", "follows", "largest")} for m in RUN_LINE.finditer(report)}
+    return {m["name"]: {c: float(m[c]) for c in COLUMNS} for m in RUN_LINE.finditer(report)}
 
 
 def test_saves_a_png(example):
@@ -68,9 +65,14 @@ def test_minibatch_training_learns(example):
     assert runs["batches of 32, r = 5"]["accuracy"] > 0.9, runs
 
 
+def test_reports_all_four_runs(example):
+    assert len(_runs(example[0])) == 4
+
+
 def test_oversized_per_sample_rate_follows_the_last_label(example):
     runs = _runs(example[0])
     assert runs["per-sample, r = 5"]["follows"] > 0.9, runs
+    assert runs["per-sample, r = 5"]["rise"] >= runs["per-sample, r = 5"]["gap"] * 0.9, runs
     assert runs["batches of 32, r = 5"]["follows"] < 0.2, runs  # same rate, mini-batches: no symptom
     assert runs["per-sample, r = 0.1"]["follows"] < 0.3, runs  # sane rate: no symptom
     assert runs["per-sample, r = 0.1"]["accuracy"] > 0.7, runs
@@ -78,7 +80,8 @@ def test_oversized_per_sample_rate_follows_the_last_label(example):
 
 def test_diagonal_only_step_one_does_not_learn(example):
     runs = _runs(example[0])
-    assert runs["per-sample, r = 0.1, diagonal-only step 1"]["accuracy"] < 0.3, runs
+    diagonal = runs["per-sample, r = 0.1, diagonal-only step 1"]
+    assert diagonal["accuracy"] < 0.3 and diagonal["largest"] > 0.9, runs
 
 
 def test_runs_without_tensorflow(tmp_path, example):

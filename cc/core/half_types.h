@@ -22,6 +22,16 @@ struct float16_t {
   uint16_t bits;
 };
 
+// Accumulation type: half types and float accumulate in float, double in double.
+template <typename T> struct AccumulatorOf { using type = float; };
+template <> struct AccumulatorOf<double> { using type = double; };
+template <typename T> using Acc = typename AccumulatorOf<T>::type;
+
+// Functions live in an unnamed namespace: the CPU kernels are compiled once per
+// instruction set, and each copy must keep its own (a shared inline copy built
+// for AVX2 could otherwise be picked by the linker for the baseline kernels).
+namespace {
+
 FX_HOST_DEVICE float bits_to_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
@@ -41,11 +51,6 @@ FX_HOST_DEVICE uint32_t float_to_bits(float f) {
   return u;
 #endif
 }
-
-// Accumulation type: half types and float accumulate in float, double in double.
-template <typename T> struct AccumulatorOf { using type = float; };
-template <> struct AccumulatorOf<double> { using type = double; };
-template <typename T> using Acc = typename AccumulatorOf<T>::type;
 
 FX_HOST_DEVICE float to_float(bfloat16_t v) {
   return bits_to_float(static_cast<uint32_t>(v.bits) << 16);
@@ -104,4 +109,5 @@ template <> FX_HOST_DEVICE float16_t store_as<float16_t>(float v) { return to_fl
 template <> FX_HOST_DEVICE float store_as<float>(float v) { return v; }
 template <> FX_HOST_DEVICE double store_as<double>(double v) { return v; }
 
+}  // namespace
 }  // namespace fused_xent

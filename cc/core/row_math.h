@@ -19,6 +19,13 @@
 
 namespace fused_xent {
 
+// How a sparse label maps to a row weight.
+enum class LabelKind { kValid, kIgnored, kOutOfRange };
+
+template <typename A> struct RowSums;
+
+namespace {  // see half_types.h: one copy per instruction-set build
+
 #if defined(__CUDA_ARCH__)
 template <typename A> FX_HOST_DEVICE A fx_exp(A x) { return exp(x); }
 template <typename A> FX_HOST_DEVICE A fx_log(A x) { return log(x); }
@@ -40,6 +47,8 @@ template <typename A> FX_HOST_DEVICE A quiet_nan() { return std::numeric_limits<
 //   label_sum = sum_j t_j                   (dense labels only)
 //   label_gap = sum_j t_j (m - z_j), t_j != 0 (dense labels only)
 // Slices merge in a fixed order; a NaN anywhere makes the whole row NaN.
+}  // namespace
+
 template <typename A>
 struct RowSums {
   A max = negative_infinity<A>();
@@ -49,6 +58,8 @@ struct RowSums {
   A label_sum = 0;
   A label_gap = 0;
 };
+
+namespace {
 
 // A max that keeps NaN once seen, so a NaN anywhere makes the row NaN.
 template <typename A> FX_HOST_DEVICE A nan_sticky_max(A running, A x) {
@@ -105,9 +116,6 @@ template <typename A> FX_HOST_DEVICE SplitLse<A> split_lse(double lse) {
   return SplitLse<A>{hi, rest == rest ? static_cast<A>(rest) : A(0)};  // inf - inf: no low part
 }
 template <typename A> FX_HOST_DEVICE A softmax_at(A z, const SplitLse<A>& lse) { return fx_exp((z - lse.hi) - lse.lo); }
-
-// How a sparse label maps to a row weight.
-enum class LabelKind { kValid, kIgnored, kOutOfRange };
 
 template <typename Label>
 FX_HOST_DEVICE LabelKind classify_label(Label label, int64_t classes, const Options& options) {
@@ -177,4 +185,5 @@ FX_HOST_DEVICE BackwardCoefficients<A> backward_coefficients(A grad, A weight, d
   return c;
 }
 
+}  // namespace
 }  // namespace fused_xent

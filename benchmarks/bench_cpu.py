@@ -1,0 +1,333 @@
+"""CPU benchmark: the fused op against tf.nn's op (plain and under XLA).
+
+Times forward + backward of a mean loss (tf.function + GradientTape), the
+variants interleaved in one process on the same inputs, and reports medians,
+speedups and the fraction of the bandwidth floor reached:
+    floor = 3 * N * C * itemsize / copy bandwidth
+(the forward reads the logits, the backward reads them again and writes the
+gradient), with the copy bandwidth measured in the same run on all cores.
+Also measures the peak memory of a training step whose logits are an
+intermediate, and of a loss-only call, each in a fresh subprocess.
+
+    python benchmarks/bench_cpu.py [--quick] [--reps 15] [--markdown docs/benchmarks.md] [--chart docs/benchmarks_cpu.png]
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+SHAPES = [(65536, 10), (8192, 1000), (1024, 32000), (128, 128256)]
+QUICK_SHAPES = [(65536, 10), (1024, 32000)]
+
+
+# --- machine -------------------------------------------------------------------------
+def copy_bandwidth(megabytes=256, reps=7):
+    """Bytes read + written per second by a copy on all cores (median of reps)."""
+    threads = os.cpu_count() or 1
+    src = np.ones(megabytes * (1 << 20) // 4, np.float32)
+    dst = np.empty_like(src)
+    chunks = np.array_split(np.arange(src.size), threads)
+    bounds = [(c[0], c[-1] + 1) for c in chunks]
+
+    def copy_part(lo, hi):
+        np.copyto(dst[lo:hi], src[lo:hi])
+
+    times = []
+    for _ in range(reps):
+        workers = [threading.Thread(target=copy_part, args=b) for b in bounds]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        times.append(time.perf_counter() - start)
+    return 2 * src.nbytes / statistics.median(times)
+
+
+def machine_description():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+# --- timing --------------------------------------------------------------------------
+def make_step(loss_fn, jit):
+    import tensorflow as tf
+
+    @tf.function(jit_compile=jit)
+    def step(logits, labels):
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            loss = tf.reduce_mean(loss_fn(labels, logits))
+        return loss, tape.gradient(loss, logits)
+
+    return step
+
+
+def variants(kind):
+    import tensorflow as tf
+    import fused_xent
+
+    if kind == "sparse":
+        ours, theirs = fused_xent.sparse_softmax_cross_entropy_with_logits, tf.nn.sparse_softmax_cross_entropy_with_logits
+    else:
+        ours, theirs = fused_xent.softmax_cross_entropy_with_logits, tf.nn.softmax_cross_entropy_with_logits
+    return {
+        "fused": make_step(ours, jit=False),
+        "tf.nn": make_step(theirs, jit=False),
+        "tf.nn+XLA": make_step(theirs, jit=True),
+    }
+
+
+def inputs(shape, dtype, kind, seed=0):
+    import tensorflow as tf
+
+    n, c = shape
+    rng = np.random.default_rng(seed)
+    logits = tf.cast(rng.normal(size=shape).astype(np.float32) * 2, dtype)
+    if kind == "sparse":
+        labels = tf.constant(rng.integers(0, c, size=n))
+    else:
+        labels = tf.nn.softmax(tf.cast(rng.normal(size=shape).astype(np.float32), dtype))
+    return logits, labels
+
+
+def time_variants(steps, args, reps):
+    for step in steps.values():  # trace and warm up
+        step(*args)
+        step(*args)
+    times = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(*args)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def numpy_reference_step(labels, logits):
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    s = e.sum(axis=-1, keepdims=True)
+    rows = np.arange(len(labels))
+    loss = np.log(s[:, 0]) - z[rows, labels]
+    grad = e / s
+    grad[rows, labels] -= 1.0
+    return loss, grad / len(labels)
+
+
+def time_numpy(shape, reps):
+    from fused_xent import numpy as fxnp
+
+    logits, labels = (np.asarray(v) for v in inputs(shape, "float32", "sparse"))
+    logits = np.asarray(logits, np.float32)
+    grad_loss = np.full(shape[0], 1.0 / shape[0], np.float32)
+    runs = {
+        "fused_xent.numpy": lambda: fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss),
+        "NumPy": lambda: numpy_reference_step(labels, logits),
+    }
+    times = {k: [] for k in runs}
+    for fn in runs.values():
+        fn()
+    for _ in range(reps):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# --- memory ----------------------------------------------------------------------------
+MEMORY_SCRIPT = r"""
+import json, os, resource, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import numpy as np
+import tensorflow as tf
+import fused_xent
+which, mode, n, c, h = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+fn = fused_xent.sparse_softmax_cross_entropy_with_logits if which == "fused" else tf.nn.sparse_softmax_cross_entropy_with_logits
+rng = np.random.default_rng(0)
+hidden = tf.constant(rng.normal(size=(n, h)).astype(np.float32))
+w = tf.Variable(rng.normal(size=(h, c)).astype(np.float32) * 0.05)
+labels = tf.constant(rng.integers(0, c, size=n))
+logits_input = tf.constant(rng.normal(size=(n, c)).astype(np.float32))
+
+@tf.function
+def train_step():
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(fn(labels, hidden @ w))
+    return tape.gradient(loss, w)
+
+@tf.function
+def loss_only():
+    return tf.reduce_mean(fn(labels, logits_input))
+
+step = train_step if mode == "train" else loss_only
+step.get_concrete_function()  # trace before measuring
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = peak()
+for _ in range(3):
+    step()
+print(json.dumps({"above_inputs": peak() - before}))
+"""
+
+
+def peak_memory(which, mode, shape, hidden=64):
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, which, mode, str(shape[0]), str(shape[1]), str(hidden)],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])["above_inputs"]
+
+
+# --- report ------------------------------------------------------------------------------
+def run(args):
+    import tensorflow as tf
+    import fused_xent
+
+    bandwidth = copy_bandwidth()
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    rows = []
+    for kind in ("sparse", "dense"):
+        steps = variants(kind)
+        for dtype in ("float32", "bfloat16"):
+            for shape in shapes:
+                times = time_variants(steps, inputs(shape, getattr(tf, dtype), kind), args.reps)
+                itemsize = 4 if dtype == "float32" else 2
+                floor = 3 * shape[0] * shape[1] * itemsize / bandwidth
+                rows.append({"kind": kind, "dtype": dtype, "shape": shape, "times": times, "floor": floor})
+                print(format_row(rows[-1]), flush=True)
+    numpy_rows = [{"shape": s, "times": time_numpy(s, args.reps)} for s in shapes]
+    memory = None
+    if not args.skip_memory:
+        shape = (1024, 32000)
+        memory = {
+            "shape": shape,
+            "logits_bytes": shape[0] * shape[1] * 4,
+            "train": {w: peak_memory(w, "train", shape) for w in ("fused", "tf.nn")},
+            "loss_only": {w: peak_memory(w, "loss", shape) for w in ("fused", "tf.nn")},
+        }
+    info = fused_xent.build_info()
+    return {
+        "machine": machine_description(),
+        "tensorflow": tf.__version__,
+        "simd": info["simd"],
+        "bandwidth": bandwidth,
+        "rows": rows,
+        "numpy": numpy_rows,
+        "memory": memory,
+        "command": "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:]),
+    }
+
+
+def format_row(row):
+    t = row["times"]
+    return (
+        f"| {row['kind']} | {row['dtype']} | {row['shape'][0]}×{row['shape'][1]} | {t['fused'] * 1e3:.2f} | "
+        f"{t['tf.nn'] * 1e3:.2f} | {t['tf.nn+XLA'] * 1e3:.2f} | {t['tf.nn'] / t['fused']:.1f}× | "
+        f"{t['tf.nn+XLA'] / t['fused']:.1f}× | {100 * row['floor'] / t['fused']:.0f}% |"
+    )
+
+
+def markdown(result):
+    mib = 1 << 20
+    lines = [
+        f"Machine: {result['machine']}; TensorFlow {result['tensorflow']}; kernels: {result['simd']}.",
+        f"Copy bandwidth (read + write, all cores): {result['bandwidth'] / 1e9:.1f} GB/s.",
+        f"Command: `{result['command']}`",
+        "",
+        "Forward + backward of a mean loss, median milliseconds; floor = 3·N·C·itemsize / copy bandwidth.",
+        "",
+        "| labels | logits | N×C | fused ms | tf.nn ms | tf.nn+XLA ms | vs tf.nn | vs tf.nn+XLA | of floor |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [format_row(r) for r in result["rows"]]
+    lines += ["", "NumPy binding (sparse float32, forward + backward), median milliseconds:", ""]
+    lines += ["| N×C | fused_xent.numpy | NumPy | speedup |", "| --- | --- | --- | --- |"]
+    for r in result["numpy"]:
+        t = r["times"]
+        lines.append(
+            f"| {r['shape'][0]}×{r['shape'][1]} | {t['fused_xent.numpy'] * 1e3:.2f} | {t['NumPy'] * 1e3:.2f} | "
+            f"{t['NumPy'] / t['fused_xent.numpy']:.1f}× |"
+        )
+    m = result["memory"]
+    if m:
+        lines += [
+            "",
+            f"Peak memory above the inputs (process RSS, fresh subprocess), sparse float32 {m['shape'][0]}×{m['shape'][1]}"
+            f" (logits: {m['logits_bytes'] / mib:.0f} MiB):",
+            "",
+            "| step | fused | tf.nn |",
+            "| --- | --- | --- |",
+            f"| training step (logits = hidden @ W, gradient for W) | {m['train']['fused'] / mib:.0f} MiB "
+            f"({m['train']['fused'] / m['logits_bytes']:.2f}× logits) | {m['train']['tf.nn'] / mib:.0f} MiB "
+            f"({m['train']['tf.nn'] / m['logits_bytes']:.2f}× logits) |",
+            f"| loss only | {m['loss_only']['fused'] / mib:.0f} MiB | {m['loss_only']['tf.nn'] / mib:.0f} MiB |",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def chart(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [f"{r['kind']}\n{r['dtype']}\n{r['shape'][0]}×{r['shape'][1]}" for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 4.5))
+    for offset, name in zip((-0.27, 0, 0.27), ("fused", "tf.nn", "tf.nn+XLA")):
+        ax.bar(x + offset, [r["times"][name] * 1e3 for r in rows], width=0.27, label=name)
+    ax.scatter(x, [r["floor"] * 1e3 for r in rows], color="black", marker="_", s=200, label="bandwidth floor", zorder=3)
+    ax.set_yscale("log")
+    ax.set_ylabel("forward + backward, ms (log)")
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.legend()
+    ax.set_title(f"fused-xent vs tf.nn, {result['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two shapes only")
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--markdown", help="write the tables to this file")
+    parser.add_argument("--chart", help="write a PNG chart to this file")
+    parser.add_argument("--json", help="write raw results to this file")
+    args = parser.parse_args(argv)
+    result = run(args)
+    text = markdown(result)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    if args.chart:
+        chart(result, args.chart)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

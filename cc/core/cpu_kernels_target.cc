@@ -1,0 +1,359 @@
+// The CPU kernels, compiled once per instruction-set target: CMake builds this
+// file with FX_TARGET_NS (the namespace) and FX_LANES (floats per vector) set,
+// plus the target's -m flags. cpu_kernels.cc picks one target at run time.
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+
+#ifndef FX_TARGET_NS
+#define FX_TARGET_NS baseline
+#endif
+
+#include "core/cpu_targets.h"
+#include "core/row_math.h"
+#include "core/simd_vec.h"
+
+namespace fused_xent {
+namespace cpu {
+namespace FX_TARGET_NS {
+namespace {
+
+namespace v = ::fused_xent::simd::FX_TARGET_NS;
+
+template <typename T>
+constexpr bool kVectorized = std::is_same<Acc<T>, float>::value;
+
+// Rows are read in blocks that fit in L1: one pass over memory per row, with
+// the block's max taken before its exponentials so the exp loop stays simple.
+constexpr int64_t kBlock = 512;
+
+// A row of the logits (or dense labels) tensor: `count` elements `stride` apart.
+template <typename T>
+struct Row {
+  const T* data;
+  int64_t count;
+  int64_t stride;
+  Acc<T> operator[](int64_t j) const { return load_acc(data[j * stride]); }
+};
+
+template <typename T>
+Row<T> row_of(const T* base, const Layout& layout, int64_t row) {
+  return Row<T>{base + layout.row_offset(row), layout.classes, layout.inner};
+}
+
+// Converts len contiguous elements to float in `out`, returning their NaN-sticky max.
+template <typename T>
+float load_block_vectorized(const T* p, int64_t len, float* out) {
+  v::vfloat running = v::splat(negative_infinity<float>());
+  int64_t k = 0;
+  for (; k + v::kLanes <= len; k += v::kLanes) {
+    const v::vfloat x = v::load(p + k);
+    v::store(out + k, x);
+    running = v::nan_sticky_max(running, x);
+  }
+  if (k < len) {
+    const v::vfloat x = v::load_partial(p + k, len - k, negative_infinity<float>());
+    v::store_partial(out + k, len - k, x);
+    running = v::nan_sticky_max(running, x);
+  }
+  return v::reduce_nan_sticky_max(running);
+}
+
+// Loads block [start, start + len) into `out` in accumulator precision and
+// returns its NaN-sticky max.
+template <typename T>
+Acc<T> load_block(const Row<T>& row, int64_t start, int64_t len, Acc<T>* out) {
+  using A = Acc<T>;
+  A block_max = negative_infinity<A>();
+  if constexpr (kVectorized<T>) {
+    if (row.stride == 1) return load_block_vectorized(row.data + start, len, out);
+  }
+  if (row.stride == 1) {
+    const T* p = row.data + start;
+    for (int64_t k = 0; k < len; ++k) out[k] = load_acc(p[k]);
+  } else {
+    for (int64_t k = 0; k < len; ++k) out[k] = row[start + k];
+  }
+  for (int64_t k = 0; k < len; ++k) block_max = nan_sticky_max(block_max, out[k]);
+  return block_max;
+}
+
+// Sums of one block (already loaded, with max `block_max`), relative to that max.
+template <typename A>
+RowSums<A> block_sums(const A* z, const A* labels, int64_t len, A block_max, bool want_mean, A inv_classes) {
+  RowSums<A> sums;
+  sums.max = block_max;
+  const bool all_negative_infinity = block_max == negative_infinity<A>();
+  if (want_mean) {
+    sums.count = static_cast<A>(len) * inv_classes;
+    A gap = 0;
+    if (!all_negative_infinity)
+      for (int64_t k = 0; k < len; ++k) gap += block_max - z[k];
+    sums.gap = all_negative_infinity ? std::numeric_limits<A>::infinity() : gap * inv_classes;
+  }
+  if (labels) {
+    A label_sum = 0, label_gap = 0;
+    for (int64_t k = 0; k < len; ++k) {
+      label_sum += labels[k];
+      label_gap += labels[k] != 0 ? labels[k] * (block_max - z[k]) : A(0);
+    }
+    sums.label_sum = label_sum;
+    sums.label_gap = label_gap;  // +inf (or NaN) for an all -inf block with a nonzero label
+  }
+  if (!all_negative_infinity) {
+    A sum_exp = 0;
+    for (int64_t k = 0; k < len; ++k) sum_exp += fx_exp(z[k] - block_max);
+    sums.sum_exp = sum_exp;
+  }
+  return sums;
+}
+
+// The float version of block_sums, on vectors. Padding lanes use values that
+// add nothing: z = -inf for exp, z = max for the gap, t = 0 for labels.
+RowSums<float> block_sums(const float* z, const float* labels, int64_t len, float block_max, bool want_mean,
+                          float inv_classes) {
+  RowSums<float> sums;
+  sums.max = block_max;
+  const bool all_negative_infinity = block_max == negative_infinity<float>();
+  const v::vfloat max_v = v::splat(block_max);
+  v::vfloat sum_exp = v::splat(0.0f), gap = v::splat(0.0f), label_sum = v::splat(0.0f), label_gap = v::splat(0.0f);
+  const int64_t full = len - len % v::kLanes;
+  auto accumulate = [&](v::vfloat x_for_exp, v::vfloat x_for_gap, v::vfloat t) {
+    if (!all_negative_infinity) sum_exp += v::exp(x_for_exp - max_v);
+    if (want_mean) gap += max_v - x_for_gap;
+    if (labels) {
+      label_sum += t;
+      label_gap += v::select(t != 0.0f, t * (max_v - x_for_gap), v::splat(0.0f));
+    }
+  };
+  for (int64_t k = 0; k < full; k += v::kLanes) {
+    const v::vfloat x = v::load(z + k);
+    accumulate(x, x, labels ? v::load(labels + k) : v::splat(0.0f));
+  }
+  if (full < len) {
+    const int64_t n = len - full;
+    accumulate(v::load_partial(z + full, n, negative_infinity<float>()), v::load_partial(z + full, n, block_max),
+               labels ? v::load_partial(labels + full, n, 0.0f) : v::splat(0.0f));
+  }
+  if (!all_negative_infinity) sums.sum_exp = v::reduce_add(sum_exp);
+  if (want_mean) {
+    sums.count = static_cast<float>(len) * inv_classes;
+    sums.gap = all_negative_infinity ? std::numeric_limits<float>::infinity() : v::reduce_add(gap) * inv_classes;
+  }
+  if (labels) {
+    sums.label_sum = v::reduce_add(label_sum);
+    sums.label_gap = v::reduce_add(label_gap);
+  }
+  return sums;
+}
+
+// One read of a row of logits (and of dense labels when given), block by block.
+template <typename T>
+RowSums<Acc<T>> scan_row(const Row<T>& row, bool want_mean, const Row<T>* labels = nullptr) {
+  using A = Acc<T>;
+  A block[kBlock];
+  A label_block[kBlock];
+  RowSums<A> sums;
+  const A inv_classes = A(1) / static_cast<A>(row.count);
+  for (int64_t start = 0; start < row.count; start += kBlock) {
+    const int64_t len = std::min(kBlock, row.count - start);
+    const A block_max = load_block(row, start, len, block);
+    if (labels) load_block(*labels, start, len, label_block);
+    merge_sums(sums, block_sums(block, labels ? label_block : nullptr, len, block_max, want_mean, inv_classes));
+  }
+  return sums;
+}
+
+template <typename A>
+A sum_of(const A* values, int64_t len) {
+  A sum = 0;
+  for (int64_t k = 0; k < len; ++k) sum += values[k];
+  return sum;
+}
+
+float sum_of(const float* values, int64_t len) {
+  v::vfloat sum = v::splat(0.0f);
+  int64_t k = 0;
+  for (; k + v::kLanes <= len; k += v::kLanes) sum += v::load(values + k);
+  if (k < len) sum += v::load_partial(values + k, len - k, 0.0f);
+  return v::reduce_add(sum);
+}
+
+template <typename T>
+Acc<T> label_sum_of(const Row<T>& labels) {
+  using A = Acc<T>;
+  A block[kBlock];
+  A sum = 0;
+  for (int64_t start = 0; start < labels.count; start += kBlock) {
+    const int64_t len = std::min(kBlock, labels.count - start);
+    load_block(labels, start, len, block);
+    sum += sum_of(block, len);
+  }
+  return sum;
+}
+
+// dz = a * exp((z - hi) - lo) - b * t - u on vectors, for contiguous rows; t is
+// read only when `labels` is given (dense labels).
+template <typename T>
+void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t begin, int64_t end,
+                               const SplitLse<float>& lse, float a, float b, float u) {
+  const v::vfloat hi = v::splat(lse.hi), lo = v::splat(lse.lo), a_v = v::splat(a), b_v = v::splat(b), u_v = v::splat(u);
+  auto gradient = [&](v::vfloat z, v::vfloat t) {
+    const v::vfloat p = v::exp((z - hi) - lo);
+    return labels ? a_v * p - b_v * t - u_v : a_v * p - u_v;
+  };
+  int64_t j = begin;
+  for (; j + v::kLanes <= end; j += v::kLanes) {
+    const v::vfloat t = labels ? v::load(labels + j) : v::splat(0.0f);
+    v::store(out + j, gradient(v::load(logits + j), t));
+  }
+  if (j < end) {
+    const int64_t n = end - j;
+    const v::vfloat t = labels ? v::load_partial(labels + j, n, 0.0f) : v::splat(0.0f);
+    v::store_partial(out + j, n, gradient(v::load_partial(logits + j, n, 0.0f), t));
+  }
+}
+
+template <typename T>
+void write_softmax_gradient_vectorized(const T* logits, T* out, int64_t begin, int64_t end,
+                                       const SplitLse<float>& lse, const BackwardCoefficients<float>& c) {
+  write_gradient_vectorized<T>(logits, nullptr, out, begin, end, lse, c.softmax_scale, 0.0f, c.uniform);
+}
+
+// Writes dz_j = c.softmax_scale * exp(z_j - lse) - c.uniform for j in [begin, end).
+template <typename T>
+void write_softmax_gradient(const T* logits, T* out, int64_t stride, int64_t begin, int64_t end,
+                            const SplitLse<Acc<T>>& lse, const BackwardCoefficients<Acc<T>>& c) {
+  if constexpr (kVectorized<T>) {
+    if (stride == 1) return write_softmax_gradient_vectorized(logits, out, begin, end, lse, c);
+  }
+  for (int64_t j = begin; j < end; ++j) {
+    const Acc<T> p = softmax_at(load_acc(logits[j * stride]), lse);
+    out[j * stride] = store_as<T>(c.softmax_scale * p - c.uniform);
+  }
+}
+
+template <typename T>
+void fill_row(T* out, int64_t count, int64_t stride, Acc<T> value) {
+  const T v = store_as<T>(value);
+  for (int64_t j = 0; j < count; ++j) out[j * stride] = v;
+}
+
+}  // namespace
+
+template <typename T, typename Label>
+void sparse_forward(const SparseForwardArgs<T, Label>& args, int64_t row_begin, int64_t row_end) {
+  using A = Acc<T>;
+  const Layout& layout = args.layout;
+  const bool want_mean = args.options.label_smoothing > 0;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const Row<T> row = row_of(args.logits, layout, r);
+    const RowSums<A> sums = scan_row(row, want_mean);
+    const double lse = lse_of(sums.max, log_sum(sums));
+    args.lse[r] = lse;
+    const LabelKind kind = classify_label(args.labels[r], layout.classes, args.options);
+    A loss = 0;
+    if (kind == LabelKind::kValid) {
+      const int64_t y = static_cast<int64_t>(args.labels[r]);
+      loss = sparse_row_loss<A>(sums, lse, row[y], label_weight(y, args.options), args.options);
+    } else if (kind == LabelKind::kOutOfRange) {
+      loss = quiet_nan<A>();
+    }
+    args.loss[r] = store_as<T>(loss);
+  }
+}
+
+template <typename T, typename Label>
+void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin, int64_t row_end) {
+  using A = Acc<T>;
+  const Layout& layout = args.layout;
+  const int64_t classes = layout.classes;
+  const int64_t stride = layout.inner;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t offset = layout.row_offset(r);
+    const T* logits = args.logits + offset;
+    T* out = args.grad_logits + offset;
+    const LabelKind kind = classify_label(args.labels[r], classes, args.options);
+    if (kind == LabelKind::kIgnored) {
+      fill_row(out, classes, stride, A(0));
+      continue;
+    }
+    if (kind == LabelKind::kOutOfRange) {
+      fill_row(out, classes, stride, quiet_nan<A>());
+      continue;
+    }
+    const int64_t y = static_cast<int64_t>(args.labels[r]);
+    const double lse = args.lse[r];
+    const SplitLse<A> split = split_lse<A>(lse);
+    const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), label_weight(y, args.options),
+                                            lse, A(1), classes, args.options);
+    // The target column is written apart so the two long loops stay branch-free.
+    const A p_label = softmax_at(load_acc(logits[y * stride]), split);
+    write_softmax_gradient(logits, out, stride, 0, y, split, c);
+    write_softmax_gradient(logits, out, stride, y + 1, classes, split, c);
+    out[y * stride] = store_as<T>(c.softmax_scale * p_label - c.uniform - c.target_scale);
+  }
+}
+
+template <typename T>
+void dense_forward(const DenseForwardArgs<T>& args, int64_t row_begin, int64_t row_end) {
+  using A = Acc<T>;
+  const bool want_mean = args.options.label_smoothing > 0;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const Row<T> logits = row_of(args.logits, args.layout, r);
+    const Row<T> labels = row_of(args.labels, args.layout, r);
+    const RowSums<A> sums = scan_row(logits, want_mean, &labels);
+    const double lse = lse_of(sums.max, log_sum(sums));
+    args.lse[r] = lse;
+    args.loss[r] = store_as<T>(dense_row_loss<A>(sums, lse, args.options));
+  }
+}
+
+template <typename T>
+void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t row_end) {
+  using A = Acc<T>;
+  const Layout& layout = args.layout;
+  const int64_t stride = layout.inner;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t offset = layout.row_offset(r);
+    const Row<T> labels = row_of(args.labels, layout, r);
+    const T* logits = args.logits + offset;
+    T* out = args.grad_logits + offset;
+    const double lse = args.lse[r];
+    const SplitLse<A> split = split_lse<A>(lse);
+    const A target_sum = dense_target_sum(label_sum_of(labels), args.options);
+    const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), A(1), lse, target_sum,
+                                            layout.classes, args.options);
+    if constexpr (kVectorized<T>) {
+      if (stride == 1) {
+        write_gradient_vectorized<T>(logits, labels.data, out, 0, layout.classes, split, c.softmax_scale,
+                                     c.target_scale, c.uniform);
+        continue;
+      }
+    }
+    for (int64_t j = 0; j < layout.classes; ++j) {
+      const A p = softmax_at(load_acc(logits[j * stride]), split);
+      out[j * stride] = store_as<T>(c.softmax_scale * p - c.target_scale * labels[j] - c.uniform);
+    }
+  }
+}
+
+#define FX_INSTANTIATE_SPARSE(T, Label)                                                          \
+  template void sparse_forward<T, Label>(const SparseForwardArgs<T, Label>&, int64_t, int64_t); \
+  template void sparse_backward<T, Label>(const SparseBackwardArgs<T, Label>&, int64_t, int64_t);
+#define FX_INSTANTIATE_DENSE(T)                                                   \
+  template void dense_forward<T>(const DenseForwardArgs<T>&, int64_t, int64_t); \
+  template void dense_backward<T>(const DenseBackwardArgs<T>&, int64_t, int64_t);
+#define FX_INSTANTIATE_ALL_LABELS(T) \
+  FX_INSTANTIATE_SPARSE(T, int32_t)  \
+  FX_INSTANTIATE_SPARSE(T, int64_t)  \
+  FX_INSTANTIATE_DENSE(T)
+
+FX_INSTANTIATE_ALL_LABELS(float)
+FX_INSTANTIATE_ALL_LABELS(double)
+FX_INSTANTIATE_ALL_LABELS(float16_t)
+FX_INSTANTIATE_ALL_LABELS(bfloat16_t)
+
+}  // namespace FX_TARGET_NS
+}  // namespace cpu
+}  // namespace fused_xent

@@ -1,0 +1,43 @@
+// The per-target copies of the CPU kernels (see cpu_kernels_target.cc), and
+// the instruction-set targets the dispatcher may choose from.
+#pragma once
+
+#include <cstdint>
+
+#include "core/xent_params.h"
+
+namespace fused_xent {
+namespace cpu {
+
+#define FX_DECLARE_TARGET_KERNELS(NS)                                                             \
+  namespace NS {                                                                                  \
+  template <typename T, typename Label>                                                           \
+  void sparse_forward(const SparseForwardArgs<T, Label>& args, int64_t row_begin, int64_t row_end);  \
+  template <typename T, typename Label>                                                           \
+  void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin, int64_t row_end); \
+  template <typename T>                                                                           \
+  void dense_forward(const DenseForwardArgs<T>& args, int64_t row_begin, int64_t row_end);        \
+  template <typename T>                                                                           \
+  void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t row_end);      \
+  }
+
+FX_DECLARE_TARGET_KERNELS(baseline)
+#if defined(FX_HAVE_AVX2_TARGET)
+FX_DECLARE_TARGET_KERNELS(avx2)
+#endif
+#if defined(FX_HAVE_AVX512_TARGET)
+FX_DECLARE_TARGET_KERNELS(avx512)
+#endif
+
+#undef FX_DECLARE_TARGET_KERNELS
+
+enum class Target { kBaseline, kAvx2, kAvx512 };
+
+// The target used on this machine: the best one the CPU supports, unless the
+// environment variable FUSED_XENT_SIMD (baseline, avx2, avx512) asks for a
+// lower one.
+Target active_target();
+const char* target_name(Target target);
+
+}  // namespace cpu
+}  // namespace fused_xent

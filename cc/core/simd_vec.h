@@ -1,0 +1,149 @@
+// Fixed-width float vectors (GCC/Clang vector extensions) for the translation
+// unit's target: the CPU kernels are compiled once per target (baseline,
+// AVX2+FMA+F16C, AVX-512) with FX_LANES set accordingly, and picked at run time.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "core/half_types.h"
+
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#ifndef FX_LANES
+#define FX_LANES 4
+#endif
+#ifndef FX_TARGET_NS
+#define FX_TARGET_NS baseline
+#endif
+
+namespace fused_xent {
+namespace simd {
+namespace FX_TARGET_NS {
+
+constexpr int kLanes = FX_LANES;
+typedef float vfloat __attribute__((vector_size(4 * FX_LANES)));
+typedef int32_t vint __attribute__((vector_size(4 * FX_LANES)));
+typedef uint32_t vuint __attribute__((vector_size(4 * FX_LANES)));
+typedef uint16_t vhalf_bits __attribute__((vector_size(2 * FX_LANES)));
+
+#define FX_ALWAYS_INLINE inline __attribute__((always_inline))
+
+FX_ALWAYS_INLINE vfloat splat(float x) { return vfloat{} + x; }
+
+FX_ALWAYS_INLINE vfloat select(vint mask, vfloat a, vfloat b) {
+  return reinterpret_cast<vfloat>((mask & reinterpret_cast<vint>(a)) | (~mask & reinterpret_cast<vint>(b)));
+}
+
+// --- loads and stores, converting 16-bit types to and from float -------------
+FX_ALWAYS_INLINE vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+FX_ALWAYS_INLINE void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+
+FX_ALWAYS_INLINE vfloat load(const bfloat16_t* p) {
+  vhalf_bits bits;
+  std::memcpy(&bits, p, sizeof bits);
+  return reinterpret_cast<vfloat>(__builtin_convertvector(bits, vuint) << 16);
+}
+FX_ALWAYS_INLINE void store(bfloat16_t* p, vfloat v) {
+  vuint u = reinterpret_cast<vuint>(v);
+  const vint is_nan = reinterpret_cast<vint>((u & 0x7fffffffu) > 0x7f800000u);
+  const vuint rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const vuint quiet = (u >> 16) | 0x40u;
+  const vuint out = reinterpret_cast<vuint>((is_nan & reinterpret_cast<vint>(quiet)) |
+                                            (~is_nan & reinterpret_cast<vint>(rounded)));
+  const vhalf_bits narrow = __builtin_convertvector(out, vhalf_bits);
+  std::memcpy(p, &narrow, sizeof narrow);
+}
+
+FX_ALWAYS_INLINE vfloat load(const float16_t* p) {
+#if FX_LANES == 16 && defined(__AVX512F__)
+  return reinterpret_cast<vfloat>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif FX_LANES == 8 && defined(__F16C__)
+  return reinterpret_cast<vfloat>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  vfloat v;
+  for (int i = 0; i < kLanes; ++i) v[i] = to_float(p[i]);
+  return v;
+#endif
+}
+FX_ALWAYS_INLINE void store(float16_t* p, vfloat v) {
+#if FX_LANES == 16 && defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif FX_LANES == 8 && defined(__F16C__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  for (int i = 0; i < kLanes; ++i) p[i] = to_float16(v[i]);
+#endif
+}
+
+// The first n < kLanes elements, the rest set to `pad`.
+template <typename T>
+FX_ALWAYS_INLINE vfloat load_partial(const T* p, int64_t n, float pad) {
+  T tmp[kLanes];
+  std::memcpy(tmp, p, n * sizeof(T));
+  vfloat v = load(tmp);
+  for (int i = static_cast<int>(n); i < kLanes; ++i) v[i] = pad;
+  return v;
+}
+template <typename T>
+FX_ALWAYS_INLINE void store_partial(T* p, int64_t n, vfloat v) {
+  T tmp[kLanes];
+  store(tmp, v);
+  std::memcpy(p, tmp, n * sizeof(T));
+}
+
+// --- math ------------------------------------------------------------------------
+// exp(x) to about 2 ulp for x <= 88.3 (all the kernels need: their arguments are
+// <= 0 up to rounding); 0 below -87.5, +inf above 88.72, NaN for NaN.
+FX_ALWAYS_INLINE vfloat exp(vfloat x) {
+  const vfloat clamped = select(x > 88.3f, splat(88.3f), select(x < -87.5f, splat(-87.5f), x));
+  const float round_shift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vfloat shifted = clamped * 1.44269504088896341f + round_shift;
+  const vfloat n = shifted - round_shift;
+  vfloat r = clamped - n * 0.693359375f;  // Cody-Waite: ln 2 in two parts
+  r = r + n * 2.12194440e-4f;
+  // Taylor series to r^7: the remainder is below 6e-9 relative for |r| <= ln(2)/2.
+  vfloat p = splat(1.0f / 5040);
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vint exponent = (reinterpret_cast<vint>(shifted) - 0x4b400000) + 127;
+  const vfloat scale = reinterpret_cast<vfloat>(exponent << 23);
+  vfloat result = p * scale;
+  result = select(x < -87.5f, splat(0.0f), result);
+  result = select(x > 88.72f, splat(__builtin_inff()), result);
+  return select(x != x, x, result);
+}
+
+// Lane-wise max that keeps NaN once seen.
+FX_ALWAYS_INLINE vfloat nan_sticky_max(vfloat running, vfloat x) {
+  return select((x > running) | (x != x), x, running);
+}
+
+FX_ALWAYS_INLINE float reduce_add(vfloat v) {
+  float sum = 0.0f;
+  for (int i = 0; i < kLanes; ++i) sum += v[i];
+  return sum;
+}
+
+FX_ALWAYS_INLINE float reduce_nan_sticky_max(vfloat v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = (v[i] > m || v[i] != v[i]) ? v[i] : m;
+  return m;
+}
+
+}  // namespace FX_TARGET_NS
+}  // namespace simd
+}  // namespace fused_xent
