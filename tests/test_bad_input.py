@@ -147,5 +147,9 @@ def test_raw_op_attrs_are_checked_by_the_kernel():
         ops.fused_xent_sparse_softmax_cross_entropy(LOGITS, [0, 1, 2, 3], tf.zeros([0]), label_smoothing=2.0)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"lse must have the shape"):
         ops.fused_xent_sparse_softmax_cross_entropy_grad(
-            LOGITS, [0, 1, 2, 3], tf.zeros([0]), tf.zeros([3], tf.float64), tf.ones([4])
+            LOGITS, [0, 1, 2, 3], tf.zeros([0]), tf.zeros([3], tf.float64), tf.ones([4]), tf.zeros([0], tf.float64)
+        )
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"grad_lse must have the shape"):
+        ops.fused_xent_sparse_softmax_cross_entropy_grad(
+            LOGITS, [0, 1, 2, 3], tf.zeros([0]), tf.zeros([4], tf.float64), tf.ones([4]), tf.zeros([2], tf.float64)
         )

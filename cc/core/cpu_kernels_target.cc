@@ -274,19 +274,25 @@ void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin
     const T* logits = args.logits + offset;
     T* out = args.grad_logits + offset;
     const LabelKind kind = classify_label(args.labels[r], classes, args.options);
-    if (kind == LabelKind::kIgnored) {
-      fill_row(out, classes, stride, A(0));
-      continue;
-    }
+    const double grad_lse = args.grad_lse ? args.grad_lse[r] : 0.0;
     if (kind == LabelKind::kOutOfRange) {
       fill_row(out, classes, stride, quiet_nan<A>());
       continue;
     }
-    const int64_t y = static_cast<int64_t>(args.labels[r]);
     const double lse = args.lse[r];
     const SplitLse<A> split = split_lse<A>(lse);
+    if (kind == LabelKind::kIgnored) {  // weight 0: only an lse gradient remains
+      if (grad_lse == 0) {
+        fill_row(out, classes, stride, A(0));
+      } else {
+        const auto c = backward_coefficients<A>(A(0), A(0), lse, A(1), grad_lse, classes, args.options);
+        write_softmax_gradient(logits, out, stride, 0, classes, split, c);
+      }
+      continue;
+    }
+    const int64_t y = static_cast<int64_t>(args.labels[r]);
     const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), label_weight(y, args.options),
-                                            lse, A(1), classes, args.options);
+                                            lse, A(1), grad_lse, classes, args.options);
     // The target column is written apart so the two long loops stay branch-free.
     const A p_label = softmax_at(load_acc(logits[y * stride]), split);
     write_softmax_gradient(logits, out, stride, 0, y, split, c);
@@ -322,7 +328,8 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
     const double lse = args.lse[r];
     const SplitLse<A> split = split_lse<A>(lse);
     const A target_sum = dense_target_sum(label_sum_of(labels), args.options);
-    const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), A(1), lse, target_sum,
+    const double grad_lse = args.grad_lse ? args.grad_lse[r] : 0.0;
+    const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), A(1), lse, target_sum, grad_lse,
                                             layout.classes, args.options);
     if constexpr (kVectorized<T>) {
       if (stride == 1) {

@@ -90,6 +90,18 @@ inline absl::Status ClassWeightsOf(const tensorflow::Tensor& weights, int64_t cl
   return absl::OkStatus();
 }
 
+// The optional upstream gradient of lse: empty (zeros) or one value per row.
+inline absl::Status GradLseOf(const tensorflow::Tensor& grad_lse, const tensorflow::TensorShape& rows,
+                              const double** out) {
+  if (grad_lse.NumElements() == 0) {
+    *out = nullptr;
+    return absl::OkStatus();
+  }
+  TF_RETURN_IF_ERROR(CheckSameShape(grad_lse, rows, "grad_lse", "lse"));
+  *out = grad_lse.flat<double>().data();
+  return absl::OkStatus();
+}
+
 // Runs fn(begin, end) over [0, rows) on TensorFlow's intra-op pool.
 template <typename Fn>
 void ShardRows(tensorflow::OpKernelContext* ctx, int64_t rows, int64_t cost_per_row, const Fn& fn) {

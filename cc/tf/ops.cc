@@ -69,7 +69,8 @@ absl::Status DenseForwardShape(InferenceContext* c) {
   return absl::OkStatus();
 }
 
-// Backward ops: inputs are logits, labels, [class_weights,] lse, grad_loss.
+// Backward ops: inputs are logits, labels, [class_weights,] lse, grad_loss, grad_lse.
+// grad_lse may be empty (no gradient flows into lse), so its shape is checked by the kernel.
 absl::Status BackwardShape(InferenceContext* c, bool sparse) {
   ShapeHandle logits = c->input(0), reduced, per_row;
   DimensionHandle classes;
@@ -115,10 +116,11 @@ REGISTER_OP("FusedXent>SparseSoftmaxCrossEntropyGrad")
     .Input("class_weights: float")
     .Input("lse: double")
     .Input("grad_loss: T")
+    .Input("grad_lse: double")
     .Output("grad_logits: T")
     .FX_SPARSE_ATTRS
     .SetShapeFn([](InferenceContext* c) { return BackwardShape(c, /*sparse=*/true); })
-    .Doc("grad_logits = grad_loss * w * ((1 + 2 z_loss lse) softmax(logits) - target).");
+    .Doc("grad_logits = grad_loss * w * ((1 + 2 z_loss lse) softmax(logits) - target) + grad_lse * softmax(logits).");
 
 REGISTER_OP("FusedXent>SoftmaxCrossEntropy")
     .Input("logits: T")
@@ -134,9 +136,10 @@ REGISTER_OP("FusedXent>SoftmaxCrossEntropyGrad")
     .Input("labels: T")
     .Input("lse: double")
     .Input("grad_loss: T")
+    .Input("grad_lse: double")
     .Output("grad_logits: T")
     .FX_COMMON_ATTRS
     .SetShapeFn([](InferenceContext* c) { return BackwardShape(c, /*sparse=*/false); })
-    .Doc("grad_logits = grad_loss * ((sum(q) + 2 z_loss lse) softmax(logits) - q).");
+    .Doc("grad_logits = grad_loss * ((sum(q) + 2 z_loss lse) softmax(logits) - q) + grad_lse * softmax(logits).");
 
 }  // namespace fused_xent

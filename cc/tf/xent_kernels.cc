@@ -86,6 +86,7 @@ class SparseBackwardOp : public OpKernel {
     args.labels = ctx->input(1).flat<Label>().data();
     args.lse = ctx->input(3).flat<double>().data();
     args.grad_loss = core_ptr<T>(ctx->input(4));
+    OP_REQUIRES_OK(ctx, GradLseOf(ctx->input(5), reduced, &args.grad_lse));
     Tensor* grad_logits;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, logits.shape(), &grad_logits));
     args.grad_logits = core_mutable_ptr<T>(grad_logits);
@@ -148,6 +149,7 @@ class DenseBackwardOp : public OpKernel {
     args.labels = core_ptr<T>(ctx->input(1));
     args.lse = ctx->input(2).flat<double>().data();
     args.grad_loss = core_ptr<T>(ctx->input(3));
+    OP_REQUIRES_OK(ctx, GradLseOf(ctx->input(4), reduced, &args.grad_lse));
     Tensor* grad_logits;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, logits.shape(), &grad_logits));
     args.grad_logits = core_mutable_ptr<T>(grad_logits);

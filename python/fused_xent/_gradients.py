@@ -1,12 +1,12 @@
 """Gradients of the fused ops, first order and higher.
 
 Forward ops output (loss, lse). Their gradient with respect to the logits is
-the fused Grad op, which reads logits, labels, lse and the upstream gradient:
+the fused Grad op, which reads logits, labels, lse and the upstream gradients
+g (of the loss) and g_lse (of lse; nonzero only on second-order paths):
 
-    dz = g * w * ((sum(q) + 2 lambda lse) * p - q),   p = exp(z - lse)
+    dz = g * w * ((sum(q) + 2 lambda lse) * p - q) + g_lse * p,   p = exp(z - lse)
 
-plus grad_lse * p when the lse output itself receives a gradient (which happens
-only on second-order paths). The Grad ops are differentiated here with a few
+The Grad ops are differentiated here with a few
 TensorFlow element-wise ops: that path (Hessian-vector products, gradient
 penalties) is rare and its cost is dominated by the rest of the double backward.
 Treating lse as an independent input of the Grad op keeps this exact: its
@@ -41,12 +41,18 @@ def _softmax(logits, lse, axis):
     return tf.exp(z - tf.expand_dims(lse, axis))
 
 
-def _add_lse_gradient(grad_logits, logits, lse, grad_lse, axis):
-    """d lse / dz = softmax(z): adds grad_lse * p when lse has a gradient."""
-    if grad_lse is None:
-        return grad_logits
-    extra = tf.expand_dims(tf.cast(grad_lse, lse.dtype), axis) * _softmax(logits, lse, axis)
-    return grad_logits + tf.cast(extra, grad_logits.dtype)
+def _lse_gradient(grad_lse):
+    """The Grad ops take an empty tensor when no gradient flows into lse."""
+    return tf.zeros([0], tf.float64) if grad_lse is None else grad_lse
+
+
+def _lse_gradient_rows(grad_lse, lse):
+    """grad_lse as one value per row (zeros when it was passed empty)."""
+    if grad_lse.shape.num_elements() == 0:
+        return tf.zeros_like(lse)
+    if grad_lse.shape.rank is not None and grad_lse.shape.rank > 0 and grad_lse.shape == lse.shape:
+        return grad_lse
+    return tf.cond(tf.size(grad_lse) > 0, lambda: tf.reshape(grad_lse, tf.shape(lse)), lambda: tf.zeros_like(lse))
 
 
 def _positive_axis(axis, logits):
@@ -68,9 +74,8 @@ def _sparse_forward_grad(op, grad_loss, grad_lse):
     if grad_loss is None:
         grad_loss = tf.zeros_like(op.outputs[0])
     grad_logits = load_op_library().fused_xent_sparse_softmax_cross_entropy_grad(
-        logits, labels, class_weights, lse, grad_loss, **attrs
+        logits, labels, class_weights, lse, grad_loss, _lse_gradient(grad_lse), **attrs
     )
-    grad_logits = _add_lse_gradient(grad_logits, logits, lse, grad_lse, attrs["axis"])
     return grad_logits, None, None
 
 
@@ -82,8 +87,9 @@ def _dense_forward_grad(op, grad_loss, grad_lse):
     axis = attrs["axis"]
     if grad_loss is None:
         grad_loss = tf.zeros_like(op.outputs[0])
-    grad_logits = load_op_library().fused_xent_softmax_cross_entropy_grad(logits, labels, lse, grad_loss, **attrs)
-    grad_logits = _add_lse_gradient(grad_logits, logits, lse, grad_lse, axis)
+    grad_logits = load_op_library().fused_xent_softmax_cross_entropy_grad(
+        logits, labels, lse, grad_loss, _lse_gradient(grad_lse), **attrs
+    )
     grad_labels = None
     if _input_gradient_needed(op, 1):
         # d loss / d t_j = (1 - eps) * (lse - z_j) = -(1 - eps) * log_softmax(z)_j
@@ -91,6 +97,19 @@ def _dense_forward_grad(op, grad_loss, grad_lse):
         neg_log_p = tf.expand_dims(lse, axis) - tf.cast(logits, lse.dtype)
         grad_labels = tf.cast(tf.expand_dims(scale, axis) * neg_log_p, labels.dtype)
     return grad_logits, grad_labels
+
+
+def _grad_of_grad_lse(grad_lse, p_dot_v):
+    """d(dz)/d(grad_lse) = p: its gradient is p . v per row (none for an empty input)."""
+    if grad_lse.shape.num_elements() == 0:
+        return None
+    if grad_lse.shape.is_fully_defined() and grad_lse.shape == p_dot_v.shape:
+        return p_dot_v
+    return tf.cond(
+        tf.size(grad_lse) > 0,
+        lambda: tf.reshape(p_dot_v, tf.shape(grad_lse)),
+        lambda: tf.zeros_like(grad_lse),
+    )
 
 
 def _sparse_row_weights(labels, class_weights, attrs, dtype):
@@ -117,7 +136,7 @@ def _sparse_row_weights(labels, class_weights, attrs, dtype):
 
 @tf.RegisterGradient("FusedXent>SparseSoftmaxCrossEntropyGrad")
 def _sparse_backward_grad(op, v):
-    logits, labels, class_weights, lse, grad_loss = op.inputs
+    logits, labels, class_weights, lse, grad_loss, grad_lse = op.inputs
     attrs = _attrs(op, _SPARSE_ATTRS)
     axis, eps, lam = attrs["axis"], attrs["label_smoothing"], attrs["z_loss"]
     acc = lse.dtype
@@ -130,21 +149,23 @@ def _sparse_backward_grad(op, v):
     p_dot_v = tf.reduce_sum(p * v, axis)
     q_dot_v = (1.0 - eps) * tf.reduce_sum(onehot * v, axis) + eps / classes * tf.reduce_sum(v, axis)
     a = 1.0 + 2.0 * lam * lse
-    grad_logits = tf.expand_dims(g * w * a, axis) * p * v
-    grad_lse = g * w * (2.0 * lam - a) * p_dot_v
+    softmax_scale = g * w * a + _lse_gradient_rows(grad_lse, lse)
+    grad_logits = tf.expand_dims(softmax_scale, axis) * p * v
+    grad_into_lse = (2.0 * lam * g * w - softmax_scale) * p_dot_v
     grad_grad_loss = w * (a * p_dot_v - q_dot_v)
     return (
         tf.cast(grad_logits, logits.dtype),
         None,
         None,
-        grad_lse,
+        grad_into_lse,
         tf.cast(grad_grad_loss, grad_loss.dtype),
+        _grad_of_grad_lse(grad_lse, p_dot_v),
     )
 
 
 @tf.RegisterGradient("FusedXent>SoftmaxCrossEntropyGrad")
 def _dense_backward_grad(op, v):
-    logits, labels, lse, grad_loss = op.inputs
+    logits, labels, lse, grad_loss, grad_lse = op.inputs
     attrs = _attrs(op, _DENSE_ATTRS)
     axis, eps, lam = attrs["axis"], attrs["label_smoothing"], attrs["z_loss"]
     acc = lse.dtype
@@ -156,13 +177,15 @@ def _dense_backward_grad(op, v):
     p_dot_v = tf.reduce_sum(p * v, axis)
     q_dot_v = (1.0 - eps) * tf.reduce_sum(t * v, axis) + eps / classes * tf.reduce_sum(v, axis)
     a = (1.0 - eps) * tf.reduce_sum(t, axis) + eps + 2.0 * lam * lse
-    grad_logits = tf.expand_dims(g * a, axis) * p * v
-    grad_lse = g * (2.0 * lam - a) * p_dot_v
+    softmax_scale = g * a + _lse_gradient_rows(grad_lse, lse)
+    grad_logits = tf.expand_dims(softmax_scale, axis) * p * v
+    grad_into_lse = (2.0 * lam * g - softmax_scale) * p_dot_v
     grad_grad_loss = a * p_dot_v - q_dot_v
     grad_labels = tf.expand_dims(g * (1.0 - eps), axis) * (tf.expand_dims(p_dot_v, axis) - v)
     return (
         tf.cast(grad_logits, logits.dtype),
         tf.cast(grad_labels, labels.dtype),
-        grad_lse,
+        grad_into_lse,
         tf.cast(grad_grad_loss, grad_loss.dtype),
+        _grad_of_grad_lse(grad_lse, p_dot_v),
     )
