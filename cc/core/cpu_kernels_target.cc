@@ -42,21 +42,36 @@ Row<T> row_of(const T* base, const Layout& layout, int64_t row) {
 }
 
 // Converts len contiguous elements to float in `out`, returning their NaN-sticky max.
+// float input is not copied (out == nullptr): the block is read again from L1.
 template <typename T>
 float load_block_vectorized(const T* p, int64_t len, float* out) {
   v::vfloat running = v::splat(negative_infinity<float>());
   int64_t k = 0;
   for (; k + v::kLanes <= len; k += v::kLanes) {
     const v::vfloat x = v::load(p + k);
-    v::store(out + k, x);
+    if (out) v::store(out + k, x);
     running = v::nan_sticky_max(running, x);
   }
   if (k < len) {
     const v::vfloat x = v::load_partial(p + k, len - k, negative_infinity<float>());
-    v::store_partial(out + k, len - k, x);
+    if (out) v::store_partial(out + k, len - k, x);
     running = v::nan_sticky_max(running, x);
   }
   return v::reduce_nan_sticky_max(running);
+}
+
+// Where block [start, start + len) of a row is, as accumulator values: the
+// row itself for contiguous float, else `buffer` after conversion.
+template <typename T>
+const Acc<T>* block_values(const Row<T>& row, int64_t start, int64_t len, Acc<T>* buffer, Acc<T>* block_max) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (row.stride == 1) {
+      *block_max = load_block_vectorized(row.data + start, len, static_cast<float*>(nullptr));
+      return row.data + start;
+    }
+  }
+  *block_max = load_block(row, start, len, buffer);
+  return buffer;
 }
 
 // Loads block [start, start + len) into `out` in accumulator precision and
@@ -108,43 +123,68 @@ RowSums<A> block_sums(const A* z, const A* labels, int64_t len, A block_max, boo
   return sums;
 }
 
-// The float version of block_sums, on vectors. Padding lanes use values that
-// add nothing: z = -inf for exp, z = max for the gap, t = 0 for labels.
-RowSums<float> block_sums(const float* z, const float* labels, int64_t len, float block_max, bool want_mean,
-                          float inv_classes) {
+// The float version of block_sums, on vectors, specialised on which sums are
+// wanted. Padding lanes use values that add nothing: z = -inf for exp, z = max
+// for the gap, t = 0 for labels.
+template <bool kWantMean, bool kLabels>
+RowSums<float> block_sums_vectorized(const float* z, const float* labels, int64_t len, float block_max,
+                                     float inv_classes) {
   RowSums<float> sums;
   sums.max = block_max;
-  const bool all_negative_infinity = block_max == negative_infinity<float>();
+  if (block_max == negative_infinity<float>()) {  // all -inf: gaps are +inf where they count
+    if (kWantMean) {
+      sums.count = static_cast<float>(len) * inv_classes;
+      sums.gap = std::numeric_limits<float>::infinity();
+    }
+    if (kLabels) {
+      for (int64_t k = 0; k < len; ++k) {
+        sums.label_sum += labels[k];
+        if (labels[k] != 0) sums.label_gap += labels[k] * std::numeric_limits<float>::infinity();
+      }
+    }
+    return sums;
+  }
   const v::vfloat max_v = v::splat(block_max);
   v::vfloat sum_exp = v::splat(0.0f), gap = v::splat(0.0f), label_sum = v::splat(0.0f), label_gap = v::splat(0.0f);
-  const int64_t full = len - len % v::kLanes;
   auto accumulate = [&](v::vfloat x_for_exp, v::vfloat x_for_gap, v::vfloat t) {
-    if (!all_negative_infinity) sum_exp += v::exp(x_for_exp - max_v);
-    if (want_mean) gap += max_v - x_for_gap;
-    if (labels) {
+    sum_exp += v::exp_nonpositive(x_for_exp - max_v);
+    if (kWantMean) gap += max_v - x_for_gap;
+    if (kLabels) {
       label_sum += t;
       label_gap += v::select(t != 0.0f, t * (max_v - x_for_gap), v::splat(0.0f));
     }
   };
+  const int64_t full = len - len % v::kLanes;
   for (int64_t k = 0; k < full; k += v::kLanes) {
     const v::vfloat x = v::load(z + k);
-    accumulate(x, x, labels ? v::load(labels + k) : v::splat(0.0f));
+    accumulate(x, x, kLabels ? v::load(labels + k) : v::splat(0.0f));
   }
   if (full < len) {
     const int64_t n = len - full;
-    accumulate(v::load_partial(z + full, n, negative_infinity<float>()), v::load_partial(z + full, n, block_max),
-               labels ? v::load_partial(labels + full, n, 0.0f) : v::splat(0.0f));
+    const v::vfloat x = v::load_partial(z + full, n, negative_infinity<float>());
+    accumulate(x, kWantMean || kLabels ? v::load_partial(z + full, n, block_max) : x,
+               kLabels ? v::load_partial(labels + full, n, 0.0f) : v::splat(0.0f));
   }
-  if (!all_negative_infinity) sums.sum_exp = v::reduce_add(sum_exp);
-  if (want_mean) {
+  sums.sum_exp = v::reduce_add(sum_exp);
+  if (kWantMean) {
     sums.count = static_cast<float>(len) * inv_classes;
-    sums.gap = all_negative_infinity ? std::numeric_limits<float>::infinity() : v::reduce_add(gap) * inv_classes;
+    sums.gap = v::reduce_add(gap) * inv_classes;
   }
-  if (labels) {
+  if (kLabels) {
     sums.label_sum = v::reduce_add(label_sum);
     sums.label_gap = v::reduce_add(label_gap);
   }
   return sums;
+}
+
+RowSums<float> block_sums(const float* z, const float* labels, int64_t len, float block_max, bool want_mean,
+                          float inv_classes) {
+  if (labels) {
+    return want_mean ? block_sums_vectorized<true, true>(z, labels, len, block_max, inv_classes)
+                     : block_sums_vectorized<false, true>(z, labels, len, block_max, inv_classes);
+  }
+  return want_mean ? block_sums_vectorized<true, false>(z, labels, len, block_max, inv_classes)
+                   : block_sums_vectorized<false, false>(z, labels, len, block_max, inv_classes);
 }
 
 // One read of a row of logits (and of dense labels when given), block by block.
@@ -157,9 +197,10 @@ RowSums<Acc<T>> scan_row(const Row<T>& row, bool want_mean, const Row<T>* labels
   const A inv_classes = A(1) / static_cast<A>(row.count);
   for (int64_t start = 0; start < row.count; start += kBlock) {
     const int64_t len = std::min(kBlock, row.count - start);
-    const A block_max = load_block(row, start, len, block);
-    if (labels) load_block(*labels, start, len, label_block);
-    merge_sums(sums, block_sums(block, labels ? label_block : nullptr, len, block_max, want_mean, inv_classes));
+    A block_max, label_max;
+    const A* z = block_values(row, start, len, block, &block_max);
+    const A* t = labels ? block_values(*labels, start, len, label_block, &label_max) : nullptr;
+    merge_sums(sums, block_sums(z, t, len, block_max, want_mean, inv_classes));
   }
   return sums;
 }
@@ -186,8 +227,8 @@ Acc<T> label_sum_of(const Row<T>& labels) {
   A sum = 0;
   for (int64_t start = 0; start < labels.count; start += kBlock) {
     const int64_t len = std::min(kBlock, labels.count - start);
-    load_block(labels, start, len, block);
-    sum += sum_of(block, len);
+    A unused_max;
+    sum += sum_of(block_values(labels, start, len, block, &unused_max), len);
   }
   return sum;
 }
@@ -199,7 +240,7 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
                                const SplitLse<float>& lse, float a, float b, float u) {
   const v::vfloat hi = v::splat(lse.hi), lo = v::splat(lse.lo), a_v = v::splat(a), b_v = v::splat(b), u_v = v::splat(u);
   auto gradient = [&](v::vfloat z, v::vfloat t) {
-    const v::vfloat p = v::exp((z - hi) - lo);
+    const v::vfloat p = v::exp_nonpositive((z - hi) - lo);
     return labels ? a_v * p - b_v * t - u_v : a_v * p - u_v;
   };
   int64_t j = begin;

@@ -127,6 +127,28 @@ FX_ALWAYS_INLINE vfloat exp(vfloat x) {
   return select(x != x, x, result);
 }
 
+// exp(x) for the kernels' arguments, which are <= 0 up to rounding (z - max,
+// z - lse): no upper clamp; below -88 the scale's exponent field reaches 0 and
+// the result flushes to 0; NaN propagates through the arithmetic.
+FX_ALWAYS_INLINE vfloat exp_nonpositive(vfloat x) {
+  const vfloat clamped = select(x < -88.0f, splat(-88.0f), x);
+  const float round_shift = 12582912.0f;
+  const vfloat shifted = clamped * 1.44269504088896341f + round_shift;
+  const vfloat n = shifted - round_shift;
+  vfloat r = clamped - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  vfloat p = splat(1.0f / 5040);
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vint exponent = (reinterpret_cast<vint>(shifted) - 0x4b400000) + 127;
+  return p * reinterpret_cast<vfloat>(exponent << 23);
+}
+
 // Lane-wise max that keeps NaN once seen.
 FX_ALWAYS_INLINE vfloat nan_sticky_max(vfloat running, vfloat x) {
   return select((x > running) | (x != x), x, running);
