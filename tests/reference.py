@@ -41,6 +41,7 @@ def sparse(labels, logits, axis=-1, ignore_index=None, label_smoothing=0.0, clas
     weight = np.where(ignored, 0.0, weight)
     g = np.ones(labels.shape) if grad_loss is None else np.asarray(grad_loss, np.float64)
     loss, grad = _finish(z, q, weight, _lse(z), z_loss, g)
+    loss = np.where(ignored, 0.0, loss)  # ignored rows are 0 whatever their logits
     grad = np.where(ignored[..., None], 0.0, grad)
     return loss, np.moveaxis(grad, -1, axis)
 

@@ -144,3 +144,26 @@ def test_works_without_tensorflow(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True).stdout
     assert "loss 0.313261" in out
     assert "needs TensorFlow, which is not installed" in out
+
+
+@pytest.mark.parametrize("classes", [1, 2, 5, 32, 33])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.3, "z_loss": 0.01}, {"ignore_index": 0}])
+def test_many_rows_few_classes_with_edge_values(classes, options):
+    # Few classes take the row-group path (one row per vector lane): edge values must stay per row.
+    rng = np.random.default_rng(9)
+    logits = rng.normal(size=(67, classes)).astype(np.float32) * 4
+    logits[3] = np.nan
+    logits[5, 0] = -np.inf
+    logits[8] = 1e4
+    logits[9] = -1e4
+    logits[10, -1] = 3e38
+    labels = rng.integers(0, classes, size=67)
+    grad_loss = rng.normal(size=67).astype(np.float32)
+    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss, **options)
+    expected = {k: float(np.float32(v)) if k != "ignore_index" else v for k, v in options.items()}
+    ref_loss, ref_grad = reference.sparse(labels, logits.astype(np.float64), grad_loss=grad_loss, **expected)
+    assert_close(loss, ref_loss, "float32", scale=2)
+    assert_close(grad, ref_grad, "float32", scale=2)
+    ignored = labels == options.get("ignore_index", -1)
+    assert np.isnan(loss[3]) != ignored[3]
+    assert np.isfinite(loss[[0, 1, 2, 4, 6, 7]]).all()

@@ -280,6 +280,139 @@ void fill_row(T* out, int64_t count, int64_t stride, Acc<T> value) {
   for (int64_t j = 0; j < count; ++j) out[j * stride] = v;
 }
 
+// Loss and lse of sparse row r from its sums.
+template <typename T, typename Label>
+void finish_sparse_row(const SparseForwardArgs<T, Label>& args, int64_t r, const RowSums<Acc<T>>& sums,
+                       Acc<T> log_sum, const Row<T>& row) {
+  using A = Acc<T>;
+  const double lse = lse_of(sums.max, log_sum);
+  args.lse[r] = lse;
+  const LabelKind kind = classify_label(args.labels[r], args.layout.classes, args.options);
+  A loss = 0;
+  if (kind == LabelKind::kValid) {
+    const int64_t y = static_cast<int64_t>(args.labels[r]);
+    loss = sparse_row_loss<A>(sums, log_sum, lse, row[y], label_weight(y, args.options), args.options);
+  } else if (kind == LabelKind::kOutOfRange) {
+    loss = quiet_nan<A>();
+  }
+  args.loss[r] = store_as<T>(loss);
+}
+
+// --- Row groups: with few classes, per-row overhead dominates, so kLanes
+// consecutive rows are processed together, one row per vector lane. ---------
+constexpr int64_t kGroupMaxClasses = 32;
+
+bool uses_row_groups(const Layout& layout) { return layout.inner == 1 && layout.classes <= kGroupMaxClasses; }
+
+// The logits of kLanes consecutive rows, transposed: columns[j] holds class j of every row.
+struct Columns {
+  v::vfloat column[kGroupMaxClasses];
+};
+
+template <typename T>
+void load_columns(const T* rows, int64_t classes, Columns* out) {
+  for (int i = 0; i < v::kLanes; ++i)
+    for (int64_t j = 0; j < classes; ++j) out->column[j][i] = load_acc(rows[i * classes + j]);
+}
+
+template <typename T>
+void store_columns(const Columns& in, int64_t classes, T* rows) {
+  for (int i = 0; i < v::kLanes; ++i)
+    for (int64_t j = 0; j < classes; ++j) rows[i * classes + j] = store_as<T>(in.column[j][i]);
+}
+
+// Row sums of a group, lane by lane, as in block_sums.
+struct GroupSums {
+  v::vfloat max, sum_exp, gap;
+};
+
+GroupSums group_sums(const Columns& z, int64_t classes, bool want_mean) {
+  GroupSums s;
+  s.max = z.column[0];
+  for (int64_t j = 1; j < classes; ++j) s.max = v::nan_sticky_max(s.max, z.column[j]);
+  s.sum_exp = v::splat(0.0f);
+  s.gap = v::splat(0.0f);
+  for (int64_t j = 0; j < classes; ++j) s.sum_exp += v::exp_nonpositive(z.column[j] - s.max);
+  if (want_mean) {
+    for (int64_t j = 0; j < classes; ++j) s.gap += s.max - z.column[j];
+    s.gap *= 1.0f / static_cast<float>(classes);
+  }
+  return s;
+}
+
+// Processes whole groups from row_begin; returns the first row left for the per-row path.
+template <typename T, typename Label>
+int64_t sparse_forward_groups(const SparseForwardArgs<T, Label>& args, int64_t row_begin, int64_t row_end) {
+  const int64_t classes = args.layout.classes;
+  const bool want_mean = args.options.label_smoothing > 0;
+  Columns z;
+  int64_t r = row_begin;
+  for (; r + v::kLanes <= row_end; r += v::kLanes) {
+    const T* rows = args.logits + r * classes;
+    load_columns(rows, classes, &z);
+    const GroupSums s = group_sums(z, classes, want_mean);
+    const v::vfloat log_sum = v::log_positive(s.sum_exp);
+    for (int i = 0; i < v::kLanes; ++i) {
+      RowSums<float> sums;
+      sums.max = s.max[i];
+      sums.sum_exp = s.sum_exp[i];
+      sums.gap = s.gap[i];
+      finish_sparse_row(args, r + i, sums, log_sum[i], Row<T>{rows + i * classes, classes, 1});
+    }
+  }
+  return r;
+}
+
+// Per-lane backward coefficients; `zero` marks rows whose gradient is exactly 0.
+struct GroupCoefficients {
+  v::vfloat hi, lo, softmax_scale, uniform, target_scale;
+  v::vint label, zero;
+};
+
+template <typename T, typename Label>
+GroupCoefficients group_coefficients(const SparseBackwardArgs<T, Label>& args, int64_t r) {
+  GroupCoefficients g;
+  const int64_t classes = args.layout.classes;
+  for (int i = 0; i < v::kLanes; ++i) {
+    const LabelKind kind = classify_label(args.labels[r + i], classes, args.options);
+    const double grad_lse = args.grad_lse ? args.grad_lse[r + i] : 0.0;
+    const double lse = args.lse[r + i];
+    const SplitLse<float> split = split_lse<float>(lse);
+    const bool valid = kind == LabelKind::kValid;
+    const int64_t y = valid ? static_cast<int64_t>(args.labels[r + i]) : -1;
+    const float grad = valid ? load_acc(args.grad_loss[r + i]) : 0.0f;
+    const float weight = valid ? label_weight(y, args.options) : 0.0f;
+    auto c = backward_coefficients<float>(grad, weight, lse, 1.0f, grad_lse, classes, args.options);
+    if (kind == LabelKind::kOutOfRange) c.softmax_scale = quiet_nan<float>();
+    g.hi[i] = split.hi;
+    g.lo[i] = split.lo;
+    g.softmax_scale[i] = c.softmax_scale;
+    g.uniform[i] = c.uniform;
+    g.target_scale[i] = c.target_scale;
+    g.label[i] = static_cast<int32_t>(y);
+    g.zero[i] = (kind == LabelKind::kIgnored && grad_lse == 0) ? -1 : 0;
+  }
+  return g;
+}
+
+template <typename T, typename Label>
+int64_t sparse_backward_groups(const SparseBackwardArgs<T, Label>& args, int64_t row_begin, int64_t row_end) {
+  const int64_t classes = args.layout.classes;
+  Columns z;
+  int64_t r = row_begin;
+  for (; r + v::kLanes <= row_end; r += v::kLanes) {
+    load_columns(args.logits + r * classes, classes, &z);
+    const GroupCoefficients g = group_coefficients(args, r);
+    for (int64_t j = 0; j < classes; ++j) {
+      const v::vfloat p = v::exp_nonpositive((z.column[j] - g.hi) - g.lo);
+      const v::vfloat target = v::select(g.label == static_cast<int32_t>(j), g.target_scale, v::splat(0.0f));
+      z.column[j] = v::select(g.zero, v::splat(0.0f), g.softmax_scale * p - g.uniform - target);
+    }
+    store_columns(z, classes, args.grad_logits + r * classes);
+  }
+  return r;
+}
+
 }  // namespace
 
 template <typename T, typename Label>
@@ -287,20 +420,13 @@ void sparse_forward(const SparseForwardArgs<T, Label>& args, int64_t row_begin, 
   using A = Acc<T>;
   const Layout& layout = args.layout;
   const bool want_mean = args.options.label_smoothing > 0;
+  if constexpr (kVectorized<T>) {
+    if (uses_row_groups(layout)) row_begin = sparse_forward_groups(args, row_begin, row_end);
+  }
   for (int64_t r = row_begin; r < row_end; ++r) {
     const Row<T> row = row_of(args.logits, layout, r);
     const RowSums<A> sums = scan_row(row, want_mean);
-    const double lse = lse_of(sums.max, log_sum(sums));
-    args.lse[r] = lse;
-    const LabelKind kind = classify_label(args.labels[r], layout.classes, args.options);
-    A loss = 0;
-    if (kind == LabelKind::kValid) {
-      const int64_t y = static_cast<int64_t>(args.labels[r]);
-      loss = sparse_row_loss<A>(sums, lse, row[y], label_weight(y, args.options), args.options);
-    } else if (kind == LabelKind::kOutOfRange) {
-      loss = quiet_nan<A>();
-    }
-    args.loss[r] = store_as<T>(loss);
+    finish_sparse_row(args, r, sums, log_sum(sums), row);
   }
 }
 
@@ -310,6 +436,9 @@ void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin
   const Layout& layout = args.layout;
   const int64_t classes = layout.classes;
   const int64_t stride = layout.inner;
+  if constexpr (kVectorized<T>) {
+    if (uses_row_groups(layout)) row_begin = sparse_backward_groups(args, row_begin, row_end);
+  }
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t offset = layout.row_offset(r);
     const T* logits = args.logits + offset;

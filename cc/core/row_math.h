@@ -147,8 +147,9 @@ template <typename A> FX_HOST_DEVICE A z_loss_term(double lse, const Options& op
 
 // Sparse row: t = onehot(y), so sum(t) = 1 and sum_j t_j (m - z_j) = m - z_y.
 template <typename A>
-FX_HOST_DEVICE A sparse_row_loss(const RowSums<A>& sums, double lse, A z_label, A weight, const Options& options) {
-  const A ce = cross_entropy(log_sum(sums), A(1), sums.max - z_label, sums.gap, options);
+FX_HOST_DEVICE A sparse_row_loss(const RowSums<A>& sums, A log_sum, double lse, A z_label, A weight,
+                                 const Options& options) {
+  const A ce = cross_entropy(log_sum, A(1), sums.max - z_label, sums.gap, options);
   return weight * (ce + z_loss_term<A>(lse, options));
 }
 

@@ -149,6 +149,28 @@ FX_ALWAYS_INLINE vfloat exp_nonpositive(vfloat x) {
   return p * reinterpret_cast<vfloat>(exponent << 23);
 }
 
+// log(x) for positive normal x (the kernels take it of a sum of exponentials,
+// which is >= 1): x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(u),
+// u = (m - 1) / (m + 1), |u| <= 0.172, by its odd series to u^9. NaN stays NaN.
+FX_ALWAYS_INLINE vfloat log_positive(vfloat x) {
+  const vint bits = reinterpret_cast<vint>(x);
+  vint e = ((bits >> 23) & 0xff) - 127;
+  vfloat m = reinterpret_cast<vfloat>((bits & 0x7fffff) | 0x3f800000);
+  const vint big = m > 1.41421356f;
+  m = select(big, m * 0.5f, m);
+  e -= big;  // big is -1 where true
+  const vfloat u = (m - 1.0f) / (m + 1.0f);
+  const vfloat u2 = u * u;
+  vfloat series = splat(1.0f / 9);
+  series = series * u2 + 1.0f / 7;
+  series = series * u2 + 1.0f / 5;
+  series = series * u2 + 1.0f / 3;
+  series = series * u2 + 1.0f;
+  const vfloat ef = __builtin_convertvector(e, vfloat);
+  const vfloat result = ef * 0.693359375f + ((2.0f * u) * series - ef * 2.12194440e-4f);
+  return select(x != x, x, result);
+}
+
 // Lane-wise max that keeps NaN once seen.
 FX_ALWAYS_INLINE vfloat nan_sticky_max(vfloat running, vfloat x) {
   return select((x > running) | (x != x), x, running);
