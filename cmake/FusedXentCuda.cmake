@@ -1,0 +1,1 @@
+# Optional CUDA kernels (being written).

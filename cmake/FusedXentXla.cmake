@@ -1,0 +1,1 @@
+# XLA lowerings of the ops (being written).
