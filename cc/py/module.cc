@@ -18,6 +18,11 @@
 namespace py = pybind11;
 namespace fx = fused_xent;
 
+#ifdef FUSED_XENT_WITH_CUDA
+// cc/py/cuda_bindings.cc: the same kernels on CUDA arrays.
+void register_cuda_bindings(py::module_& m);
+#endif
+
 namespace {
 
 // Runs fn(begin, end) over [0, rows) on up to hardware_concurrency threads. Each
@@ -234,4 +239,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"), py::arg("loss"),
         py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"));
   m.def("build_info", &build_info);
+#ifdef FUSED_XENT_WITH_CUDA
+  register_cuda_bindings(m);
+#endif
 }
