@@ -235,15 +235,40 @@ Acc<T> label_sum_of(const Row<T>& labels) {
 
 // dz = a * exp((z - hi) - lo) - b * t - u on vectors, for contiguous rows; t is
 // read only when `labels` is given (dense labels).
+// Gradients bigger than this (bytes) bypass the caches on their way to memory.
+constexpr int64_t kStreamingBytes = 8 << 20;
+
+template <typename T>
+bool use_streaming_stores(const Layout& layout) {
+  return std::is_same<T, float>::value && v::kHaveStreamingStores &&
+         layout.rows() * layout.classes * static_cast<int64_t>(sizeof(T)) >= kStreamingBytes;
+}
+
 template <typename T>
 void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t begin, int64_t end,
-                               const SplitLse<float>& lse, float a, float b, float u) {
+                               const SplitLse<float>& lse, float a, float b, float u, bool stream = false) {
   const v::vfloat hi = v::splat(lse.hi), lo = v::splat(lse.lo), a_v = v::splat(a), b_v = v::splat(b), u_v = v::splat(u);
   auto gradient = [&](v::vfloat z, v::vfloat t) {
     const v::vfloat p = v::exp_nonpositive((z - hi) - lo);
     return labels ? a_v * p - b_v * t - u_v : a_v * p - u_v;
   };
   int64_t j = begin;
+  if constexpr (std::is_same<T, float>::value) {
+    if (stream) {
+      // Plain stores up to the first aligned vector, then aligned streaming stores.
+      const int64_t misaligned = (reinterpret_cast<uintptr_t>(out + j) / sizeof(float)) % v::kLanes;
+      const int64_t head = std::min(end - j, misaligned ? v::kLanes - misaligned : int64_t{0});
+      if (head > 0) {
+        const v::vfloat t = labels ? v::load_partial(labels + j, head, 0.0f) : v::splat(0.0f);
+        v::store_partial(out + j, head, gradient(v::load_partial(logits + j, head, 0.0f), t));
+        j += head;
+      }
+      for (; j + v::kLanes <= end; j += v::kLanes) {
+        const v::vfloat t = labels ? v::load(labels + j) : v::splat(0.0f);
+        v::store_stream(out + j, gradient(v::load(logits + j), t));
+      }
+    }
+  }
   for (; j + v::kLanes <= end; j += v::kLanes) {
     const v::vfloat t = labels ? v::load(labels + j) : v::splat(0.0f);
     v::store(out + j, gradient(v::load(logits + j), t));
@@ -257,16 +282,18 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
 
 template <typename T>
 void write_softmax_gradient_vectorized(const T* logits, T* out, int64_t begin, int64_t end,
-                                       const SplitLse<float>& lse, const BackwardCoefficients<float>& c) {
-  write_gradient_vectorized<T>(logits, nullptr, out, begin, end, lse, c.softmax_scale, 0.0f, c.uniform);
+                                       const SplitLse<float>& lse, const BackwardCoefficients<float>& c,
+                                       bool stream) {
+  write_gradient_vectorized<T>(logits, nullptr, out, begin, end, lse, c.softmax_scale, 0.0f, c.uniform, stream);
 }
 
 // Writes dz_j = c.softmax_scale * exp(z_j - lse) - c.uniform for j in [begin, end).
 template <typename T>
 void write_softmax_gradient(const T* logits, T* out, int64_t stride, int64_t begin, int64_t end,
-                            const SplitLse<Acc<T>>& lse, const BackwardCoefficients<Acc<T>>& c) {
+                            const SplitLse<Acc<T>>& lse, const BackwardCoefficients<Acc<T>>& c,
+                            bool stream = false) {
   if constexpr (kVectorized<T>) {
-    if (stride == 1) return write_softmax_gradient_vectorized(logits, out, begin, end, lse, c);
+    if (stride == 1) return write_softmax_gradient_vectorized(logits, out, begin, end, lse, c, stream);
   }
   for (int64_t j = begin; j < end; ++j) {
     const Acc<T> p = softmax_at(load_acc(logits[j * stride]), lse);
@@ -439,6 +466,7 @@ void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin
   if constexpr (kVectorized<T>) {
     if (uses_row_groups(layout)) row_begin = sparse_backward_groups(args, row_begin, row_end);
   }
+  const bool stream = use_streaming_stores<T>(layout);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t offset = layout.row_offset(r);
     const T* logits = args.logits + offset;
@@ -465,10 +493,11 @@ void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin
                                             lse, A(1), grad_lse, classes, args.options);
     // The target column is written apart so the two long loops stay branch-free.
     const A p_label = softmax_at(load_acc(logits[y * stride]), split);
-    write_softmax_gradient(logits, out, stride, 0, y, split, c);
-    write_softmax_gradient(logits, out, stride, y + 1, classes, split, c);
+    write_softmax_gradient(logits, out, stride, 0, y, split, c, stream);
+    write_softmax_gradient(logits, out, stride, y + 1, classes, split, c, stream);
     out[y * stride] = store_as<T>(c.softmax_scale * p_label - c.uniform - c.target_scale);
   }
+  if (stream) v::stream_fence();
 }
 
 template <typename T>
@@ -490,6 +519,7 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
   using A = Acc<T>;
   const Layout& layout = args.layout;
   const int64_t stride = layout.inner;
+  const bool stream = use_streaming_stores<T>(layout);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t offset = layout.row_offset(r);
     const Row<T> labels = row_of(args.labels, layout, r);
@@ -504,7 +534,7 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
     if constexpr (kVectorized<T>) {
       if (stride == 1) {
         write_gradient_vectorized<T>(logits, labels.data, out, 0, layout.classes, split, c.softmax_scale,
-                                     c.target_scale, c.uniform);
+                                     c.target_scale, c.uniform, stream);
         continue;
       }
     }
@@ -513,6 +543,7 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
       out[j * stride] = store_as<T>(c.softmax_scale * p - c.target_scale * labels[j] - c.uniform);
     }
   }
+  if (stream) v::stream_fence();
 }
 
 #define FX_INSTANTIATE_SPARSE(T, Label)                                                          \
