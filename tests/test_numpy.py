@@ -167,3 +167,26 @@ def test_many_rows_few_classes_with_edge_values(classes, options):
     ignored = labels == options.get("ignore_index", -1)
     assert np.isnan(loss[3]) != ignored[3]
     assert np.isfinite(loss[[0, 1, 2, 4, 6, 7]]).all()
+
+
+@pytest.mark.parametrize("classes", [1, 3, 32, 40])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.2, "z_loss": 0.01}])
+def test_dense_many_rows_few_classes_with_edge_values(classes, options):
+    rng = np.random.default_rng(10)
+    logits = rng.normal(size=(35, classes)).astype(np.float32) * 4
+    labels = rng.random(size=(35, classes)).astype(np.float32)
+    labels /= labels.sum(-1, keepdims=True)
+    logits[2] = np.nan
+    if classes > 1:
+        logits[4, 0], labels[4, 0] = -np.inf, 0.0  # a 0 label against -inf adds nothing
+    logits[6] = 1e4
+    grad_loss = rng.normal(size=35).astype(np.float32)
+    loss, grad = fxnp.softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss, **options)
+    expected = {k: float(np.float32(v)) for k, v in options.items()}
+    ref_loss, ref_grad, _ = reference.dense(labels.astype(np.float64), logits.astype(np.float64),
+                                            grad_loss=grad_loss, **expected)
+    assert_close(loss, ref_loss, "float32", scale=2)
+    assert_close(grad, ref_grad, "float32", scale=2)
+    assert np.isnan(loss[2]) and np.isnan(grad[2]).all()
+    if classes > 1 and not options:
+        assert np.isfinite(loss[4]) and np.isfinite(grad[4]).all()

@@ -440,6 +440,77 @@ int64_t sparse_backward_groups(const SparseBackwardArgs<T, Label>& args, int64_t
   return r;
 }
 
+template <typename T>
+void finish_dense_row(const DenseForwardArgs<T>& args, int64_t r, const RowSums<Acc<T>>& sums, Acc<T> log_sum) {
+  const double lse = lse_of(sums.max, log_sum);
+  args.lse[r] = lse;
+  args.loss[r] = store_as<T>(dense_row_loss<Acc<T>>(sums, log_sum, lse, args.options));
+}
+
+v::vfloat column_sum(const Columns& c, int64_t classes) {
+  v::vfloat sum = v::splat(0.0f);
+  for (int64_t j = 0; j < classes; ++j) sum += c.column[j];
+  return sum;
+}
+
+template <typename T>
+int64_t dense_forward_groups(const DenseForwardArgs<T>& args, int64_t row_begin, int64_t row_end) {
+  const int64_t classes = args.layout.classes;
+  const bool want_mean = args.options.label_smoothing > 0;
+  Columns z, t;
+  int64_t r = row_begin;
+  for (; r + v::kLanes <= row_end; r += v::kLanes) {
+    load_columns(args.logits + r * classes, classes, &z);
+    load_columns(args.labels + r * classes, classes, &t);
+    const GroupSums s = group_sums(z, classes, want_mean);
+    v::vfloat label_gap = v::splat(0.0f);
+    for (int64_t j = 0; j < classes; ++j)
+      label_gap += v::select(t.column[j] != 0.0f, t.column[j] * (s.max - z.column[j]), v::splat(0.0f));
+    const v::vfloat label_sum = column_sum(t, classes);
+    const v::vfloat log_sum = v::log_positive(s.sum_exp);
+    for (int i = 0; i < v::kLanes; ++i) {
+      RowSums<float> sums;
+      sums.max = s.max[i];
+      sums.sum_exp = s.sum_exp[i];
+      sums.gap = s.gap[i];
+      sums.label_sum = label_sum[i];
+      sums.label_gap = label_gap[i];
+      finish_dense_row(args, r + i, sums, log_sum[i]);
+    }
+  }
+  return r;
+}
+
+template <typename T>
+int64_t dense_backward_groups(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t row_end) {
+  const int64_t classes = args.layout.classes;
+  Columns z, t;
+  int64_t r = row_begin;
+  for (; r + v::kLanes <= row_end; r += v::kLanes) {
+    load_columns(args.logits + r * classes, classes, &z);
+    load_columns(args.labels + r * classes, classes, &t);
+    const v::vfloat label_sum = column_sum(t, classes);
+    v::vfloat hi, lo, a, b, u;
+    for (int i = 0; i < v::kLanes; ++i) {
+      const double lse = args.lse[r + i];
+      const SplitLse<float> split = split_lse<float>(lse);
+      const double grad_lse = args.grad_lse ? args.grad_lse[r + i] : 0.0;
+      const auto c = backward_coefficients<float>(load_acc(args.grad_loss[r + i]), 1.0f, lse,
+                                                  dense_target_sum(label_sum[i], args.options), grad_lse, classes,
+                                                  args.options);
+      hi[i] = split.hi;
+      lo[i] = split.lo;
+      a[i] = c.softmax_scale;
+      b[i] = c.target_scale;
+      u[i] = c.uniform;
+    }
+    for (int64_t j = 0; j < classes; ++j)
+      z.column[j] = a * v::exp_nonpositive((z.column[j] - hi) - lo) - b * t.column[j] - u;
+    store_columns(z, classes, args.grad_logits + r * classes);
+  }
+  return r;
+}
+
 }  // namespace
 
 template <typename T, typename Label>
@@ -504,13 +575,14 @@ template <typename T>
 void dense_forward(const DenseForwardArgs<T>& args, int64_t row_begin, int64_t row_end) {
   using A = Acc<T>;
   const bool want_mean = args.options.label_smoothing > 0;
+  if constexpr (kVectorized<T>) {
+    if (uses_row_groups(args.layout)) row_begin = dense_forward_groups(args, row_begin, row_end);
+  }
   for (int64_t r = row_begin; r < row_end; ++r) {
     const Row<T> logits = row_of(args.logits, args.layout, r);
     const Row<T> labels = row_of(args.labels, args.layout, r);
     const RowSums<A> sums = scan_row(logits, want_mean, &labels);
-    const double lse = lse_of(sums.max, log_sum(sums));
-    args.lse[r] = lse;
-    args.loss[r] = store_as<T>(dense_row_loss<A>(sums, lse, args.options));
+    finish_dense_row(args, r, sums, log_sum(sums));
   }
 }
 
@@ -520,6 +592,9 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
   const Layout& layout = args.layout;
   const int64_t stride = layout.inner;
   const bool stream = use_streaming_stores<T>(layout);
+  if constexpr (kVectorized<T>) {
+    if (uses_row_groups(layout)) row_begin = dense_backward_groups(args, row_begin, row_end);
+  }
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t offset = layout.row_offset(r);
     const Row<T> labels = row_of(args.labels, layout, r);

@@ -160,9 +160,9 @@ FX_HOST_DEVICE A dense_target_sum(A label_sum, const Options& options) {
 }
 
 template <typename A>
-FX_HOST_DEVICE A dense_row_loss(const RowSums<A>& sums, double lse, const Options& options) {
+FX_HOST_DEVICE A dense_row_loss(const RowSums<A>& sums, A log_sum, double lse, const Options& options) {
   const A target_sum = dense_target_sum(sums.label_sum, options);
-  return cross_entropy(log_sum(sums), target_sum, sums.label_gap, sums.gap, options) + z_loss_term<A>(lse, options);
+  return cross_entropy(log_sum, target_sum, sums.label_gap, sums.gap, options) + z_loss_term<A>(lse, options);
 }
 
 // The backward of a row is dz_j = softmax_scale * p_j - target_scale * t_j - uniform,

@@ -1,0 +1,123 @@
+// Sparse-label softmax cross-entropy on CUDA: forward (loss, lse) and backward.
+#include "cuda/row_kernels.cuh"
+
+namespace fused_xent {
+namespace cuda {
+namespace {
+
+// Loss and lse of row r from its sums, as the CPU's finish_sparse_row.
+template <typename T, typename Label>
+__device__ void finish_row(const SparseForwardArgs<T, Label>& args, int64_t r, const RowSums<Acc<T>>& sums) {
+  using A = Acc<T>;
+  const A log_sum_exp = log_sum(sums);
+  const double lse = lse_of(sums.max, log_sum_exp);
+  args.lse[r] = lse;
+  const LabelKind kind = classify_label(args.labels[r], args.layout.classes, args.options);
+  A loss = 0;
+  if (kind == LabelKind::kValid) {
+    const int64_t y = static_cast<int64_t>(args.labels[r]);
+    const A z_label = to_acc(args.logits[row_offset(args.layout, r) + y * args.layout.inner]);
+    loss = sparse_row_loss<A>(sums, log_sum_exp, lse, z_label, A(label_weight(y, args.options)), args.options);
+  } else if (kind == LabelKind::kOutOfRange) {
+    loss = quiet_nan<A>();
+  }
+  args.loss[r] = from_acc<T>(loss);
+}
+
+// One block row-group per (rows, chunk); with one chunk per row the group's
+// first thread finishes the row, else it leaves the chunk's sums in `partial`.
+template <typename T, typename Label>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const SparseForwardArgs<T, Label> args, const Plan plan, RowSums<Acc<T>>* partial) {
+  using A = Acc<T>;
+  const Slot s = slot_of(plan, args.layout);
+  const bool mean = args.options.label_smoothing > 0;
+  SumsVisitor<A, false> visit{RowSums<A>(), mean, A(1) / static_cast<A>(args.layout.classes)};
+  if (s.active) {
+    const RowPointers<T> row{args.logits + row_offset(args.layout, s.row), nullptr, nullptr, args.layout.inner};
+    walk_slice<false, false>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, visit);
+  }
+  const RowSums<A> sums = reduce_row_sums(visit.sums, plan.group, mean, false);
+  if (!s.active || s.lane != 0) return;
+  if (plan.splits == 1)
+    finish_row(args, s.row, sums);
+  else
+    partial[s.row * plan.splits + blockIdx.y] = sums;
+}
+
+// Merges each row's chunk sums in chunk order, then finishes the row.
+template <typename T, typename Label>
+__global__ void __launch_bounds__(kThreads)
+    merge_kernel(const SparseForwardArgs<T, Label> args, const Plan plan, const RowSums<Acc<T>>* partial) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (r >= rows_of(args.layout)) return;
+  RowSums<Acc<T>> sums;
+  for (int c = 0; c < plan.splits; ++c) merge_sums(sums, partial[r * plan.splits + c]);
+  finish_row(args, r, sums);
+}
+
+template <typename T, typename Label>
+__global__ void __launch_bounds__(kThreads) backward_kernel(const SparseBackwardArgs<T, Label> args, const Plan plan) {
+  using A = Acc<T>;
+  const Slot s = slot_of(plan, args.layout);
+  if (!s.active) return;
+  const int64_t offset = row_offset(args.layout, s.row);
+  const RowPointers<T> row{args.logits + offset, nullptr, args.grad_logits + offset, args.layout.inner};
+  const int64_t classes = args.layout.classes;
+  const LabelKind kind = classify_label(args.labels[s.row], classes, args.options);
+  const double grad_lse = args.grad_lse ? args.grad_lse[s.row] : 0.0;
+  if (kind == LabelKind::kOutOfRange || (kind == LabelKind::kIgnored && grad_lse == 0)) {
+    FillVisitor<A> fill{kind == LabelKind::kOutOfRange ? quiet_nan<A>() : A(0)};
+    walk_slice<false, true>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, fill);
+    return;
+  }
+  // An ignored row keeps only the lse gradient: weight 0.
+  const bool valid = kind == LabelKind::kValid;
+  const int64_t y = valid ? static_cast<int64_t>(args.labels[s.row]) : -1;
+  const A grad = valid ? to_acc(args.grad_loss[s.row]) : A(0);
+  const A weight = valid ? A(label_weight(y, args.options)) : A(0);
+  const double lse = args.lse[s.row];
+  GradientVisitor<A, false> visit{
+      backward_coefficients<A>(grad, weight, lse, A(1), grad_lse, classes, args.options), split_lse<A>(lse), y};
+  walk_slice<false, true>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, visit);
+}
+
+}  // namespace
+
+template <typename T, typename Label>
+const char* sparse_forward(const SparseForwardArgs<T, Label>& args, void* workspace, cudaStream_t stream) {
+  const int64_t rows = args.layout.rows();
+  if (rows == 0) return nullptr;
+  const void* buffers[] = {args.logits};
+  const Plan plan = make_plan(args.layout, sizeof(T), buffers, 1);
+  if (const char* error = check_grid(plan)) return error;
+  auto* partial = static_cast<RowSums<Acc<T>>*>(workspace);
+  if (plan.splits > 1 && !partial) return "fused_xent CUDA: the forward needs a workspace for this shape";
+  forward_kernel<<<grid_of(plan), kThreads, 0, stream>>>(args, plan, partial);
+  if (plan.splits > 1)
+    merge_kernel<<<static_cast<unsigned>(ceil_div(rows, kThreads)), kThreads, 0, stream>>>(args, plan, partial);
+  return launch_status();
+}
+
+template <typename T, typename Label>
+const char* sparse_backward(const SparseBackwardArgs<T, Label>& args, cudaStream_t stream) {
+  if (args.layout.rows() == 0) return nullptr;
+  const void* buffers[] = {args.logits, args.grad_logits};
+  const Plan plan = make_plan(args.layout, sizeof(T), buffers, 2);
+  if (const char* error = check_grid(plan)) return error;
+  backward_kernel<<<grid_of(plan), kThreads, 0, stream>>>(args, plan);
+  return launch_status();
+}
+
+#define FX_INSTANTIATE(T, Label)                                                                             \
+  template const char* sparse_forward<T, Label>(const SparseForwardArgs<T, Label>&, void*, cudaStream_t); \
+  template const char* sparse_backward<T, Label>(const SparseBackwardArgs<T, Label>&, cudaStream_t);
+#define FX_INSTANTIATE_LABELS(T) FX_INSTANTIATE(T, int32_t) FX_INSTANTIATE(T, int64_t)
+
+FX_INSTANTIATE_LABELS(float)
+FX_INSTANTIATE_LABELS(double)
+FX_INSTANTIATE_LABELS(float16_t)
+FX_INSTANTIATE_LABELS(bfloat16_t)
+
+}  // namespace cuda
+}  // namespace fused_xent
