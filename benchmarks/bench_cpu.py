@@ -7,7 +7,9 @@ speedups and the fraction of the bandwidth floor reached:
 (the forward reads the logits, the backward reads them again and writes the
 gradient), with the copy bandwidth measured in the same run on all cores.
 Also measures the peak memory of a training step whose logits are an
-intermediate, and of a loss-only call, each in a fresh subprocess.
+intermediate, and of a loss-only call, each in a fresh subprocess: the rise of
+the process's peak RSS (VmHWM, reset after one warm-up step) above its RSS
+with the inputs in place.
 
     python benchmarks/bench_cpu.py [--quick] [--reps 15] [--markdown docs/benchmarks.md] [--chart docs/benchmarks_cpu.png]
 """
@@ -163,37 +165,44 @@ def time_numpy(shape, reps):
 
 # --- memory ----------------------------------------------------------------------------
 MEMORY_SCRIPT = r"""
-import json, os, resource, sys
+import json, os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 import numpy as np
 import tensorflow as tf
 import fused_xent
 which, mode, n, c, h = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 fn = fused_xent.sparse_softmax_cross_entropy_with_logits if which == "fused" else tf.nn.sparse_softmax_cross_entropy_with_logits
-rng = np.random.default_rng(0)
-hidden = tf.constant(rng.normal(size=(n, h)).astype(np.float32))
-w = tf.Variable(rng.normal(size=(h, c)).astype(np.float32) * 0.05)
-labels = tf.constant(rng.integers(0, c, size=n))
-logits_input = tf.constant(rng.normal(size=(n, c)).astype(np.float32))
+labels = tf.random.stateless_uniform([n], [0, 1], maxval=c, dtype=tf.int64)
 
-@tf.function
-def train_step():
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(fn(labels, hidden @ w))
-    return tape.gradient(loss, w)
+if mode == "train":
+    hidden = tf.random.stateless_normal([n, h], [0, 2])
+    w = tf.Variable(tf.random.stateless_normal([h, c], [0, 3]) * 0.05)
 
-@tf.function
-def loss_only():
-    return tf.reduce_mean(fn(labels, logits_input))
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(fn(labels, hidden @ w))
+        return tape.gradient(loss, w)
+else:
+    logits = tf.random.stateless_normal([n, c], [0, 4])
 
-step = train_step if mode == "train" else loss_only
-step.get_concrete_function()  # trace before measuring
-def peak():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-before = peak()
+    @tf.function
+    def step():
+        return tf.reduce_mean(fn(labels, logits))
+
+def status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+
+step()  # trace and run once, so one-time allocations are done
+before = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak (VmHWM) to the current RSS
 for _ in range(3):
     step()
-print(json.dumps({"above_inputs": peak() - before}))
+print(json.dumps({"above_inputs": status("VmHWM:") - before}))
 """
 
 
