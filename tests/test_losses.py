@@ -208,6 +208,14 @@ def test_segmentation_maps_with_void_class(label_shape, reduction):
     )
 
 
+def test_call_gives_the_per_element_losses():
+    y_pred, labels = tf.constant(_logits((6, 4, CLASSES))), tf.constant(_labels((6, 4)))
+    for name, y_true in [("SparseCategoricalCrossentropy", labels), ("CategoricalCrossentropy", tf.one_hot(labels, 5))]:
+        value = getattr(fused_losses, name)(from_logits=True).call(y_true, y_pred)
+        expected = getattr(keras.losses, name)(from_logits=True).call(y_true, y_pred)
+        np.testing.assert_allclose(value, expected, rtol=RTOL)
+
+
 def test_integer_labels_of_any_type_and_float_labels():
     y_pred, labels = _logits((8, CLASSES)), _labels(8)
     expected = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels, y_pred)
@@ -245,9 +253,8 @@ def test_sparse_label_smoothing_equals_keras_categorical(from_logits, reduction)
     # Keras normalises (and clips) categorical probabilities but not sparse ones: equal without saturation.
     y_pred = _logits(shape) if from_logits else _probabilities(shape, saturated_row=False)
     labels = _labels(10)
-    value, grad = _value_and_gradient(
-        fused_losses.SparseCategoricalCrossentropy(from_logits, label_smoothing=0.15, reduction=reduction), labels, y_pred
-    )
+    ours = fused_losses.SparseCategoricalCrossentropy(from_logits, label_smoothing=0.15, reduction=reduction)
+    value, grad = _value_and_gradient(ours, labels, y_pred)
     expected, expected_grad = _value_and_gradient(
         keras.losses.CategoricalCrossentropy(from_logits, label_smoothing=0.15, reduction=reduction),
         np.eye(CLASSES, dtype=np.float32)[labels],
@@ -310,6 +317,15 @@ def test_dtype_argument_sets_the_result_dtype(dtype, loss_class):
     rtol = {"bfloat16": 8e-3, "float16": 1e-3, "float64": 1e-6}[value.dtype.name]
     np.testing.assert_allclose(float(value), float(exact), rtol=rtol)  # ours: float32 math, then rounded
     np.testing.assert_allclose(float(value), float(keras_value), rtol=2 * rtol)
+
+
+def test_labels_stay_integers_whatever_the_dtype():
+    """Keras converts labels to the loss dtype first: in bfloat16, label 257 becomes 256."""
+    logits, labels = _logits((4, 300)), np.array([257, 259, 261, 299])
+    loss = fused_losses.SparseCategoricalCrossentropy(from_logits=True, dtype="bfloat16", reduction=None)
+    value = loss(labels, logits)
+    exact = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)(labels, logits)
+    np.testing.assert_allclose(tf.cast(value, tf.float32), exact, rtol=8e-3)
 
 
 # ---------------------------------------------------------------- configuration and errors

@@ -124,7 +124,8 @@ def test_mixed_precision_values_and_gradients_match_keras(policy, loss_class):
         y = np.eye(CLASSES, dtype=np.float32)[y]
     logits = tf.cast(_model()(x) * 4.0, HALF[policy])
     results = []
-    for loss in [getattr(fused_losses, loss_class)(from_logits=True), getattr(keras.losses, loss_class)(from_logits=True)]:
+    for module in [fused_losses, keras.losses]:
+        loss = getattr(module, loss_class)(from_logits=True)
         with tf.GradientTape() as tape:
             tape.watch(logits)
             value = loss(y, logits)
@@ -148,3 +149,17 @@ def test_mixed_precision_fit_matches_keras(policy):
     assert np.all(np.isfinite(ours[0])) and ours[0][-1] < ours[0][0]
     np.testing.assert_allclose(ours[0], theirs[0], rtol=2 * TOLERANCE[policy])
     np.testing.assert_allclose(ours[2], theirs[2], rtol=2 * TOLERANCE[policy], atol=2e-2)
+
+
+def test_mixed_precision_softmax_output_keeps_its_logits(policy):
+    """Keras casts a half softmax output to float32 and so loses its logits (and clips
+    saturated probabilities); ours reads the half logits, as Keras does in float32."""
+    x, y = _data()
+    keras.utils.set_random_seed(0)
+    outputs = keras.layers.Dense(CLASSES, activation="softmax")(x * 8.0)
+    assert outputs.dtype == HALF[policy]
+    value = fused_losses.SparseCategoricalCrossentropy(reduction=None)(y, outputs)
+    exact = tf.nn.sparse_softmax_cross_entropy_with_logits(y, tf.cast(outputs._keras_logits, tf.float32))
+    np.testing.assert_allclose(value, exact, rtol=TOLERANCE[policy], atol=1e-3)
+    clipped = keras.losses.SparseCategoricalCrossentropy(reduction=None)(y, outputs)
+    assert float(tf.reduce_max(clipped)) < float(tf.reduce_max(exact)) - 1.0  # the difference this test is about

@@ -29,9 +29,6 @@ from fused_xent._ops import softmax_cross_entropy_with_logits, sparse_softmax_cr
 
 __all__ = ["CategoricalCrossentropy", "SparseCategoricalCrossentropy"]
 
-_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
-
-
 # ---------------------------------------------------------------- arguments
 
 
@@ -85,7 +82,7 @@ def _checked_class_weights(class_weights):
     except (TypeError, ValueError) as error:
         raise ValueError(f"`class_weights` must be a vector of numbers: {error}") from None
     if weights.ndim != 1 or weights.size == 0:
-        raise ValueError(f"`class_weights` must be a non-empty vector (one weight per class), got shape {weights.shape}")
+        raise ValueError(f"`class_weights` must be a non-empty vector (a weight per class), got shape {weights.shape}")
     if not np.all(np.isfinite(weights)):
         raise ValueError("`class_weights` must be finite")
     return [float(w) for w in weights]
@@ -151,10 +148,8 @@ def _clipped_probabilities(y_pred, axis, normalize):
 def _sparse_labels(y_true, logits, axis):
     """Integer labels shaped like `logits` without `axis` (a size-1 class axis is dropped)."""
     labels = tf.convert_to_tensor(y_true)
-    if not labels.dtype.is_integer:
+    if labels.dtype not in (tf.int32, tf.int64):
         labels = tf.cast(labels, tf.int64)  # float labels truncate, as in Keras
-    elif labels.dtype not in (tf.int32, tf.int64):
-        labels = tf.cast(labels, tf.int64)
     rank = logits.shape.rank
     if labels.shape.rank == rank and labels.shape[axis] == 1:
         labels = tf.squeeze(labels, axis)
@@ -260,6 +255,16 @@ def _reduce(values, sample_weight, mask, reduction, dtype):
     return _per_replica(tf.math.divide_no_nan(total, divisor))
 
 
+def _combined_weight(sample_weight, weight, dtype):
+    """sample_weight times a per-element weight (shaped like the losses)."""
+    weight = tf.cast(weight, dtype)
+    if sample_weight is None:
+        return weight
+    sample_weight = tf.cast(tf.convert_to_tensor(sample_weight), dtype)
+    weight, sample_weight = _align_weights(weight, sample_weight)
+    return weight * sample_weight
+
+
 def _and_masks(first, second):
     if first is None or second is None:
         return second if first is None else first
@@ -293,7 +298,7 @@ class _FusedCrossentropy(_LossBase):
         with keras.name_scope(self.name):
             losses, loss_mask, extra_weight = self._losses(y_true, y_pred)
             if extra_weight is not None:
-                sample_weight = _times_weight(sample_weight, extra_weight, self.dtype)
+                sample_weight = _combined_weight(sample_weight, extra_weight, self.dtype)
             mask = _and_masks(input_mask, loss_mask)
             return _reduce(losses, sample_weight, mask, self.reduction, self.dtype)
 
@@ -307,10 +312,11 @@ class _FusedCrossentropy(_LossBase):
         """Returns (per-element losses, mask or None, per-element weight or None)."""
         raise NotImplementedError
 
-    def _prepared_scores(self, y_pred):
+    def _scores(self, y_pred):
+        """(logits or probabilities, is_logits) of the same shape as y_pred."""
         y_pred = _prediction_tensor(y_pred, self.dtype)
         _check_rank(y_pred, self.axis)
-        return y_pred, _scores(y_pred, self.from_logits, self.name)
+        return _scores(y_pred, self.from_logits, self.name)
 
     def get_config(self):
         config = super().get_config()
@@ -322,15 +328,6 @@ class _FusedCrossentropy(_LossBase):
             dtype=self._dtype_argument,
         )
         return config
-
-
-def _times_weight(sample_weight, weight, dtype):
-    weight = tf.cast(weight, dtype)
-    if sample_weight is None:
-        return weight
-    sample_weight = tf.cast(tf.convert_to_tensor(sample_weight), dtype)
-    weight, sample_weight = _align_weights(weight, sample_weight)
-    return weight * sample_weight
 
 
 @_registered
@@ -375,8 +372,8 @@ class CategoricalCrossentropy(_FusedCrossentropy):
         )
 
     def _losses(self, y_true, y_pred):
-        y_pred, (scores, is_logits) = self._prepared_scores(y_pred)
-        labels = _dense_labels(y_true, y_pred)
+        scores, is_logits = self._scores(y_pred)
+        labels = _dense_labels(y_true, scores)
         options = dict(axis=self.axis, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
         if is_logits:
             return softmax_cross_entropy_with_logits(labels, scores, **options), None, None
@@ -443,7 +440,7 @@ class SparseCategoricalCrossentropy(_FusedCrossentropy):
         self.class_weights = _checked_class_weights(class_weights)
 
     def _losses(self, y_true, y_pred):
-        y_pred, (scores, is_logits) = self._prepared_scores(y_pred)
+        scores, is_logits = self._scores(y_pred)
         labels = _sparse_labels(y_true, scores, self.axis)
         if not is_logits:
             scores = tf.math.log(_clipped_probabilities(scores, self.axis, normalize=False))
