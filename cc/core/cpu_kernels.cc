@@ -106,21 +106,7 @@ int64_t find_invalid_label(const Label* labels, int64_t count, int64_t classes, 
   return -1;
 }
 
-#define FX_INSTANTIATE_SPARSE(T, Label)                                                          \
-  template void sparse_forward<T, Label>(const SparseForwardArgs<T, Label>&, int64_t, int64_t); \
-  template void sparse_backward<T, Label>(const SparseBackwardArgs<T, Label>&, int64_t, int64_t);
-#define FX_INSTANTIATE_DENSE(T)                                                   \
-  template void dense_forward<T>(const DenseForwardArgs<T>&, int64_t, int64_t); \
-  template void dense_backward<T>(const DenseBackwardArgs<T>&, int64_t, int64_t);
-#define FX_INSTANTIATE_ALL_LABELS(T) \
-  FX_INSTANTIATE_SPARSE(T, int32_t)  \
-  FX_INSTANTIATE_SPARSE(T, int64_t)  \
-  FX_INSTANTIATE_DENSE(T)
-
-FX_INSTANTIATE_ALL_LABELS(float)
-FX_INSTANTIATE_ALL_LABELS(double)
-FX_INSTANTIATE_ALL_LABELS(float16_t)
-FX_INSTANTIATE_ALL_LABELS(bfloat16_t)
+FX_INSTANTIATE_KERNELS
 
 template int64_t find_invalid_label<int32_t>(const int32_t*, int64_t, int64_t, const Options&);
 template int64_t find_invalid_label<int64_t>(const int64_t*, int64_t, int64_t, const Options&);

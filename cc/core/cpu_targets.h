@@ -31,6 +31,21 @@ FX_DECLARE_TARGET_KERNELS(avx512)
 
 #undef FX_DECLARE_TARGET_KERNELS
 
+// Explicit instantiations of the four kernels of a namespace, for every
+// logits type and label type.
+#define FX_INSTANTIATE_KERNELS_FOR(T)                                                                \
+  template void sparse_forward<T, int32_t>(const SparseForwardArgs<T, int32_t>&, int64_t, int64_t);   \
+  template void sparse_forward<T, int64_t>(const SparseForwardArgs<T, int64_t>&, int64_t, int64_t);   \
+  template void sparse_backward<T, int32_t>(const SparseBackwardArgs<T, int32_t>&, int64_t, int64_t); \
+  template void sparse_backward<T, int64_t>(const SparseBackwardArgs<T, int64_t>&, int64_t, int64_t); \
+  template void dense_forward<T>(const DenseForwardArgs<T>&, int64_t, int64_t);                       \
+  template void dense_backward<T>(const DenseBackwardArgs<T>&, int64_t, int64_t);
+#define FX_INSTANTIATE_KERNELS           \
+  FX_INSTANTIATE_KERNELS_FOR(float)      \
+  FX_INSTANTIATE_KERNELS_FOR(double)     \
+  FX_INSTANTIATE_KERNELS_FOR(float16_t)  \
+  FX_INSTANTIATE_KERNELS_FOR(bfloat16_t)
+
 enum class Target { kBaseline, kAvx2, kAvx512 };
 
 // The target used on this machine: the best one the CPU supports, unless the

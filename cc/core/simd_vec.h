@@ -128,41 +128,15 @@ FX_ALWAYS_INLINE void store_partial(T* p, int64_t n, vfloat v) {
 }
 
 // --- math ------------------------------------------------------------------------
-// exp(x) to about 2 ulp for x <= 88.3 (all the kernels need: their arguments are
-// <= 0 up to rounding); 0 below -87.5, +inf above 88.72, NaN for NaN.
-FX_ALWAYS_INLINE vfloat exp(vfloat x) {
-  const vfloat clamped = select(x > 88.3f, splat(88.3f), select(x < -87.5f, splat(-87.5f), x));
+// exp(x) for x in [-88, 88.3], before any handling of the range's ends:
+// x = n ln2 + r with |r| <= ln(2)/2 (Cody-Waite, ln 2 in two parts), then
+// exp(r) by its Taylor series to r^7 (remainder below 6e-9 relative), times 2^n.
+// At x = -88, n = -127 sets the exponent field to 0: the result flushes to 0.
+FX_ALWAYS_INLINE vfloat exp_in_range(vfloat x) {
   const float round_shift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const vfloat shifted = clamped * 1.44269504088896341f + round_shift;
+  const vfloat shifted = x * 1.44269504088896341f + round_shift;
   const vfloat n = shifted - round_shift;
-  vfloat r = clamped - n * 0.693359375f;  // Cody-Waite: ln 2 in two parts
-  r = r + n * 2.12194440e-4f;
-  // Taylor series to r^7: the remainder is below 6e-9 relative for |r| <= ln(2)/2.
-  vfloat p = splat(1.0f / 5040);
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const vint exponent = (reinterpret_cast<vint>(shifted) - 0x4b400000) + 127;
-  const vfloat scale = reinterpret_cast<vfloat>(exponent << 23);
-  vfloat result = p * scale;
-  result = select(x < -87.5f, splat(0.0f), result);
-  result = select(x > 88.72f, splat(__builtin_inff()), result);
-  return select(x != x, x, result);
-}
-
-// exp(x) for the kernels' arguments, which are <= 0 up to rounding (z - max,
-// z - lse): no upper clamp; below -88 the scale's exponent field reaches 0 and
-// the result flushes to 0; NaN propagates through the arithmetic.
-FX_ALWAYS_INLINE vfloat exp_nonpositive(vfloat x) {
-  const vfloat clamped = select(x < -88.0f, splat(-88.0f), x);
-  const float round_shift = 12582912.0f;
-  const vfloat shifted = clamped * 1.44269504088896341f + round_shift;
-  const vfloat n = shifted - round_shift;
-  vfloat r = clamped - n * 0.693359375f;
+  vfloat r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   vfloat p = splat(1.0f / 5040);
   p = p * r + 1.0f / 720;
@@ -175,6 +149,18 @@ FX_ALWAYS_INLINE vfloat exp_nonpositive(vfloat x) {
   const vint exponent = (reinterpret_cast<vint>(shifted) - 0x4b400000) + 127;
   return p * reinterpret_cast<vfloat>(exponent << 23);
 }
+
+// exp(x) to about 2 ulp: 0 below -88, +inf above 88.72, NaN for NaN.
+FX_ALWAYS_INLINE vfloat exp(vfloat x) {
+  const vfloat clamped = select(x > 88.3f, splat(88.3f), select(x < -88.0f, splat(-88.0f), x));
+  vfloat result = exp_in_range(clamped);
+  result = select(x > 88.72f, splat(__builtin_inff()), result);
+  return select(x != x, x, result);
+}
+
+// exp(x) for the kernels' arguments, which are <= 0 up to rounding (z - max,
+// z - lse): no upper clamp, and NaN propagates through the arithmetic.
+FX_ALWAYS_INLINE vfloat exp_nonpositive(vfloat x) { return exp_in_range(select(x < -88.0f, splat(-88.0f), x)); }
 
 // log(x) for positive normal x (the kernels take it of a sum of exponentials,
 // which is >= 1): x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(u),
