@@ -275,6 +275,14 @@ def format_row(row):
 def markdown(result):
     mib = 1 << 20
     lines = [
+        "# Benchmarks",
+        "",
+        "Written by `benchmarks/bench_cpu.py` (the command below reproduces it). Times are medians of",
+        "interleaved runs in one process on the same inputs; ratios compare columns of the same run.",
+        "The chart is [benchmarks_cpu.png](benchmarks_cpu.png).",
+        "",
+        "## CPU",
+        "",
         f"Machine: {result['machine']}; TensorFlow {result['tensorflow']}; kernels: {result['simd']}.",
         f"Copy bandwidth (read + write, all cores): {result['bandwidth'] / 1e9:.1f} GB/s.",
         f"Command: `{result['command']}`",
