@@ -7,11 +7,13 @@ namespace {
 
 template <typename T>
 __device__ void finish_row(const DenseForwardArgs<T>& args, int64_t r, const RowSums<Acc<T>>& sums) {
-  const double lse = lse_of(sums.max, log_sum(sums));
+  const Acc<T> log_sum_exp = log_sum(sums);
+  const double lse = lse_of(sums.max, log_sum_exp);
   args.lse[r] = lse;
-  args.loss[r] = from_acc<T>(dense_row_loss<Acc<T>>(sums, lse, args.options));
+  args.loss[r] = from_acc<T>(dense_row_loss<Acc<T>>(sums, log_sum_exp, lse, args.options));
 }
 
+// Dense kernels hold logits and labels in registers: no occupancy bound, or they spill.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const DenseForwardArgs<T> args, const Plan plan, RowSums<Acc<T>>* partial) {

@@ -18,13 +18,27 @@ namespace fused_xent {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;       // per block, every kernel
+// Tuning knobs (defines, for experiments): the defaults measured best on an H200.
+#ifndef FX_CUDA_UNROLL
+#define FX_CUDA_UNROLL 4
+#endif
+#ifndef FX_CUDA_MIN_BLOCKS
+#define FX_CUDA_MIN_BLOCKS 3
+#endif
+#ifndef FX_CUDA_PACKS_PER_THREAD
+#define FX_CUDA_PACKS_PER_THREAD 32
+#endif
+
+constexpr int kThreads = 256;  // per block, every kernel
 constexpr int kWarp = 32;
-constexpr int kUnroll = 4;          // packs (or strided elements) loaded together per thread
-constexpr int kPacksPerThread = 8;  // target work per thread when choosing threads per row
+constexpr int kUnroll = FX_CUDA_UNROLL;                    // packs (or strided elements) loaded together
+constexpr int kMinBlocks = FX_CUDA_MIN_BLOCKS;             // per SM: more loads in flight
+constexpr int kPacksPerThread = FX_CUDA_PACKS_PER_THREAD;  // sets how many threads share a row
 constexpr int64_t kFillBlocks = 1024;  // below this many blocks, long rows are split across blocks
 
 template <typename T> constexpr int kPack = 16 / static_cast<int>(sizeof(T));  // elements per 128-bit load
+// Double rows need the registers more than the occupancy.
+template <typename T> constexpr int kMinBlocksOf = sizeof(T) == 8 ? 1 : kMinBlocks;
 
 // --- Conversions: hardware instructions, round to nearest even ------------------------
 __device__ __forceinline__ float to_acc(float v) { return v; }
@@ -42,10 +56,16 @@ template <> __device__ __forceinline__ bfloat16_t from_acc<bfloat16_t>(float v) 
   return bfloat16_t{__bfloat16_as_ushort(__float2bfloat16_rn(v))};
 }
 
-// exp for the per-element work. Float uses the hardware exp2 (a few ulp; the
-// arguments are <= 0 or near it, where the relative error stays ~1e-7), which
-// keeps bf16 rows memory-bound; double stays exact.
-__device__ __forceinline__ float element_exp(float x) { return __expf(x); }
+// exp for the per-element work. Float uses the hardware exp2, flushing results
+// below 2^-126 to 0 (a few ulp; the arguments are <= 0 or near it), which keeps
+// 16-bit rows memory-bound; double stays exact.
+constexpr float kLog2e = 1.4426950408889634f;
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float element_exp(float x) { return exp2_ftz(x * kLog2e); }
 __device__ __forceinline__ double element_exp(double x) { return exp(x); }
 
 // --- 128-bit packs ----------------------------------------------------------------------
@@ -55,12 +75,39 @@ union Pack {
   T v[kPack<T>];
 };
 
+// Not __ldg: the gradient may overwrite the logits.
 template <typename T>
 __device__ __forceinline__ void load_pack(const T* p, Acc<T>* out) {
   Pack<T> pack;
-  pack.raw = __ldg(reinterpret_cast<const uint4*>(p));
+  pack.raw = *reinterpret_cast<const uint4*>(p);
 #pragma unroll
   for (int e = 0; e < kPack<T>; ++e) out[e] = to_acc(pack.v[e]);
+}
+
+// Two bfloat16 per 32-bit word: one shift or mask each.
+template <>
+__device__ __forceinline__ void load_pack<bfloat16_t>(const bfloat16_t* p, float* out) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    out[2 * w] = __uint_as_float(words[w] << 16);
+    out[2 * w + 1] = __uint_as_float(words[w] & 0xffff0000u);
+  }
+}
+
+template <>
+__device__ __forceinline__ void load_pack<float16_t>(const float16_t* p, float* out) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    __half2 pair;
+    memcpy(&pair, &words[w], sizeof pair);
+    const float2 f = __half22float2(pair);
+    out[2 * w] = f.x;
+    out[2 * w + 1] = f.y;
+  }
 }
 
 template <typename T>
@@ -169,19 +216,29 @@ struct RowPointers {
   int64_t stride;
 };
 
-template <int N, int W, bool kLabels, bool kWrites, typename T, typename Visit>
-__device__ __forceinline__ void visit_packs(const RowPointers<T>& p, int64_t j0, int64_t step, Visit& visit) {
+// `count` packs (all kUnroll when kFull) at j0, j0 + step, ...: their loads
+// are issued together, so a thread waits for memory once per batch.
+template <bool kFull, bool kLabels, bool kWrites, typename T, typename Visit>
+__device__ __forceinline__ void visit_packs(const RowPointers<T>& p, int64_t j0, int64_t step, int count,
+                                            Visit& visit) {
   using A = Acc<T>;
+  constexpr int V = kPack<T>, N = kUnroll * V;
   A z[N], t[N];
 #pragma unroll
-  for (int u = 0; u < N / W; ++u) {
-    load_pack(p.z + j0 + u * step, z + u * W);
-    if (kLabels) load_pack(p.t + j0 + u * step, t + u * W);
+  for (int u = 0; u < kUnroll; ++u) {
+    if (kFull || u < count) {
+      load_pack(p.z + j0 + u * step, z + u * V);
+      if (kLabels) load_pack(p.t + j0 + u * step, t + u * V);
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; ++e) z[u * V + e] = t[u * V + e] = A(0);
+    }
   }
-  visit.template operator()<N, W>(z, t, N, j0, step);
+  visit.template operator()<N, V>(z, t, kFull ? N : count * V, j0, step);
   if (kWrites) {
 #pragma unroll
-    for (int u = 0; u < N / W; ++u) store_pack(p.out + j0 + u * step, z + u * W);
+    for (int u = 0; u < kUnroll; ++u)
+      if (kFull || u < count) store_pack(p.out + j0 + u * step, z + u * V);
   }
 }
 
@@ -221,19 +278,22 @@ __device__ void walk_slice(const RowPointers<T>& p, int64_t begin, int64_t end, 
     visit_elements<kUnroll, kLabels, kWrites>(p, j, group, end, visit);
     return;
   }
-  // Head up to the first 16-byte boundary, whole packs, then a tail: each of
-  // the head and tail is shorter than a pack, one element per lane.
+  // Head up to the first 16-byte boundary, whole packs, then a tail; the head
+  // and the tail are shorter than a pack.
   const int64_t misaligned = (reinterpret_cast<uintptr_t>(p.z + begin) % 16) / sizeof(T);
   const int64_t body = min(end, begin + (misaligned ? V - misaligned : 0));
   const int64_t packs = (end - body) / V;
   const int64_t tail = body + packs * V;
-  if (lane < body - begin) visit_elements<1, kLabels, kWrites>(p, begin + lane, 1, body, visit);
+  visit_elements<V, kLabels, kWrites>(p, begin + lane, group, body, visit);
   const int64_t step = int64_t{group} * V;
-  int64_t k = lane;
-  for (; k + (kUnroll - 1) * group < packs; k += kUnroll * group)
-    visit_packs<kUnroll * V, V, kLabels, kWrites>(p, body + k * V, step, visit);
-  for (; k < packs; k += group) visit_packs<V, V, kLabels, kWrites>(p, body + k * V, step, visit);
-  if (lane < end - tail) visit_elements<1, kLabels, kWrites>(p, tail + lane, 1, end, visit);
+  for (int64_t k = lane; k < packs; k += kUnroll * group) {
+    const int64_t count = (packs - k + group - 1) / group;  // this lane's packs from k on
+    if (count >= kUnroll)
+      visit_packs<true, kLabels, kWrites>(p, body + k * V, step, kUnroll, visit);
+    else
+      visit_packs<false, kLabels, kWrites>(p, body + k * V, step, static_cast<int>(count), visit);
+  }
+  visit_elements<V, kLabels, kWrites>(p, tail + lane, group, end, visit);
 }
 
 // --- Reductions over the `group` threads of a row ----------------------------------------
@@ -285,8 +345,34 @@ __device__ A reduce_sum(A s, int group) {
 }
 
 // --- Visitors -------------------------------------------------------------------------------
+// In-register tree reductions over a batch: short dependency chains. The
+// widths are template arguments so every index is a constant (no local memory).
+template <int Width, int N, typename A, typename Op>
+__device__ __forceinline__ void tree_step(A (&v)[N], Op op) {
+  if constexpr (Width > 0) {
+#pragma unroll
+    for (int e = 0; e < Width; ++e) v[e] = op(v[e], v[e + Width]);
+    tree_step<Width / 2>(v, op);
+  }
+}
+
+template <int N, typename A, typename Op>
+__device__ __forceinline__ A tree_reduce(A (&v)[N], Op op) {
+  static_assert((N & (N - 1)) == 0, "batches are a power of two long");
+  tree_step<N / 2>(v, op);
+  return v[0];
+}
+
+struct Add {
+  template <typename A> __device__ __forceinline__ A operator()(A a, A b) const { return a + b; }
+};
+struct Max {  // ignores NaN: a NaN still reaches the row through sum_exp
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+  __device__ __forceinline__ double operator()(double a, double b) const { return fmax(a, b); }
+};
+
 // Sums of one batch relative to its own max, as the CPU's block_sums, then
-// merged into the thread's running sums (online softmax).
+// merged into the thread's running sums (online softmax). N is a power of two.
 template <typename A, bool kLabels>
 struct SumsVisitor {
   RowSums<A> sums;
@@ -295,41 +381,41 @@ struct SumsVisitor {
 
   template <int N, int W>
   __device__ __forceinline__ void operator()(const A (&z)[N], const A (&t)[N], int n, int64_t, int64_t) {
-    RowSums<A> b;
-    A m = negative_infinity<A>();
+    const A kInf = -negative_infinity<A>();
+    A v[N];
 #pragma unroll
-    for (int e = 0; e < N; ++e)
-      if (e < n) m = nan_sticky_max(m, z[e]);
-    b.max = m;
-    const bool all_negative_infinity = m == negative_infinity<A>();
-    if (want_mean) {
-      A gap = 0;
+    for (int e = 0; e < N; ++e) v[e] = e < n ? z[e] : -kInf;
+    A m = tree_reduce(v, Max());
+    RowSums<A> b;
+    if (m == -kInf) {  // all -inf, or -inf and NaN: keep the NaN
 #pragma unroll
       for (int e = 0; e < N; ++e)
-        if (e < n) gap += m - z[e];
+        if (e < n && z[e] != z[e]) m = z[e];
+    }
+    b.max = m;
+    const bool all_negative_infinity = m == -kInf;
+    if (want_mean) {
+#pragma unroll
+      for (int e = 0; e < N; ++e) v[e] = e < n ? m - z[e] : A(0);
       b.count = static_cast<A>(n) * inv_classes;
-      b.gap = all_negative_infinity ? -negative_infinity<A>() : gap * inv_classes;
+      b.gap = all_negative_infinity ? kInf : tree_reduce(v, Add()) * inv_classes;
     }
     if (kLabels) {
-      A label_sum = 0, label_gap = 0;
+      A w[N];
 #pragma unroll
       for (int e = 0; e < N; ++e) {
-        if (e < n) {
-          label_sum += t[e];
-          // An all -inf batch has no finite max: a nonzero label's gap is +inf.
-          const A gap = all_negative_infinity ? -negative_infinity<A>() : m - z[e];
-          label_gap += t[e] != 0 ? t[e] * gap : A(0);
-        }
+        // An all -inf batch has no finite max: a nonzero label's gap is +inf.
+        const A gap = all_negative_infinity ? kInf : m - z[e];
+        v[e] = e < n ? t[e] : A(0);
+        w[e] = e < n && t[e] != 0 ? t[e] * gap : A(0);
       }
-      b.label_sum = label_sum;
-      b.label_gap = label_gap;
+      b.label_sum = tree_reduce(v, Add());
+      b.label_gap = tree_reduce(w, Add());
     }
     if (!all_negative_infinity) {
-      A sum_exp = 0;
 #pragma unroll
-      for (int e = 0; e < N; ++e)
-        if (e < n) sum_exp += element_exp(z[e] - m);
-      b.sum_exp = sum_exp;
+      for (int e = 0; e < N; ++e) v[e] = e < n ? element_exp(z[e] - m) : A(0);
+      b.sum_exp = tree_reduce(v, Add());
     }
     merge_sums(sums, b);
   }
@@ -358,24 +444,36 @@ struct FillVisitor {
 };
 
 // dz_j = a * p_j - b * [j == label] - u for sparse labels, or a * p_j - b * t_j - u
-// for dense ones, with p_j = exp((z_j - hi) - lo) as in row_math's softmax_at.
+// for dense ones, with p_j = exp((z_j - hi) - lo) as in row_math's softmax_at
+// (the low part folded into the exponent's scaling for float).
 template <typename A, bool kDense>
 struct GradientVisitor {
   BackwardCoefficients<A> c;
   SplitLse<A> lse;
   int64_t label;  // sparse: the target class, or -1
 
+  __device__ __forceinline__ A softmax(A z) const {
+    if constexpr (sizeof(A) == 4) return exp2_ftz(fmaf(z - lse.hi, kLog2e, -lse.lo * kLog2e));
+    return softmax_at(z, lse);
+  }
+
   template <int N, int W>
   __device__ __forceinline__ void operator()(A (&z)[N], const A (&t)[N], int, int64_t j0, int64_t step) {
 #pragma unroll
     for (int e = 0; e < N; ++e) {
-      const A p = element_exp((z[e] - lse.hi) - lse.lo);
-      const A g = c.softmax_scale * p - (kDense ? c.target_scale * t[e] : A(0)) - c.uniform;
-      if (kDense) {
-        z[e] = g;
-      } else {
-        const int64_t j = j0 + (e / W) * step + e % W;
-        z[e] = j == label ? g - c.target_scale : g;
+      const A p = softmax(z[e]);
+      z[e] = kDense ? c.softmax_scale * p - c.target_scale * t[e] - c.uniform : c.softmax_scale * p - c.uniform;
+    }
+    if (kDense) return;
+    // The target column, if in this batch: one test per group of W adjacent elements.
+    const int64_t target = label - j0;
+#pragma unroll
+    for (int u = 0; u < N / W; ++u) {
+      const int64_t offset = target - u * step;
+      if (offset >= 0 && offset < W) {
+#pragma unroll
+        for (int e = 0; e < W; ++e)
+          if (e == offset) z[u * W + e] -= c.target_scale;
       }
     }
   }

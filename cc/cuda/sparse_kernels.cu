@@ -5,59 +5,76 @@ namespace fused_xent {
 namespace cuda {
 namespace {
 
+// The row's label and, when valid, its logit: read before the row's sums are
+// complete so the loads overlap the reduction.
+template <typename A>
+struct LabelLogit {
+  LabelKind kind;
+  int64_t label;
+  A z_label;
+};
+
+template <typename T, typename Label>
+__device__ LabelLogit<Acc<T>> label_logit(const SparseForwardArgs<T, Label>& args, int64_t r, Label label) {
+  LabelLogit<Acc<T>> l{classify_label(label, args.layout.classes, args.options), static_cast<int64_t>(label), 0};
+  if (l.kind == LabelKind::kValid) l.z_label = to_acc(args.logits[row_offset(args.layout, r) + l.label * args.layout.inner]);
+  return l;
+}
+
 // Loss and lse of row r from its sums, as the CPU's finish_sparse_row.
 template <typename T, typename Label>
-__device__ void finish_row(const SparseForwardArgs<T, Label>& args, int64_t r, const RowSums<Acc<T>>& sums) {
+__device__ void finish_row(const SparseForwardArgs<T, Label>& args, int64_t r, const RowSums<Acc<T>>& sums,
+                           const LabelLogit<Acc<T>>& l) {
   using A = Acc<T>;
   const A log_sum_exp = log_sum(sums);
   const double lse = lse_of(sums.max, log_sum_exp);
   args.lse[r] = lse;
-  const LabelKind kind = classify_label(args.labels[r], args.layout.classes, args.options);
   A loss = 0;
-  if (kind == LabelKind::kValid) {
-    const int64_t y = static_cast<int64_t>(args.labels[r]);
-    const A z_label = to_acc(args.logits[row_offset(args.layout, r) + y * args.layout.inner]);
-    loss = sparse_row_loss<A>(sums, log_sum_exp, lse, z_label, A(label_weight(y, args.options)), args.options);
-  } else if (kind == LabelKind::kOutOfRange) {
+  if (l.kind == LabelKind::kValid)
+    loss = sparse_row_loss<A>(sums, log_sum_exp, lse, l.z_label, A(label_weight(l.label, args.options)), args.options);
+  else if (l.kind == LabelKind::kOutOfRange)
     loss = quiet_nan<A>();
-  }
   args.loss[r] = from_acc<T>(loss);
 }
 
 // One block row-group per (rows, chunk); with one chunk per row the group's
 // first thread finishes the row, else it leaves the chunk's sums in `partial`.
 template <typename T, typename Label>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     forward_kernel(const SparseForwardArgs<T, Label> args, const Plan plan, RowSums<Acc<T>>* partial) {
   using A = Acc<T>;
   const Slot s = slot_of(plan, args.layout);
   const bool mean = args.options.label_smoothing > 0;
+  const bool finishes = s.active && s.lane == 0 && plan.splits == 1;
+  const Label label = finishes ? args.labels[s.row] : Label(0);  // in flight during the walk
   SumsVisitor<A, false> visit{RowSums<A>(), mean, A(1) / static_cast<A>(args.layout.classes)};
   if (s.active) {
     const RowPointers<T> row{args.logits + row_offset(args.layout, s.row), nullptr, nullptr, args.layout.inner};
     walk_slice<false, false>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, visit);
   }
+  LabelLogit<A> l{};
+  if (finishes) l = label_logit(args, s.row, label);  // in flight during the reduction
   const RowSums<A> sums = reduce_row_sums(visit.sums, plan.group, mean, false);
   if (!s.active || s.lane != 0) return;
   if (plan.splits == 1)
-    finish_row(args, s.row, sums);
+    finish_row(args, s.row, sums, l);
   else
     partial[s.row * plan.splits + blockIdx.y] = sums;
 }
 
 // Merges each row's chunk sums in chunk order, then finishes the row.
 template <typename T, typename Label>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     merge_kernel(const SparseForwardArgs<T, Label> args, const Plan plan, const RowSums<Acc<T>>* partial) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (r >= rows_of(args.layout)) return;
   RowSums<Acc<T>> sums;
   for (int c = 0; c < plan.splits; ++c) merge_sums(sums, partial[r * plan.splits + c]);
-  finish_row(args, r, sums);
+  finish_row(args, r, sums, label_logit(args, r, args.labels[r]));
 }
 
 template <typename T, typename Label>
-__global__ void __launch_bounds__(kThreads) backward_kernel(const SparseBackwardArgs<T, Label> args, const Plan plan) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>) backward_kernel(const SparseBackwardArgs<T, Label> args, const Plan plan) {
   using A = Acc<T>;
   const Slot s = slot_of(plan, args.layout);
   if (!s.active) return;

@@ -3,6 +3,7 @@
 
 #include "tf/kernel_support.h"
 #include "core/cpu_kernels.h"
+#include "core/memory_hints.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
 
@@ -89,6 +90,7 @@ class SparseBackwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, GradLseOf(ctx->input(5), reduced, &args.grad_lse));
     Tensor* grad_logits;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, logits.shape(), &grad_logits));
+    advise_huge_pages(grad_logits->data(), grad_logits->TotalBytes());
     args.grad_logits = core_mutable_ptr<T>(grad_logits);
     ShardRows(ctx, args.layout.rows(), cpu::row_cost_cycles(args.layout.classes),
               [&args](int64_t begin, int64_t end) { cpu::sparse_backward(args, begin, end); });
@@ -152,6 +154,7 @@ class DenseBackwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, GradLseOf(ctx->input(4), reduced, &args.grad_lse));
     Tensor* grad_logits;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, logits.shape(), &grad_logits));
+    advise_huge_pages(grad_logits->data(), grad_logits->TotalBytes());
     args.grad_logits = core_mutable_ptr<T>(grad_logits);
     ShardRows(ctx, args.layout.rows(), 2 * cpu::row_cost_cycles(args.layout.classes),
               [&args](int64_t begin, int64_t end) { cpu::dense_backward(args, begin, end); });

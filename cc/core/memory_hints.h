@@ -1,0 +1,13 @@
+#pragma once
+
+#include <cstddef>
+
+namespace fused_xent {
+
+// Asks the OS to back [data, data + bytes) with transparent huge pages (Linux
+// madvise; a no-op elsewhere or for small buffers). A freshly allocated
+// gradient of 100+ MB otherwise costs tens of thousands of 4 KiB page faults,
+// which take longer than the kernel that fills it.
+void advise_huge_pages(void* data, size_t bytes);
+
+}  // namespace fused_xent

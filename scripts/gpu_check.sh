@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One prepared check for a machine with an NVIDIA GPU, PyTorch, CuPy, nvcc,
+# CMake and pybind11 (no TensorFlow, no network needed): builds the core and
+# the CUDA kernels without TensorFlow, then runs tests/test_cuda.py and
+# benchmarks/bench_cuda.py. Writes its logs and results under $OUT when set.
+# Meant to finish in under 8 minutes.
+#
+#   OUT=/tmp/gpu-results scripts/gpu_check.sh
+# Environment: PYTHON (default python3), CUDA_ARCHS (default native),
+# BUILD_DIR (default /tmp/fused-xent-gpu-build), BENCH_ARGS (default --quick).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+OUT_DIR=${OUT:-$(mktemp -d /tmp/fused-xent-gpu-check.XXXXXX)}
+BUILD=${BUILD_DIR:-/tmp/fused-xent-gpu-build}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+started=$SECONDS
+status=0
+
+log() { echo "== gpu_check [$((SECONDS - started)) s]: $*"; }
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  nvcc --version | tail -2
+  cmake --version | head -1
+  "$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, torch.version.cuda)' || true
+  "$PYTHON" -c 'import cupy; print("cupy", cupy.__version__)' || true
+} > "$OUT_DIR/environment.txt" 2>&1
+cat "$OUT_DIR/environment.txt"
+
+log "configure and build (no TensorFlow, CUDA on)"
+pybind11_dir=$("$PYTHON" -c 'import pybind11; print(pybind11.get_cmake_dir())')
+generator=()
+if command -v ninja > /dev/null; then generator=(-G Ninja); fi
+if ! { cmake -S . -B "$BUILD" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
+        -DFUSED_XENT_TENSORFLOW=OFF -DFUSED_XENT_CUDA=ON \
+        -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-native}" \
+        -DPython_EXECUTABLE="$(command -v "$PYTHON")" -Dpybind11_DIR="$pybind11_dir" &&
+      cmake --build "$BUILD" -j "$(nproc)"; } > "$OUT_DIR/build.log" 2>&1; then
+  tail -40 "$OUT_DIR/build.log"
+  log "build FAILED (full log in $OUT_DIR/build.log)"
+  exit 1
+fi
+grep -E "CUDA kernels|warning" "$OUT_DIR/build.log" | head -20
+
+# The package as it would be installed: the Python files next to the built module.
+stage="$BUILD/stage"
+rm -rf "$stage" && mkdir -p "$stage/fused_xent"
+cp python/fused_xent/*.py "$stage/fused_xent/"
+cp "$BUILD"/_core*.so "$stage/fused_xent/"
+export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
+"$PYTHON" -c 'import fused_xent; print(fused_xent.build_info()); from fused_xent import cuda; print("CUDA usable:", cuda.is_available())'
+
+log "tests/test_cuda.py"
+timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+  --junitxml="$OUT_DIR/test_cuda.xml" 2>&1 | tee "$OUT_DIR/test_cuda.log" | tail -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+log "benchmarks/bench_cuda.py"
+# shellcheck disable=SC2086
+timeout 240 "$PYTHON" benchmarks/bench_cuda.py ${BENCH_ARGS:---quick} --json "$OUT_DIR/bench_cuda.json" 2>&1 |
+  tee "$OUT_DIR/bench_cuda.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+log "done, status $status; results in $OUT_DIR"
+exit $status
