@@ -18,8 +18,8 @@ struct Layout {
   int64_t classes = 0;
   int64_t inner = 1;
 
-  int64_t rows() const { return outer * inner; }
-  int64_t row_offset(int64_t row) const {
+  FX_HOST_DEVICE int64_t rows() const { return outer * inner; }
+  FX_HOST_DEVICE int64_t row_offset(int64_t row) const {
     return (row / inner) * classes * inner + row % inner;
   }
 };

@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool mean = args.options.label_smoothing > 0;
   SumsVisitor<A, true> visit{RowSums<A>(), mean, A(1) / static_cast<A>(args.layout.classes)};
   if (s.active) {
-    const int64_t offset = row_offset(args.layout, s.row);
+    const int64_t offset = args.layout.row_offset(s.row);
     const RowPointers<T> row{args.logits + offset, args.labels + offset, nullptr, args.layout.inner};
     walk_slice<true, false>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, visit);
   }
@@ -38,7 +38,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     merge_kernel(const DenseForwardArgs<T> args, const Plan plan, const RowSums<Acc<T>>* partial) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (r >= rows_of(args.layout)) return;
+  if (r >= args.layout.rows()) return;
   RowSums<Acc<T>> sums;
   for (int c = 0; c < plan.splits; ++c) merge_sums(sums, partial[r * plan.splits + c]);
   finish_row(args, r, sums);
@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kThreads)
   const Slot s = slot_of(plan, args.layout);
   AddVisitor<Acc<T>> visit;
   if (s.active) {
-    const RowPointers<T> row{args.labels + row_offset(args.layout, s.row), nullptr, nullptr, args.layout.inner};
+    const RowPointers<T> row{args.labels + args.layout.row_offset(s.row), nullptr, nullptr, args.layout.inner};
     walk_slice<false, false>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, visit);
   }
   const Acc<T> sum = reduce_sum(visit.sum, plan.group);
@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kThreads)
       backward_coefficients<A>(to_acc(args.grad_loss[s.row]), A(1), lse, dense_target_sum(label_sum, args.options),
                                grad_lse, args.layout.classes, args.options),
       split_lse<A>(lse), -1};
-  const int64_t offset = row_offset(args.layout, s.row);
+  const int64_t offset = args.layout.row_offset(s.row);
   const RowPointers<T> row{args.logits + offset, args.labels + offset, args.grad_logits + offset, args.layout.inner};
   walk_slice<true, true>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, visit);
 }

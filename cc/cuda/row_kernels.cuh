@@ -130,12 +130,6 @@ struct Plan {
   bool vectorized = false;  // contiguous rows and every buffer at the same 16-byte phase
 };
 
-// Layout::rows and Layout::row_offset, usable on the device.
-__host__ __device__ __forceinline__ int64_t rows_of(const Layout& layout) { return layout.outer * layout.inner; }
-
-__host__ __device__ __forceinline__ int64_t row_offset(const Layout& layout, int64_t row) {
-  return (row / layout.inner) * layout.classes * layout.inner + row % layout.inner;
-}
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -196,7 +190,7 @@ __device__ __forceinline__ Slot slot_of(const Plan& plan, const Layout& layout) 
   const int rows_per_block = kThreads / plan.group;
   s.row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / plan.group;
   s.lane = threadIdx.x & (plan.group - 1);
-  s.active = s.row < rows_of(layout);
+  s.active = s.row < layout.rows();
   s.begin = static_cast<int64_t>(blockIdx.y) * plan.chunk;
   s.end = min(layout.classes, s.begin + plan.chunk);
   return s;

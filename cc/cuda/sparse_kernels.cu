@@ -17,7 +17,7 @@ struct LabelLogit {
 template <typename T, typename Label>
 __device__ LabelLogit<Acc<T>> label_logit(const SparseForwardArgs<T, Label>& args, int64_t r, Label label) {
   LabelLogit<Acc<T>> l{classify_label(label, args.layout.classes, args.options), static_cast<int64_t>(label), 0};
-  if (l.kind == LabelKind::kValid) l.z_label = to_acc(args.logits[row_offset(args.layout, r) + l.label * args.layout.inner]);
+  if (l.kind == LabelKind::kValid) l.z_label = to_acc(args.logits[args.layout.row_offset(r) + l.label * args.layout.inner]);
   return l;
 }
 
@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
   const Label label = finishes ? args.labels[s.row] : Label(0);  // in flight during the walk
   SumsVisitor<A, false> visit{RowSums<A>(), mean, A(1) / static_cast<A>(args.layout.classes)};
   if (s.active) {
-    const RowPointers<T> row{args.logits + row_offset(args.layout, s.row), nullptr, nullptr, args.layout.inner};
+    const RowPointers<T> row{args.logits + args.layout.row_offset(s.row), nullptr, nullptr, args.layout.inner};
     walk_slice<false, false>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, visit);
   }
   LabelLogit<A> l{};
@@ -67,7 +67,7 @@ template <typename T, typename Label>
 __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     merge_kernel(const SparseForwardArgs<T, Label> args, const Plan plan, const RowSums<Acc<T>>* partial) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (r >= rows_of(args.layout)) return;
+  if (r >= args.layout.rows()) return;
   RowSums<Acc<T>> sums;
   for (int c = 0; c < plan.splits; ++c) merge_sums(sums, partial[r * plan.splits + c]);
   finish_row(args, r, sums, label_logit(args, r, args.labels[r]));
@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>) backward_kernel(con
   using A = Acc<T>;
   const Slot s = slot_of(plan, args.layout);
   if (!s.active) return;
-  const int64_t offset = row_offset(args.layout, s.row);
+  const int64_t offset = args.layout.row_offset(s.row);
   const RowPointers<T> row{args.logits + offset, nullptr, args.grad_logits + offset, args.layout.inner};
   const int64_t classes = args.layout.classes;
   const LabelKind kind = classify_label(args.labels[s.row], classes, args.options);
