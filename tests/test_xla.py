@@ -1,0 +1,361 @@
+"""The XLA lowerings: jit_compile=True gives what the CPU kernels give (loss,
+gradient, gradient of the gradient) and what the float64 reference gives, for
+every dtype, option and axis; bad labels give NaN rows; the compiled HLO holds
+the lowering itself; Keras trains the same with and without jit_compile."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import assert_close, tf_or_skip
+import reference
+
+tf = tf_or_skip()
+import fused_xent  # noqa: E402
+from fused_xent._loader import load_op_library  # noqa: E402
+
+
+def _build_has_xla():
+    """False for a build made with FUSED_XENT_XLA=OFF, whose stub names itself."""
+    try:
+        probe = lambda z: fused_xent.sparse_softmax_cross_entropy_with_logits([0], z)  # noqa: E731
+        tf.function(probe, jit_compile=True)(tf.zeros([1, 2]))
+        return True
+    except tf.errors.UnimplementedError as error:
+        if "built without XLA support" in str(error):
+            return False
+        raise
+
+
+HAS_XLA = _build_has_xla()
+
+
+@pytest.fixture(autouse=True)
+def _skip_without_xla(request):
+    if not HAS_XLA and request.node.originalname != "test_build_without_xla_says_so":
+        pytest.skip("fused_xent was built with FUSED_XENT_XLA=OFF")
+
+
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
+C = 5
+WEIGHTS = [0.5, 2.0, 1.0, 3.0, 0.25]
+
+SPARSE_OPTIONS = [
+    {},
+    {"label_smoothing": 0.25},
+    {"z_loss": 0.0625},
+    {"ignore_index": 1},
+    {"class_weights": WEIGHTS},
+    {"label_smoothing": 0.125, "z_loss": 0.03125, "ignore_index": -100, "class_weights": WEIGHTS},
+]
+DENSE_OPTIONS = [{}, {"label_smoothing": 0.375}, {"z_loss": 0.0625}, {"label_smoothing": 0.125, "z_loss": 0.03125}]
+
+
+def _ids(case):
+    return ",".join(case) or "defaults"
+
+
+def _jit_and_plain(fn, *args):
+    """fn's results compiled by XLA and run by the CPU kernels, as NumPy arrays."""
+    jit = tf.function(fn, jit_compile=True)(*args)
+    plain = tf.function(fn, jit_compile=False)(*args)
+    to_numpy = lambda results: [np.asarray(tf.cast(r, tf.float64)) for r in results]  # noqa: E731
+    return to_numpy(jit), to_numpy(plain)
+
+
+def _logits(shape, dtype, seed=0):
+    values = np.random.default_rng(seed).normal(size=shape) * 3.0
+    return tf.constant(values, dtype)  # rounded to dtype: the reference reads the same values
+
+
+def _labels(shape, dtype, seed=1, ignore_index=None):
+    values = np.random.default_rng(seed).integers(0, C, size=shape)
+    if ignore_index is not None:
+        values.flat[::3] = ignore_index  # may lie outside [0, C): such rows are ignored, not bad
+    return tf.constant(values, dtype)
+
+
+def _sparse_loss_and_grad(labels, grad_loss, axis, options):
+    def fn(z):
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            loss = fused_xent.sparse_softmax_cross_entropy_with_logits(labels, z, axis=axis, **options)
+            total = tf.reduce_sum(loss * tf.cast(grad_loss, loss.dtype))
+        return loss, tape.gradient(total, z)
+
+    return fn
+
+
+# --- First order: every dtype, label dtype, option and axis ------------------------------
+
+
+def _grid(options, other_axis):
+    """Every dtype x option on the last axis; the first and last options on another axis."""
+    cases = [(d, o, -1) for o in options for d in DTYPES]
+    cases += [(d, o, other_axis) for o in (options[0], options[-1]) for d in DTYPES]
+    return pytest.mark.parametrize("dtype,options,axis", cases, ids=[f"{d}-{_ids(o)}-axis{a}" for d, o, a in cases])
+
+
+@_grid(SPARSE_OPTIONS, 1)
+def test_sparse_matches_cpu_kernel_and_reference(dtype, options, axis):
+    label_dtype = tf.int32 if (len(options) + (axis == 1)) % 2 else tf.int64  # both, across the grid
+    shape = (4, C, 3) if axis == 1 else (6, 7, C)
+    row_shape = shape[:axis] + shape[axis + 1 :] if axis >= 0 else shape[:-1]
+    z = _logits(shape, dtype)
+    labels = _labels(row_shape, label_dtype, ignore_index=options.get("ignore_index"))
+    grad_loss = tf.constant(np.random.default_rng(2).normal(size=row_shape), dtype)
+
+    (loss, grad), (plain_loss, plain_grad) = _jit_and_plain(_sparse_loss_and_grad(labels, grad_loss, axis, options), z)
+
+    assert_close(loss, plain_loss, dtype, scale=2)
+    assert_close(grad, plain_grad, dtype, scale=2)
+    ref_loss, ref_grad = reference.sparse(
+        labels.numpy(), tf.cast(z, tf.float64).numpy(), axis=axis, grad_loss=tf.cast(grad_loss, tf.float64).numpy(),
+        **options)
+    assert_close(loss, ref_loss, dtype, scale=4)
+    assert_close(grad, ref_grad, dtype, scale=4)
+
+
+@_grid(DENSE_OPTIONS, 0)
+def test_dense_matches_cpu_kernel_and_reference(dtype, options, axis):
+    shape = (C, 4, 3) if axis == 0 else (6, C)
+    z = _logits(shape, dtype)
+    t = tf.nn.softmax(_logits(shape, tf.float64, seed=3), axis=axis)
+    t = tf.cast(tf.where(t < 0.05, tf.zeros_like(t), t), dtype)  # zeros too
+    grad_loss = _logits([d for i, d in enumerate(shape) if i != axis % len(shape)], dtype, seed=4)
+
+    def fn(z, t):
+        with tf.GradientTape() as tape:
+            tape.watch([z, t])
+            loss = fused_xent.softmax_cross_entropy_with_logits(t, z, axis=axis, **options)
+            total = tf.reduce_sum(loss * grad_loss)
+        return (loss, *tape.gradient(total, [z, t]))
+
+    jit, plain = _jit_and_plain(fn, z, t)
+    for actual, expected in zip(jit, plain):
+        assert_close(actual, expected, dtype, scale=2)
+    ref = reference.dense(tf.cast(t, tf.float64).numpy(), tf.cast(z, tf.float64).numpy(), axis=axis,
+                          grad_loss=tf.cast(grad_loss, tf.float64).numpy(), **options)
+    for actual, expected in zip(jit, ref):
+        assert_close(actual, expected, dtype, scale=4)
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+def test_raw_ops_lse_and_lse_gradient_match(sparse, dtype):
+    """lse (float64) and the Grad op's grad_lse input, used by second-order paths."""
+    lib = load_op_library()
+    z = _logits((6, C), dtype)
+    g = _logits((6,), dtype, seed=5)
+    g_lse = tf.constant(np.random.default_rng(6).normal(size=6))
+    g_lse = tf.tensor_scatter_nd_update(g_lse, [[0]], [0.0])  # an ignored row with and without one
+    labels = tf.constant([2, 2, 0, 4, 1, 2], tf.int64)
+    if sparse:
+        attrs = dict(label_smoothing=0.1, z_loss=0.05, has_ignore_index=True, ignore_index=2)
+        weights = tf.constant(WEIGHTS, tf.float32)
+
+        def fn(z):
+            loss, lse = lib.fused_xent_sparse_softmax_cross_entropy(z, labels, weights, **attrs)
+            grad = lib.fused_xent_sparse_softmax_cross_entropy_grad(z, labels, weights, lse, g, g_lse, **attrs)
+            return loss, lse, grad
+    else:
+        t = tf.cast(tf.one_hot(labels, C) * 0.7 + 0.06, dtype)
+        attrs = dict(label_smoothing=0.1, z_loss=0.05)
+
+        def fn(z):
+            loss, lse = lib.fused_xent_softmax_cross_entropy(z, t, **attrs)
+            grad = lib.fused_xent_softmax_cross_entropy_grad(z, t, lse, g, g_lse, **attrs)
+            return loss, lse, grad
+
+    (loss, lse, grad), (plain_loss, plain_lse, plain_grad) = _jit_and_plain(fn, z)
+    assert_close(loss, plain_loss, dtype, scale=2)
+    assert_close(lse, plain_lse, "float32" if dtype != "float64" else "float64")  # f32 accumulation
+    assert_close(grad, plain_grad, dtype, scale=2)
+    assert_close(lse, reference._lse(tf.cast(z, tf.float64).numpy()), "float32")
+
+
+def test_masked_logits_match():
+    """-inf logits (masking) away from the label, and a 0 dense label against -inf."""
+    z = np.random.default_rng(7).normal(size=(4, C)).astype(np.float32)
+    z[:, 3] = -np.inf
+    z[1, :2] = -np.inf
+    labels = tf.constant([0, 2, 4, 1])
+    t = tf.one_hot(labels, C)
+
+    def fn(z):
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            a = fused_xent.sparse_softmax_cross_entropy_with_logits(labels, z, z_loss=0.01)
+            b = fused_xent.softmax_cross_entropy_with_logits(t, z)
+            total = a + b
+        return a, b, tape.gradient(total, z)
+
+    jit, plain = _jit_and_plain(fn, tf.constant(z))
+    for actual, expected in zip(jit, plain):
+        assert_close(actual, expected, "float32", scale=2)
+    assert np.isfinite(jit[0]).all() and np.isfinite(jit[1]).all()
+
+
+@pytest.mark.parametrize("shape", [(0, C), (C,), (2, 0, C)], ids=str)
+def test_empty_batch_and_single_row(shape):
+    labels = tf.constant(np.zeros(shape[:-1], np.int32) + 2)
+    z = _logits(shape, "float32")
+    fn = _sparse_loss_and_grad(labels, tf.ones(shape[:-1]), -1, {"class_weights": WEIGHTS, "ignore_index": 2**40})
+    jit, plain = _jit_and_plain(fn, z)
+    for actual, expected in zip(jit, plain):
+        assert_close(actual, expected, "float32")
+
+
+# --- Second order: Hessian-vector products --------------------------------------------
+
+
+def _hvp(loss_fn):
+    """v -> H v of sum(loss(z)^2): the squared loss makes grad_loss depend on z."""
+
+    def fn(z, v):
+        with tf.GradientTape() as outer:
+            outer.watch(z)
+            with tf.GradientTape() as inner:
+                inner.watch(z)
+                total = tf.reduce_sum(loss_fn(z) ** 2)
+            directional = tf.reduce_sum(inner.gradient(total, z) * v)
+        return total, outer.gradient(directional, z)
+
+    return fn
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("options", [SPARSE_OPTIONS[0], SPARSE_OPTIONS[-1]], ids=_ids)
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_sparse_hessian_vector_product(dtype, options, axis):
+    shape = (C, 6) if axis == 0 else (6, C)
+    labels = tf.constant([0, 3, -100 if "ignore_index" in options else 3, 4, 1, 2])
+    z, v = _logits(shape, dtype), _logits(shape, dtype, seed=8)
+    loss = lambda x: fused_xent.sparse_softmax_cross_entropy_with_logits(labels, x, axis=axis, **options)  # noqa: E731
+    jit, plain = _jit_and_plain(_hvp(loss), z, v)
+    for actual, expected in zip(jit, plain):
+        assert_close(actual, expected, dtype, scale=10)
+    assert np.abs(jit[1]).max() > 1e-3  # not trivially zero
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dense_hessian_vector_product_and_label_gradient(dtype):
+    z, v = _logits((6, C), dtype), _logits((6, C), dtype, seed=9)
+    t = tf.cast(tf.nn.softmax(_logits((6, C), tf.float64, seed=10)), dtype)
+
+    def fn(z, t, v):
+        with tf.GradientTape(persistent=True) as outer:
+            outer.watch([z, t])
+            with tf.GradientTape() as inner:
+                inner.watch(z)
+                loss = fused_xent.softmax_cross_entropy_with_logits(t, z, label_smoothing=0.1, z_loss=0.05)
+                total = tf.reduce_sum(loss**2)
+            directional = tf.reduce_sum(inner.gradient(total, z) * v)
+        return outer.gradient(directional, [z, t])
+
+    jit, plain = _jit_and_plain(fn, z, t, v)
+    for actual, expected in zip(jit, plain):
+        assert_close(actual, expected, dtype, scale=10)
+
+
+# --- Bad labels: NaN rows under XLA ------------------------------------------------------
+
+
+@pytest.mark.parametrize("label_dtype", [tf.int32, tf.int64])
+def test_out_of_range_labels_give_nan_rows_only(label_dtype):
+    z = _logits((5, C), "float32")
+    labels = tf.constant([0, C, 2, -1, -7], label_dtype)  # -7 is ignore_index: not bad
+    fn = _sparse_loss_and_grad(labels, tf.ones([5]), -1, {"ignore_index": -7, "label_smoothing": 0.1})
+    loss, grad = (np.asarray(r) for r in tf.function(fn, jit_compile=True)(z))
+    bad = np.array([False, True, False, True, False])
+    assert np.isnan(loss[bad]).all() and np.isnan(grad[bad]).all()
+    good_labels = np.where(bad, 0, labels.numpy())
+    ref_loss, ref_grad = reference.sparse(good_labels, z.numpy(), ignore_index=-7, label_smoothing=0.1)
+    assert_close(loss[~bad], ref_loss[~bad], "float32")
+    assert_close(grad[~bad], ref_grad[~bad], "float32")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outside the valid range"):
+        tf.function(fn, jit_compile=False)(z)  # the CPU kernel still raises
+
+
+# --- The lowering is what runs --------------------------------------------------------------
+
+
+def test_compiled_hlo_holds_the_lowering():
+    z = _logits((8, C), "float32")
+    labels = tf.constant(np.arange(8) % C)
+    fn = tf.function(_sparse_loss_and_grad(labels, tf.ones([8]), -1, {"label_smoothing": 0.1}), jit_compile=True)
+    hlo = fn.experimental_get_compiler_ir(z)(stage="hlo")
+    body = "\n".join(line.split(", metadata=")[0] for line in hlo.splitlines())  # op names live in metadata
+    assert "custom-call" not in body and "outfeed" not in body and "send(" not in body
+    assert body.count(" reduce(") >= 3  # row max, sum of exp, label logit, mean gap
+    assert " exponential(" in body and " log(" in body and " iota(" in body
+
+
+def test_lowering_registered_when_loaded_after_eager_start():
+    """The library is loaded after TensorFlow has run (and compiled) something."""
+    code = textwrap.dedent(
+        """
+        import tensorflow as tf
+        tf.function(lambda x: x * 2, jit_compile=True)(tf.ones([2]))  # XLA and eager context up
+        import fused_xent
+        f = tf.function(lambda z: fused_xent.sparse_softmax_cross_entropy_with_logits([1, 0], z), jit_compile=True)
+        print("LOSS", f(tf.zeros([2, 4])).numpy().tolist())
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = eval(result.stdout.split("LOSS", 1)[1])
+    np.testing.assert_allclose(values, [np.log(4.0)] * 2, rtol=1e-6)
+
+
+@pytest.mark.skipif(HAS_XLA, reason="this build has the XLA lowerings")
+def test_build_without_xla_says_so():
+    fn = lambda z: fused_xent.softmax_cross_entropy_with_logits(tf.ones([2, 3]) / 3, z)  # noqa: E731
+    with pytest.raises(tf.errors.UnimplementedError, match="built without XLA support.*FUSED_XENT_XLA"):
+        tf.function(fn, jit_compile=True)(tf.zeros([2, 3]))
+
+
+# --- Keras -----------------------------------------------------------------------------------
+
+
+def _fused_sparse_loss(y_true, y_pred):
+    labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)  # Keras hands labels over as floats
+    return fused_xent.sparse_softmax_cross_entropy_with_logits(labels, y_pred, label_smoothing=0.1)
+
+
+def _train(jit_compile, x, y, init):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(C)])
+    model.set_weights(init)
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=_fused_sparse_loss, jit_compile=jit_compile)
+    history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    return history.history["loss"], model.get_weights(), model
+
+
+def test_keras_fit_with_jit_compile_matches_without():
+    import keras
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(48, 6)).astype(np.float32)
+    y = rng.integers(0, C, size=48)
+    keras.utils.set_random_seed(0)
+    init = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16), keras.layers.Dense(C)]).get_weights()
+
+    jit_losses, jit_weights, jit_model = _train(True, x, y, init)
+    plain_losses, plain_weights, _ = _train(False, x, y, init)
+    assert jit_model.jit_compile
+    np.testing.assert_allclose(jit_losses, plain_losses, rtol=1e-5)
+    assert jit_losses[1] < jit_losses[0]
+    for a, b, start in zip(jit_weights, plain_weights, init):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert not np.allclose(a, start)  # it trained
+
+    # The compiled step runs the lowering: a bad label is a NaN loss there, not an error.
+    bad = y[:16].copy()
+    bad[3] = C + 2
+    assert np.isnan(jit_model.fit(x[:16], bad, batch_size=16, verbose=0).history["loss"][0])
