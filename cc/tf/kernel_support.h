@@ -102,6 +102,85 @@ inline absl::Status GradLseOf(const tensorflow::Tensor& grad_lse, const tensorfl
   return absl::OkStatus();
 }
 
+// --- Argument builders shared by the CPU and GPU kernels: shape checks, outputs,
+// pointers. Sparse label values are checked by the CPU kernels only (on the
+// GPU that would need a device-to-host copy).
+
+inline absl::Status SparseShapes(tensorflow::OpKernelContext* ctx, int64_t axis, Options* options, Layout* layout,
+                                 tensorflow::TensorShape* reduced) {
+  TF_RETURN_IF_ERROR(LayoutOf(ctx->input(0).shape(), axis, layout, reduced));
+  TF_RETURN_IF_ERROR(CheckSameShape(ctx->input(1), *reduced, "labels", "logits without the class axis"));
+  return ClassWeightsOf(ctx->input(2), layout->classes, options);
+}
+
+// Allocates the (loss, lse) outputs and points the args at inputs and outputs.
+template <typename T, typename Args>
+absl::Status FillForwardOutputs(tensorflow::OpKernelContext* ctx, const tensorflow::TensorShape& reduced,
+                                Args* args) {
+  tensorflow::Tensor *loss, *lse;
+  TF_RETURN_IF_ERROR(ctx->allocate_output(0, reduced, &loss));
+  TF_RETURN_IF_ERROR(ctx->allocate_output(1, reduced, &lse));
+  args->logits = core_ptr<T>(ctx->input(0));
+  args->loss = core_mutable_ptr<T>(loss);
+  args->lse = lse->flat<double>().data();
+  return absl::OkStatus();
+}
+
+template <typename T, typename Label>
+absl::Status PrepareSparseForward(tensorflow::OpKernelContext* ctx, int64_t axis,
+                                  SparseForwardArgs<CoreType<T>, Label>* args) {
+  tensorflow::TensorShape reduced;
+  TF_RETURN_IF_ERROR(SparseShapes(ctx, axis, &args->options, &args->layout, &reduced));
+  args->labels = ctx->input(1).flat<Label>().data();
+  return FillForwardOutputs<T>(ctx, reduced, args);
+}
+
+template <typename T>
+absl::Status PrepareDenseForward(tensorflow::OpKernelContext* ctx, int64_t axis, DenseForwardArgs<CoreType<T>>* args) {
+  tensorflow::TensorShape reduced;
+  TF_RETURN_IF_ERROR(LayoutOf(ctx->input(0).shape(), axis, &args->layout, &reduced));
+  TF_RETURN_IF_ERROR(CheckSameShape(ctx->input(1), ctx->input(0).shape(), "labels", "logits"));
+  args->labels = core_ptr<T>(ctx->input(1));
+  return FillForwardOutputs<T>(ctx, reduced, args);
+}
+
+// Backward inputs from `first` on are lse, grad_loss, grad_lse. The gradient
+// overwrites the logits buffer when TensorFlow lets it (the logits are not
+// needed elsewhere), so a training step needs no new N x C buffer.
+template <typename T, typename Args>
+absl::Status FillBackward(tensorflow::OpKernelContext* ctx, const tensorflow::TensorShape& reduced, int first,
+                          Args* args) {
+  TF_RETURN_IF_ERROR(CheckSameShape(ctx->input(first), reduced, "lse", "logits without the class axis"));
+  TF_RETURN_IF_ERROR(CheckSameShape(ctx->input(first + 1), reduced, "grad_loss", "logits without the class axis"));
+  TF_RETURN_IF_ERROR(GradLseOf(ctx->input(first + 2), reduced, &args->grad_lse));
+  args->logits = core_ptr<T>(ctx->input(0));
+  args->lse = ctx->input(first).flat<double>().data();
+  args->grad_loss = core_ptr<T>(ctx->input(first + 1));
+  tensorflow::Tensor* grad_logits;
+  TF_RETURN_IF_ERROR(ctx->forward_input_or_allocate_output({0}, 0, ctx->input(0).shape(), &grad_logits));
+  args->grad_logits = core_mutable_ptr<T>(grad_logits);
+  return absl::OkStatus();
+}
+
+template <typename T, typename Label>
+absl::Status PrepareSparseBackward(tensorflow::OpKernelContext* ctx, int64_t axis,
+                                   SparseBackwardArgs<CoreType<T>, Label>* args) {
+  tensorflow::TensorShape reduced;
+  TF_RETURN_IF_ERROR(SparseShapes(ctx, axis, &args->options, &args->layout, &reduced));
+  args->labels = ctx->input(1).flat<Label>().data();
+  return FillBackward<T>(ctx, reduced, 3, args);
+}
+
+template <typename T>
+absl::Status PrepareDenseBackward(tensorflow::OpKernelContext* ctx, int64_t axis,
+                                  DenseBackwardArgs<CoreType<T>>* args) {
+  tensorflow::TensorShape reduced;
+  TF_RETURN_IF_ERROR(LayoutOf(ctx->input(0).shape(), axis, &args->layout, &reduced));
+  TF_RETURN_IF_ERROR(CheckSameShape(ctx->input(1), ctx->input(0).shape(), "labels", "logits"));
+  args->labels = core_ptr<T>(ctx->input(1));
+  return FillBackward<T>(ctx, reduced, 2, args);
+}
+
 // Runs fn(begin, end) over [0, rows) on TensorFlow's intra-op pool.
 template <typename Fn>
 void ShardRows(tensorflow::OpKernelContext* ctx, int64_t rows, int64_t cost_per_row, const Fn& fn) {

@@ -28,15 +28,8 @@ absl::Status CheckLabels(const Tensor& labels, int64_t classes, const Options& o
   return absl::InvalidArgumentError(message);
 }
 
-// Validation shared by the sparse forward and backward kernels.
-template <typename Label>
-absl::Status PrepareSparse(OpKernelContext* ctx, int64_t axis, Options* options, Layout* layout,
-                           TensorShape* reduced) {
-  TF_RETURN_IF_ERROR(LayoutOf(ctx->input(0).shape(), axis, layout, reduced));
-  TF_RETURN_IF_ERROR(CheckSameShape(ctx->input(1), *reduced, "labels", "logits without the class axis"));
-  TF_RETURN_IF_ERROR(ClassWeightsOf(ctx->input(2), layout->classes, options));
-  return CheckLabels<Label>(ctx->input(1), layout->classes, *options);
-}
+// A fresh gradient buffer is faulted in 2 MiB pages rather than 4 KiB ones.
+void AdviseHugePages(Tensor* t) { advise_huge_pages(t->data(), t->TotalBytes()); }
 
 template <typename T, typename Label>
 class SparseForwardOp : public OpKernel {
@@ -48,15 +41,8 @@ class SparseForwardOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     SparseForwardArgs<CoreType<T>, Label> args;
     args.options = options_;
-    TensorShape reduced;
-    OP_REQUIRES_OK(ctx, PrepareSparse<Label>(ctx, axis_, &args.options, &args.layout, &reduced));
-    Tensor *loss, *lse;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, reduced, &loss));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, reduced, &lse));
-    args.logits = core_ptr<T>(ctx->input(0));
-    args.labels = ctx->input(1).flat<Label>().data();
-    args.loss = core_mutable_ptr<T>(loss);
-    args.lse = lse->flat<double>().data();
+    OP_REQUIRES_OK(ctx, (PrepareSparseForward<T, Label>(ctx, axis_, &args)));
+    OP_REQUIRES_OK(ctx, CheckLabels<Label>(ctx->input(1), args.layout.classes, args.options));
     ShardRows(ctx, args.layout.rows(), cpu::row_cost_cycles(args.layout.classes),
               [&args](int64_t begin, int64_t end) { cpu::sparse_forward(args, begin, end); });
   }
@@ -66,8 +52,6 @@ class SparseForwardOp : public OpKernel {
   int64_t axis_;
 };
 
-// The gradient overwrites the logits buffer when TensorFlow lets it (the
-// logits are not needed elsewhere), so a training step needs no new N x C buffer.
 template <typename T, typename Label>
 class SparseBackwardOp : public OpKernel {
  public:
@@ -78,20 +62,9 @@ class SparseBackwardOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     SparseBackwardArgs<CoreType<T>, Label> args;
     args.options = options_;
-    TensorShape reduced;
-    OP_REQUIRES_OK(ctx, PrepareSparse<Label>(ctx, axis_, &args.options, &args.layout, &reduced));
-    OP_REQUIRES_OK(ctx, CheckSameShape(ctx->input(3), reduced, "lse", "labels"));
-    OP_REQUIRES_OK(ctx, CheckSameShape(ctx->input(4), reduced, "grad_loss", "labels"));
-    const Tensor& logits = ctx->input(0);
-    args.logits = core_ptr<T>(logits);
-    args.labels = ctx->input(1).flat<Label>().data();
-    args.lse = ctx->input(3).flat<double>().data();
-    args.grad_loss = core_ptr<T>(ctx->input(4));
-    OP_REQUIRES_OK(ctx, GradLseOf(ctx->input(5), reduced, &args.grad_lse));
-    Tensor* grad_logits;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, logits.shape(), &grad_logits));
-    advise_huge_pages(grad_logits->data(), grad_logits->TotalBytes());
-    args.grad_logits = core_mutable_ptr<T>(grad_logits);
+    OP_REQUIRES_OK(ctx, (PrepareSparseBackward<T, Label>(ctx, axis_, &args)));
+    OP_REQUIRES_OK(ctx, CheckLabels<Label>(ctx->input(1), args.layout.classes, args.options));
+    AdviseHugePages(ctx->mutable_output(0));
     ShardRows(ctx, args.layout.rows(), cpu::row_cost_cycles(args.layout.classes),
               [&args](int64_t begin, int64_t end) { cpu::sparse_backward(args, begin, end); });
   }
@@ -111,17 +84,7 @@ class DenseForwardOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     DenseForwardArgs<CoreType<T>> args;
     args.options = options_;
-    TensorShape reduced;
-    const Tensor& logits = ctx->input(0);
-    OP_REQUIRES_OK(ctx, LayoutOf(logits.shape(), axis_, &args.layout, &reduced));
-    OP_REQUIRES_OK(ctx, CheckSameShape(ctx->input(1), logits.shape(), "labels", "logits"));
-    Tensor *loss, *lse;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, reduced, &loss));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, reduced, &lse));
-    args.logits = core_ptr<T>(logits);
-    args.labels = core_ptr<T>(ctx->input(1));
-    args.loss = core_mutable_ptr<T>(loss);
-    args.lse = lse->flat<double>().data();
+    OP_REQUIRES_OK(ctx, PrepareDenseForward<T>(ctx, axis_, &args));
     ShardRows(ctx, args.layout.rows(), 2 * cpu::row_cost_cycles(args.layout.classes),
               [&args](int64_t begin, int64_t end) { cpu::dense_forward(args, begin, end); });
   }
@@ -141,21 +104,8 @@ class DenseBackwardOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     DenseBackwardArgs<CoreType<T>> args;
     args.options = options_;
-    TensorShape reduced;
-    const Tensor& logits = ctx->input(0);
-    OP_REQUIRES_OK(ctx, LayoutOf(logits.shape(), axis_, &args.layout, &reduced));
-    OP_REQUIRES_OK(ctx, CheckSameShape(ctx->input(1), logits.shape(), "labels", "logits"));
-    OP_REQUIRES_OK(ctx, CheckSameShape(ctx->input(2), reduced, "lse", "logits without the class axis"));
-    OP_REQUIRES_OK(ctx, CheckSameShape(ctx->input(3), reduced, "grad_loss", "logits without the class axis"));
-    args.logits = core_ptr<T>(logits);
-    args.labels = core_ptr<T>(ctx->input(1));
-    args.lse = ctx->input(2).flat<double>().data();
-    args.grad_loss = core_ptr<T>(ctx->input(3));
-    OP_REQUIRES_OK(ctx, GradLseOf(ctx->input(4), reduced, &args.grad_lse));
-    Tensor* grad_logits;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, logits.shape(), &grad_logits));
-    advise_huge_pages(grad_logits->data(), grad_logits->TotalBytes());
-    args.grad_logits = core_mutable_ptr<T>(grad_logits);
+    OP_REQUIRES_OK(ctx, PrepareDenseBackward<T>(ctx, axis_, &args));
+    AdviseHugePages(ctx->mutable_output(0));
     ShardRows(ctx, args.layout.rows(), 2 * cpu::row_cost_cycles(args.layout.classes),
               [&args](int64_t begin, int64_t end) { cpu::dense_backward(args, begin, end); });
   }

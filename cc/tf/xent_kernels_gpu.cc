@@ -47,13 +47,6 @@ absl::Status WorkspaceOf(OpKernelContext* ctx, size_t bytes, Tensor* scratch, vo
   return absl::OkStatus();
 }
 
-// The sparse kernels' shape checks (labels stay on the device).
-absl::Status PrepareSparse(OpKernelContext* ctx, int64_t axis, Options* options, Layout* layout, TensorShape* reduced) {
-  TF_RETURN_IF_ERROR(LayoutOf(ctx->input(0).shape(), axis, layout, reduced));
-  TF_RETURN_IF_ERROR(CheckSameShape(ctx->input(1), *reduced, "labels", "logits without the class axis"));
-  return ClassWeightsOf(ctx->input(2), layout->classes, options);
-}
-
 template <typename T, typename Label>
 class SparseForwardGpuOp : public OpKernel {
  public:
@@ -64,19 +57,12 @@ class SparseForwardGpuOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     SparseForwardArgs<CoreType<T>, Label> args;
     args.options = options_;
-    TensorShape reduced;
-    OP_REQUIRES_OK(ctx, PrepareSparse(ctx, axis_, &args.options, &args.layout, &reduced));
-    Tensor *loss, *lse, scratch;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, reduced, &loss));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, reduced, &lse));
+    OP_REQUIRES_OK(ctx, (PrepareSparseForward<T, Label>(ctx, axis_, &args)));
+    Tensor scratch;
     void* workspace;
     OP_REQUIRES_OK(ctx, WorkspaceOf(ctx, cuda::forward_workspace_bytes(args.layout, sizeof(T)), &scratch, &workspace));
     cudaStream_t stream;
     OP_REQUIRES_OK(ctx, StreamOf(ctx, &stream));
-    args.logits = core_ptr<T>(ctx->input(0));
-    args.labels = ctx->input(1).flat<Label>().data();
-    args.loss = core_mutable_ptr<T>(loss);
-    args.lse = lse->flat<double>().data();
     OP_REQUIRES_OK(ctx, Launched(cuda::sparse_forward(args, workspace, stream)));
   }
 
@@ -96,19 +82,7 @@ class SparseBackwardGpuOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     SparseBackwardArgs<CoreType<T>, Label> args;
     args.options = options_;
-    TensorShape reduced;
-    OP_REQUIRES_OK(ctx, PrepareSparse(ctx, axis_, &args.options, &args.layout, &reduced));
-    OP_REQUIRES_OK(ctx, CheckSameShape(ctx->input(3), reduced, "lse", "labels"));
-    OP_REQUIRES_OK(ctx, CheckSameShape(ctx->input(4), reduced, "grad_loss", "labels"));
-    const Tensor& logits = ctx->input(0);
-    args.logits = core_ptr<T>(logits);
-    args.labels = ctx->input(1).flat<Label>().data();
-    args.lse = ctx->input(3).flat<double>().data();
-    args.grad_loss = core_ptr<T>(ctx->input(4));
-    OP_REQUIRES_OK(ctx, GradLseOf(ctx->input(5), reduced, &args.grad_lse));
-    Tensor* grad_logits;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, logits.shape(), &grad_logits));
-    args.grad_logits = core_mutable_ptr<T>(grad_logits);
+    OP_REQUIRES_OK(ctx, (PrepareSparseBackward<T, Label>(ctx, axis_, &args)));
     cudaStream_t stream;
     OP_REQUIRES_OK(ctx, StreamOf(ctx, &stream));
     OP_REQUIRES_OK(ctx, Launched(cuda::sparse_backward(args, stream)));
@@ -129,21 +103,12 @@ class DenseForwardGpuOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     DenseForwardArgs<CoreType<T>> args;
     args.options = options_;
-    TensorShape reduced;
-    const Tensor& logits = ctx->input(0);
-    OP_REQUIRES_OK(ctx, LayoutOf(logits.shape(), axis_, &args.layout, &reduced));
-    OP_REQUIRES_OK(ctx, CheckSameShape(ctx->input(1), logits.shape(), "labels", "logits"));
-    Tensor *loss, *lse, scratch;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, reduced, &loss));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, reduced, &lse));
+    OP_REQUIRES_OK(ctx, PrepareDenseForward<T>(ctx, axis_, &args));
+    Tensor scratch;
     void* workspace;
     OP_REQUIRES_OK(ctx, WorkspaceOf(ctx, cuda::forward_workspace_bytes(args.layout, sizeof(T)), &scratch, &workspace));
     cudaStream_t stream;
     OP_REQUIRES_OK(ctx, StreamOf(ctx, &stream));
-    args.logits = core_ptr<T>(logits);
-    args.labels = core_ptr<T>(ctx->input(1));
-    args.loss = core_mutable_ptr<T>(loss);
-    args.lse = lse->flat<double>().data();
     OP_REQUIRES_OK(ctx, Launched(cuda::dense_forward(args, workspace, stream)));
   }
 
@@ -162,20 +127,7 @@ class DenseBackwardGpuOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     DenseBackwardArgs<CoreType<T>> args;
     args.options = options_;
-    TensorShape reduced;
-    const Tensor& logits = ctx->input(0);
-    OP_REQUIRES_OK(ctx, LayoutOf(logits.shape(), axis_, &args.layout, &reduced));
-    OP_REQUIRES_OK(ctx, CheckSameShape(ctx->input(1), logits.shape(), "labels", "logits"));
-    OP_REQUIRES_OK(ctx, CheckSameShape(ctx->input(2), reduced, "lse", "logits without the class axis"));
-    OP_REQUIRES_OK(ctx, CheckSameShape(ctx->input(3), reduced, "grad_loss", "logits without the class axis"));
-    args.logits = core_ptr<T>(logits);
-    args.labels = core_ptr<T>(ctx->input(1));
-    args.lse = ctx->input(2).flat<double>().data();
-    args.grad_loss = core_ptr<T>(ctx->input(3));
-    OP_REQUIRES_OK(ctx, GradLseOf(ctx->input(4), reduced, &args.grad_lse));
-    Tensor* grad_logits;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, logits.shape(), &grad_logits));
-    args.grad_logits = core_mutable_ptr<T>(grad_logits);
+    OP_REQUIRES_OK(ctx, PrepareDenseBackward<T>(ctx, axis_, &args));
     Tensor scratch;
     void* workspace;
     OP_REQUIRES_OK(ctx, WorkspaceOf(ctx, cuda::dense_backward_workspace_bytes(args.layout, sizeof(T)), &scratch,
