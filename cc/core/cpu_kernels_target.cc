@@ -124,34 +124,26 @@ RowSums<A> block_sums(const A* z, const A* labels, int64_t len, A block_max, boo
 }
 
 // The float version of block_sums, on vectors, specialised on which sums are
-// wanted. Padding lanes use values that add nothing: z = -inf for exp, z = max
-// for the gap, t = 0 for labels.
-template <bool kWantMean, bool kLabels>
-RowSums<float> block_sums_vectorized(const float* z, const float* labels, int64_t len, float block_max,
-                                     float inv_classes) {
+// wanted, with the terms taken relative to `ref`; reads T (converting 16-bit
+// types in registers). With kTrackMax it also returns the block's max in
+// *block_max (NaN handling unspecified: a NaN reaches sum_exp anyway).
+// Padding lanes use values that add nothing: z = -inf for exp and max, z = ref
+// for the gaps, t = 0 for labels.
+template <bool kWantMean, bool kLabels, bool kTrackMax, typename T>
+RowSums<float> block_sums_vectorized(const T* z, const T* labels, int64_t len, float ref, float inv_classes,
+                                     float* block_max = nullptr) {
   RowSums<float> sums;
-  sums.max = block_max;
-  if (block_max == negative_infinity<float>()) {  // all -inf: gaps are +inf where they count
-    if (kWantMean) {
-      sums.count = static_cast<float>(len) * inv_classes;
-      sums.gap = std::numeric_limits<float>::infinity();
-    }
-    if (kLabels) {
-      for (int64_t k = 0; k < len; ++k) {
-        sums.label_sum += labels[k];
-        if (labels[k] != 0) sums.label_gap += labels[k] * std::numeric_limits<float>::infinity();
-      }
-    }
-    return sums;
-  }
-  const v::vfloat max_v = v::splat(block_max);
+  sums.max = ref;
+  const v::vfloat ref_v = v::splat(ref);
+  v::vfloat top = v::splat(negative_infinity<float>());
   v::vfloat sum_exp = v::splat(0.0f), gap = v::splat(0.0f), label_sum = v::splat(0.0f), label_gap = v::splat(0.0f);
-  auto accumulate = [&](v::vfloat x_for_exp, v::vfloat x_for_gap, v::vfloat t) {
-    sum_exp += v::exp_nonpositive(x_for_exp - max_v);
-    if (kWantMean) gap += max_v - x_for_gap;
+  auto accumulate = [&](v::vfloat x, v::vfloat x_for_gap, v::vfloat t) {
+    if (kTrackMax) top = v::max_fast(top, x);
+    sum_exp += v::exp_bounded(x - ref_v);
+    if (kWantMean) gap += ref_v - x_for_gap;
     if (kLabels) {
       label_sum += t;
-      label_gap += v::select(t != 0.0f, t * (max_v - x_for_gap), v::splat(0.0f));
+      label_gap += v::select(t != 0.0f, t * (ref_v - x_for_gap), v::splat(0.0f));
     }
   };
   const int64_t full = len - len % v::kLanes;
@@ -162,9 +154,10 @@ RowSums<float> block_sums_vectorized(const float* z, const float* labels, int64_
   if (full < len) {
     const int64_t n = len - full;
     const v::vfloat x = v::load_partial(z + full, n, negative_infinity<float>());
-    accumulate(x, kWantMean || kLabels ? v::load_partial(z + full, n, block_max) : x,
+    accumulate(x, kWantMean || kLabels ? v::load_partial(z + full, n, ref) : x,
                kLabels ? v::load_partial(labels + full, n, 0.0f) : v::splat(0.0f));
   }
+  if (kTrackMax) *block_max = v::reduce_nan_sticky_max(top);
   sums.sum_exp = v::reduce_add(sum_exp);
   if (kWantMean) {
     sums.count = static_cast<float>(len) * inv_classes;
@@ -177,14 +170,60 @@ RowSums<float> block_sums_vectorized(const float* z, const float* labels, int64_
   return sums;
 }
 
+// block_sums_vectorized with its options chosen at run time.
+template <bool kTrackMax, typename T>
+RowSums<float> block_sums_dispatch(const T* z, const T* labels, int64_t len, float ref, bool want_mean,
+                                   float inv_classes, float* block_max = nullptr) {
+  if (labels) {
+    return want_mean ? block_sums_vectorized<true, true, kTrackMax>(z, labels, len, ref, inv_classes, block_max)
+                     : block_sums_vectorized<false, true, kTrackMax>(z, labels, len, ref, inv_classes, block_max);
+  }
+  return want_mean ? block_sums_vectorized<true, false, kTrackMax>(z, labels, len, ref, inv_classes, block_max)
+                   : block_sums_vectorized<false, false, kTrackMax>(z, labels, len, ref, inv_classes, block_max);
+}
+
+// Sums of a loaded float block relative to its own max.
 RowSums<float> block_sums(const float* z, const float* labels, int64_t len, float block_max, bool want_mean,
                           float inv_classes) {
-  if (labels) {
-    return want_mean ? block_sums_vectorized<true, true>(z, labels, len, block_max, inv_classes)
-                     : block_sums_vectorized<false, true>(z, labels, len, block_max, inv_classes);
+  if (block_max == negative_infinity<float>()) {  // all -inf: gaps are +inf where they count
+    RowSums<float> sums;
+    if (want_mean) {
+      sums.count = static_cast<float>(len) * inv_classes;
+      sums.gap = std::numeric_limits<float>::infinity();
+    }
+    for (int64_t k = 0; labels && k < len; ++k) {
+      sums.label_sum += labels[k];
+      if (labels[k] != 0) sums.label_gap += labels[k] * std::numeric_limits<float>::infinity();
+    }
+    return sums;
   }
-  return want_mean ? block_sums_vectorized<true, false>(z, labels, len, block_max, inv_classes)
-                   : block_sums_vectorized<false, false>(z, labels, len, block_max, inv_classes);
+  return block_sums_dispatch<false>(z, labels, len, block_max, want_mean, inv_classes);
+}
+
+// Blocks after the first are read once: their terms are taken relative to the
+// running max m of the blocks before, and the block's own max is found in the
+// same loop, so memory streams while the exponentials are computed. Terms
+// above 1 are harmless while the block's max stays within kMaxExcess of m
+// (kBlock * e^64 is far inside float's range); a block that rises further, or
+// whose max is NaN or +inf, returns false and is read again the two-pass way.
+constexpr float kMaxExcess = 64.0f;
+
+template <typename T>
+bool read_block_once(const Row<T>& row, const Row<T>* labels, int64_t start, int64_t len, bool want_mean,
+                     float inv_classes, RowSums<float>* sums) {
+  const float ref = sums->max;
+  if (!(ref > negative_infinity<float>() && ref < std::numeric_limits<float>::infinity())) return false;
+  float top;
+  const RowSums<float> block = block_sums_dispatch<true>(row.data + start, labels ? labels->data + start : nullptr,
+                                                          len, ref, want_mean, inv_classes, &top);
+  if (!(top <= ref + kMaxExcess)) return false;
+  merge_sums(*sums, block);  // same max: plain sums
+  if (top > ref) {           // move the reference up to the new max
+    RowSums<float> rebase;
+    rebase.max = top;
+    merge_sums(*sums, rebase);
+  }
+  return true;
 }
 
 // One read of a row of logits (and of dense labels when given), block by block.
@@ -197,6 +236,9 @@ RowSums<Acc<T>> scan_row(const Row<T>& row, bool want_mean, const Row<T>* labels
   const A inv_classes = A(1) / static_cast<A>(row.count);
   for (int64_t start = 0; start < row.count; start += kBlock) {
     const int64_t len = std::min(kBlock, row.count - start);
+    if constexpr (kVectorized<T>) {
+      if (row.stride == 1 && read_block_once(row, labels, start, len, want_mean, inv_classes, &sums)) continue;
+    }
     A block_max, label_max;
     const A* z = block_values(row, start, len, block, &block_max);
     const A* t = labels ? block_values(*labels, start, len, label_block, &label_max) : nullptr;
@@ -247,9 +289,11 @@ bool use_streaming_stores(const Layout& layout) {
 template <typename T>
 void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t begin, int64_t end,
                                const SplitLse<float>& lse, float a, float b, float u, bool stream = false) {
-  const v::vfloat hi = v::splat(lse.hi), lo = v::splat(lse.lo), a_v = v::splat(a), b_v = v::splat(b), u_v = v::splat(u);
+  // exp(z - hi - lo) = exp(z - hi) * exp(-lo): the low part goes into the scale.
+  const float a_lo = static_cast<float>(a * std::exp(-static_cast<double>(lse.lo)));
+  const v::vfloat hi = v::splat(lse.hi), a_v = v::splat(a_lo), b_v = v::splat(b), u_v = v::splat(u);
   auto gradient = [&](v::vfloat z, v::vfloat t) {
-    const v::vfloat p = v::exp_nonpositive((z - hi) - lo);
+    const v::vfloat p = v::exp_bounded(z - hi);
     return labels ? a_v * p - b_v * t - u_v : a_v * p - u_v;
   };
   int64_t j = begin;
@@ -325,121 +369,6 @@ void finish_sparse_row(const SparseForwardArgs<T, Label>& args, int64_t r, const
   args.loss[r] = store_as<T>(loss);
 }
 
-// --- Row groups: with few classes, per-row overhead dominates, so kLanes
-// consecutive rows are processed together, one row per vector lane. ---------
-constexpr int64_t kGroupMaxClasses = 32;
-
-bool uses_row_groups(const Layout& layout) { return layout.inner == 1 && layout.classes <= kGroupMaxClasses; }
-
-// The logits of kLanes consecutive rows, transposed: columns[j] holds class j of every row.
-struct Columns {
-  v::vfloat column[kGroupMaxClasses];
-};
-
-template <typename T>
-void load_columns(const T* rows, int64_t classes, Columns* out) {
-  for (int i = 0; i < v::kLanes; ++i)
-    for (int64_t j = 0; j < classes; ++j) out->column[j][i] = load_acc(rows[i * classes + j]);
-}
-
-template <typename T>
-void store_columns(const Columns& in, int64_t classes, T* rows) {
-  for (int i = 0; i < v::kLanes; ++i)
-    for (int64_t j = 0; j < classes; ++j) rows[i * classes + j] = store_as<T>(in.column[j][i]);
-}
-
-// Row sums of a group, lane by lane, as in block_sums.
-struct GroupSums {
-  v::vfloat max, sum_exp, gap;
-};
-
-GroupSums group_sums(const Columns& z, int64_t classes, bool want_mean) {
-  GroupSums s;
-  s.max = z.column[0];
-  for (int64_t j = 1; j < classes; ++j) s.max = v::nan_sticky_max(s.max, z.column[j]);
-  s.sum_exp = v::splat(0.0f);
-  s.gap = v::splat(0.0f);
-  for (int64_t j = 0; j < classes; ++j) s.sum_exp += v::exp_nonpositive(z.column[j] - s.max);
-  if (want_mean) {
-    for (int64_t j = 0; j < classes; ++j) s.gap += s.max - z.column[j];
-    s.gap *= 1.0f / static_cast<float>(classes);
-  }
-  return s;
-}
-
-// Processes whole groups from row_begin; returns the first row left for the per-row path.
-template <typename T, typename Label>
-int64_t sparse_forward_groups(const SparseForwardArgs<T, Label>& args, int64_t row_begin, int64_t row_end) {
-  const int64_t classes = args.layout.classes;
-  const bool want_mean = args.options.label_smoothing > 0;
-  Columns z;
-  int64_t r = row_begin;
-  for (; r + v::kLanes <= row_end; r += v::kLanes) {
-    const T* rows = args.logits + r * classes;
-    load_columns(rows, classes, &z);
-    const GroupSums s = group_sums(z, classes, want_mean);
-    const v::vfloat log_sum = v::log_positive(s.sum_exp);
-    for (int i = 0; i < v::kLanes; ++i) {
-      RowSums<float> sums;
-      sums.max = s.max[i];
-      sums.sum_exp = s.sum_exp[i];
-      sums.gap = s.gap[i];
-      finish_sparse_row(args, r + i, sums, log_sum[i], Row<T>{rows + i * classes, classes, 1});
-    }
-  }
-  return r;
-}
-
-// Per-lane backward coefficients; `zero` marks rows whose gradient is exactly 0.
-struct GroupCoefficients {
-  v::vfloat hi, lo, softmax_scale, uniform, target_scale;
-  v::vint label, zero;
-};
-
-template <typename T, typename Label>
-GroupCoefficients group_coefficients(const SparseBackwardArgs<T, Label>& args, int64_t r) {
-  GroupCoefficients g;
-  const int64_t classes = args.layout.classes;
-  for (int i = 0; i < v::kLanes; ++i) {
-    const LabelKind kind = classify_label(args.labels[r + i], classes, args.options);
-    const double grad_lse = args.grad_lse ? args.grad_lse[r + i] : 0.0;
-    const double lse = args.lse[r + i];
-    const SplitLse<float> split = split_lse<float>(lse);
-    const bool valid = kind == LabelKind::kValid;
-    const int64_t y = valid ? static_cast<int64_t>(args.labels[r + i]) : -1;
-    const float grad = valid ? load_acc(args.grad_loss[r + i]) : 0.0f;
-    const float weight = valid ? label_weight(y, args.options) : 0.0f;
-    auto c = backward_coefficients<float>(grad, weight, lse, 1.0f, grad_lse, classes, args.options);
-    if (kind == LabelKind::kOutOfRange) c.softmax_scale = quiet_nan<float>();
-    g.hi[i] = split.hi;
-    g.lo[i] = split.lo;
-    g.softmax_scale[i] = c.softmax_scale;
-    g.uniform[i] = c.uniform;
-    g.target_scale[i] = c.target_scale;
-    g.label[i] = static_cast<int32_t>(y);
-    g.zero[i] = (kind == LabelKind::kIgnored && grad_lse == 0) ? -1 : 0;
-  }
-  return g;
-}
-
-template <typename T, typename Label>
-int64_t sparse_backward_groups(const SparseBackwardArgs<T, Label>& args, int64_t row_begin, int64_t row_end) {
-  const int64_t classes = args.layout.classes;
-  Columns z;
-  int64_t r = row_begin;
-  for (; r + v::kLanes <= row_end; r += v::kLanes) {
-    load_columns(args.logits + r * classes, classes, &z);
-    const GroupCoefficients g = group_coefficients(args, r);
-    for (int64_t j = 0; j < classes; ++j) {
-      const v::vfloat p = v::exp_nonpositive((z.column[j] - g.hi) - g.lo);
-      const v::vfloat target = v::select(g.label == static_cast<int32_t>(j), g.target_scale, v::splat(0.0f));
-      z.column[j] = v::select(g.zero, v::splat(0.0f), g.softmax_scale * p - g.uniform - target);
-    }
-    store_columns(z, classes, args.grad_logits + r * classes);
-  }
-  return r;
-}
-
 template <typename T>
 void finish_dense_row(const DenseForwardArgs<T>& args, int64_t r, const RowSums<Acc<T>>& sums, Acc<T> log_sum) {
   const double lse = lse_of(sums.max, log_sum);
@@ -447,69 +376,7 @@ void finish_dense_row(const DenseForwardArgs<T>& args, int64_t r, const RowSums<
   args.loss[r] = store_as<T>(dense_row_loss<Acc<T>>(sums, log_sum, lse, args.options));
 }
 
-v::vfloat column_sum(const Columns& c, int64_t classes) {
-  v::vfloat sum = v::splat(0.0f);
-  for (int64_t j = 0; j < classes; ++j) sum += c.column[j];
-  return sum;
-}
-
-template <typename T>
-int64_t dense_forward_groups(const DenseForwardArgs<T>& args, int64_t row_begin, int64_t row_end) {
-  const int64_t classes = args.layout.classes;
-  const bool want_mean = args.options.label_smoothing > 0;
-  Columns z, t;
-  int64_t r = row_begin;
-  for (; r + v::kLanes <= row_end; r += v::kLanes) {
-    load_columns(args.logits + r * classes, classes, &z);
-    load_columns(args.labels + r * classes, classes, &t);
-    const GroupSums s = group_sums(z, classes, want_mean);
-    v::vfloat label_gap = v::splat(0.0f);
-    for (int64_t j = 0; j < classes; ++j)
-      label_gap += v::select(t.column[j] != 0.0f, t.column[j] * (s.max - z.column[j]), v::splat(0.0f));
-    const v::vfloat label_sum = column_sum(t, classes);
-    const v::vfloat log_sum = v::log_positive(s.sum_exp);
-    for (int i = 0; i < v::kLanes; ++i) {
-      RowSums<float> sums;
-      sums.max = s.max[i];
-      sums.sum_exp = s.sum_exp[i];
-      sums.gap = s.gap[i];
-      sums.label_sum = label_sum[i];
-      sums.label_gap = label_gap[i];
-      finish_dense_row(args, r + i, sums, log_sum[i]);
-    }
-  }
-  return r;
-}
-
-template <typename T>
-int64_t dense_backward_groups(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t row_end) {
-  const int64_t classes = args.layout.classes;
-  Columns z, t;
-  int64_t r = row_begin;
-  for (; r + v::kLanes <= row_end; r += v::kLanes) {
-    load_columns(args.logits + r * classes, classes, &z);
-    load_columns(args.labels + r * classes, classes, &t);
-    const v::vfloat label_sum = column_sum(t, classes);
-    v::vfloat hi, lo, a, b, u;
-    for (int i = 0; i < v::kLanes; ++i) {
-      const double lse = args.lse[r + i];
-      const SplitLse<float> split = split_lse<float>(lse);
-      const double grad_lse = args.grad_lse ? args.grad_lse[r + i] : 0.0;
-      const auto c = backward_coefficients<float>(load_acc(args.grad_loss[r + i]), 1.0f, lse,
-                                                  dense_target_sum(label_sum[i], args.options), grad_lse, classes,
-                                                  args.options);
-      hi[i] = split.hi;
-      lo[i] = split.lo;
-      a[i] = c.softmax_scale;
-      b[i] = c.target_scale;
-      u[i] = c.uniform;
-    }
-    for (int64_t j = 0; j < classes; ++j)
-      z.column[j] = a * v::exp_nonpositive((z.column[j] - hi) - lo) - b * t.column[j] - u;
-    store_columns(z, classes, args.grad_logits + r * classes);
-  }
-  return r;
-}
+#include "core/cpu_row_groups.inc"
 
 }  // namespace
 
