@@ -3,9 +3,11 @@
 Times forward + backward of a mean loss (tf.function + GradientTape), the
 variants interleaved in one process on the same inputs, and reports medians,
 speedups and the fraction of the bandwidth floor reached:
-    floor = 3 * N * C * itemsize / copy bandwidth
+    floor = 3 * N * C * itemsize / copy bandwidth   (sparse labels)
 (the forward reads the logits, the backward reads them again and writes the
-gradient), with the copy bandwidth measured in the same run on all cores.
+gradient; dense labels add two reads of the labels: 5 * N * C * itemsize), with
+the copy bandwidth measured in the same run (best of one and all cores).
+Loss-only calls (no gradient) are timed too, against one read of the logits.
 Also measures the peak memory of a training step whose logits are an
 intermediate, and of a loss-only call, each in a fresh subprocess: the rise of
 the process's peak RSS (VmHWM, reset after one warm-up step) above its RSS
@@ -34,26 +36,26 @@ QUICK_SHAPES = [(65536, 10), (1024, 32000)]
 
 # --- machine -------------------------------------------------------------------------
 def copy_bandwidth(megabytes=256, reps=7):
-    """Bytes read + written per second by a copy on all cores (median of reps)."""
-    threads = os.cpu_count() or 1
+    """Bytes read + written per second by a NumPy copy: the best of one thread and all
+    cores (median of reps each), so the floor is the stricter of the two."""
     src = np.ones(megabytes * (1 << 20) // 4, np.float32)
     dst = np.empty_like(src)
-    chunks = np.array_split(np.arange(src.size), threads)
-    bounds = [(c[0], c[-1] + 1) for c in chunks]
+    np.copyto(dst, src)  # fault the pages in before timing
 
-    def copy_part(lo, hi):
-        np.copyto(dst[lo:hi], src[lo:hi])
+    def timed(threads):
+        bounds = [(c[0], c[-1] + 1) for c in np.array_split(np.arange(src.size), threads)]
+        times = []
+        for _ in range(reps):
+            workers = [threading.Thread(target=np.copyto, args=(dst[lo:hi], src[lo:hi])) for lo, hi in bounds]
+            start = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            times.append(time.perf_counter() - start)
+        return 2 * src.nbytes / statistics.median(times)
 
-    times = []
-    for _ in range(reps):
-        workers = [threading.Thread(target=copy_part, args=b) for b in bounds]
-        start = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        times.append(time.perf_counter() - start)
-    return 2 * src.nbytes / statistics.median(times)
+    return max(timed(1), timed(os.cpu_count() or 1))
 
 
 def machine_description():
@@ -96,6 +98,23 @@ def variants(kind):
         "fused+XLA": make_step(ours, jit=True),
         "tf.nn": make_step(theirs, jit=False),
         "tf.nn+XLA": make_step(theirs, jit=True),
+    }
+
+
+def loss_only_variants():
+    import tensorflow as tf
+    import fused_xent
+
+    def make(loss_fn):
+        @tf.function
+        def loss(logits, labels):
+            return tf.reduce_mean(loss_fn(labels, logits))
+
+        return loss
+
+    return {
+        "fused": make(fused_xent.sparse_softmax_cross_entropy_with_logits),
+        "tf.nn": make(tf.nn.sparse_softmax_cross_entropy_with_logits),
     }
 
 
@@ -220,7 +239,7 @@ def run(args):
     import fused_xent
 
     bandwidth = copy_bandwidth()
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     rows = []
     for kind in ("sparse", "dense"):
         steps = variants(kind)
@@ -228,9 +247,14 @@ def run(args):
             for shape in shapes:
                 times = time_variants(steps, inputs(shape, getattr(tf, dtype), kind), args.reps)
                 itemsize = 4 if dtype == "float32" else 2
-                floor = 3 * shape[0] * shape[1] * itemsize / bandwidth
+                arrays = 3 if kind == "sparse" else 5
+                floor = arrays * shape[0] * shape[1] * itemsize / bandwidth
                 rows.append({"kind": kind, "dtype": dtype, "shape": shape, "times": times, "floor": floor})
                 print(format_row(rows[-1]), flush=True)
+    loss_only = []
+    for shape in shapes:
+        times = time_variants(loss_only_variants(), inputs(shape, tf.float32, "sparse"), args.reps)
+        loss_only.append({"shape": shape, "times": times, "floor": shape[0] * shape[1] * 4 / bandwidth})
     numpy_rows = [{"shape": s, "times": time_numpy(s, args.reps)} for s in shapes]
     memory = None
     if not args.skip_memory:
@@ -248,6 +272,7 @@ def run(args):
         "simd": info["simd"],
         "bandwidth": bandwidth,
         "rows": rows,
+        "loss_only": loss_only,
         "numpy": numpy_rows,
         "memory": memory,
         "command": "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:]),
@@ -285,16 +310,25 @@ def markdown(result):
         "## CPU",
         "",
         f"Machine: {result['machine']}; TensorFlow {result['tensorflow']}; kernels: {result['simd']}.",
-        f"Copy bandwidth (read + write, all cores): {result['bandwidth'] / 1e9:.1f} GB/s.",
+        f"Copy bandwidth (read + write, best of one and all cores): {result['bandwidth'] / 1e9:.1f} GB/s.",
         f"Command: `{result['command']}`",
         "",
-        "Forward + backward of a mean loss, median milliseconds; floor = 3·N·C·itemsize / copy bandwidth.",
+        "Forward + backward of a mean loss, median milliseconds; floor = 3·N·C·itemsize / copy bandwidth for sparse",
+        "labels, 5·N·C·itemsize / copy bandwidth for dense labels (the labels are read by both passes).",
         "",
         "| labels | logits | N×C | fused ms | tf.nn ms | tf.nn+XLA ms | fused vs tf.nn | fused vs tf.nn+XLA "
         "| fused, of floor | fused+XLA ms | fused+XLA vs tf.nn+XLA |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines += [format_row(r) for r in result["rows"]]
+    lines += ["", "Loss only (sparse float32, mean loss, no gradient), median milliseconds; floor = one read of the logits:", ""]
+    lines += ["| N×C | fused ms | tf.nn ms | fused vs tf.nn | fused, of floor |", "| --- | --- | --- | --- | --- |"]
+    for r in result.get("loss_only", []):
+        t = r["times"]
+        lines.append(
+            f"| {r['shape'][0]}×{r['shape'][1]} | {_ms(t, 'fused')} | {_ms(t, 'tf.nn')} | {_ratio(t, 'tf.nn', 'fused')} | "
+            f"{100 * r['floor'] / t['fused']:.0f}% |"
+        )
     lines += ["", "NumPy binding (sparse float32, forward + backward), median milliseconds:", ""]
     lines += ["| N×C | fused_xent.numpy | NumPy | speedup |", "| --- | --- | --- | --- |"]
     for r in result["numpy"]:
@@ -345,9 +379,14 @@ def chart(result, path):
     fig.savefig(path, dpi=110)
 
 
+def parse_shapes(text):
+    return [tuple(int(d) for d in item.lower().split("x")) for item in text.split(",")]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two shapes only")
+    parser.add_argument("--shapes", type=parse_shapes, help="comma-separated NxC list, e.g. 64x10,8x3000")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--markdown", help="write the tables to this file")

@@ -254,7 +254,9 @@ A sum_of(const A* values, int64_t len) {
   return sum;
 }
 
-float sum_of(const float* values, int64_t len) {
+// Sum of a contiguous row, straight from memory (16-bit types convert in registers).
+template <typename T>
+float contiguous_sum(const T* values, int64_t len) {
   v::vfloat sum = v::splat(0.0f);
   int64_t k = 0;
   for (; k + v::kLanes <= len; k += v::kLanes) sum += v::load(values + k);
@@ -264,6 +266,9 @@ float sum_of(const float* values, int64_t len) {
 
 template <typename T>
 Acc<T> label_sum_of(const Row<T>& labels) {
+  if constexpr (kVectorized<T>) {
+    if (labels.stride == 1) return contiguous_sum(labels.data, labels.count);
+  }
   using A = Acc<T>;
   A block[kBlock];
   A sum = 0;
@@ -275,8 +280,6 @@ Acc<T> label_sum_of(const Row<T>& labels) {
   return sum;
 }
 
-// dz = a * exp((z - hi) - lo) - b * t - u on vectors, for contiguous rows; t is
-// read only when `labels` is given (dense labels).
 // Gradients bigger than this (bytes) bypass the caches on their way to memory.
 constexpr int64_t kStreamingBytes = 8 << 20;
 
@@ -286,6 +289,8 @@ bool use_streaming_stores(const Layout& layout) {
          layout.rows() * layout.classes * static_cast<int64_t>(sizeof(T)) >= kStreamingBytes;
 }
 
+// dz = a * exp(z - lse) - b * t - u on vectors, for contiguous rows; t is read
+// only when `labels` is given (dense labels).
 template <typename T>
 void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t begin, int64_t end,
                                const SplitLse<float>& lse, float a, float b, float u, bool stream = false) {

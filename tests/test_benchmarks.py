@@ -1,0 +1,31 @@
+"""The CPU benchmark script runs end to end on tiny shapes and writes its table (timings are not checked)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cpu.py"
+
+
+def test_bench_cpu_writes_tables(tmp_path):
+    pytest.importorskip("tensorflow")
+    out_md, out_json = tmp_path / "bench.md", tmp_path / "bench.json"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    subprocess.run(
+        [sys.executable, str(BENCH), "--shapes", "64x10,4x700", "--reps", "1", "--skip-memory",
+         "--markdown", str(out_md), "--json", str(out_json)],
+        check=True, capture_output=True, text=True, timeout=600, env=env,
+    )
+    result = json.loads(out_json.read_text())
+    assert result["bandwidth"] > 0
+    assert [tuple(r["shape"]) for r in result["loss_only"]] == [(64, 10), (4, 700)]
+    kinds = {(r["kind"], r["dtype"], tuple(r["shape"])) for r in result["rows"]}
+    assert len(kinds) == 8  # sparse/dense x float32/bfloat16 x 2 shapes
+    for row in result["rows"]:
+        assert {"fused", "tf.nn"} <= set(row["times"]), row
+    text = out_md.read_text()
+    assert "| sparse | float32 | 64×10 |" in text and "Loss only" in text
