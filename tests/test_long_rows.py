@@ -92,3 +92,26 @@ def test_dense_long_rows(dtype, options):
     assert_close(grad, ref_grad, name, scale=4)
     assert np.isnan(loss[2]) and np.isnan(grad[2]).all()
     _check_finite(loss, options)
+
+
+@pytest.mark.parametrize("dtype", [np.float32] + DTYPES[1:], ids=_name)
+def test_gradients_large_enough_to_stream(dtype):
+    # Gradients over 8 MiB are written with streaming stores from the first aligned
+    # element of each row; an odd row length puts every row start at another alignment.
+    rng = np.random.default_rng(14)
+    shape = (9, 600001)
+    logits = (rng.normal(size=shape) * 3).astype(dtype)
+    labels = rng.integers(0, shape[1], size=shape[0])
+    dense = rng.random(size=shape)
+    dense = (dense / dense.sum(-1, keepdims=True)).astype(dtype)
+    grad_loss = np.linspace(0.5, 1.5, shape[0]).astype(dtype)
+    name = _name(dtype)
+    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss)
+    ref_loss, ref_grad = reference.sparse(labels, logits.astype(np.float64), grad_loss=grad_loss.astype(np.float64))
+    assert_close(loss, ref_loss, name)
+    assert_close(grad, ref_grad, name)
+    loss, grad = fxnp.softmax_cross_entropy_with_logits(dense, logits, grad_loss=grad_loss)
+    ref_loss, ref_grad, _ = reference.dense(dense.astype(np.float64), logits.astype(np.float64),
+                                            grad_loss=grad_loss.astype(np.float64))
+    assert_close(loss, ref_loss, name, scale=2)
+    assert_close(grad, ref_grad, name, scale=2)

@@ -285,7 +285,7 @@ constexpr int64_t kStreamingBytes = 8 << 20;
 
 template <typename T>
 bool use_streaming_stores(const Layout& layout) {
-  return std::is_same<T, float>::value && v::kHaveStreamingStores &&
+  return kVectorized<T> && v::kHaveStreamingStores &&
          layout.rows() * layout.classes * static_cast<int64_t>(sizeof(T)) >= kStreamingBytes;
 }
 
@@ -302,20 +302,18 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
     return labels ? a_v * p - b_v * t - u_v : a_v * p - u_v;
   };
   int64_t j = begin;
-  if constexpr (std::is_same<T, float>::value) {
-    if (stream) {
-      // Plain stores up to the first aligned vector, then aligned streaming stores.
-      const int64_t misaligned = (reinterpret_cast<uintptr_t>(out + j) / sizeof(float)) % v::kLanes;
-      const int64_t head = std::min(end - j, misaligned ? v::kLanes - misaligned : int64_t{0});
-      if (head > 0) {
-        const v::vfloat t = labels ? v::load_partial(labels + j, head, 0.0f) : v::splat(0.0f);
-        v::store_partial(out + j, head, gradient(v::load_partial(logits + j, head, 0.0f), t));
-        j += head;
-      }
-      for (; j + v::kLanes <= end; j += v::kLanes) {
-        const v::vfloat t = labels ? v::load(labels + j) : v::splat(0.0f);
-        v::store_stream(out + j, gradient(v::load(logits + j), t));
-      }
+  if (stream) {
+    // Plain stores up to the first vector-aligned address, then aligned streaming stores.
+    const int64_t misaligned = (reinterpret_cast<uintptr_t>(out + j) / sizeof(T)) % v::kLanes;
+    const int64_t head = std::min(end - j, misaligned ? v::kLanes - misaligned : int64_t{0});
+    if (head > 0) {
+      const v::vfloat t = labels ? v::load_partial(labels + j, head, 0.0f) : v::splat(0.0f);
+      v::store_partial(out + j, head, gradient(v::load_partial(logits + j, head, 0.0f), t));
+      j += head;
+    }
+    for (; j + v::kLanes <= end; j += v::kLanes) {
+      const v::vfloat t = labels ? v::load(labels + j) : v::splat(0.0f);
+      v::store_stream(out + j, gradient(v::load(logits + j), t));
     }
   }
   for (; j + v::kLanes <= end; j += v::kLanes) {

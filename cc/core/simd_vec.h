@@ -50,15 +50,15 @@ FX_ALWAYS_INLINE vfloat load(const bfloat16_t* p) {
   std::memcpy(&bits, p, sizeof bits);
   return reinterpret_cast<vfloat>(__builtin_convertvector(bits, vuint) << 16);
 }
-FX_ALWAYS_INLINE void store(bfloat16_t* p, vfloat v) {
+// float -> bfloat16 bits, rounding to nearest even; NaN stays a (quiet) NaN.
+FX_ALWAYS_INLINE vhalf_bits to_bits(vfloat v, const bfloat16_t*) {
   vuint u = reinterpret_cast<vuint>(v);
   const vint is_nan = reinterpret_cast<vint>((u & 0x7fffffffu) > 0x7f800000u);
   const vuint rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const vuint quiet = (u >> 16) | 0x40u;
   const vuint out = reinterpret_cast<vuint>((is_nan & reinterpret_cast<vint>(quiet)) |
                                             (~is_nan & reinterpret_cast<vint>(rounded)));
-  const vhalf_bits narrow = __builtin_convertvector(out, vhalf_bits);
-  std::memcpy(p, &narrow, sizeof narrow);
+  return __builtin_convertvector(out, vhalf_bits);
 }
 
 FX_ALWAYS_INLINE vfloat load(const float16_t* p) {
@@ -72,19 +72,31 @@ FX_ALWAYS_INLINE vfloat load(const float16_t* p) {
   return v;
 #endif
 }
-FX_ALWAYS_INLINE void store(float16_t* p, vfloat v) {
+// float -> float16 bits, rounding to nearest even.
+FX_ALWAYS_INLINE vhalf_bits to_bits(vfloat v, const float16_t*) {
 #if FX_LANES == 16 && defined(__AVX512F__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return reinterpret_cast<vhalf_bits>(
+      _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #elif FX_LANES == 8 && defined(__F16C__)
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return reinterpret_cast<vhalf_bits>(
+      _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
-  for (int i = 0; i < kLanes; ++i) p[i] = to_float16(v[i]);
+  vhalf_bits bits;
+  for (int i = 0; i < kLanes; ++i) {
+    const float16_t h = to_float16(v[i]);
+    std::memcpy(&bits[i], &h, sizeof h);
+  }
+  return bits;
 #endif
 }
 
-// Non-temporal store of a whole vector to a kLanes * 4-byte aligned address:
+template <typename Half>
+FX_ALWAYS_INLINE void store(Half* p, vfloat v) {
+  const vhalf_bits bits = to_bits(v, p);
+  std::memcpy(p, &bits, sizeof bits);
+}
+
+// Non-temporal store of a whole vector to an address aligned to its size:
 // the gradient of a tensor larger than the caches is not read back soon, and
 // skipping the read-for-ownership saves a third of the backward's traffic.
 constexpr bool kHaveStreamingStores =
@@ -102,6 +114,21 @@ FX_ALWAYS_INLINE void store_stream(float* p, vfloat v) {
   _mm_stream_ps(p, reinterpret_cast<__m128>(v));
 #else
   store(p, v);
+#endif
+}
+template <typename Half>
+FX_ALWAYS_INLINE void store_stream(Half* p, vfloat v) {
+  const vhalf_bits bits = to_bits(v, p);
+#if FX_LANES == 16 && defined(__AVX__)
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(bits));
+#elif FX_LANES == 8 && defined(__SSE2__)
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), reinterpret_cast<__m128i>(bits));
+#elif FX_LANES == 4 && defined(__SSE2__)
+  long long word;
+  std::memcpy(&word, &bits, sizeof word);
+  _mm_stream_si64(reinterpret_cast<long long*>(p), word);
+#else
+  std::memcpy(p, &bits, sizeof bits);
 #endif
 }
 // Orders streaming stores before anything the caller does next.
