@@ -4,6 +4,9 @@
 
 namespace fused_xent {
 
+// The size of a transparent huge page on x86-64 and most ARM64 Linux kernels.
+constexpr size_t kHugePageBytes = size_t{2} << 20;
+
 // Asks the OS to back [data, data + bytes) with transparent huge pages (Linux
 // madvise; a no-op elsewhere or for small buffers). A freshly allocated
 // gradient of 100+ MB otherwise costs tens of thousands of 4 KiB page faults,

@@ -144,12 +144,20 @@ absl::Status PrepareDenseForward(tensorflow::OpKernelContext* ctx, int64_t axis,
   return FillForwardOutputs<T>(ctx, reduced, args);
 }
 
-// Backward inputs from `first` on are lse, grad_loss, grad_lse. The gradient
-// overwrites the logits buffer when TensorFlow lets it (the logits are not
-// needed elsewhere), so a training step needs no new N x C buffer.
+// How a backward kernel gets output 0, the gradient, shaped like input 0.
+using GradientOutputFn = absl::Status (*)(tensorflow::OpKernelContext* ctx, tensorflow::Tensor** grad);
+
+// The gradient overwrites the logits buffer when TensorFlow lets it (the
+// logits are not needed elsewhere), so a training step needs no new N x C
+// buffer. The CPU kernels pass ForwardOrPoolGradient (tf/pooled_output.h).
+inline absl::Status ForwardOrAllocateGradient(tensorflow::OpKernelContext* ctx, tensorflow::Tensor** grad) {
+  return ctx->forward_input_or_allocate_output({0}, 0, ctx->input(0).shape(), grad);
+}
+
+// Backward inputs from `first` on are lse, grad_loss, grad_lse.
 template <typename T, typename Args>
 absl::Status FillBackward(tensorflow::OpKernelContext* ctx, const tensorflow::TensorShape& reduced, int first,
-                          Args* args) {
+                          GradientOutputFn grad_output, Args* args) {
   TF_RETURN_IF_ERROR(CheckSameShape(ctx->input(first), reduced, "lse", "logits without the class axis"));
   TF_RETURN_IF_ERROR(CheckSameShape(ctx->input(first + 1), reduced, "grad_loss", "logits without the class axis"));
   TF_RETURN_IF_ERROR(GradLseOf(ctx->input(first + 2), reduced, &args->grad_lse));
@@ -157,28 +165,30 @@ absl::Status FillBackward(tensorflow::OpKernelContext* ctx, const tensorflow::Te
   args->lse = ctx->input(first).flat<double>().data();
   args->grad_loss = core_ptr<T>(ctx->input(first + 1));
   tensorflow::Tensor* grad_logits;
-  TF_RETURN_IF_ERROR(ctx->forward_input_or_allocate_output({0}, 0, ctx->input(0).shape(), &grad_logits));
+  TF_RETURN_IF_ERROR(grad_output(ctx, &grad_logits));
   args->grad_logits = core_mutable_ptr<T>(grad_logits);
   return absl::OkStatus();
 }
 
 template <typename T, typename Label>
 absl::Status PrepareSparseBackward(tensorflow::OpKernelContext* ctx, int64_t axis,
-                                   SparseBackwardArgs<CoreType<T>, Label>* args) {
+                                   SparseBackwardArgs<CoreType<T>, Label>* args,
+                                   GradientOutputFn grad_output = ForwardOrAllocateGradient) {
   tensorflow::TensorShape reduced;
   TF_RETURN_IF_ERROR(SparseShapes(ctx, axis, &args->options, &args->layout, &reduced));
   args->labels = ctx->input(1).flat<Label>().data();
-  return FillBackward<T>(ctx, reduced, 3, args);
+  return FillBackward<T>(ctx, reduced, 3, grad_output, args);
 }
 
 template <typename T>
 absl::Status PrepareDenseBackward(tensorflow::OpKernelContext* ctx, int64_t axis,
-                                  DenseBackwardArgs<CoreType<T>>* args) {
+                                  DenseBackwardArgs<CoreType<T>>* args,
+                                  GradientOutputFn grad_output = ForwardOrAllocateGradient) {
   tensorflow::TensorShape reduced;
   TF_RETURN_IF_ERROR(LayoutOf(ctx->input(0).shape(), axis, &args->layout, &reduced));
   TF_RETURN_IF_ERROR(CheckSameShape(ctx->input(1), ctx->input(0).shape(), "labels", "logits"));
   args->labels = core_ptr<T>(ctx->input(1));
-  return FillBackward<T>(ctx, reduced, 2, args);
+  return FillBackward<T>(ctx, reduced, 2, grad_output, args);
 }
 
 // Runs fn(begin, end) over [0, rows) on TensorFlow's intra-op pool.

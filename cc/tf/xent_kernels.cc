@@ -3,7 +3,7 @@
 
 #include "tf/kernel_support.h"
 #include "core/cpu_kernels.h"
-#include "core/memory_hints.h"
+#include "tf/pooled_output.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
 
@@ -27,9 +27,6 @@ absl::Status CheckLabels(const Tensor& labels, int64_t classes, const Options& o
   if (options.has_ignore_index) absl::StrAppend(&message, " and is not ignore_index (", options.ignore_index, ")");
   return absl::InvalidArgumentError(message);
 }
-
-// A fresh gradient buffer is faulted in 2 MiB pages rather than 4 KiB ones.
-void AdviseHugePages(Tensor* t) { advise_huge_pages(t->data(), t->TotalBytes()); }
 
 template <typename T, typename Label>
 class SparseForwardOp : public OpKernel {
@@ -62,9 +59,8 @@ class SparseBackwardOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     SparseBackwardArgs<CoreType<T>, Label> args;
     args.options = options_;
-    OP_REQUIRES_OK(ctx, (PrepareSparseBackward<T, Label>(ctx, axis_, &args)));
+    OP_REQUIRES_OK(ctx, (PrepareSparseBackward<T, Label>(ctx, axis_, &args, ForwardOrPoolGradient)));
     OP_REQUIRES_OK(ctx, CheckLabels<Label>(ctx->input(1), args.layout.classes, args.options));
-    AdviseHugePages(ctx->mutable_output(0));
     ShardRows(ctx, args.layout.rows(), cpu::row_cost_cycles(args.layout.classes),
               [&args](int64_t begin, int64_t end) { cpu::sparse_backward(args, begin, end); });
   }
@@ -104,8 +100,7 @@ class DenseBackwardOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     DenseBackwardArgs<CoreType<T>> args;
     args.options = options_;
-    OP_REQUIRES_OK(ctx, PrepareDenseBackward<T>(ctx, axis_, &args));
-    AdviseHugePages(ctx->mutable_output(0));
+    OP_REQUIRES_OK(ctx, PrepareDenseBackward<T>(ctx, axis_, &args, ForwardOrPoolGradient));
     ShardRows(ctx, args.layout.rows(), 2 * cpu::row_cost_cycles(args.layout.classes),
               [&args](int64_t begin, int64_t end) { cpu::dense_backward(args, begin, end); });
   }

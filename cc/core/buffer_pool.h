@@ -1,0 +1,26 @@
+#pragma once
+
+#include <cstddef>
+
+// A process-wide cache of large page-aligned blocks, for gradient outputs that
+// cannot overwrite their input. A fresh block of 100+ MB costs page faults and
+// kernel zeroing of every page on first touch, and munmap when freed; a
+// recycled one costs neither. Thread-safe.
+//
+// Only requests of at least kMinPooledBytes are served. An idle block is reused
+// for a request when its capacity is at most 1/8 larger than the request;
+// released blocks stay idle, at most 2 of them and at most
+// FUSED_XENT_BUFFER_CACHE_MB MiB together (read once; default 1024, 0 turns
+// the cache off), the least recently released being unmapped first.
+namespace fused_xent::buffer_pool {
+
+constexpr size_t kMinPooledBytes = size_t{16} << 20;
+
+// A block of at least `bytes` bytes (its size in *capacity), or nullptr when
+// `bytes` is below kMinPooledBytes or no memory could be mapped.
+void* acquire(size_t bytes, size_t* capacity);
+
+// Gives back a block from acquire() with the capacity it reported.
+void release(void* block, size_t capacity);
+
+}  // namespace fused_xent::buffer_pool
