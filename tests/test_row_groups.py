@@ -1,0 +1,198 @@
+"""The CPU kernels' row groups (up to 32 classes: one row per vector lane),
+against the float64 reference and against the same rows computed one at a
+time (the per-row path), with edge values, every option and 16-bit logits."""
+
+import numpy as np
+import pytest
+
+from conftest import assert_close, tf_or_skip
+import reference
+from fused_xent import numpy as fxnp
+
+try:
+    import ml_dtypes
+except ImportError:
+    ml_dtypes = None
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN and inf rows on purpose
+
+DTYPES = [np.float32, np.float16] + ([ml_dtypes.bfloat16] if ml_dtypes else [])
+CLASSES = [1, 2, 3, 7, 8, 9, 10, 16, 17, 31, 32]
+ROWS = 75  # not a multiple of 4, 8 or 16: the last rows take the per-row path
+
+
+def _name(dtype):
+    return np.dtype(dtype).name
+
+
+def _logits(rng, classes, dtype):
+    logits = rng.normal(size=(ROWS, classes)) * 3
+    logits[3] = np.nan
+    logits[5, 0] = -np.inf
+    logits[8] = 1e4
+    logits[9] = -1e4
+    logits[11, -1] = 60.0  # one class far above the rest
+    return logits.astype(dtype)
+
+
+def _expected(options):
+    """Options as the kernels see them (float32)."""
+    out = dict(options)
+    for key in ("label_smoothing", "z_loss"):
+        if key in out:
+            out[key] = float(np.float32(out[key]))
+    if "class_weights" in out:
+        out["class_weights"] = np.asarray(out["class_weights"], np.float32).astype(np.float64)
+    return out
+
+
+SPARSE_OPTIONS = [
+    {},
+    {"label_smoothing": 0.1, "class_weights": "ramp"},  # every label valid, weights gathered per lane
+    {"z_loss": 0.01, "ignore_index": 0},
+    {"ignore_index": -100, "label_smoothing": 0.3},
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("classes", CLASSES)
+@pytest.mark.parametrize("options", SPARSE_OPTIONS, ids=lambda o: ",".join(o) or "defaults")
+@pytest.mark.parametrize("label_dtype", [np.int32, np.int64], ids=_name)
+def test_sparse_groups_match_reference(dtype, classes, options, label_dtype):
+    rng = np.random.default_rng(classes)
+    logits = _logits(rng, classes, dtype)
+    labels = rng.integers(0, classes, size=ROWS).astype(label_dtype)
+    options = dict(options)
+    if options.get("class_weights") == "ramp":
+        options["class_weights"] = np.linspace(0.5, 2.0, classes)
+    if options.get("ignore_index") == -100:
+        labels[rng.random(ROWS) < 0.3] = -100
+    grad_loss = rng.normal(size=ROWS).astype(dtype)
+    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss, **options)
+    ref_loss, ref_grad = reference.sparse(labels, logits.astype(np.float64), grad_loss=grad_loss.astype(np.float64),
+                                          **_expected(options))
+    assert_close(loss, ref_loss, _name(dtype), scale=2)
+    assert_close(grad, ref_grad, _name(dtype), scale=2)
+    ignored = labels == options.get("ignore_index", -1)
+    assert (loss[ignored] == 0).all() and (grad[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("classes", CLASSES)
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.2, "z_loss": 0.01}], ids=lambda o: ",".join(o) or "defaults")
+def test_dense_groups_match_reference(dtype, classes, options):
+    rng = np.random.default_rng(100 + classes)
+    logits = _logits(rng, classes, dtype)
+    labels = rng.random(size=(ROWS, classes))
+    labels[rng.random(size=labels.shape) < 0.3] = 0.0
+    labels /= np.maximum(labels.sum(-1, keepdims=True), 1e-6)
+    if classes > 1:
+        labels[5, 0] = 0.0  # a 0 label against -inf adds nothing
+    labels = labels.astype(dtype)
+    grad_loss = rng.normal(size=ROWS).astype(dtype)
+    loss, grad = fxnp.softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss, **options)
+    ref_loss, ref_grad, _ = reference.dense(labels.astype(np.float64), logits.astype(np.float64),
+                                            grad_loss=grad_loss.astype(np.float64), **_expected(options))
+    assert_close(loss, ref_loss, _name(dtype), scale=2)
+    assert_close(grad, ref_grad, _name(dtype), scale=2)
+
+
+def _hard_logits(rng, classes):
+    """Rows the reference cannot judge: +inf, all -inf, NaN beside -inf, float32's extremes."""
+    logits = rng.normal(size=(40, classes)).astype(np.float32) * 3
+    logits[1, 0] = np.inf
+    logits[2] = -np.inf
+    logits[3] = -np.inf
+    logits[3, -1] = np.nan
+    logits[4, -1] = 3e38
+    logits[5, 0] = -3e38
+    logits[6] = np.inf
+    logits[7] = np.nan
+    logits[17, :] = -np.inf
+    logits[17, classes // 2] = 0.0
+    return logits
+
+
+def _same_values(batch, single):
+    """Equal NaN and inf positions, finite values equal to float32 rounding."""
+    batch, single = np.asarray(batch, np.float64), np.asarray(single, np.float64)
+    np.testing.assert_array_equal(np.isnan(batch), np.isnan(single))
+    np.testing.assert_array_equal(np.isinf(batch), np.isinf(single))
+    np.testing.assert_array_equal(batch[np.isinf(batch)], single[np.isinf(single)])
+    finite = np.isfinite(batch)
+    np.testing.assert_allclose(batch[finite], single[finite], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 8, 10, 31, 32])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.2, "z_loss": 0.01, "ignore_index": 1}],
+                         ids=lambda o: ",".join(o) or "defaults")
+def test_sparse_groups_match_rows_one_at_a_time(classes, options):
+    rng = np.random.default_rng(7)
+    logits = _hard_logits(rng, classes)
+    labels = rng.integers(0, classes, size=len(logits))
+    grad_loss = rng.normal(size=len(logits)).astype(np.float32)
+    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss, **options)
+    for row in range(len(logits)):
+        one_loss, one_grad = fxnp.sparse_softmax_cross_entropy_with_logits(
+            labels[row : row + 1], logits[row : row + 1], grad_loss=grad_loss[row : row + 1], **options
+        )
+        _same_values(loss[row : row + 1], one_loss)
+        _same_values(grad[row], one_grad[0])
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 8, 10, 31, 32])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.2, "z_loss": 0.01}], ids=lambda o: ",".join(o) or "defaults")
+def test_dense_groups_match_rows_one_at_a_time(classes, options):
+    rng = np.random.default_rng(8)
+    logits = _hard_logits(rng, classes)
+    labels = rng.random(size=logits.shape).astype(np.float32)
+    labels[:, 0] = 0.0  # keeps rows with -inf in class 0 finite where they can be
+    grad_loss = rng.normal(size=len(logits)).astype(np.float32)
+    loss, grad = fxnp.softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss, **options)
+    for row in range(len(logits)):
+        one_loss, one_grad = fxnp.softmax_cross_entropy_with_logits(
+            labels[row : row + 1], logits[row : row + 1], grad_loss=grad_loss[row : row + 1], **options
+        )
+        _same_values(loss[row : row + 1], one_loss)
+        _same_values(grad[row], one_grad[0])
+
+
+@pytest.mark.parametrize("classes", [3, 10, 32])
+def test_lse_gradient_through_groups(classes):
+    """The Grad ops with a gradient of lse (second-order paths): float32 (row
+    groups) against float64 (per-row path), with ignored rows on both sides of
+    grad_lse == 0."""
+    tf = tf_or_skip()
+    from fused_xent._loader import load_op_library
+
+    ops = load_op_library()
+    rng = np.random.default_rng(9)
+    rows = 37
+    logits = rng.normal(size=(rows, classes)) * 3
+    labels = rng.integers(0, classes, size=rows).astype(np.int32)
+    labels[::5] = -1
+    grad_loss = rng.normal(size=rows)
+    grad_lse = rng.normal(size=rows)
+    grad_lse[::3] = 0.0
+    weights = np.linspace(0.5, 2.0, classes).astype(np.float32)
+    lse = np.log(np.exp(logits).sum(-1))
+    attrs = dict(axis=1, label_smoothing=0.1, z_loss=0.02, ignore_index=-1, has_ignore_index=True)
+    results = {}
+    for dtype in (np.float32, np.float64):
+        results[dtype] = ops.fused_xent_sparse_softmax_cross_entropy_grad(
+            tf.constant(logits.astype(dtype)), tf.constant(labels), tf.constant(weights), tf.constant(lse),
+            tf.constant(grad_loss.astype(dtype)), tf.constant(grad_lse), **attrs
+        ).numpy()
+    assert_close(results[np.float32], results[np.float64], "float32", scale=2)
+    ignored = (labels == -1) & (grad_lse == 0)
+    assert (results[np.float32][ignored] == 0).all()
+    assert (results[np.float32][(labels == -1) & (grad_lse != 0)] != 0).any()
+
+    dense_labels = rng.random(size=(rows, classes))
+    dense = {}
+    for dtype in (np.float32, np.float64):
+        dense[dtype] = ops.fused_xent_softmax_cross_entropy_grad(
+            tf.constant(logits.astype(dtype)), tf.constant(dense_labels.astype(dtype)), tf.constant(lse),
+            tf.constant(grad_loss.astype(dtype)), tf.constant(grad_lse), axis=1, label_smoothing=0.1, z_loss=0.02
+        ).numpy()
+    assert_close(dense[np.float32], dense[np.float64], "float32", scale=2)
