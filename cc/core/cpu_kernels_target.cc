@@ -290,40 +290,39 @@ bool use_streaming_stores(const Layout& layout) {
 }
 
 // dz = a * exp(z - lse) - b * t - u on vectors, for contiguous rows; t is read
-// only when `labels` is given (dense labels).
+// from `labels` (dense labels), or is the one-hot of class `target` (sparse
+// labels; -1 for none), built in the one vector that holds it so the row is
+// written in one sweep (a plain store into a line being streamed would stall).
 template <typename T>
 void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t begin, int64_t end,
-                               const SplitLse<float>& lse, float a, float b, float u, bool stream = false) {
+                               const SplitLse<float>& lse, float a, float b, float u, bool stream = false,
+                               int64_t target = -1) {
   // exp(z - hi - lo) = exp(z - hi) * exp(-lo): the low part goes into the scale.
   const float a_lo = static_cast<float>(a * std::exp(-static_cast<double>(lse.lo)));
   const v::vfloat hi = v::splat(lse.hi), a_v = v::splat(a_lo), b_v = v::splat(b), u_v = v::splat(u);
-  auto gradient = [&](v::vfloat z, v::vfloat t) {
-    const v::vfloat p = v::exp_bounded(z - hi);
-    return labels ? a_v * p - b_v * t - u_v : a_v * p - u_v;
+  auto targets = [&](int64_t j, int64_t n) {  // t for elements [j, j + n), n <= kLanes
+    if (labels) return n == v::kLanes ? v::load(labels + j) : v::load_partial(labels + j, n, 0.0f);
+    v::vfloat t = v::splat(0.0f);
+    if (static_cast<uint64_t>(target - j) < static_cast<uint64_t>(n)) t[target - j] = 1.0f;
+    return t;
   };
+  auto gradient = [&](v::vfloat z, v::vfloat t) { return a_v * v::exp_bounded(z - hi) - b_v * t - u_v; };
   int64_t j = begin;
   if (stream) {
     // Plain stores up to the first vector-aligned address, then aligned streaming stores.
     const int64_t misaligned = (reinterpret_cast<uintptr_t>(out + j) / sizeof(T)) % v::kLanes;
     const int64_t head = std::min(end - j, misaligned ? v::kLanes - misaligned : int64_t{0});
     if (head > 0) {
-      const v::vfloat t = labels ? v::load_partial(labels + j, head, 0.0f) : v::splat(0.0f);
-      v::store_partial(out + j, head, gradient(v::load_partial(logits + j, head, 0.0f), t));
+      v::store_partial(out + j, head, gradient(v::load_partial(logits + j, head, 0.0f), targets(j, head)));
       j += head;
     }
-    for (; j + v::kLanes <= end; j += v::kLanes) {
-      const v::vfloat t = labels ? v::load(labels + j) : v::splat(0.0f);
-      v::store_stream(out + j, gradient(v::load(logits + j), t));
-    }
+    for (; j + v::kLanes <= end; j += v::kLanes)
+      v::store_stream(out + j, gradient(v::load(logits + j), targets(j, v::kLanes)));
   }
-  for (; j + v::kLanes <= end; j += v::kLanes) {
-    const v::vfloat t = labels ? v::load(labels + j) : v::splat(0.0f);
-    v::store(out + j, gradient(v::load(logits + j), t));
-  }
+  for (; j + v::kLanes <= end; j += v::kLanes) v::store(out + j, gradient(v::load(logits + j), targets(j, v::kLanes)));
   if (j < end) {
     const int64_t n = end - j;
-    const v::vfloat t = labels ? v::load_partial(labels + j, n, 0.0f) : v::splat(0.0f);
-    v::store_partial(out + j, n, gradient(v::load_partial(logits + j, n, 0.0f), t));
+    v::store_partial(out + j, n, gradient(v::load_partial(logits + j, n, 0.0f), targets(j, n)));
   }
 }
 
@@ -432,7 +431,13 @@ void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin
     const int64_t y = static_cast<int64_t>(args.labels[r]);
     const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), label_weight(y, args.options),
                                             lse, A(1), grad_lse, classes, args.options);
-    // The target column is written apart so the two long loops stay branch-free.
+    if constexpr (kVectorized<T>) {
+      if (stride == 1) {
+        write_gradient_vectorized<T>(logits, nullptr, out, 0, classes, split, c.softmax_scale, c.target_scale,
+                                     c.uniform, stream, y);
+        continue;
+      }
+    }
     const A p_label = softmax_at(load_acc(logits[y * stride]), split);
     write_softmax_gradient(logits, out, stride, 0, y, split, c, stream);
     write_softmax_gradient(logits, out, stride, y + 1, classes, split, c, stream);
