@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #ifndef FX_TARGET_NS
 #define FX_TARGET_NS baseline
@@ -297,16 +298,15 @@ template <typename T>
 void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t begin, int64_t end,
                                const SplitLse<float>& lse, float a, float b, float u, bool stream = false,
                                int64_t target = -1) {
-  // exp(z - hi - lo) = exp(z - hi) * exp(-lo): the low part goes into the scale.
-  const float a_lo = static_cast<float>(a * std::exp(-static_cast<double>(lse.lo)));
-  const v::vfloat hi = v::splat(lse.hi), a_v = v::splat(a_lo), b_v = v::splat(b), u_v = v::splat(u);
+  const v::vfloat hi = v::splat(lse.hi), lo = v::splat(lse.lo), a_v = v::splat(a), b_v = v::splat(b),
+                 u_v = v::splat(u);
   auto targets = [&](int64_t j, int64_t n) {  // t for elements [j, j + n), n <= kLanes
     if (labels) return n == v::kLanes ? v::load(labels + j) : v::load_partial(labels + j, n, 0.0f);
     v::vfloat t = v::splat(0.0f);
     if (static_cast<uint64_t>(target - j) < static_cast<uint64_t>(n)) t[target - j] = 1.0f;
     return t;
   };
-  auto gradient = [&](v::vfloat z, v::vfloat t) { return a_v * v::exp_bounded(z - hi) - b_v * t - u_v; };
+  auto gradient = [&](v::vfloat z, v::vfloat t) { return a_v * v::exp_bounded((z - hi) - lo) - b_v * t - u_v; };
   int64_t j = begin;
   if (stream) {
     // Plain stores up to the first vector-aligned address, then aligned streaming stores.
