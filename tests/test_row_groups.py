@@ -123,6 +123,16 @@ def _same_values(batch, single):
     np.testing.assert_allclose(batch[finite], single[finite], rtol=1e-5, atol=1e-6)
 
 
+def _check_rows_one_at_a_time(loss_fn, labels, logits, grad_loss, options):
+    """A batch (row groups) gives each row what that row alone (per-row path) gives."""
+    loss, grad = loss_fn(labels, logits, grad_loss=grad_loss, **options)
+    for row in range(len(logits)):
+        one = slice(row, row + 1)
+        one_loss, one_grad = loss_fn(labels[one], logits[one], grad_loss=grad_loss[one], **options)
+        _same_values(loss[one], one_loss)
+        _same_values(grad[row], one_grad[0])
+
+
 @pytest.mark.parametrize("classes", [1, 2, 3, 8, 10, 31, 32])
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.2, "z_loss": 0.01, "ignore_index": 1}],
                          ids=lambda o: ",".join(o) or "defaults")
@@ -131,13 +141,7 @@ def test_sparse_groups_match_rows_one_at_a_time(classes, options):
     logits = _hard_logits(rng, classes)
     labels = rng.integers(0, classes, size=len(logits))
     grad_loss = rng.normal(size=len(logits)).astype(np.float32)
-    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss, **options)
-    for row in range(len(logits)):
-        one_loss, one_grad = fxnp.sparse_softmax_cross_entropy_with_logits(
-            labels[row : row + 1], logits[row : row + 1], grad_loss=grad_loss[row : row + 1], **options
-        )
-        _same_values(loss[row : row + 1], one_loss)
-        _same_values(grad[row], one_grad[0])
+    _check_rows_one_at_a_time(fxnp.sparse_softmax_cross_entropy_with_logits, labels, logits, grad_loss, options)
 
 
 @pytest.mark.parametrize("classes", [1, 2, 3, 8, 10, 31, 32])
@@ -148,13 +152,7 @@ def test_dense_groups_match_rows_one_at_a_time(classes, options):
     labels = rng.random(size=logits.shape).astype(np.float32)
     labels[:, 0] = 0.0  # keeps rows with -inf in class 0 finite where they can be
     grad_loss = rng.normal(size=len(logits)).astype(np.float32)
-    loss, grad = fxnp.softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss, **options)
-    for row in range(len(logits)):
-        one_loss, one_grad = fxnp.softmax_cross_entropy_with_logits(
-            labels[row : row + 1], logits[row : row + 1], grad_loss=grad_loss[row : row + 1], **options
-        )
-        _same_values(loss[row : row + 1], one_loss)
-        _same_values(grad[row], one_grad[0])
+    _check_rows_one_at_a_time(fxnp.softmax_cross_entropy_with_logits, labels, logits, grad_loss, options)
 
 
 @pytest.mark.parametrize("classes", [3, 10, 32])
