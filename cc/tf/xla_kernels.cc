@@ -14,6 +14,7 @@
 #if defined(FUSED_XENT_WITH_XLA)
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "tf/kernel_support.h"
@@ -266,6 +267,22 @@ TensorShape InputShape(XlaOpKernelContext* ctx, int index) {
 
 // --- Kernels ------------------------------------------------------------------
 
+// The start both sparse ops share: the logits' layout, the labels (input 1)
+// and class weights (input 2) checked, and the labels classified per row.
+absl::Status ReadSparseInputs(XlaOpKernelContext* ctx, int64_t axis, const Options& options,
+                              std::optional<Rows>* rows, TensorShape* row_shape, SparseLabels* labels) {
+  TensorShape logits_shape;
+  PrimitiveType acc;
+  TF_RETURN_IF_ERROR(Prepare(ctx, axis, &logits_shape, row_shape, &acc));
+  rows->emplace(ctx->builder(), logits_shape, axis, acc);
+  TF_RETURN_IF_ERROR(CheckShape(InputShape(ctx, 1), *row_shape, "labels", "logits without the class axis"));
+  const TensorShape weights_shape = InputShape(ctx, 2);
+  TF_RETURN_IF_ERROR(CheckClassWeights(weights_shape, (*rows)->classes()));
+  *labels = ClassifyLabels(**rows, ctx->Input(1), ctx->input_xla_type(1), ctx->Input(2),
+                           weights_shape.num_elements() != 0, *row_shape, options);
+  return absl::OkStatus();
+}
+
 class XlaKernelBase : public XlaOpKernel {
  public:
   XlaKernelBase(OpKernelConstruction* ctx, bool sparse) : XlaOpKernel(ctx) {
@@ -283,15 +300,12 @@ class SparseForwardXla : public XlaKernelBase {
   explicit SparseForwardXla(OpKernelConstruction* ctx) : XlaKernelBase(ctx, /*sparse=*/true) {}
 
   void Compile(XlaOpKernelContext* ctx) override {
-    TensorShape logits_shape, row_shape;
-    PrimitiveType acc;
-    OP_REQUIRES_OK(ctx, Prepare(ctx, axis_, &logits_shape, &row_shape, &acc));
-    const Rows rows(ctx->builder(), logits_shape, axis_, acc);
-    OP_REQUIRES_OK(ctx, CheckShape(InputShape(ctx, 1), row_shape, "labels", "logits without the class axis"));
-    const TensorShape weights_shape = InputShape(ctx, 2);
-    OP_REQUIRES_OK(ctx, CheckClassWeights(weights_shape, rows.classes()));
-    const SparseLabels labels = ClassifyLabels(rows, ctx->Input(1), ctx->input_xla_type(1), ctx->Input(2),
-                                               weights_shape.num_elements() != 0, row_shape, options_);
+    std::optional<Rows> maybe_rows;
+    TensorShape row_shape;
+    SparseLabels labels;
+    OP_REQUIRES_OK(ctx, ReadSparseInputs(ctx, axis_, options_, &maybe_rows, &row_shape, &labels));
+    const Rows& rows = *maybe_rows;
+    const PrimitiveType acc = rows.acc();
     const LogSumExp s = ComputeLogSumExp(rows, ctx->Input(0));
     const XlaOp z_label = rows.ToAcc(rows.AtClass(ctx->Input(0), labels.index));
     const XlaOp ce = CrossEntropy(rows, s, rows.Const(1), xla::Sub(s.shift, z_label), options_);
@@ -309,20 +323,17 @@ class SparseBackwardXla : public XlaKernelBase {
   explicit SparseBackwardXla(OpKernelConstruction* ctx) : XlaKernelBase(ctx, /*sparse=*/true) {}
 
   void Compile(XlaOpKernelContext* ctx) override {
-    TensorShape logits_shape, row_shape;
-    PrimitiveType acc;
-    OP_REQUIRES_OK(ctx, Prepare(ctx, axis_, &logits_shape, &row_shape, &acc));
-    const Rows rows(ctx->builder(), logits_shape, axis_, acc);
-    OP_REQUIRES_OK(ctx, CheckShape(InputShape(ctx, 1), row_shape, "labels", "logits without the class axis"));
-    const TensorShape weights_shape = InputShape(ctx, 2);
-    OP_REQUIRES_OK(ctx, CheckClassWeights(weights_shape, rows.classes()));
+    std::optional<Rows> maybe_rows;
+    TensorShape row_shape;
+    SparseLabels labels;
+    OP_REQUIRES_OK(ctx, ReadSparseInputs(ctx, axis_, options_, &maybe_rows, &row_shape, &labels));
+    const Rows& rows = *maybe_rows;
+    const PrimitiveType acc = rows.acc();
     OP_REQUIRES_OK(ctx, CheckShape(InputShape(ctx, 3), row_shape, "lse", "labels"));
     OP_REQUIRES_OK(ctx, CheckShape(InputShape(ctx, 4), row_shape, "grad_loss", "labels"));
     bool has_grad_lse;
     OP_REQUIRES_OK(ctx, CheckGradLse(InputShape(ctx, 5), row_shape, &has_grad_lse));
 
-    const SparseLabels labels = ClassifyLabels(rows, ctx->Input(1), ctx->input_xla_type(1), ctx->Input(2),
-                                               weights_shape.num_elements() != 0, row_shape, options_);
     const XlaOp lse = ctx->Input(3);
     const XlaOp grad_lse = ctx->Input(5);
     XlaOp scale = xla::Mul(rows.ToAcc(ctx->Input(4)), labels.weight);
