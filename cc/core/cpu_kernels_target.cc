@@ -28,6 +28,16 @@ constexpr bool kVectorized = std::is_same<Acc<T>, float>::value;
 // the block's max taken before its exponentials so the exp loop stays simple.
 constexpr int64_t kBlock = 512;
 
+// Streaming loops ask for the line kPrefetchBytes ahead, once per cache line:
+// with the exponentials between loads, the hardware prefetcher alone leaves
+// the loops 10-25% short of what they reach with it.
+constexpr int64_t kPrefetchBytes = 4096;
+
+template <typename T>
+FX_ALWAYS_INLINE void prefetch_ahead(const T* p, int64_t k) {
+  if (k % (64 / sizeof(T)) == 0) __builtin_prefetch(reinterpret_cast<const char*>(p + k) + kPrefetchBytes, 0, 0);
+}
+
 // A row of the logits (or dense labels) tensor: `count` elements `stride` apart.
 template <typename T>
 struct Row {
@@ -149,6 +159,7 @@ RowSums<float> block_sums_vectorized(const T* z, const T* labels, int64_t len, f
   };
   const int64_t full = len - len % v::kLanes;
   for (int64_t k = 0; k < full; k += v::kLanes) {
+    prefetch_ahead(z, k);
     const v::vfloat x = v::load(z + k);
     accumulate(x, x, kLabels ? v::load(labels + k) : v::splat(0.0f));
   }
@@ -227,6 +238,13 @@ bool read_block_once(const Row<T>& row, const Row<T>* labels, int64_t start, int
   return true;
 }
 
+// Max of the first vector of a contiguous row (of its first len elements if fewer).
+template <typename T>
+float leading_max(const T* p, int64_t len) {
+  const v::vfloat x = len >= v::kLanes ? v::load(p) : v::load_partial(p, len, negative_infinity<float>());
+  return v::reduce_nan_sticky_max(x);
+}
+
 // One read of a row of logits (and of dense labels when given), block by block.
 template <typename T>
 RowSums<Acc<T>> scan_row(const Row<T>& row, bool want_mean, const Row<T>* labels = nullptr) {
@@ -238,7 +256,12 @@ RowSums<Acc<T>> scan_row(const Row<T>& row, bool want_mean, const Row<T>* labels
   for (int64_t start = 0; start < row.count; start += kBlock) {
     const int64_t len = std::min(kBlock, row.count - start);
     if constexpr (kVectorized<T>) {
-      if (row.stride == 1 && read_block_once(row, labels, start, len, want_mean, inv_classes, &sums)) continue;
+      if (row.stride == 1) {
+        // The first block too is read once, relative to the max of its first vector.
+        if (start == 0) sums.max = leading_max(row.data, len);
+        if (read_block_once(row, labels, start, len, want_mean, inv_classes, &sums)) continue;
+        if (start == 0) sums = RowSums<A>{};
+      }
     }
     A block_max, label_max;
     const A* z = block_values(row, start, len, block, &block_max);
@@ -316,8 +339,10 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
       v::store_partial(out + j, head, gradient(v::load_partial(logits + j, head, 0.0f), targets(j, head)));
       j += head;
     }
-    for (; j + v::kLanes <= end; j += v::kLanes)
+    for (; j + v::kLanes <= end; j += v::kLanes) {
+      prefetch_ahead(logits, j);
       v::store_stream(out + j, gradient(v::load(logits + j), targets(j, v::kLanes)));
+    }
   }
   for (; j + v::kLanes <= end; j += v::kLanes) v::store(out + j, gradient(v::load(logits + j), targets(j, v::kLanes)));
   if (j < end) {
