@@ -41,6 +41,24 @@ def test_out_of_range_label_in_tf_function_and_gradient_only():
                 session.run(grad, {x: np.zeros((2, 5)), y: [1, -3]})
 
 
+@pytest.mark.parametrize("rows, classes", [(65536, 10), (4096, 700)])
+def test_first_invalid_label_is_named_when_rows_are_split_across_threads(rows, classes):
+    # Each shard of rows checks its own labels; the message must still name the first bad one.
+    from fused_xent._loader import load_op_library
+
+    labels = np.zeros(rows, np.int64)
+    labels[[rows // 3, rows // 2, rows - 1]] = [classes + 4, -2, classes]
+    logits = tf.zeros([rows, classes])
+    first = rf"label value of {classes + 4} "
+    with pytest.raises(tf.errors.InvalidArgumentError, match=first):
+        sparse(labels, logits)
+    attrs = dict(axis=-1, label_smoothing=0.0, z_loss=0.0, ignore_index=0, has_ignore_index=False)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=first):
+        load_op_library().fused_xent_sparse_softmax_cross_entropy_grad(
+            logits, labels, tf.zeros([0]), tf.zeros([rows], tf.float64), tf.ones([rows]), tf.zeros([0], tf.float64), **attrs
+        )
+
+
 def test_ignore_index_outside_range_is_accepted_but_other_values_are_not():
     loss = sparse([0, -100, 4, -100], LOGITS, ignore_index=-100)
     assert loss.numpy()[1] == 0 and loss.numpy()[3] == 0

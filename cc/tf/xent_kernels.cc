@@ -1,4 +1,6 @@
 // CPU OpKernels: validate inputs, fill the core's argument structs, shard rows.
+#include <atomic>
+#include <limits>
 #include <string>
 
 #include "tf/kernel_support.h"
@@ -18,14 +20,34 @@ using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 
 template <typename Label>
-absl::Status CheckLabels(const Tensor& labels, int64_t classes, const Options& options) {
-  const Label* data = labels.flat<Label>().data();
-  const int64_t bad = cpu::find_invalid_label(data, labels.NumElements(), classes, options);
-  if (bad < 0) return absl::OkStatus();
-  std::string message = absl::StrCat("Received a label value of ", static_cast<int64_t>(data[bad]),
+absl::Status InvalidLabelError(Label value, int64_t classes, const Options& options) {
+  std::string message = absl::StrCat("Received a label value of ", static_cast<int64_t>(value),
                                      " which is outside the valid range of [0, ", classes, ")");
   if (options.has_ignore_index) absl::StrAppend(&message, " and is not ignore_index (", options.ignore_index, ")");
   return absl::InvalidArgumentError(message);
+}
+
+// Runs kernel(args, begin, end) over the rows, each shard checking its own
+// labels first (in parallel, and they are read next anyway). The kernels give
+// an out-of-range label a NaN row without reading at it, so the op can fail
+// after the fact, naming the first invalid label.
+template <typename Args, typename Kernel>
+absl::Status ShardSparseRows(OpKernelContext* ctx, const Args& args, const Kernel& kernel) {
+  const int64_t none = std::numeric_limits<int64_t>::max();
+  std::atomic<int64_t> first_invalid{none};
+  ShardRows(ctx, args.layout.rows(), cpu::row_cost_cycles(args.layout.classes),
+            [&](int64_t begin, int64_t end) {
+              const int64_t bad =
+                  cpu::find_invalid_label(args.labels + begin, end - begin, args.layout.classes, args.options);
+              if (bad >= 0) {
+                int64_t seen = first_invalid.load();
+                while (begin + bad < seen && !first_invalid.compare_exchange_weak(seen, begin + bad)) {
+                }
+              }
+              kernel(args, begin, end);
+            });
+  if (first_invalid.load() == none) return absl::OkStatus();
+  return InvalidLabelError(args.labels[first_invalid.load()], args.layout.classes, args.options);
 }
 
 template <typename T, typename Label>
@@ -39,9 +61,9 @@ class SparseForwardOp : public OpKernel {
     SparseForwardArgs<CoreType<T>, Label> args;
     args.options = options_;
     OP_REQUIRES_OK(ctx, (PrepareSparseForward<T, Label>(ctx, axis_, &args)));
-    OP_REQUIRES_OK(ctx, CheckLabels<Label>(ctx->input(1), args.layout.classes, args.options));
-    ShardRows(ctx, args.layout.rows(), cpu::row_cost_cycles(args.layout.classes),
-              [&args](int64_t begin, int64_t end) { cpu::sparse_forward(args, begin, end); });
+    OP_REQUIRES_OK(ctx, ShardSparseRows(ctx, args, [](const auto& a, int64_t begin, int64_t end) {
+                     cpu::sparse_forward(a, begin, end);
+                   }));
   }
 
  private:
@@ -60,9 +82,9 @@ class SparseBackwardOp : public OpKernel {
     SparseBackwardArgs<CoreType<T>, Label> args;
     args.options = options_;
     OP_REQUIRES_OK(ctx, (PrepareSparseBackward<T, Label>(ctx, axis_, &args, ForwardOrPoolGradient)));
-    OP_REQUIRES_OK(ctx, CheckLabels<Label>(ctx->input(1), args.layout.classes, args.options));
-    ShardRows(ctx, args.layout.rows(), cpu::row_cost_cycles(args.layout.classes),
-              [&args](int64_t begin, int64_t end) { cpu::sparse_backward(args, begin, end); });
+    OP_REQUIRES_OK(ctx, ShardSparseRows(ctx, args, [](const auto& a, int64_t begin, int64_t end) {
+                     cpu::sparse_backward(a, begin, end);
+                   }));
   }
 
  private:
