@@ -160,6 +160,7 @@ RowSums<float> block_sums_vectorized(const T* z, const T* labels, int64_t len, f
   const int64_t full = len - len % v::kLanes;
   for (int64_t k = 0; k < full; k += v::kLanes) {
     prefetch_ahead(z, k);
+    if (kLabels) prefetch_ahead(labels, k);
     const v::vfloat x = v::load(z + k);
     accumulate(x, x, kLabels ? v::load(labels + k) : v::splat(0.0f));
   }
@@ -283,7 +284,10 @@ template <typename T>
 float contiguous_sum(const T* values, int64_t len) {
   v::vfloat sum = v::splat(0.0f);
   int64_t k = 0;
-  for (; k + v::kLanes <= len; k += v::kLanes) sum += v::load(values + k);
+  for (; k + v::kLanes <= len; k += v::kLanes) {
+    prefetch_ahead(values, k);
+    sum += v::load(values + k);
+  }
   if (k < len) sum += v::load_partial(values + k, len - k, 0.0f);
   return v::reduce_add(sum);
 }
