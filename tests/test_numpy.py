@@ -36,6 +36,20 @@ def test_sparse_matches_reference(dtype, shape):
     assert_close(grad, ref_grad, _name(dtype), scale=2)
 
 
+@pytest.mark.parametrize("shape", [(64, 3000), (4096, 10), (2, 40000)])
+def test_float32_is_within_a_few_roundings_of_float64(shape):
+    # Far tighter than the tolerance the other tests use (2e-6): the vector exp
+    # and the sums must stay within a few float32 roundings of the exact result.
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=shape) * 4).astype(np.float32)
+    labels = rng.integers(0, shape[-1], size=shape[:-1])
+    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, grad_loss=np.ones(shape[0], np.float32))
+    ref_loss, ref_grad = reference.sparse(labels, logits.astype(np.float64), grad_loss=np.ones(shape[0]))
+    loss_error = np.abs(loss - ref_loss) / np.maximum(1.0, np.abs(ref_loss))
+    assert loss_error.max() < 6e-7, loss_error.max()
+    assert np.abs(grad - ref_grad).max() < 6e-7  # |grad| <= 1: a few roundings of 1
+
+
 @pytest.mark.parametrize(
     "options",
     [{"label_smoothing": 0.2}, {"z_loss": 0.01}, {"ignore_index": 3}, {"class_weights": np.arange(1, 8) / 3.0}],

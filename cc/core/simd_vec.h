@@ -188,7 +188,7 @@ FX_ALWAYS_INLINE vfloat max_or_nan(vfloat lo, vfloat x) {
 // exp(x) for x in [-88, 88.3], before any handling of the range's ends:
 // x = n ln2 + r with |r| <= ln(2)/2 (Cody-Waite, ln 2 in two parts), then
 // exp(r) = 1 + r + r^2 q(r) with q of degree 3 fitted for relative error
-// (1.1e-7 in exact arithmetic, 2.1e-7 measured in float: under 2 ulp), times
+// (1.1e-7 in exact arithmetic, 2.1e-7 measured in float), times
 // 2^n. Adding 1.5 * 2^23 + 127 rounds x / ln 2 to n and leaves n + 127, the
 // biased exponent of 2^n, in the low bits: one shift makes 2^n. At x = -88,
 // n = -127 sets the exponent field to 0: the result flushes to 0.
