@@ -1,7 +1,7 @@
 """Gradient buffers from the CPU backward kernels' pool (cc/core/buffer_pool.h).
 
 When TensorFlow cannot let the gradient overwrite the logits (they are held
-elsewhere) and the gradient takes at least 16 MiB, it goes into a recycled
+elsewhere) and the gradient takes at least 1 MiB, it goes into a recycled
 block. These tests hold the logits so that the pool is used, and check the
 values, that live gradients never share a block, the FUSED_XENT_BUFFER_CACHE_MB
 switch, and the page faults the cache saves."""
@@ -22,7 +22,7 @@ from conftest import assert_close, tf_or_skip
 tf = tf_or_skip()
 import fused_xent  # noqa: E402
 
-# 20 MB and 17 MB: above the pool's 16 MiB threshold.
+# 20 MB and 17 MB: well above the pool's 1 MiB threshold.
 SHAPES = {"float32": (256, 20000), "bfloat16": (256, 33000)}
 RESULT = "RESULT "
 
@@ -124,7 +124,7 @@ import reference
 from conftest import assert_close
 
 rng = np.random.default_rng(0)
-rows, classes = 256, 20000
+rows, classes = int(sys.argv[1]), int(sys.argv[2])
 logits = tf.constant(rng.normal(size=(rows, classes)).astype(np.float32))
 labels = rng.integers(0, classes, size=rows)
 targets = tf.nn.softmax(tf.constant(rng.normal(size=(rows, classes)).astype(np.float32)))
@@ -158,11 +158,12 @@ print("RESULT " + json.dumps({"faults": faults, "pages": rows * classes * 4 // 4
 """
 
 
-def _run_child(cache_mb):
+def _run_child(cache_mb, shape=(256, 20000)):
     if not sys.platform.startswith("linux"):
         pytest.skip("the pool caches blocks on Linux only; page faults are counted there")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", FUSED_XENT_BUFFER_CACHE_MB=str(cache_mb))
-    process = subprocess.run([sys.executable, "-c", textwrap.dedent(CHILD)], cwd=Path(__file__).parent, env=env,
+    command = [sys.executable, "-c", textwrap.dedent(CHILD), *map(str, shape)]
+    process = subprocess.run(command, cwd=Path(__file__).parent, env=env,
                              capture_output=True, text=True, timeout=300)
     lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT)]
     assert lines, f"exit status {process.returncode}\n{process.stdout[-3000:]}\n{process.stderr[-5000:]}"
@@ -171,15 +172,21 @@ def _run_child(cache_mb):
     return result
 
 
-def test_cache_saves_page_faults():
-    result = _run_child(1024)
+# 20 MB (5000 pages), and 4 MB (1024 pages): gradients of a few MB are recycled too.
+SIZES = [(256, 20000), (16384, 64)]
+
+
+@pytest.mark.parametrize("shape", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cache_saves_page_faults(shape):
+    result = _run_child(1024, shape)
     for name, faults in result["faults"].items():
-        # Without the cache a fresh gradient faults in all its pages (5000 here).
+        # Without the cache a fresh gradient faults in all its pages.
         assert faults < result["pages"] / 8, (name, result)
 
 
-def test_cache_off_still_gives_correct_gradients():
-    result = _run_child(0)  # the child checks the gradients' values
+@pytest.mark.parametrize("shape", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cache_off_still_gives_correct_gradients(shape):
+    result = _run_child(0, shape)  # the child checks the gradients' values
     if result["thp_off"]:
         # Every call maps a fresh block: the switch really turns the cache off.
         for name, faults in result["faults"].items():

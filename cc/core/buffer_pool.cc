@@ -96,7 +96,7 @@ void* acquire(size_t bytes, size_t* capacity) {
   {
     std::lock_guard<std::mutex> lock(p.mu);
     for (auto it = p.idle.rbegin(); it != p.idle.rend(); ++it) {  // most recently released (warmest) first
-      if (it->capacity >= bytes && it->capacity - bytes <= bytes / 8) {
+      if (it->capacity >= bytes && it->capacity - bytes <= std::max(bytes / 8, kHugePageBytes)) {
         const Block b = *it;
         p.idle.erase(std::next(it).base());
         p.idle_bytes -= b.capacity;

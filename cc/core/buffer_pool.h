@@ -8,13 +8,14 @@
 // recycled one costs neither. Thread-safe.
 //
 // Only requests of at least kMinPooledBytes are served. An idle block is reused
-// for a request when its capacity is at most 1/8 larger than the request;
+// for a request when its capacity exceeds the request by at most 1/8 or by at
+// most one 2 MiB huge page (capacities are rounded up to whole huge pages);
 // released blocks stay idle, at most 2 of them and at most
 // FUSED_XENT_BUFFER_CACHE_MB MiB together (read once; default 1024, 0 turns
 // the cache off), the least recently released being unmapped first.
 namespace fused_xent::buffer_pool {
 
-constexpr size_t kMinPooledBytes = size_t{16} << 20;
+constexpr size_t kMinPooledBytes = size_t{1} << 20;
 
 // A block of at least `bytes` bytes (its size in *capacity), or nullptr when
 // `bytes` is below kMinPooledBytes or no memory could be mapped.
