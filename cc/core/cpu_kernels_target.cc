@@ -148,13 +148,16 @@ RowSums<float> block_sums_vectorized(const T* z, const T* labels, int64_t len, f
   const v::vfloat ref_v = v::splat(ref);
   v::vfloat top = v::splat(negative_infinity<float>());
   v::vfloat sum_exp = v::splat(0.0f), gap = v::splat(0.0f), label_sum = v::splat(0.0f), label_gap = v::splat(0.0f);
+  // gap and label_gap accumulate the negated terms, sum(z - ref) and sum t (z - ref),
+  // sharing z - ref with the exponential.
   auto accumulate = [&](v::vfloat x, v::vfloat x_for_gap, v::vfloat t) {
     if (kTrackMax) top = v::max_fast(top, x);
     sum_exp += v::exp_bounded(x - ref_v);
-    if (kWantMean) gap += ref_v - x_for_gap;
+    const v::vfloat d = x_for_gap - ref_v;
+    if (kWantMean) gap += d;
     if (kLabels) {
       label_sum += t;
-      label_gap += v::select(t != 0.0f, t * (ref_v - x_for_gap), v::splat(0.0f));
+      label_gap += t * v::select(t != 0.0f, d, v::splat(0.0f));  // t = 0 adds 0 even where z = -inf
     }
   };
   const int64_t full = len - len % v::kLanes;
@@ -174,11 +177,11 @@ RowSums<float> block_sums_vectorized(const T* z, const T* labels, int64_t len, f
   sums.sum_exp = v::reduce_add(sum_exp);
   if (kWantMean) {
     sums.count = static_cast<float>(len) * inv_classes;
-    sums.gap = v::reduce_add(gap) * inv_classes;
+    sums.gap = -v::reduce_add(gap) * inv_classes;
   }
   if (kLabels) {
     sums.label_sum = v::reduce_add(label_sum);
-    sums.label_gap = v::reduce_add(label_gap);
+    sums.label_gap = -v::reduce_add(label_gap);
   }
   return sums;
 }
@@ -324,7 +327,7 @@ bool use_streaming_stores(const Layout& layout) {
 template <typename T>
 void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t begin, int64_t end,
                                const SplitLse<float>& lse, float a, float b, float u, bool stream = false,
-                               int64_t target = -1) {
+                               int64_t target = -1, const T* next_labels = nullptr) {
   const v::vfloat hi = v::splat(lse.hi), lo = v::splat(lse.lo), a_v = v::splat(a), b_v = v::splat(b),
                  u_v = v::splat(u);
   auto targets = [&](int64_t j, int64_t n) {  // t for elements [j, j + n), n <= kLanes
@@ -345,6 +348,7 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
     }
     for (; j + v::kLanes <= end; j += v::kLanes) {
       prefetch_ahead(logits, j);
+      if (next_labels && j % (64 / sizeof(T)) == 0) __builtin_prefetch(next_labels + j, 0, 2);
       v::store_stream(out + j, gradient(v::load(logits + j), targets(j, v::kLanes)));
     }
   }
@@ -512,8 +516,11 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
                                             layout.classes, args.options);
     if constexpr (kVectorized<T>) {
       if (stride == 1) {
+        // The next row's labels are summed before its gradient is written: ask for
+        // them while this row streams, so that sum reads from L2, not memory.
+        const T* next_labels = r + 1 < row_end ? args.labels + layout.row_offset(r + 1) : nullptr;
         write_gradient_vectorized<T>(logits, labels.data, out, 0, layout.classes, split, c.softmax_scale,
-                                     c.target_scale, c.uniform, stream);
+                                     c.target_scale, c.uniform, stream, -1, next_labels);
         continue;
       }
     }
