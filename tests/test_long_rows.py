@@ -1,6 +1,7 @@
-"""Long rows, read in blocks: the CPU forward reads each block after the first once,
-relative to the running max of the blocks before, and falls back to two reads when a
-block's max jumps far above it, is +inf or NaN. Each row below steers one of those paths."""
+"""Long rows, read in blocks: the CPU forward reads each block once, relative to the
+running max of what came before (for the first block, the max of its first vector), and
+falls back to two reads when a block's max jumps far above it, is +inf or NaN. Each row
+below steers one of those paths."""
 
 import numpy as np
 import pytest
@@ -14,16 +15,16 @@ try:
 except ImportError:
     ml_dtypes = None
 
-CLASSES = 3000  # six blocks of 512
-BLOCK = 512
+CLASSES = 12000  # six blocks of 2048, the last one partial
+BLOCK = 2048
 DTYPES = [np.float32, np.float16] + ([ml_dtypes.bfloat16] if ml_dtypes else [])
 
 
 def _rows(dtype):
     rng = np.random.default_rng(11)
-    z = rng.normal(size=(12, CLASSES)) * 2
+    z = rng.normal(size=(14, CLASSES)) * 2
     j = np.arange(CLASSES)
-    z[0] = j * 0.05                        # max rises every block, less than the fallback margin
+    z[0] = j * 0.02                        # max rises every block, less than the fallback margin
     z[1, 3 * BLOCK + 7] = 150.0            # one block jumps far above the running max
     z[2, 4 * BLOCK + 1] = np.nan           # NaN in a later block
     z[3, 2 * BLOCK + 5] = np.inf           # +inf in a later block
@@ -35,6 +36,8 @@ def _rows(dtype):
     z[9, -1] = 60.0                        # the max in the last, partial block
     z[10, 2 * BLOCK:] += 63.0              # a rise just under the fallback margin
     z[11, 2 * BLOCK:] += 65.0              # and just over it
+    z[12, 700] = 90.0                      # the first block rises far above its first vector
+    z[13, :8] = -np.inf                    # first vector all -inf: no reference max yet
     if np.dtype(dtype) == np.float16:
         z = np.where(np.isfinite(z), np.clip(z, -6e4, 6e4), z)
         z[7] = rng.normal(size=CLASSES) * 50 + 1e3
@@ -43,7 +46,7 @@ def _rows(dtype):
 
 def _check_finite(loss, options):
     # Smoothing puts weight on every class: a -inf logit makes that loss +inf.
-    finite = [0, 1, 6, 8, 9, 10, 11] + ([] if options else [4, 5])
+    finite = [0, 1, 6, 8, 9, 10, 11, 12] + ([] if options else [4, 5, 13])
     assert np.isfinite(loss[finite]).all(), loss
 
 
@@ -57,7 +60,7 @@ def test_sparse_long_rows(dtype, options):
     logits = _rows(dtype)
     labels = np.random.default_rng(12).integers(0, CLASSES, size=len(logits))
     labels[1] = 3 * BLOCK + 7
-    labels[4], labels[5] = BLOCK + 3, 0  # not on a -inf logit
+    labels[4], labels[5], labels[13] = BLOCK + 3, 0, 100  # not on a -inf logit
     grad_loss = np.linspace(-1.0, 2.0, len(logits)).astype(np.float32)
     loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss.astype(dtype),
                                                               **options)
@@ -81,6 +84,7 @@ def test_dense_long_rows(dtype, options):
     labels[:, ::7] = 0.0
     labels[4, :BLOCK] = 0.0  # no target mass on the -inf logits
     labels[5, BLOCK:2 * BLOCK] = 0.0
+    labels[13, :8] = 0.0
     labels = (labels / labels.sum(-1, keepdims=True)).astype(dtype)
     grad_loss = np.linspace(-1.0, 2.0, len(logits)).astype(dtype)
     loss, grad = fxnp.softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss, **options)

