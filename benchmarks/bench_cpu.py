@@ -315,6 +315,7 @@ def markdown(result):
         "",
         "Forward + backward of a mean loss, median milliseconds; floor = 3·N·C·itemsize / copy bandwidth for sparse",
         "labels, 5·N·C·itemsize / copy bandwidth for dense labels (the labels are read by both passes).",
+        "Over 100% is possible: the floor is set by a NumPy copy, which is not the fastest way this machine can move memory.",
         "",
         "| labels | logits | N×C | fused ms | tf.nn ms | tf.nn+XLA ms | fused vs tf.nn | fused vs tf.nn+XLA "
         "| fused, of floor | fused+XLA ms | fused+XLA vs tf.nn+XLA |",
