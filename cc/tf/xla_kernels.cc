@@ -294,17 +294,32 @@ class XlaKernelBase : public XlaOpKernel {
   int64_t axis_ = -1;
 };
 
-// Inputs: logits, labels, class_weights. Outputs: loss, lse.
-class SparseForwardXla : public XlaKernelBase {
+// The sparse ops: Compile reads and checks the shared inputs, then hands them on.
+class SparseXlaKernel : public XlaKernelBase {
  public:
-  explicit SparseForwardXla(OpKernelConstruction* ctx) : XlaKernelBase(ctx, /*sparse=*/true) {}
+  explicit SparseXlaKernel(OpKernelConstruction* ctx) : XlaKernelBase(ctx, /*sparse=*/true) {}
 
-  void Compile(XlaOpKernelContext* ctx) override {
-    std::optional<Rows> maybe_rows;
+  void Compile(XlaOpKernelContext* ctx) final {
+    std::optional<Rows> rows;
     TensorShape row_shape;
     SparseLabels labels;
-    OP_REQUIRES_OK(ctx, ReadSparseInputs(ctx, axis_, options_, &maybe_rows, &row_shape, &labels));
-    const Rows& rows = *maybe_rows;
+    OP_REQUIRES_OK(ctx, ReadSparseInputs(ctx, axis_, options_, &rows, &row_shape, &labels));
+    CompileSparse(ctx, *rows, row_shape, labels);
+  }
+
+ protected:
+  virtual void CompileSparse(XlaOpKernelContext* ctx, const Rows& rows, const TensorShape& row_shape,
+                             const SparseLabels& labels) = 0;
+};
+
+// Inputs: logits, labels, class_weights. Outputs: loss, lse.
+class SparseForwardXla : public SparseXlaKernel {
+ public:
+  explicit SparseForwardXla(OpKernelConstruction* ctx) : SparseXlaKernel(ctx) {}
+
+ protected:
+  void CompileSparse(XlaOpKernelContext* ctx, const Rows& rows, const TensorShape& row_shape,
+                     const SparseLabels& labels) override {
     const PrimitiveType acc = rows.acc();
     const LogSumExp s = ComputeLogSumExp(rows, ctx->Input(0));
     const XlaOp z_label = rows.ToAcc(rows.AtClass(ctx->Input(0), labels.index));
@@ -318,16 +333,13 @@ class SparseForwardXla : public XlaKernelBase {
 };
 
 // Inputs: logits, labels, class_weights, lse, grad_loss, grad_lse. Output: grad_logits.
-class SparseBackwardXla : public XlaKernelBase {
+class SparseBackwardXla : public SparseXlaKernel {
  public:
-  explicit SparseBackwardXla(OpKernelConstruction* ctx) : XlaKernelBase(ctx, /*sparse=*/true) {}
+  explicit SparseBackwardXla(OpKernelConstruction* ctx) : SparseXlaKernel(ctx) {}
 
-  void Compile(XlaOpKernelContext* ctx) override {
-    std::optional<Rows> maybe_rows;
-    TensorShape row_shape;
-    SparseLabels labels;
-    OP_REQUIRES_OK(ctx, ReadSparseInputs(ctx, axis_, options_, &maybe_rows, &row_shape, &labels));
-    const Rows& rows = *maybe_rows;
+ protected:
+  void CompileSparse(XlaOpKernelContext* ctx, const Rows& rows, const TensorShape& row_shape,
+                     const SparseLabels& labels) override {
     const PrimitiveType acc = rows.acc();
     OP_REQUIRES_OK(ctx, CheckShape(InputShape(ctx, 3), row_shape, "lse", "labels"));
     OP_REQUIRES_OK(ctx, CheckShape(InputShape(ctx, 4), row_shape, "grad_loss", "labels"));
