@@ -35,9 +35,11 @@ constexpr int64_t kBlock = 2048;
 // the loops 10-25% short of what they reach with it.
 constexpr int64_t kPrefetchBytes = 4096;
 
-template <typename T>
-FX_ALWAYS_INLINE void prefetch_ahead(const T* p, int64_t k) {
-  if (k % (64 / sizeof(T)) == 0) __builtin_prefetch(reinterpret_cast<const char*>(p + k) + kPrefetchBytes, 0, 0);
+// At element k of a loop over p: asks for the line `distance` bytes ahead, once
+// per cache line, into L1 (kLocality 0) or L2 (kLocality 2).
+template <int kLocality = 0, typename T>
+FX_ALWAYS_INLINE void prefetch_ahead(const T* p, int64_t k, int64_t distance = kPrefetchBytes) {
+  if (k % (64 / sizeof(T)) == 0) __builtin_prefetch(reinterpret_cast<const char*>(p + k) + distance, 0, kLocality);
 }
 
 // A row of the logits (or dense labels) tensor: `count` elements `stride` apart.
@@ -370,7 +372,7 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
     }
     for (; j + v::kLanes <= end; j += v::kLanes) {
       prefetch_ahead(logits, j);
-      if (next_labels && j % (64 / sizeof(T)) == 0) __builtin_prefetch(next_labels + j, 0, 2);
+      if (next_labels) prefetch_ahead<2>(next_labels, j, 0);
       v::store_stream(out + j, gradient(v::load(logits + j), targets(j, v::kLanes)));
     }
   }
