@@ -190,6 +190,30 @@ def test_nan_stays_in_its_row():
     assert np.isnan(dense[0]) and np.isfinite(dense[1])
 
 
+def test_nan_fills_its_row_of_a_bfloat16_gradient_whatever_its_bits():
+    # NaNs whose low bits are set (as a float64 or float32 NaN may have) must not
+    # round into infinity or zero on the way to bfloat16.
+    rows, classes = 5, 67
+    logits = np.random.default_rng(0).normal(size=(rows, classes)).astype(np.float32)
+    logits[4, 20] = np.nan
+    wide_nan = np.frombuffer(np.uint64(0x7FFFFFFFFFFFFFFF).tobytes(), np.float64)[0]
+    lse = np.full([rows], 5.0)
+    lse[1] = wide_nan
+    grad_loss = np.ones([rows], np.float32)
+    grad_loss[2] = np.nan
+    grad_lse = np.zeros([rows])
+    grad_lse[3] = wide_nan
+    attrs = dict(axis=-1, label_smoothing=0.0, z_loss=0.0, ignore_index=0, has_ignore_index=False)
+    grad = fused_xent._loader.load_op_library().fused_xent_sparse_softmax_cross_entropy_grad(
+        tf.constant(logits, tf.bfloat16), tf.constant([3, 30, 47, 66, 0]), tf.zeros([0]), lse,
+        tf.constant(grad_loss, tf.bfloat16), grad_lse, **attrs
+    )
+    grad = tf.cast(grad, tf.float32).numpy()
+    assert np.isfinite(grad[0]).all()
+    assert np.isnan(grad[1:4]).all(), np.argwhere(~np.isnan(grad[1:4]))
+    assert np.isnan(grad[4, 20])  # the lse given is finite: only that element is NaN
+
+
 def test_negative_infinity_off_target():
     x = tf.constant([[0.0, -np.inf, 1.0], [-np.inf, 2.0, -np.inf]])
     labels = np.array([0, 1])

@@ -24,6 +24,10 @@ namespace v = ::fused_xent::simd::FX_TARGET_NS;
 template <typename T>
 constexpr bool kVectorized = std::is_same<Acc<T>, float>::value;
 
+// bfloat16 rows are converted two vectors at a time where that saves work.
+template <typename T>
+constexpr bool kPaired = std::is_same<T, bfloat16_t>::value && v::kPairsReorder;
+
 // Rows are read in blocks small enough for L1 (8 KB of float), so that a block
 // that must be read twice is read again from there, and large enough that the
 // per-block reductions and merges cost little (the forward ran 12-20% faster
@@ -35,11 +39,15 @@ constexpr int64_t kBlock = 2048;
 // the loops 10-25% short of what they reach with it.
 constexpr int64_t kPrefetchBytes = 4096;
 
-// At element k of a loop over p: asks for the line `distance` bytes ahead, once
-// per cache line, into L1 (kLocality 0) or L2 (kLocality 2).
+// At element k of a loop over p that advances `step` elements at a time (at
+// most a cache line): asks for the line `distance` bytes ahead, once per cache
+// line whatever p's alignment, into L1 (kLocality 0) or L2 (kLocality 2).
 template <int kLocality = 0, typename T>
-FX_ALWAYS_INLINE void prefetch_ahead(const T* p, int64_t k, int64_t distance = kPrefetchBytes) {
-  if (k % (64 / sizeof(T)) == 0) __builtin_prefetch(reinterpret_cast<const char*>(p + k) + distance, 0, kLocality);
+FX_ALWAYS_INLINE void prefetch_ahead(const T* p, int64_t k, int64_t distance = kPrefetchBytes,
+                                     int64_t step = v::kLanes) {
+  const char* at = reinterpret_cast<const char*>(p + k);
+  if (reinterpret_cast<uintptr_t>(at) % 64 < static_cast<uintptr_t>(step) * sizeof(T))
+    __builtin_prefetch(at + distance, 0, kLocality);
 }
 
 // A row of the logits (or dense labels) tensor: `count` elements `stride` apart.
@@ -182,7 +190,19 @@ RowSums<float> block_sums_vectorized(const T* z, const T* labels, int64_t len, f
   const int64_t full = len - len % v::kLanes;
   for (int64_t chunk = 0; chunk < full; chunk += kChunk) {
     const int64_t chunk_end = std::min(full, chunk + kChunk);
-    for (int64_t k = chunk; k < chunk_end; k += v::kLanes) {
+    int64_t k = chunk;
+    if constexpr (kPaired<T>) {
+      for (; k + 2 * v::kLanes <= chunk_end; k += 2 * v::kLanes) {
+        prefetch_ahead(z, k, kPrefetchBytes, 2 * v::kLanes);
+        if (kLabels) prefetch_ahead(labels, k, kPrefetchBytes, 2 * v::kLanes);
+        v::vfloat x0, x1, t0 = v::splat(0.0f), t1 = v::splat(0.0f);
+        v::load_pair(z + k, &x0, &x1);
+        if (kLabels) v::load_pair(labels + k, &t0, &t1);
+        accumulate(x0, x0, t0);
+        accumulate(x1, x1, t1);
+      }
+    }
+    for (; k < chunk_end; k += v::kLanes) {
       prefetch_ahead(z, k);
       if (kLabels) prefetch_ahead(labels, k);
       const v::vfloat x = v::load(z + k);
@@ -352,8 +372,13 @@ template <typename T>
 void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t begin, int64_t end,
                                const SplitLse<float>& lse, float a, float b, float u, bool stream = false,
                                int64_t target = -1, const T* next_labels = nullptr) {
-  const v::vfloat hi = v::splat(lse.hi), lo = v::splat(lse.lo), a_v = v::splat(a), b_v = v::splat(b),
-                 u_v = v::splat(u);
+  constexpr int64_t kStep = kPaired<T> ? 2 * v::kLanes : v::kLanes;  // elements per loop step
+  // The pairs' stores want narrow NaNs: the only other NaNs that could reach
+  // them are the row's scalars', made narrow here.
+  const float narrow_nan = quiet_nan<float>();
+  auto narrow = [&](float x) { return kPaired<T> && x != x ? narrow_nan : x; };
+  const v::vfloat hi = v::splat(narrow(lse.hi)), lo = v::splat(narrow(lse.lo)), a_v = v::splat(narrow(a)),
+                 b_v = v::splat(narrow(b)), u_v = v::splat(narrow(u));
   auto targets = [&](int64_t j, int64_t n) {  // t for elements [j, j + n), n <= kLanes
     if (labels) return n == v::kLanes ? v::load(labels + j) : v::load_partial(labels + j, n, 0.0f);
     v::vfloat t = v::splat(0.0f);
@@ -361,26 +386,55 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
     return t;
   };
   auto gradient = [&](v::vfloat z, v::vfloat t) { return a_v * v::exp_bounded((z - hi) - lo) - b_v * t - u_v; };
+  // Up to one vector from j, with plain stores.
+  auto write_vector = [&](int64_t j, int64_t n) {
+    if (n == v::kLanes) {
+      v::store(out + j, gradient(v::load(logits + j), targets(j, n)));
+    } else {
+      v::store_partial(out + j, n, gradient(v::load_partial(logits + j, n, 0.0f), targets(j, n)));
+    }
+  };
+  // kStep elements from j.
+  auto write_step = [&](int64_t j, bool streaming) {
+    if constexpr (kPaired<T>) {
+      v::vfloat z0, z1, t0 = v::splat(0.0f), t1 = v::splat(0.0f);
+      v::load_pair(logits + j, &z0, &z1);
+      if (labels) {
+        v::load_pair(labels + j, &t0, &t1);
+      } else if (static_cast<uint64_t>(target - j) < static_cast<uint64_t>(kStep)) {
+        const int slot = v::pair_slot(static_cast<int>(target - j));
+        if (slot < v::kLanes) {
+          t0[slot] = 1.0f;
+        } else {
+          t1[slot - v::kLanes] = 1.0f;
+        }
+      }
+      if (streaming) {
+        v::store_pair_stream(out + j, gradient(z0, t0), gradient(z1, t1));
+      } else {
+        v::store_pair(out + j, gradient(z0, t0), gradient(z1, t1));
+      }
+    } else if (streaming) {
+      v::store_stream(out + j, gradient(v::load(logits + j), targets(j, v::kLanes)));
+    } else {
+      v::store(out + j, gradient(v::load(logits + j), targets(j, v::kLanes)));
+    }
+  };
   int64_t j = begin;
   if (stream) {
-    // Plain stores up to the first vector-aligned address, then aligned streaming stores.
-    const int64_t misaligned = (reinterpret_cast<uintptr_t>(out + j) / sizeof(T)) % v::kLanes;
-    const int64_t head = std::min(end - j, misaligned ? v::kLanes - misaligned : int64_t{0});
-    if (head > 0) {
-      v::store_partial(out + j, head, gradient(v::load_partial(logits + j, head, 0.0f), targets(j, head)));
-      j += head;
-    }
-    for (; j + v::kLanes <= end; j += v::kLanes) {
-      prefetch_ahead(logits, j);
-      if (next_labels) prefetch_ahead<2>(next_labels, j, 0);
-      v::store_stream(out + j, gradient(v::load(logits + j), targets(j, v::kLanes)));
+    // Plain stores up to the first address aligned to a step, then aligned streaming stores.
+    const int64_t misaligned = (reinterpret_cast<uintptr_t>(out + j) / sizeof(T)) % kStep;
+    const int64_t head_end = std::min(end, j + (misaligned ? kStep - misaligned : 0));
+    for (; j < head_end; j += v::kLanes) write_vector(j, std::min<int64_t>(v::kLanes, head_end - j));
+    j = head_end;
+    for (; j + kStep <= end; j += kStep) {
+      prefetch_ahead(logits, j, kPrefetchBytes, kStep);
+      if (next_labels) prefetch_ahead<2>(next_labels, j, 0, kStep);
+      write_step(j, true);
     }
   }
-  for (; j + v::kLanes <= end; j += v::kLanes) v::store(out + j, gradient(v::load(logits + j), targets(j, v::kLanes)));
-  if (j < end) {
-    const int64_t n = end - j;
-    v::store_partial(out + j, n, gradient(v::load_partial(logits + j, n, 0.0f), targets(j, n)));
-  }
+  for (; j + kStep <= end; j += kStep) write_step(j, false);
+  for (; j < end; j += v::kLanes) write_vector(j, std::min<int64_t>(v::kLanes, end - j));
 }
 
 template <typename T>

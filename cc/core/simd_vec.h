@@ -66,15 +66,26 @@ FX_ALWAYS_INLINE vhalf_bits narrow_to_16_bits(vuint u) {
 #endif
 }
 
-// float -> bfloat16 bits, rounding to nearest even; NaN stays a NaN (its
-// quiet bit set, so cutting the low bits cannot turn it into infinity).
-FX_ALWAYS_INLINE vhalf_bits to_bits(vfloat v, const bfloat16_t*) {
+// float -> bfloat16 bits in the low half of each lane, rounding to nearest
+// even; NaN stays a NaN (its quiet bit set, so cutting the low bits cannot
+// turn it into infinity).
+FX_ALWAYS_INLINE vuint bfloat16_bits_in_lanes(vfloat v) {
   const vuint u = reinterpret_cast<vuint>(v);
   const vuint rounded = u + 0x7fffu + ((u >> 16) & 1u);
   const vuint quieted = u | 0x400000u;
   const vint is_nan = v != v;
-  return narrow_to_16_bits(reinterpret_cast<vuint>(select(is_nan, reinterpret_cast<vfloat>(quieted),
-                                                          reinterpret_cast<vfloat>(rounded))) >> 16);
+  return reinterpret_cast<vuint>(select(is_nan, reinterpret_cast<vfloat>(quieted), reinterpret_cast<vfloat>(rounded))) >>
+         16;
+}
+FX_ALWAYS_INLINE vhalf_bits to_bits(vfloat v, const bfloat16_t*) {
+  return narrow_to_16_bits(bfloat16_bits_in_lanes(v));
+}
+// The same for values whose NaNs are narrow: their low 16 bits clear, as in
+// NaNs that come from bfloat16 values or from invalid operations (the default
+// NaN). Rounding cannot carry out of such a NaN's low half: no NaN test needed.
+FX_ALWAYS_INLINE vuint bfloat16_bits_in_lanes_narrow_nans(vfloat v) {
+  const vuint u = reinterpret_cast<vuint>(v);
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 
 FX_ALWAYS_INLINE vfloat load(const float16_t* p) {
@@ -147,6 +158,64 @@ FX_ALWAYS_INLINE void store_stream(Half* p, vfloat v) {
   std::memcpy(p, &bits, sizeof bits);
 #endif
 }
+// --- bfloat16, two vectors at a time ----------------------------------------------
+// With AVX2, 2 * kLanes bfloat16 become two float vectors by one unpack each
+// (the 16 bits land in the top half of each lane) and go back by one pack,
+// where one vector at a time takes a widening load and a shift, and a shift,
+// an extract and a pack. The unpack splits every group of 8 elements 4/4
+// between the two vectors; the pack undoes exactly that, and pair_slot says
+// where element e went. Element-wise code need not care; other targets keep
+// the order. The stores take vectors whose NaNs are narrow (see above).
+#if FX_LANES == 8 && defined(__AVX2__)
+constexpr bool kPairsReorder = true;
+#else
+constexpr bool kPairsReorder = false;
+#endif
+
+FX_ALWAYS_INLINE void load_pair(const bfloat16_t* p, vfloat* first, vfloat* second) {
+#if FX_LANES == 8 && defined(__AVX2__)
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  *first = reinterpret_cast<vfloat>(_mm256_unpacklo_epi16(_mm256_setzero_si256(), bits));
+  *second = reinterpret_cast<vfloat>(_mm256_unpackhi_epi16(_mm256_setzero_si256(), bits));
+#else
+  *first = load(p);
+  *second = load(p + kLanes);
+#endif
+}
+
+// Where element e (0 <= e < 2 * kLanes) of a pair is: vector e' / kLanes, lane e' % kLanes.
+FX_ALWAYS_INLINE int pair_slot(int e) {
+  if (!kPairsReorder) return e;
+  const int group = e / 8, within = e % 8;
+  return (within / 4) * kLanes + group * 4 + within % 4;
+}
+
+#if FX_LANES == 8 && defined(__AVX2__)
+FX_ALWAYS_INLINE __m256i pack_pair(vfloat first, vfloat second) {
+  return _mm256_packus_epi32(reinterpret_cast<__m256i>(bfloat16_bits_in_lanes_narrow_nans(first)),
+                             reinterpret_cast<__m256i>(bfloat16_bits_in_lanes_narrow_nans(second)));
+}
+#endif
+
+FX_ALWAYS_INLINE void store_pair(bfloat16_t* p, vfloat first, vfloat second) {
+#if FX_LANES == 8 && defined(__AVX2__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack_pair(first, second));
+#else
+  store(p, first);
+  store(p + kLanes, second);
+#endif
+}
+
+// As store_pair, streaming; p aligned to 2 * kLanes elements.
+FX_ALWAYS_INLINE void store_pair_stream(bfloat16_t* p, vfloat first, vfloat second) {
+#if FX_LANES == 8 && defined(__AVX2__)
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack_pair(first, second));
+#else
+  store_stream(p, first);
+  store_stream(p + kLanes, second);
+#endif
+}
+
 // Orders streaming stores before anything the caller does next.
 FX_ALWAYS_INLINE void stream_fence() {
 #if defined(__SSE2__)
