@@ -100,12 +100,13 @@ def test_dense_long_rows(dtype, options):
 
 @pytest.mark.parametrize("dtype", [np.float32] + DTYPES[1:], ids=_name)
 def test_gradients_large_enough_to_stream(dtype):
-    # Gradients over 8 MiB are written with streaming stores from the first aligned
-    # element of each row; an odd row length puts every row start at another alignment.
+    # Gradients over 8 MiB are written with streaming stores, whole cache lines only,
+    # plain stores at the row's ends; an odd row length puts every row start at another alignment.
     rng = np.random.default_rng(14)
     shape = (9, 600001)
     logits = (rng.normal(size=shape) * 3).astype(dtype)
     labels = rng.integers(0, shape[1], size=shape[0])
+    labels[:4] = [0, shape[1] - 1, 17, shape[1] - 20]  # in the plain-stored partial lines at the ends
     dense = rng.random(size=shape)
     dense = (dense / dense.sum(-1, keepdims=True)).astype(dtype)
     grad_loss = np.linspace(0.5, 1.5, shape[0]).astype(dtype)
