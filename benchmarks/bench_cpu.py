@@ -132,23 +132,39 @@ def inputs(shape, dtype, kind, seed=0):
     return logits, labels
 
 
-def time_variants(steps, args, reps):
-    steps = dict(steps)
-    for name, step in list(steps.items()):  # trace and warm up
+def time_calls(calls, reps):
+    """Median seconds of each zero-argument call, the calls interleaved rep by rep."""
+    calls = dict(calls)
+    for name, call in list(calls.items()):  # trace and warm up
         try:
-            step(*args)
+            call()
         except Exception as error:  # e.g. a build without the XLA lowering
             print(f"# {name} unavailable: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
-            del steps[name]
+            del calls[name]
             continue
-        step(*args)
-    times = {name: [] for name in steps}
+        call()
+    times = {name: [] for name in calls}
     for _ in range(reps):
-        for name, step in steps.items():
+        for name, call in calls.items():
             start = time.perf_counter()
-            step(*args)
+            call()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def time_variants(steps, args, reps):
+    return time_calls({name: (lambda step=step: step(*args)) for name, step in steps.items()}, reps)
+
+
+def time_dtypes(kind, shape, reps):
+    """The fused step on float32 and on bfloat16 logits, interleaved: the two
+    dtypes' rows of the main table are measured minutes apart, and this
+    machine's speed drifts by more than their difference."""
+    import tensorflow as tf
+
+    step = variants(kind)["fused"]
+    args = {dtype: inputs(shape, getattr(tf, dtype), kind) for dtype in ("float32", "bfloat16")}
+    return time_calls({dtype: (lambda a=a: step(*a)) for dtype, a in args.items()}, reps)
 
 
 def numpy_reference_step(labels, logits):
@@ -268,6 +284,11 @@ def run(args):
                 floor = arrays * shape[0] * shape[1] * itemsize / bandwidth
                 rows.append({"kind": kind, "dtype": dtype, "shape": shape, "times": times, "floor": floor})
                 print(format_row(rows[-1]), flush=True)
+    dtype_rows = [
+        {"kind": kind, "shape": shape, "times": time_dtypes(kind, shape, args.reps)}
+        for kind in ("sparse", "dense")
+        for shape in shapes
+    ]
     loss_only = []
     for shape in shapes:
         times = time_variants(loss_only_variants(), inputs(shape, tf.float32, "sparse"), args.reps)
@@ -290,6 +311,7 @@ def run(args):
         "simd": info["simd"],
         "bandwidth": bandwidth,
         "rows": rows,
+        "dtype_rows": dtype_rows,
         "loss_only": loss_only,
         "numpy": numpy_rows,
         "memory": memory,
@@ -340,6 +362,21 @@ def markdown(result):
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines += [format_row(r) for r in result["rows"]]
+    if result.get("dtype_rows"):
+        lines += [
+            "",
+            "bfloat16 against float32 logits: the fused step on each, the two interleaved in one loop (the table",
+            "above measures the two dtypes minutes apart), median milliseconds:",
+            "",
+            "| labels | N×C | float32 ms | bfloat16 ms | bfloat16 vs float32 |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in result["dtype_rows"]:
+            t = r["times"]
+            lines.append(
+                f"| {r['kind']} | {r['shape'][0]}×{r['shape'][1]} | {_ms(t, 'float32')} | {_ms(t, 'bfloat16')} | "
+                f"{t['float32'] / t['bfloat16']:.2f}× |"
+            )
     lines += ["", "Loss only (sparse float32, mean loss, no gradient), median milliseconds; floor = one read of the logits:", ""]
     lines += ["| N×C | fused ms | tf.nn ms | fused vs tf.nn | fused, of floor |", "| --- | --- | --- | --- | --- |"]
     for r in result.get("loss_only", []):

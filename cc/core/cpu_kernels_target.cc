@@ -427,7 +427,9 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
     // streaming stores goes to memory as a partial write, which costs more than
     // a whole line (rows of 1000 classes, which end mid-line, ran 10-19% slower).
     constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
-    auto line_offset = [&](int64_t k) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(out + k) / sizeof(T) % kLine); };
+    auto line_offset = [&](int64_t k) {
+      return static_cast<int64_t>(reinterpret_cast<uintptr_t>(out + k) / sizeof(T) % kLine);
+    };
     const int64_t head_end = std::min(end, j + (line_offset(j) ? kLine - line_offset(j) : 0));
     const int64_t stream_end = std::max(head_end, end - line_offset(end));
     for (; j < head_end; j += v::kLanes) write_vector(j, std::min<int64_t>(v::kLanes, head_end - j));
