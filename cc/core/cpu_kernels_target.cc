@@ -410,9 +410,9 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
         }
       }
       if (streaming) {
-        v::store_pair_stream(out + j, gradient(z0, t0), gradient(z1, t1));
+        v::store_pair<true>(out + j, gradient(z0, t0), gradient(z1, t1));
       } else {
-        v::store_pair(out + j, gradient(z0, t0), gradient(z1, t1));
+        v::store_pair<false>(out + j, gradient(z0, t0), gradient(z1, t1));
       }
     } else if (streaming) {
       v::store_stream(out + j, gradient(v::load(logits + j), targets(j, v::kLanes)));

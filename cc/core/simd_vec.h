@@ -197,22 +197,25 @@ FX_ALWAYS_INLINE __m256i pack_pair(vfloat first, vfloat second) {
 }
 #endif
 
+// Stores a pair as 2 * kLanes bfloat16; with kStream, streaming, to p aligned
+// to 2 * kLanes elements.
+template <bool kStream>
 FX_ALWAYS_INLINE void store_pair(bfloat16_t* p, vfloat first, vfloat second) {
 #if FX_LANES == 8 && defined(__AVX2__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack_pair(first, second));
+  const __m256i bits = pack_pair(first, second);
+  if (kStream) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bits);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits);
+  }
 #else
-  store(p, first);
-  store(p + kLanes, second);
-#endif
-}
-
-// As store_pair, streaming; p aligned to 2 * kLanes elements.
-FX_ALWAYS_INLINE void store_pair_stream(bfloat16_t* p, vfloat first, vfloat second) {
-#if FX_LANES == 8 && defined(__AVX2__)
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack_pair(first, second));
-#else
-  store_stream(p, first);
-  store_stream(p + kLanes, second);
+  if (kStream) {
+    store_stream(p, first);
+    store_stream(p + kLanes, second);
+  } else {
+    store(p, first);
+    store(p + kLanes, second);
+  }
 #endif
 }
 
