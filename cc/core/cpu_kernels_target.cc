@@ -375,8 +375,7 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
   constexpr int64_t kStep = kPaired<T> ? 2 * v::kLanes : v::kLanes;  // elements per loop step
   // The pairs' stores want narrow NaNs: the only other NaNs that could reach
   // them are the row's scalars', made narrow here.
-  const float narrow_nan = quiet_nan<float>();
-  auto narrow = [&](float x) { return kPaired<T> && x != x ? narrow_nan : x; };
+  auto narrow = [](float x) { return kPaired<T> && x != x ? quiet_nan<float>() : x; };
   const v::vfloat hi = v::splat(narrow(lse.hi)), lo = v::splat(narrow(lse.lo)), a_v = v::splat(narrow(a)),
                  b_v = v::splat(narrow(b)), u_v = v::splat(narrow(u));
   auto targets = [&](int64_t j, int64_t n) {  // t for elements [j, j + n), n <= kLanes

@@ -66,15 +66,18 @@ FX_ALWAYS_INLINE vhalf_bits narrow_to_16_bits(vuint u) {
 #endif
 }
 
+// The float's bits rounded to nearest even at bit 16: the bfloat16 is the top half.
+FX_ALWAYS_INLINE vuint round_to_bfloat16_top(vuint u) { return u + 0x7fffu + ((u >> 16) & 1u); }
+
 // float -> bfloat16 bits in the low half of each lane, rounding to nearest
 // even; NaN stays a NaN (its quiet bit set, so cutting the low bits cannot
 // turn it into infinity).
 FX_ALWAYS_INLINE vuint bfloat16_bits_in_lanes(vfloat v) {
   const vuint u = reinterpret_cast<vuint>(v);
-  const vuint rounded = u + 0x7fffu + ((u >> 16) & 1u);
   const vuint quieted = u | 0x400000u;
   const vint is_nan = v != v;
-  return reinterpret_cast<vuint>(select(is_nan, reinterpret_cast<vfloat>(quieted), reinterpret_cast<vfloat>(rounded))) >>
+  return reinterpret_cast<vuint>(select(is_nan, reinterpret_cast<vfloat>(quieted),
+                                        reinterpret_cast<vfloat>(round_to_bfloat16_top(u)))) >>
          16;
 }
 FX_ALWAYS_INLINE vhalf_bits to_bits(vfloat v, const bfloat16_t*) {
@@ -84,8 +87,7 @@ FX_ALWAYS_INLINE vhalf_bits to_bits(vfloat v, const bfloat16_t*) {
 // NaNs that come from bfloat16 values or from invalid operations (the default
 // NaN). Rounding cannot carry out of such a NaN's low half: no NaN test needed.
 FX_ALWAYS_INLINE vuint bfloat16_bits_in_lanes_narrow_nans(vfloat v) {
-  const vuint u = reinterpret_cast<vuint>(v);
-  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return round_to_bfloat16_top(reinterpret_cast<vuint>(v)) >> 16;
 }
 
 FX_ALWAYS_INLINE vfloat load(const float16_t* p) {
