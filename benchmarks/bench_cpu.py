@@ -1,7 +1,10 @@
 """CPU benchmark: the fused op against tf.nn's op (plain and under XLA).
 
 Times forward + backward of a mean loss (tf.function + GradientTape), the
-variants interleaved in one process on the same inputs, and reports medians,
+variants interleaved in one process on the same inputs: the fused op, the fused
+op under XLA (jit_compile=True) through its custom call to the fused kernels
+and through its HLO lowering (FUSED_XENT_XLA_LOWERING=hlo), and tf.nn's op
+with and without XLA. Reports medians,
 speedups and the fraction of the bandwidth floor reached:
     floor = 3 * N * C * itemsize / copy bandwidth   (sparse labels)
 (the forward reads the logits, the backward reads them again and writes the
@@ -73,7 +76,9 @@ def machine_description():
 
 
 # --- timing --------------------------------------------------------------------------
-def make_step(loss_fn, jit):
+def make_step(loss_fn, jit, lowering=None):
+    """A compiled training step; `lowering` sets FUSED_XENT_XLA_LOWERING while it
+    runs (XLA reads it when it compiles the step, at the first call)."""
     import tensorflow as tf
 
     @tf.function(jit_compile=jit)
@@ -83,7 +88,21 @@ def make_step(loss_fn, jit):
             loss = tf.reduce_mean(loss_fn(labels, logits))
         return loss, tape.gradient(loss, logits)
 
-    return step
+    if lowering is None:
+        return step
+
+    def step_with_lowering(logits, labels):
+        before = os.environ.get("FUSED_XENT_XLA_LOWERING")
+        os.environ["FUSED_XENT_XLA_LOWERING"] = lowering
+        try:
+            return step(logits, labels)
+        finally:
+            if before is None:
+                del os.environ["FUSED_XENT_XLA_LOWERING"]
+            else:
+                os.environ["FUSED_XENT_XLA_LOWERING"] = before
+
+    return step_with_lowering
 
 
 def variants(kind):
@@ -96,7 +115,8 @@ def variants(kind):
         ours, theirs = fused_xent.softmax_cross_entropy_with_logits, tf.nn.softmax_cross_entropy_with_logits
     return {
         "fused": make_step(ours, jit=False),
-        "fused+XLA": make_step(ours, jit=True),
+        "fused+XLA": make_step(ours, jit=True, lowering="custom_call"),
+        "fused+XLA (HLO)": make_step(ours, jit=True, lowering="hlo"),
         "tf.nn": make_step(theirs, jit=False),
         "tf.nn+XLA": make_step(theirs, jit=True),
     }
@@ -327,13 +347,18 @@ def _ratio(times, slow, fast):
     return f"{times[slow] / times[fast]:.1f}×" if slow in times and fast in times else "n/a"
 
 
+def _slowdown(times, slow, fast):
+    return f"{times[slow] / times[fast]:.2f}×" if slow in times and fast in times else "n/a"
+
+
 def format_row(row):
     t = row["times"]
     return (
         f"| {row['kind']} | {row['dtype']} | {row['shape'][0]}×{row['shape'][1]} | {_ms(t, 'fused')} | "
         f"{_ms(t, 'tf.nn')} | {_ms(t, 'tf.nn+XLA')} | {_ratio(t, 'tf.nn', 'fused')} | "
         f"{_ratio(t, 'tf.nn+XLA', 'fused')} | {100 * row['floor'] / t['fused']:.0f}% | {_ms(t, 'fused+XLA')} | "
-        f"{_ratio(t, 'tf.nn+XLA', 'fused+XLA')} |"
+        f"{_slowdown(t, 'fused+XLA', 'fused')} | {_ratio(t, 'tf.nn+XLA', 'fused+XLA')} | {_ms(t, 'fused+XLA (HLO)')} | "
+        f"{_ratio(t, 'tf.nn+XLA', 'fused+XLA (HLO)')} |"
     )
 
 
@@ -357,9 +382,15 @@ def markdown(result):
         "labels, 5·N·C·itemsize / copy bandwidth for dense labels (the labels are read by both passes).",
         "Over 100% is possible: the floor is set by a NumPy copy, which is not the fastest way this machine can move memory.",
         "",
+        "fused+XLA is the step compiled with `jit_compile=True`, which calls the fused kernels through XLA custom",
+        "calls; \"time of fused\" is its time over the fused step's without XLA (1.00× = no cost). fused+XLA (HLO) is",
+        "the same step through the HLO lowering (`FUSED_XENT_XLA_LOWERING=hlo`, the path for devices without a handler).",
+        "Speedups are the other column's time over this one's.",
+        "",
         "| labels | logits | N×C | fused ms | tf.nn ms | tf.nn+XLA ms | fused vs tf.nn | fused vs tf.nn+XLA "
-        "| fused, of floor | fused+XLA ms | fused+XLA vs tf.nn+XLA |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| fused, of floor | fused+XLA ms | fused+XLA, time of fused | fused+XLA vs tf.nn+XLA | fused+XLA (HLO) ms "
+        "| fused+XLA (HLO) vs tf.nn+XLA |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines += [format_row(r) for r in result["rows"]]
     if result.get("dtype_rows"):
@@ -434,7 +465,7 @@ def chart(result, path):
     labels = [f"{r['kind']}\n{r['dtype']}\n{r['shape'][0]}×{r['shape'][1]}" for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 4.5))
-    names = [n for n in ("fused", "fused+XLA", "tf.nn", "tf.nn+XLA") if all(n in r["times"] for r in rows)]
+    names = [n for n in ("fused", "fused+XLA", "fused+XLA (HLO)", "tf.nn", "tf.nn+XLA") if all(n in r["times"] for r in rows)]
     width = 0.8 / len(names)
     for k, name in enumerate(names):
         offset = (k - (len(names) - 1) / 2) * width

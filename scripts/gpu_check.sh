@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One prepared check for a machine with an NVIDIA GPU, PyTorch, CuPy, nvcc,
-# CMake and pybind11 (no TensorFlow, no network needed): builds the core and
-# the CUDA kernels without TensorFlow, then runs tests/test_cuda.py and
+# One prepared check for a machine with an NVIDIA GPU, PyTorch, CuPy, JAX,
+# nvcc, CMake and pybind11 (no TensorFlow, no network needed): builds the core,
+# the CUDA kernels and the XLA FFI handlers (FFI header from JAX) without
+# TensorFlow, then runs tests/test_cuda.py, the CUDA FFI handlers under JAX
+# (tests/test_xla_ffi_jax.py with FUSED_XENT_JAX_PLATFORM=cuda) and
 # benchmarks/bench_cuda.py. Writes its logs and results under $OUT when set.
 # Meant to finish in under 8 minutes.
 #
@@ -26,6 +28,7 @@ log() { echo "== gpu_check [$((SECONDS - started)) s]: $*"; }
   cmake --version | head -1
   "$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, torch.version.cuda)' || true
   "$PYTHON" -c 'import cupy; print("cupy", cupy.__version__)' || true
+  "$PYTHON" -c 'import jax; print("jax", jax.__version__, jax.devices())' || true
 } > "$OUT_DIR/environment.txt" 2>&1
 cat "$OUT_DIR/environment.txt"
 
@@ -55,6 +58,11 @@ export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
 log "tests/test_cuda.py"
 timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
   --junitxml="$OUT_DIR/test_cuda.xml" 2>&1 | tee "$OUT_DIR/test_cuda.log" | tail -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+log "tests/test_xla_ffi_jax.py on CUDA (the FFI handlers under jax.jit)"
+FUSED_XENT_JAX_PLATFORM=cuda timeout 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_xla_ffi_jax.py \
+  --junitxml="$OUT_DIR/test_xla_ffi_jax.xml" 2>&1 | tee "$OUT_DIR/test_xla_ffi_jax.log" | tail -20
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 log "benchmarks/bench_cuda.py"

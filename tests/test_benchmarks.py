@@ -8,6 +8,12 @@ import sys
 
 import pytest
 
+def fused_xent_xla():
+    import fused_xent
+
+    return fused_xent.build_info()["xla"]
+
+
 BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cpu.py"
 
 
@@ -27,5 +33,7 @@ def test_bench_cpu_writes_tables(tmp_path):
     assert len(kinds) == 8  # sparse/dense x float32/bfloat16 x 2 shapes
     for row in result["rows"]:
         assert {"fused", "tf.nn"} <= set(row["times"]), row
+        if fused_xent_xla() == "custom_call":
+            assert {"fused+XLA", "fused+XLA (HLO)", "tf.nn+XLA"} <= set(row["times"]), row
     text = out_md.read_text()
     assert "| sparse | float32 | 64×10 |" in text and "Loss only" in text

@@ -1,8 +1,12 @@
-"""The XLA lowerings: jit_compile=True gives what the CPU kernels give (loss,
-gradient, gradient of the gradient) and what the float64 reference gives, for
-every dtype, option and axis; bad labels give NaN rows; the compiled HLO holds
-the lowering itself; Keras trains the same with and without jit_compile."""
+"""The XLA lowerings, each test under both: the custom call to the fused
+kernels' FFI handlers (default on CPU) and the HLO lowering
+(FUSED_XENT_XLA_LOWERING=hlo). jit_compile=True gives what the CPU kernels give
+(bitwise, through the custom call) and what the float64 reference gives, for
+every dtype, option and axis, to second order; bad labels raise (custom call) or
+give NaN rows (HLO); the compiled HLO holds the chosen lowering; Keras trains
+the same with and without jit_compile."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -31,12 +35,31 @@ def _build_has_xla():
 
 
 HAS_XLA = _build_has_xla()
+HAS_CUSTOM_CALL = fused_xent.build_info()["xla"] == "custom_call"
 
 
-@pytest.fixture(autouse=True)
-def _skip_without_xla(request):
+@pytest.fixture(autouse=True, params=["custom_call", "hlo"])
+def lowering(request, monkeypatch):
+    """Runs each test under both lowerings; @only_lowering("hlo") keeps one."""
     if not HAS_XLA and request.node.originalname != "test_build_without_xla_says_so":
         pytest.skip("fused_xent was built with FUSED_XENT_XLA=OFF")
+    only = request.node.get_closest_marker("only_lowering")
+    if only and request.param not in only.args:
+        pytest.skip(f"a test of the {only.args[0]} lowering")
+    if request.param == "custom_call" and HAS_XLA and not HAS_CUSTOM_CALL:
+        pytest.skip("this build has no XLA FFI handlers")
+    monkeypatch.setenv("FUSED_XENT_XLA_LOWERING", request.param)
+    return request.param
+
+
+def _assert_matches_plain(jit, plain, dtype, lowering, scale=2):
+    """The custom call runs the same kernels as eager TensorFlow: bitwise equal.
+    The HLO lowering is XLA's own arithmetic: equal to a few roundings."""
+    for actual, expected in zip(jit, plain):
+        if lowering == "custom_call":
+            np.testing.assert_array_equal(actual, expected)
+        else:
+            assert_close(actual, expected, dtype, scale=scale)
 
 
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
@@ -100,7 +123,7 @@ def _grid(options, other_axis):
 
 
 @_grid(SPARSE_OPTIONS, 1)
-def test_sparse_matches_cpu_kernel_and_reference(dtype, options, axis):
+def test_sparse_matches_cpu_kernel_and_reference(dtype, options, axis, lowering):
     label_dtype = tf.int32 if (len(options) + (axis == 1)) % 2 else tf.int64  # both, across the grid
     shape = (4, C, 3) if axis == 1 else (6, 7, C)
     row_shape = shape[:axis] + shape[axis + 1 :] if axis >= 0 else shape[:-1]
@@ -108,10 +131,9 @@ def test_sparse_matches_cpu_kernel_and_reference(dtype, options, axis):
     labels = _labels(row_shape, label_dtype, ignore_index=options.get("ignore_index"))
     grad_loss = tf.constant(np.random.default_rng(2).normal(size=row_shape), dtype)
 
-    (loss, grad), (plain_loss, plain_grad) = _jit_and_plain(_sparse_loss_and_grad(labels, grad_loss, axis, options), z)
+    (loss, grad), plain = _jit_and_plain(_sparse_loss_and_grad(labels, grad_loss, axis, options), z)
 
-    assert_close(loss, plain_loss, dtype, scale=2)
-    assert_close(grad, plain_grad, dtype, scale=2)
+    _assert_matches_plain((loss, grad), plain, dtype, lowering)
     ref_loss, ref_grad = reference.sparse(
         labels.numpy(), tf.cast(z, tf.float64).numpy(), axis=axis, grad_loss=tf.cast(grad_loss, tf.float64).numpy(),
         **options)
@@ -120,7 +142,7 @@ def test_sparse_matches_cpu_kernel_and_reference(dtype, options, axis):
 
 
 @_grid(DENSE_OPTIONS, 0)
-def test_dense_matches_cpu_kernel_and_reference(dtype, options, axis):
+def test_dense_matches_cpu_kernel_and_reference(dtype, options, axis, lowering):
     shape = (C, 4, 3) if axis == 0 else (6, C)
     z = _logits(shape, dtype)
     t = tf.nn.softmax(_logits(shape, tf.float64, seed=3), axis=axis)
@@ -135,8 +157,7 @@ def test_dense_matches_cpu_kernel_and_reference(dtype, options, axis):
         return (loss, *tape.gradient(total, [z, t]))
 
     jit, plain = _jit_and_plain(fn, z, t)
-    for actual, expected in zip(jit, plain):
-        assert_close(actual, expected, dtype, scale=2)
+    _assert_matches_plain(jit, plain, dtype, lowering)
     ref = reference.dense(tf.cast(t, tf.float64).numpy(), tf.cast(z, tf.float64).numpy(), axis=axis,
                           grad_loss=tf.cast(grad_loss, tf.float64).numpy(), **options)
     for actual, expected in zip(jit, ref):
@@ -145,7 +166,7 @@ def test_dense_matches_cpu_kernel_and_reference(dtype, options, axis):
 
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
-def test_raw_ops_lse_and_lse_gradient_match(sparse, dtype):
+def test_raw_ops_lse_and_lse_gradient_match(sparse, dtype, lowering):
     """lse (float64) and the Grad op's grad_lse input, used by second-order paths."""
     lib = load_op_library()
     z = _logits((6, C), dtype)
@@ -171,13 +192,12 @@ def test_raw_ops_lse_and_lse_gradient_match(sparse, dtype):
             return loss, lse, grad
 
     (loss, lse, grad), (plain_loss, plain_lse, plain_grad) = _jit_and_plain(fn, z)
-    assert_close(loss, plain_loss, dtype, scale=2)
-    assert_close(lse, plain_lse, "float32" if dtype != "float64" else "float64")  # f32 accumulation
-    assert_close(grad, plain_grad, dtype, scale=2)
+    _assert_matches_plain((loss, grad), (plain_loss, plain_grad), dtype, lowering)
+    _assert_matches_plain([lse], [plain_lse], "float32" if dtype != "float64" else "float64", lowering, scale=1)
     assert_close(lse, reference._lse(tf.cast(z, tf.float64).numpy()), "float32")
 
 
-def test_masked_logits_match():
+def test_masked_logits_match(lowering):
     """-inf logits (masking) away from the label, and a 0 dense label against -inf."""
     z = np.random.default_rng(7).normal(size=(4, C)).astype(np.float32)
     z[:, 3] = -np.inf
@@ -194,19 +214,48 @@ def test_masked_logits_match():
         return a, b, tape.gradient(total, z)
 
     jit, plain = _jit_and_plain(fn, tf.constant(z))
-    for actual, expected in zip(jit, plain):
-        assert_close(actual, expected, "float32", scale=2)
+    _assert_matches_plain(jit, plain, "float32", lowering)
     assert np.isfinite(jit[0]).all() and np.isfinite(jit[1]).all()
 
 
 @pytest.mark.parametrize("shape", [(0, C), (C,), (2, 0, C)], ids=str)
-def test_empty_batch_and_single_row(shape):
+def test_empty_batch_and_single_row(shape, lowering):
     labels = tf.constant(np.zeros(shape[:-1], np.int32) + 2)
     z = _logits(shape, "float32")
     fn = _sparse_loss_and_grad(labels, tf.ones(shape[:-1]), -1, {"class_weights": WEIGHTS, "ignore_index": 2**40})
     jit, plain = _jit_and_plain(fn, z)
-    for actual, expected in zip(jit, plain):
-        assert_close(actual, expected, "float32")
+    _assert_matches_plain(jit, plain, "float32", lowering, scale=1)
+
+
+@pytest.mark.only_lowering("custom_call")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_custom_call_is_bitwise_equal_on_rows_split_over_threads(dtype):
+    """Large enough that XLA's pool and TensorFlow's split the rows differently."""
+    shape = (3000, 1001)
+    z = _logits(shape, dtype)
+    labels = tf.constant(np.random.default_rng(12).integers(0, shape[1], size=shape[0]))
+    fn = _sparse_loss_and_grad(labels, tf.ones([shape[0]]), -1, {"label_smoothing": 0.125, "z_loss": 1e-3})
+    jit, plain = _jit_and_plain(fn, z)
+    _assert_matches_plain(jit, plain, dtype, "custom_call")
+    t = tf.nn.softmax(_logits(shape, tf.float32, seed=13))
+    dense = lambda z: fused_xent.softmax_cross_entropy_with_logits(tf.cast(t, z.dtype), z)  # noqa: E731
+    _assert_matches_plain(*_jit_and_plain(lambda z: [dense(z)], z), dtype, "custom_call")
+
+
+def test_assert_matches_plain_rejects_one_unit_in_the_last_place(lowering):
+    """The comparison can fail: one value moved to its float32 neighbour is caught by the
+    bitwise check; the HLO check accepts it (it allows a few roundings) but not a 1e-3 error."""
+    values = np.linspace(0.5, 2.0, 12, dtype=np.float32)
+    nudged = values.copy()
+    nudged[5] = np.nextafter(nudged[5], np.float32(3))
+    if lowering == "custom_call":
+        with pytest.raises(AssertionError):
+            _assert_matches_plain([nudged], [values], "float32", lowering)
+    else:
+        _assert_matches_plain([nudged], [values], "float32", lowering)
+    nudged[5] += 1e-3
+    with pytest.raises(AssertionError):
+        _assert_matches_plain([nudged], [values], "float32", lowering)
 
 
 # --- Second order: Hessian-vector products --------------------------------------------
@@ -261,14 +310,34 @@ def test_dense_hessian_vector_product_and_label_gradient(dtype):
         assert_close(actual, expected, dtype, scale=10)
 
 
-# --- Bad labels: NaN rows under XLA ------------------------------------------------------
+# --- Bad labels: an error through the custom call, NaN rows through HLO ----------------------
 
 
-@pytest.mark.parametrize("label_dtype", [tf.int32, tf.int64])
-def test_out_of_range_labels_give_nan_rows_only(label_dtype):
+def _bad_label_case(label_dtype):
     z = _logits((5, C), "float32")
     labels = tf.constant([0, C, 2, -1, -7], label_dtype)  # -7 is ignore_index: not bad
     fn = _sparse_loss_and_grad(labels, tf.ones([5]), -1, {"ignore_index": -7, "label_smoothing": 0.1})
+    return z, labels, fn
+
+
+@pytest.mark.only_lowering("custom_call")
+@pytest.mark.parametrize("label_dtype", [tf.int32, tf.int64])
+def test_out_of_range_labels_raise_as_without_xla(label_dtype):
+    z, labels, fn = _bad_label_case(label_dtype)
+    message = r"label value of 5 which is outside the valid range of \[0, 5\) and is not ignore_index \(-7\)"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        tf.function(fn, jit_compile=True)(z)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        tf.function(fn, jit_compile=False)(z)
+    loss_only = lambda z: fused_xent.sparse_softmax_cross_entropy_with_logits(labels, z, ignore_index=-7)  # noqa: E731
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        tf.function(loss_only, jit_compile=True)(z)
+
+
+@pytest.mark.only_lowering("hlo")
+@pytest.mark.parametrize("label_dtype", [tf.int32, tf.int64])
+def test_out_of_range_labels_give_nan_rows_only(label_dtype):
+    z, labels, fn = _bad_label_case(label_dtype)
     loss, grad = (np.asarray(r) for r in tf.function(fn, jit_compile=True)(z))
     bad = np.array([False, True, False, True, False])
     assert np.isnan(loss[bad]).all() and np.isnan(grad[bad]).all()
@@ -283,15 +352,38 @@ def test_out_of_range_labels_give_nan_rows_only(label_dtype):
 # --- The lowering is what runs --------------------------------------------------------------
 
 
-def test_compiled_hlo_holds_the_lowering():
+def _compiled_hlo(stage="hlo"):
     z = _logits((8, C), "float32")
     labels = tf.constant(np.arange(8) % C)
     fn = tf.function(_sparse_loss_and_grad(labels, tf.ones([8]), -1, {"label_smoothing": 0.1}), jit_compile=True)
-    hlo = fn.experimental_get_compiler_ir(z)(stage="hlo")
-    body = "\n".join(line.split(", metadata=")[0] for line in hlo.splitlines())  # op names live in metadata
+    hlo = fn.experimental_get_compiler_ir(z)(stage=stage)
+    return re.sub(r", metadata=\{[^}]*\}", "", hlo)  # op names live in metadata
+
+
+@pytest.mark.only_lowering("hlo")
+def test_compiled_hlo_holds_the_hlo_lowering():
+    body = _compiled_hlo()
     assert "custom-call" not in body and "outfeed" not in body and "send(" not in body
     assert body.count(" reduce(") >= 3  # row max, sum of exp, label logit, mean gap
     assert " exponential(" in body and " log(" in body and " iota(" in body
+
+
+@pytest.mark.only_lowering("custom_call")
+def test_compiled_hlo_calls_the_fused_kernels():
+    body = _compiled_hlo(stage="optimized_hlo")
+    assert 'custom_call_target="fused_xent_sparse_forward"' in body
+    assert 'custom_call_target="fused_xent_sparse_backward"' in body
+    assert body.count("api_version=API_VERSION_TYPED_FFI") == 2
+    assert " exponential(" not in body and " log(" not in body  # the math is not re-expressed
+    assert "label_smoothing = 0x3DCCCCCD : f32" in body  # 0.1 as float32 bits, exact
+
+
+@pytest.mark.only_lowering("custom_call")
+def test_unknown_lowering_setting_is_an_error(monkeypatch):
+    monkeypatch.setenv("FUSED_XENT_XLA_LOWERING", "fast")
+    fn = lambda z: fused_xent.sparse_softmax_cross_entropy_with_logits([0, 1], z)  # noqa: E731
+    with pytest.raises(tf.errors.InvalidArgumentError, match="FUSED_XENT_XLA_LOWERING must be auto, custom_call or hlo"):
+        tf.function(fn, jit_compile=True)(tf.zeros([2, 3]))
 
 
 def test_lowering_registered_when_loaded_after_eager_start():
@@ -337,7 +429,7 @@ def _train(jit_compile, x, y, init):
     return history.history["loss"], model.get_weights(), model
 
 
-def test_keras_fit_with_jit_compile_matches_without():
+def test_keras_fit_with_jit_compile_matches_without(lowering):
     import keras
 
     rng = np.random.default_rng(11)
@@ -355,7 +447,12 @@ def test_keras_fit_with_jit_compile_matches_without():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
         assert not np.allclose(a, start)  # it trained
 
-    # The compiled step runs the lowering: a bad label is a NaN loss there, not an error.
+    # The compiled step runs the lowering: a bad label raises through the custom
+    # call, and is a NaN loss through HLO.
     bad = y[:16].copy()
     bad[3] = C + 2
-    assert np.isnan(jit_model.fit(x[:16], bad, batch_size=16, verbose=0).history["loss"][0])
+    if lowering == "custom_call":
+        with pytest.raises(tf.errors.InvalidArgumentError, match="label value of 7"):
+            jit_model.fit(x[:16], bad, batch_size=16, verbose=0)
+    else:
+        assert np.isnan(jit_model.fit(x[:16], bad, batch_size=16, verbose=0).history["loss"][0])

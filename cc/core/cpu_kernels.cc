@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "core/cpu_targets.h"
+#include "core/label_check.h"
 #include "core/row_math.h"
 #include "core/simd_level.h"
 
@@ -114,5 +115,12 @@ template int64_t find_invalid_label<int64_t>(const int64_t*, int64_t, int64_t, c
 }  // namespace cpu
 
 const char* simd_level() { return cpu::target_name(cpu::active_target()); }
+
+std::string invalid_label_message(int64_t value, int64_t classes, const Options& options) {
+  std::string message = "Received a label value of " + std::to_string(value) +
+                        " which is outside the valid range of [0, " + std::to_string(classes) + ")";
+  if (options.has_ignore_index) message += " and is not ignore_index (" + std::to_string(options.ignore_index) + ")";
+  return message;
+}
 
 }  // namespace fused_xent

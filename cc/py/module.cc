@@ -13,7 +13,11 @@
 #include <vector>
 
 #include "core/cpu_kernels.h"
+#include "core/label_check.h"
 #include "core/simd_level.h"
+#if defined(FUSED_XENT_WITH_XLA_FFI)
+#include "ffi/handlers.h"
+#endif
 
 namespace py = pybind11;
 namespace fx = fused_xent;
@@ -99,8 +103,7 @@ void run_sparse(const fx::Layout& layout, const fx::Options& options, const py::
   const Label* label_data = static_cast<const Label*>(labels.data());
   const int64_t bad = fx::cpu::find_invalid_label(label_data, rows, layout.classes, options);
   if (bad >= 0) {
-    throw py::value_error("Received a label value of " + std::to_string(static_cast<int64_t>(label_data[bad])) +
-                          " which is outside the valid range of [0, " + std::to_string(layout.classes) + ")");
+    throw py::value_error(fx::invalid_label_message(static_cast<int64_t>(label_data[bad]), layout.classes, options));
   }
   fx::SparseForwardArgs<T, Label> fwd;
   fwd.layout = layout;
@@ -210,6 +213,30 @@ void dense(const std::string& dtype, py::array logits, py::array labels, int64_t
   });
 }
 
+#if defined(FUSED_XENT_WITH_XLA_FFI)
+py::dict capsules_of(const fx::xla_ffi::Target* targets, int count) {
+  py::dict out;
+  for (int i = 0; i < count; ++i) out[targets[i].name] = py::capsule(reinterpret_cast<void*>(targets[i].handler));
+  return out;
+}
+#endif
+
+// The XLA FFI handlers as PyCapsules, per platform ("cpu", "cuda"), for
+// jax.ffi.register_ffi_target; empty where this build has none.
+py::dict ffi_targets() {
+  py::dict platforms;
+#if defined(FUSED_XENT_WITH_XLA_FFI)
+  int count = 0;
+  const fx::xla_ffi::Target* cpu = fx::xla_ffi::cpu_targets(&count);
+  platforms["cpu"] = capsules_of(cpu, count);
+#if defined(FUSED_XENT_WITH_CUDA)
+  const fx::xla_ffi::Target* cuda = fx::xla_ffi::cuda_targets(&count);
+  platforms["cuda"] = capsules_of(cuda, count);
+#endif
+#endif
+  return platforms;
+}
+
 py::dict build_info() {
   py::dict info;
 #ifdef FUSED_XENT_TF_VERSION
@@ -223,6 +250,18 @@ py::dict build_info() {
   info["cuda"] = false;
 #endif
   info["simd"] = fx::simd_level();
+  // Under XLA: "custom_call" (our kernels, through the FFI handlers, where the
+  // device has one; HLO elsewhere), "hlo" (re-expressed as XLA ops) or None.
+#if defined(FUSED_XENT_WITH_XLA_LOWERING) && defined(FUSED_XENT_WITH_XLA_FFI)
+  info["xla"] = "custom_call";
+#elif defined(FUSED_XENT_WITH_XLA_LOWERING)
+  info["xla"] = "hlo";
+#else
+  info["xla"] = py::none();
+#endif
+  py::list ffi_platforms;
+  for (const auto& item : ffi_targets()) ffi_platforms.append(item.first);
+  info["xla_ffi_platforms"] = ffi_platforms;
   info["version"] = FUSED_XENT_VERSION;
   return info;
 }
@@ -239,6 +278,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"), py::arg("loss"),
         py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"));
   m.def("build_info", &build_info);
+  m.def("ffi_targets", &ffi_targets);
 #ifdef FUSED_XENT_WITH_CUDA
   register_cuda_bindings(m);
 #endif

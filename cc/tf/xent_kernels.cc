@@ -1,10 +1,7 @@
 // CPU OpKernels: validate inputs, fill the core's argument structs, shard rows.
-#include <atomic>
-#include <limits>
-#include <string>
-
 #include "tf/kernel_support.h"
 #include "core/cpu_kernels.h"
+#include "core/label_check.h"
 #include "tf/pooled_output.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
@@ -19,35 +16,20 @@ using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 
-template <typename Label>
-absl::Status InvalidLabelError(Label value, int64_t classes, const Options& options) {
-  std::string message = absl::StrCat("Received a label value of ", static_cast<int64_t>(value),
-                                     " which is outside the valid range of [0, ", classes, ")");
-  if (options.has_ignore_index) absl::StrAppend(&message, " and is not ignore_index (", options.ignore_index, ")");
-  return absl::InvalidArgumentError(message);
-}
-
 // Runs kernel(args, begin, end) over the rows, each shard checking its own
-// labels first (in parallel, and they are read next anyway). The kernels give
-// an out-of-range label a NaN row without reading at it, so the op can fail
-// after the fact, naming the first invalid label.
+// labels first (in parallel, and they are read next anyway); fails afterwards
+// naming the first invalid label.
 template <typename Args, typename Kernel>
 absl::Status ShardSparseRows(OpKernelContext* ctx, const Args& args, const Kernel& kernel) {
-  const int64_t none = std::numeric_limits<int64_t>::max();
-  std::atomic<int64_t> first_invalid{none};
+  FirstInvalidLabel first_invalid;
   ShardRows(ctx, args.layout.rows(), cpu::row_cost_cycles(args.layout.classes),
             [&](int64_t begin, int64_t end) {
-              const int64_t bad =
-                  cpu::find_invalid_label(args.labels + begin, end - begin, args.layout.classes, args.options);
-              if (bad >= 0) {
-                int64_t seen = first_invalid.load();
-                while (begin + bad < seen && !first_invalid.compare_exchange_weak(seen, begin + bad)) {
-                }
-              }
+              first_invalid.check(args.labels, begin, end, args.layout.classes, args.options);
               kernel(args, begin, end);
             });
-  if (first_invalid.load() == none) return absl::OkStatus();
-  return InvalidLabelError(args.labels[first_invalid.load()], args.layout.classes, args.options);
+  if (!first_invalid.found()) return absl::OkStatus();
+  const int64_t value = static_cast<int64_t>(args.labels[first_invalid.row()]);
+  return absl::InvalidArgumentError(invalid_label_message(value, args.layout.classes, args.options));
 }
 
 template <typename T, typename Label>

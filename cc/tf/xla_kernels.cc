@@ -1,8 +1,13 @@
 // XLA lowerings of the four ops, so graphs that use them compile under
 // tf.function(jit_compile=True) and Keras' jit_compile (on by default with a GPU).
-// The math is cc/core/row_math.h's, written with XLA builder ops; XLA fuses
-// the reductions itself. One difference: a compiled program cannot raise, so
-// an out-of-range sparse label gives NaN loss and gradient for its row.
+// Two lowerings (docs/xla.md):
+// - a typed-FFI custom call to the fused kernels' XLA handlers (cc/ffi), on
+//   devices for which this build has one (CPU; GPU in CUDA builds). Results
+//   are bitwise those of the TensorFlow kernels, and a bad label raises.
+// - HLO: the math of cc/core/row_math.h written with XLA builder ops, which XLA
+//   fuses itself; for other devices, or forced by FUSED_XENT_XLA_LOWERING=hlo.
+//   A compiled program cannot raise there, so an out-of-range sparse label
+//   gives NaN loss and gradient for its row.
 //
 // The kernels are registered with REGISTER_KERNEL_BUILDER on the XLA JIT
 // device types, not REGISTER_XLA_OP: the XLA registry creates its kernels
@@ -14,9 +19,13 @@
 #if defined(FUSED_XENT_WITH_XLA)
 
 #include <cstdint>
-#include <optional>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
 
+#include "absl/strings/str_format.h"
+#include "ffi/target_names.h"
 #include "tf/kernel_support.h"
 #include "tensorflow/compiler/tf2xla/shape_util.h"
 #include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
@@ -265,49 +274,163 @@ TensorShape InputShape(XlaOpKernelContext* ctx, int index) {
   return shape;
 }
 
-// --- Kernels ------------------------------------------------------------------
+// --- The custom-call lowering ---------------------------------------------------
 
-// The start both sparse ops share: the logits' layout, the labels (input 1)
-// and class weights (input 2) checked, and the labels classified per row.
-absl::Status ReadSparseInputs(XlaOpKernelContext* ctx, int64_t axis, const Options& options,
-                              std::optional<Rows>* rows, TensorShape* row_shape, SparseLabels* labels) {
-  TensorShape logits_shape;
-  PrimitiveType acc;
-  TF_RETURN_IF_ERROR(Prepare(ctx, axis, &logits_shape, row_shape, &acc));
-  rows->emplace(ctx->builder(), logits_shape, axis, acc);
-  TF_RETURN_IF_ERROR(CheckShape(InputShape(ctx, 1), *row_shape, "labels", "logits without the class axis"));
-  const TensorShape weights_shape = InputShape(ctx, 2);
-  TF_RETURN_IF_ERROR(CheckClassWeights(weights_shape, (*rows)->classes()));
-  *labels = ClassifyLabels(**rows, ctx->Input(1), ctx->input_xla_type(1), ctx->Input(2),
-                           weights_shape.num_elements() != 0, *row_shape, options);
+// Which lowering Compile emits. FUSED_XENT_XLA_LOWERING (read at each
+// compilation): "auto" or unset, a custom call to this build's FFI handler for
+// the device where there is one, else HLO; "hlo", always HLO; "custom_call",
+// always the custom call (an error where the device has no handler).
+absl::Status ChooseLowering(bool gpu, bool* custom_call) {
+#if defined(FUSED_XENT_WITH_XLA_FFI) && defined(FUSED_XENT_WITH_CUDA)
+  const bool has_handler = true;
+#elif defined(FUSED_XENT_WITH_XLA_FFI)
+  const bool has_handler = !gpu;
+#else
+  const bool has_handler = false;
+#endif
+  const char* env = std::getenv("FUSED_XENT_XLA_LOWERING");
+  const std::string mode = env && *env ? env : "auto";
+  if (mode == "hlo") {
+    *custom_call = false;
+  } else if (mode == "auto") {
+    *custom_call = has_handler;
+  } else if (mode == "custom_call") {
+    if (!has_handler) {
+      return absl::UnimplementedError(absl::StrCat(
+          "FUSED_XENT_XLA_LOWERING=custom_call, but this build of fused_xent has no XLA FFI handler for ",
+          gpu ? "GPUs (built without CUDA)" : "the CPU", "; unset it or set it to hlo"));
+    }
+    *custom_call = true;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("FUSED_XENT_XLA_LOWERING must be auto, custom_call or hlo, got '",
+                                                   mode, "'"));
+  }
   return absl::OkStatus();
 }
 
+// An f32 attribute written as its bit pattern, so it reaches the handler exactly.
+std::string F32Attribute(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return absl::StrFormat("0x%08X : f32", bits);
+}
+
+// The handlers' attributes (cc/ffi/handlers.h), in MLIR dictionary syntax.
+std::string HandlerAttributes(int64_t axis, const Options& o, bool sparse) {
+  std::string text = absl::StrCat("{axis = ", axis, " : i64, label_smoothing = ", F32Attribute(o.label_smoothing),
+                                  ", z_loss = ", F32Attribute(o.z_loss));
+  if (sparse) {
+    absl::StrAppend(&text, ", ignore_index = ", o.ignore_index,
+                    " : i64, has_ignore_index = ", o.has_ignore_index ? "true" : "false");
+  }
+  return text + "}";
+}
+
+xla::Shape RowMajor(PrimitiveType type, absl::Span<const int64_t> dims) {
+  return xla::ShapeUtil::MakeShapeWithDescendingLayout(type, dims);
+}
+
+// A typed-FFI custom call on all the op's inputs, every buffer row-major (the
+// handlers' layout). Forward ops return (loss, lse), backward ops grad_logits.
+void EmitCustomCall(XlaOpKernelContext* ctx, const char* target, const std::string& attributes,
+                    const TensorShape& logits_shape, const TensorShape& row_shape, bool forward) {
+  std::vector<XlaOp> operands;
+  std::vector<xla::Shape> operand_shapes;
+  for (int i = 0; i < ctx->num_inputs(); ++i) {
+    auto shape = ctx->InputXlaShape(i);
+    OP_REQUIRES_OK(ctx, shape.status());
+    operands.push_back(ctx->Input(i));
+    operand_shapes.push_back(RowMajor(shape->element_type(), shape->dimensions()));
+  }
+  const PrimitiveType type = ctx->input_xla_type(0);
+  const xla::Shape result =
+      forward ? xla::ShapeUtil::MakeTupleShape({RowMajor(type, row_shape.dim_sizes()),
+                                                 RowMajor(xla::F64, row_shape.dim_sizes())})
+              : RowMajor(type, logits_shape.dim_sizes());
+  const XlaOp call = xla::CustomCallWithLayout(ctx->builder(), target, operands, result, operand_shapes, attributes,
+                                               /*has_side_effect=*/false, /*output_operand_aliasing=*/{},
+                                               /*literal=*/nullptr, xla::CustomCallSchedule::SCHEDULE_NONE,
+                                               xla::CustomCallApiVersion::API_VERSION_TYPED_FFI);
+  if (forward) {
+    ctx->SetOutput(0, xla::GetTupleElement(call, 0));
+    ctx->SetOutput(1, xla::GetTupleElement(call, 1));
+  } else {
+    ctx->SetOutput(0, call);
+  }
+}
+
+// --- Kernels ------------------------------------------------------------------
+
+// Every op: attrs read once; Compile checks the static shapes (with the CPU
+// kernels' messages), then emits the custom call or the HLO lowering.
 class XlaKernelBase : public XlaOpKernel {
  public:
-  XlaKernelBase(OpKernelConstruction* ctx, bool sparse) : XlaOpKernel(ctx) {
+  XlaKernelBase(OpKernelConstruction* ctx, bool sparse, bool forward, const char* target)
+      : XlaOpKernel(ctx), sparse_(sparse), forward_(forward), target_(target) {
     OP_REQUIRES_OK(ctx, ReadOptions(ctx, sparse, &options_, &axis_));
+    gpu_ = ctx->device_type() == tensorflow::DeviceType(tensorflow::DEVICE_GPU_XLA_JIT);
   }
-
- protected:
-  Options options_;
-  int64_t axis_ = -1;
-};
-
-// The sparse ops: Compile reads and checks the shared inputs, then hands them on.
-class SparseXlaKernel : public XlaKernelBase {
- public:
-  explicit SparseXlaKernel(OpKernelConstruction* ctx) : XlaKernelBase(ctx, /*sparse=*/true) {}
 
   void Compile(XlaOpKernelContext* ctx) final {
-    std::optional<Rows> rows;
-    TensorShape row_shape;
-    SparseLabels labels;
-    OP_REQUIRES_OK(ctx, ReadSparseInputs(ctx, axis_, options_, &rows, &row_shape, &labels));
-    CompileSparse(ctx, *rows, row_shape, labels);
+    bool custom_call = false;
+    OP_REQUIRES_OK(ctx, ChooseLowering(gpu_, &custom_call));
+    TensorShape logits_shape, row_shape;
+    PrimitiveType acc;
+    OP_REQUIRES_OK(ctx, Prepare(ctx, axis_, &logits_shape, &row_shape, &acc));
+    OP_REQUIRES_OK(ctx, CheckInputs(ctx, logits_shape, row_shape));
+    if (custom_call) {
+      EmitCustomCall(ctx, target_, HandlerAttributes(axis_, options_, sparse_), logits_shape, row_shape, forward_);
+    } else {
+      CompileHlo(ctx, Rows(ctx->builder(), logits_shape, axis_, acc), row_shape);
+    }
   }
 
  protected:
+  virtual absl::Status CheckInputs(XlaOpKernelContext* ctx, const TensorShape& logits_shape,
+                                   const TensorShape& row_shape) = 0;
+  virtual void CompileHlo(XlaOpKernelContext* ctx, const Rows& rows, const TensorShape& row_shape) = 0;
+
+  Options options_;
+  int64_t axis_ = -1;
+
+ private:
+  bool sparse_;
+  bool forward_;
+  const char* target_;
+  bool gpu_ = false;
+};
+
+// Backward ops' per-row inputs from `first` on: lse, grad_loss, grad_lse.
+absl::Status CheckBackwardRows(XlaOpKernelContext* ctx, int first, const TensorShape& row_shape) {
+  TF_RETURN_IF_ERROR(CheckShape(InputShape(ctx, first), row_shape, "lse", "logits without the class axis"));
+  TF_RETURN_IF_ERROR(CheckShape(InputShape(ctx, first + 1), row_shape, "grad_loss", "logits without the class axis"));
+  bool has_grad_lse;
+  return CheckGradLse(InputShape(ctx, first + 2), row_shape, &has_grad_lse);
+}
+
+// grad_lse (a backward op's input `index`) is empty when no gradient flows into lse.
+bool HasGradLse(XlaOpKernelContext* ctx, int index) { return InputShape(ctx, index).num_elements() != 0; }
+
+// The sparse ops: labels (input 1) and class weights (input 2) checked, and
+// classified per row for the HLO lowering.
+class SparseXlaKernel : public XlaKernelBase {
+ public:
+  SparseXlaKernel(OpKernelConstruction* ctx, bool forward, const char* target)
+      : XlaKernelBase(ctx, /*sparse=*/true, forward, target) {}
+
+ protected:
+  absl::Status CheckInputs(XlaOpKernelContext* ctx, const TensorShape& logits_shape,
+                           const TensorShape& row_shape) override {
+    TF_RETURN_IF_ERROR(CheckShape(InputShape(ctx, 1), row_shape, "labels", "logits without the class axis"));
+    return CheckClassWeights(InputShape(ctx, 2), logits_shape.dim_size(axis_ < 0 ? axis_ + logits_shape.dims() : axis_));
+  }
+
+  void CompileHlo(XlaOpKernelContext* ctx, const Rows& rows, const TensorShape& row_shape) override {
+    const SparseLabels labels = ClassifyLabels(rows, ctx->Input(1), ctx->input_xla_type(1), ctx->Input(2),
+                                               InputShape(ctx, 2).num_elements() != 0, row_shape, options_);
+    CompileSparse(ctx, rows, row_shape, labels);
+  }
+
   virtual void CompileSparse(XlaOpKernelContext* ctx, const Rows& rows, const TensorShape& row_shape,
                              const SparseLabels& labels) = 0;
 };
@@ -315,7 +438,8 @@ class SparseXlaKernel : public XlaKernelBase {
 // Inputs: logits, labels, class_weights. Outputs: loss, lse.
 class SparseForwardXla : public SparseXlaKernel {
  public:
-  explicit SparseForwardXla(OpKernelConstruction* ctx) : SparseXlaKernel(ctx) {}
+  explicit SparseForwardXla(OpKernelConstruction* ctx)
+      : SparseXlaKernel(ctx, /*forward=*/true, ffi_targets::kSparseForward) {}
 
  protected:
   void CompileSparse(XlaOpKernelContext* ctx, const Rows& rows, const TensorShape& row_shape,
@@ -335,17 +459,20 @@ class SparseForwardXla : public SparseXlaKernel {
 // Inputs: logits, labels, class_weights, lse, grad_loss, grad_lse. Output: grad_logits.
 class SparseBackwardXla : public SparseXlaKernel {
  public:
-  explicit SparseBackwardXla(OpKernelConstruction* ctx) : SparseXlaKernel(ctx) {}
+  explicit SparseBackwardXla(OpKernelConstruction* ctx)
+      : SparseXlaKernel(ctx, /*forward=*/false, ffi_targets::kSparseBackward) {}
 
  protected:
+  absl::Status CheckInputs(XlaOpKernelContext* ctx, const TensorShape& logits_shape,
+                           const TensorShape& row_shape) override {
+    TF_RETURN_IF_ERROR(SparseXlaKernel::CheckInputs(ctx, logits_shape, row_shape));
+    return CheckBackwardRows(ctx, 3, row_shape);
+  }
+
   void CompileSparse(XlaOpKernelContext* ctx, const Rows& rows, const TensorShape& row_shape,
                      const SparseLabels& labels) override {
     const PrimitiveType acc = rows.acc();
-    OP_REQUIRES_OK(ctx, CheckShape(InputShape(ctx, 3), row_shape, "lse", "labels"));
-    OP_REQUIRES_OK(ctx, CheckShape(InputShape(ctx, 4), row_shape, "grad_loss", "labels"));
-    bool has_grad_lse;
-    OP_REQUIRES_OK(ctx, CheckGradLse(InputShape(ctx, 5), row_shape, &has_grad_lse));
-
+    const bool has_grad_lse = HasGradLse(ctx, 5);
     const XlaOp lse = ctx->Input(3);
     const XlaOp grad_lse = ctx->Input(5);
     XlaOp scale = xla::Mul(rows.ToAcc(ctx->Input(4)), labels.weight);
@@ -389,17 +516,26 @@ XlaOp DenseTargetSum(const Rows& rows, XlaOp label_sum, const Options& o) {
   return xla::Add(xla::Mul(rows.Const(1.0 - eps), label_sum), rows.Const(eps));
 }
 
-// Inputs: logits, labels. Outputs: loss, lse.
-class DenseForwardXla : public XlaKernelBase {
+// The dense ops: labels (input 1) have the logits' shape.
+class DenseXlaKernel : public XlaKernelBase {
  public:
-  explicit DenseForwardXla(OpKernelConstruction* ctx) : XlaKernelBase(ctx, /*sparse=*/false) {}
+  DenseXlaKernel(OpKernelConstruction* ctx, bool forward, const char* target)
+      : XlaKernelBase(ctx, /*sparse=*/false, forward, target) {}
 
-  void Compile(XlaOpKernelContext* ctx) override {
-    TensorShape logits_shape, row_shape;
-    PrimitiveType acc;
-    OP_REQUIRES_OK(ctx, Prepare(ctx, axis_, &logits_shape, &row_shape, &acc));
-    OP_REQUIRES_OK(ctx, CheckShape(InputShape(ctx, 1), logits_shape, "labels", "logits"));
-    const Rows rows(ctx->builder(), logits_shape, axis_, acc);
+ protected:
+  absl::Status CheckInputs(XlaOpKernelContext* ctx, const TensorShape& logits_shape, const TensorShape&) override {
+    return CheckShape(InputShape(ctx, 1), logits_shape, "labels", "logits");
+  }
+};
+
+// Inputs: logits, labels. Outputs: loss, lse.
+class DenseForwardXla : public DenseXlaKernel {
+ public:
+  explicit DenseForwardXla(OpKernelConstruction* ctx)
+      : DenseXlaKernel(ctx, /*forward=*/true, ffi_targets::kDenseForward) {}
+
+ protected:
+  void CompileHlo(XlaOpKernelContext* ctx, const Rows& rows, const TensorShape&) override {
     const LogSumExp s = ComputeLogSumExp(rows, ctx->Input(0));
     const DenseLabelSums d = SumDenseLabels(rows, ctx->Input(1), &s);
     const XlaOp target_sum = DenseTargetSum(rows, d.label_sum, options_);
@@ -411,27 +547,25 @@ class DenseForwardXla : public XlaKernelBase {
 };
 
 // Inputs: logits, labels, lse, grad_loss, grad_lse. Output: grad_logits.
-class DenseBackwardXla : public XlaKernelBase {
+class DenseBackwardXla : public DenseXlaKernel {
  public:
-  explicit DenseBackwardXla(OpKernelConstruction* ctx) : XlaKernelBase(ctx, /*sparse=*/false) {}
+  explicit DenseBackwardXla(OpKernelConstruction* ctx)
+      : DenseXlaKernel(ctx, /*forward=*/false, ffi_targets::kDenseBackward) {}
 
-  void Compile(XlaOpKernelContext* ctx) override {
-    TensorShape logits_shape, row_shape;
-    PrimitiveType acc;
-    OP_REQUIRES_OK(ctx, Prepare(ctx, axis_, &logits_shape, &row_shape, &acc));
-    OP_REQUIRES_OK(ctx, CheckShape(InputShape(ctx, 1), logits_shape, "labels", "logits"));
-    OP_REQUIRES_OK(ctx, CheckShape(InputShape(ctx, 2), row_shape, "lse", "logits without the class axis"));
-    OP_REQUIRES_OK(ctx, CheckShape(InputShape(ctx, 3), row_shape, "grad_loss", "logits without the class axis"));
-    bool has_grad_lse;
-    OP_REQUIRES_OK(ctx, CheckGradLse(InputShape(ctx, 4), row_shape, &has_grad_lse));
+ protected:
+  absl::Status CheckInputs(XlaOpKernelContext* ctx, const TensorShape& logits_shape,
+                           const TensorShape& row_shape) override {
+    TF_RETURN_IF_ERROR(DenseXlaKernel::CheckInputs(ctx, logits_shape, row_shape));
+    return CheckBackwardRows(ctx, 2, row_shape);
+  }
 
-    const Rows rows(ctx->builder(), logits_shape, axis_, acc);
+  void CompileHlo(XlaOpKernelContext* ctx, const Rows& rows, const TensorShape&) override {
     const DenseLabelSums d = SumDenseLabels(rows, ctx->Input(1), nullptr);
     const XlaOp lse = ctx->Input(2);
     const XlaOp grad_lse = ctx->Input(4);
     const Coefficients c = BackwardCoefficients(rows, rows.ToAcc(ctx->Input(3)), lse,
                                                 DenseTargetSum(rows, d.label_sum, options_),
-                                                has_grad_lse ? &grad_lse : nullptr, options_);
+                                                HasGradLse(ctx, 4) ? &grad_lse : nullptr, options_);
     const XlaOp p = Softmax(rows, rows.ToAcc(ctx->Input(0)), lse);
     const XlaOp dz = xla::Sub(xla::Sub(xla::Mul(rows.Expand(c.softmax_scale), p),
                                        xla::Mul(rows.Expand(c.target_scale), d.t)),

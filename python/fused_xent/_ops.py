@@ -101,8 +101,10 @@ def sparse_softmax_cross_entropy_with_logits(
       labels: int32/int64 tensor of class indices, the shape of ``logits``
         without the class axis.
         A label outside ``[0, C)`` that is not ``ignore_index`` raises
-        ``InvalidArgumentError``; under XLA (``jit_compile=True``) it gives
-        NaN loss and gradient for its row instead.
+        ``InvalidArgumentError`` on the CPU, also under XLA
+        (``jit_compile=True``); on a GPU, and under XLA's HLO lowering
+        (``FUSED_XENT_XLA_LOWERING=hlo``), it gives NaN loss and gradient for
+        its row instead (docs/xla.md).
       logits: float16, bfloat16, float32 or float64 tensor of unscaled scores.
       ignore_index: rows whose label equals it give loss 0 and gradient 0; it
         may lie outside ``[0, C)``.

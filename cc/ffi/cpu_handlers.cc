@@ -1,0 +1,137 @@
+// XLA FFI handlers for the "Host" platform: the SIMD CPU kernels, their rows
+// split over XLA's intra-op thread pool. Rows are independent and each is
+// computed by one call in a fixed order, so the results are bitwise those of
+// the TensorFlow kernels and the NumPy module, whatever the split.
+#include <algorithm>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+
+#include "core/cpu_kernels.h"
+#include "core/label_check.h"
+#include "ffi/handlers.h"
+#include "ffi/target_names.h"
+#include "ffi/xent_handlers.h"
+
+namespace fused_xent {
+namespace xla_ffi {
+namespace {
+
+// Fewer elements than this per shard cost more to schedule than to compute.
+constexpr int64_t kMinShardElements = 1 << 15;
+
+// Shards of rows handed out to whichever thread asks first. The calling
+// thread works too, so the call finishes even if the pool never runs the
+// tasks it was given (all its threads busy, or the caller is one of them); a
+// task that starts late finds nothing left and only drops its reference.
+template <typename Fn>
+class RowShards {
+ public:
+  RowShards(int64_t rows, int64_t shards, const Fn& fn) : rows_(rows), shards_(shards), fn_(fn) {}
+
+  // Runs shards until none is left; returns when it has finished its last one.
+  void Work() {
+    for (int64_t s = next_.fetch_add(1); s < shards_; s = next_.fetch_add(1)) {
+      fn_(rows_ * s / shards_, rows_ * (s + 1) / shards_);
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (++done_ == shards_) all_done_.notify_all();
+    }
+  }
+
+  void WaitAll() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    all_done_.wait(lock, [this] { return done_ == shards_; });
+  }
+
+ private:
+  const int64_t rows_;
+  const int64_t shards_;
+  const Fn& fn_;  // lives in the caller's frame, which outlives every shard
+  std::atomic<int64_t> next_{0};
+  std::mutex mutex_;
+  std::condition_variable all_done_;
+  int64_t done_ = 0;
+};
+
+template <typename Fn>
+void ParallelRows(ffi::ThreadPool& pool, int64_t rows, int64_t classes, const Fn& fn) {
+  const int64_t by_work = std::max<int64_t>(1, rows * classes / kMinShardElements);
+  const int64_t shards = std::min<int64_t>({std::max<int64_t>(1, pool.num_threads()), rows, by_work});
+  if (shards <= 1) {
+    fn(0, rows);
+    return;
+  }
+  auto state = std::make_shared<RowShards<Fn>>(rows, shards, fn);
+  for (int64_t i = 1; i < shards; ++i) pool.Schedule([state] { state->Work(); });
+  state->Work();
+  state->WaitAll();
+}
+
+// Runs the core's CPU kernels over XLA's intra-op pool. Sparse rows check
+// their labels in the same shards and the call fails afterwards, as the
+// TensorFlow kernel does, naming the first invalid label.
+class CpuRunner {
+ public:
+  explicit CpuRunner(ffi::ThreadPool pool) : pool_(std::move(pool)) {}
+
+  template <typename T, typename Label>
+  ffi::Error Run(const SparseForwardArgs<T, Label>& args) {
+    return RunSparse(args, [](const auto& a, int64_t b, int64_t e) { cpu::sparse_forward(a, b, e); });
+  }
+  template <typename T, typename Label>
+  ffi::Error Run(const SparseBackwardArgs<T, Label>& args) {
+    return RunSparse(args, [](const auto& a, int64_t b, int64_t e) { cpu::sparse_backward(a, b, e); });
+  }
+  template <typename T>
+  ffi::Error Run(const DenseForwardArgs<T>& args) {
+    ParallelRows(pool_, args.layout.rows(), args.layout.classes,
+                 [&](int64_t b, int64_t e) { cpu::dense_forward(args, b, e); });
+    return ffi::Error::Success();
+  }
+  template <typename T>
+  ffi::Error Run(const DenseBackwardArgs<T>& args) {
+    ParallelRows(pool_, args.layout.rows(), args.layout.classes,
+                 [&](int64_t b, int64_t e) { cpu::dense_backward(args, b, e); });
+    return ffi::Error::Success();
+  }
+
+ private:
+  template <typename Args, typename Kernel>
+  ffi::Error RunSparse(const Args& args, const Kernel& kernel) {
+    FirstInvalidLabel first_invalid;
+    ParallelRows(pool_, args.layout.rows(), args.layout.classes, [&](int64_t b, int64_t e) {
+      first_invalid.check(args.labels, b, e, args.layout.classes, args.options);
+      kernel(args, b, e);
+    });
+    if (!first_invalid.found()) return ffi::Error::Success();
+    const int64_t value = static_cast<int64_t>(args.labels[first_invalid.row()]);
+    return InvalidArgument(invalid_label_message(value, args.layout.classes, args.options));
+  }
+
+  ffi::ThreadPool pool_;
+};
+
+XLA_FFI_DEFINE_HANDLER(kSparseForwardCpu, (&SparseForward<CpuRunner, ffi::ThreadPool>),
+                       FX_FFI_BIND_SPARSE_FORWARD(.Ctx<ffi::ThreadPool>()));
+XLA_FFI_DEFINE_HANDLER(kSparseBackwardCpu, (&SparseBackward<CpuRunner, ffi::ThreadPool>),
+                       FX_FFI_BIND_SPARSE_BACKWARD(.Ctx<ffi::ThreadPool>()));
+XLA_FFI_DEFINE_HANDLER(kDenseForwardCpu, (&DenseForward<CpuRunner, ffi::ThreadPool>),
+                       FX_FFI_BIND_DENSE_FORWARD(.Ctx<ffi::ThreadPool>()));
+XLA_FFI_DEFINE_HANDLER(kDenseBackwardCpu, (&DenseBackward<CpuRunner, ffi::ThreadPool>),
+                       FX_FFI_BIND_DENSE_BACKWARD(.Ctx<ffi::ThreadPool>()));
+
+}  // namespace
+
+const Target* cpu_targets(int* count) {
+  static const Target targets[] = {
+      {ffi_targets::kSparseForward, kSparseForwardCpu},
+      {ffi_targets::kSparseBackward, kSparseBackwardCpu},
+      {ffi_targets::kDenseForward, kDenseForwardCpu},
+      {ffi_targets::kDenseBackward, kDenseBackwardCpu},
+  };
+  *count = static_cast<int>(sizeof(targets) / sizeof(targets[0]));
+  return targets;
+}
+
+}  // namespace xla_ffi
+}  // namespace fused_xent

@@ -1,0 +1,33 @@
+// The XLA FFI handlers of the four kernels, for any XLA that registers them
+// (TensorFlow's, JAX's). Each takes the same operands and attributes on every
+// platform; docs/xla.md lists them.
+//
+//   sparse_forward (logits, labels, class_weights) -> (loss, lse)
+//   sparse_backward(logits, labels, class_weights, lse, grad_loss, grad_lse) -> grad_logits
+//   dense_forward  (logits, labels) -> (loss, lse)
+//   dense_backward (logits, labels, lse, grad_loss, grad_lse) -> grad_logits
+//
+// Attributes: axis (i64), label_smoothing (f32), z_loss (f32) and, for the
+// sparse targets, ignore_index (i64) and has_ignore_index (i1).
+#pragma once
+
+#include "xla/ffi/api/c_api.h"
+
+namespace fused_xent {
+namespace xla_ffi {
+
+struct Target {
+  const char* name;          // custom-call target name (ffi/target_names.h)
+  XLA_FFI_Handler* handler;  // to register for the platform of its table
+};
+
+// For XLA's "Host" platform ("cpu" in JAX). Sets *count.
+const Target* cpu_targets(int* count);
+
+#if defined(FUSED_XENT_WITH_CUDA)
+// For XLA's "CUDA" platform; in CUDA builds only.
+const Target* cuda_targets(int* count);
+#endif
+
+}  // namespace xla_ffi
+}  // namespace fused_xent

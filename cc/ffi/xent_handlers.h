@@ -1,0 +1,306 @@
+// The four handlers written once over a platform "runner" (cpu_handlers.cc,
+// cuda_handlers.cc): decode and check XLA's buffers and attributes, fill the
+// core's argument structs, and hand them to the runner, which runs the core
+// kernels on its thread pool or stream. Only xla/ffi/api/ffi.h is used, so the
+// same handlers register in TensorFlow's XLA and in JAX.
+//
+// XLA hands over buffers whose shapes it already checked against the HLO, but
+// a JAX user may call the targets directly with any operands: every shape,
+// dtype and attribute the kernels rely on is checked here, and a mismatch is
+// an InvalidArgument error naming it, never a read outside a buffer.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/xent_params.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace fused_xent {
+namespace xla_ffi {
+
+namespace ffi = ::xla::ffi;
+using ffi::AnyBuffer;
+using ffi::Result;
+
+#define FX_FFI_RETURN_IF_ERROR(expr)           \
+  do {                                         \
+    ffi::Error fx_error_ = (expr);             \
+    if (fx_error_.failure()) return fx_error_; \
+  } while (0)
+
+inline ffi::Error InvalidArgument(const std::string& message) { return ffi::Error::InvalidArgument(message); }
+
+inline std::string DimsText(AnyBuffer::Dimensions dims) {
+  std::string text = "[";
+  for (size_t i = 0; i < dims.size(); ++i) text += (i ? ", " : "") + std::to_string(dims[i]);
+  return text + "]";
+}
+
+inline bool SameDims(AnyBuffer::Dimensions a, const std::vector<int64_t>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < b.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
+inline bool IsFloatType(ffi::DataType t) {
+  return t == ffi::DataType::F16 || t == ffi::DataType::BF16 || t == ffi::DataType::F32 || t == ffi::DataType::F64;
+}
+
+// What every handler reads first: the logits' layout around `axis`, the shape
+// without that axis (of labels, loss, lse) and the options.
+struct Call {
+  Layout layout;
+  std::vector<int64_t> row_dims;
+  Options options;
+};
+
+inline ffi::Error ReadCall(const AnyBuffer& logits, int64_t axis, float label_smoothing, float z_loss, Call* call) {
+  if (!IsFloatType(logits.element_type()))
+    return InvalidArgument("logits must be float16, bfloat16, float32 or float64");
+  const auto dims = logits.dimensions();
+  const int64_t rank = static_cast<int64_t>(dims.size());
+  if (rank < 1) return InvalidArgument("logits must have rank >= 1, got a scalar");
+  if (axis < -rank || axis >= rank)
+    return InvalidArgument("axis " + std::to_string(axis) + " is out of range for logits of shape " + DimsText(dims));
+  if (axis < 0) axis += rank;
+  call->layout = Layout{1, dims[axis], 1};
+  call->row_dims.clear();
+  for (int64_t d = 0; d < rank; ++d) {
+    if (d == axis) continue;
+    (d < axis ? call->layout.outer : call->layout.inner) *= dims[d];
+    call->row_dims.push_back(dims[d]);
+  }
+  if (call->layout.classes == 0)
+    return InvalidArgument("Must have at least one class, but got logits shape " + DimsText(dims));
+  if (!(label_smoothing >= 0.0f && label_smoothing <= 1.0f))
+    return InvalidArgument("label_smoothing must lie in [0, 1], got " + std::to_string(label_smoothing));
+  if (!std::isfinite(z_loss) || z_loss < 0.0f)
+    return InvalidArgument("z_loss must be finite and >= 0, got " + std::to_string(z_loss));
+  call->options.label_smoothing = label_smoothing;
+  call->options.z_loss = z_loss;
+  return ffi::Error::Success();
+}
+
+// A per-row buffer (labels, loss, lse, grad_loss): the logits' shape without the class axis.
+inline ffi::Error CheckRows(const AnyBuffer& buffer, const Call& call, const char* name) {
+  if (SameDims(buffer.dimensions(), call.row_dims)) return ffi::Error::Success();
+  return InvalidArgument(std::string(name) + " must have the shape of logits without the class axis " +
+                         DimsText(AnyBuffer::Dimensions(call.row_dims.data(), call.row_dims.size())) + ", got " +
+                         DimsText(buffer.dimensions()));
+}
+
+inline ffi::Error CheckType(const AnyBuffer& buffer, ffi::DataType type, const char* name, const char* type_name) {
+  if (buffer.element_type() == type) return ffi::Error::Success();
+  return InvalidArgument(std::string(name) + " must be " + type_name);
+}
+
+// A buffer with the logits' dtype and shape (dense labels, grad_logits).
+inline ffi::Error CheckLikeLogits(const AnyBuffer& buffer, const AnyBuffer& logits, const char* name) {
+  const auto a = buffer.dimensions(), b = logits.dimensions();
+  if (buffer.element_type() == logits.element_type() && std::vector<int64_t>(a.begin(), a.end()) ==
+                                                            std::vector<int64_t>(b.begin(), b.end()))
+    return ffi::Error::Success();
+  return InvalidArgument(std::string(name) + " must have the dtype and shape of logits " + DimsText(b) + ", got " +
+                         DimsText(a));
+}
+
+// A per-row buffer in the logits' dtype (loss, grad_loss).
+inline ffi::Error CheckRowsOfLogitsType(const AnyBuffer& buffer, const AnyBuffer& logits, const Call& call,
+                                        const char* name) {
+  if (buffer.element_type() != logits.element_type())
+    return InvalidArgument(std::string(name) + " must have the dtype of logits");
+  return CheckRows(buffer, call, name);
+}
+
+inline ffi::Error CheckLse(const AnyBuffer& lse, const Call& call, const char* name = "lse") {
+  FX_FFI_RETURN_IF_ERROR(CheckType(lse, ffi::DataType::F64, name, "float64"));
+  return CheckRows(lse, call, name);
+}
+
+// The optional upstream gradient of lse: no elements (zeros) or one float64 per row.
+inline ffi::Error ReadGradLse(const AnyBuffer& grad_lse, const Call& call, const double** out) {
+  *out = nullptr;
+  if (grad_lse.element_count() == 0) return ffi::Error::Success();
+  FX_FFI_RETURN_IF_ERROR(CheckLse(grad_lse, call, "grad_lse"));
+  *out = static_cast<const double*>(grad_lse.untyped_data());
+  return ffi::Error::Success();
+}
+
+// Labels (int32/int64, one per row), class weights (float32, none or one per
+// class) and ignore_index.
+inline ffi::Error ReadSparseInputs(const AnyBuffer& labels, const AnyBuffer& class_weights, int64_t ignore_index,
+                                   bool has_ignore_index, Call* call) {
+  if (labels.element_type() != ffi::DataType::S32 && labels.element_type() != ffi::DataType::S64)
+    return InvalidArgument("labels must be int32 or int64");
+  FX_FFI_RETURN_IF_ERROR(CheckRows(labels, *call, "labels"));
+  const int64_t weights = static_cast<int64_t>(class_weights.element_count());
+  if (class_weights.element_type() != ffi::DataType::F32 || class_weights.dimensions().size() != 1 ||
+      (weights != 0 && weights != call->layout.classes)) {
+    return InvalidArgument("class_weights must be a float32 vector of " + std::to_string(call->layout.classes) +
+                           " weights (one per class) or of none, got shape " + DimsText(class_weights.dimensions()));
+  }
+  call->options.class_weights = weights ? static_cast<const float*>(class_weights.untyped_data()) : nullptr;
+  call->options.has_ignore_index = has_ignore_index;
+  call->options.ignore_index = ignore_index;
+  return ffi::Error::Success();
+}
+
+// Calls fn(T{}) with the core element type of `type` (a checked float type).
+template <typename Fn>
+ffi::Error WithFloatType(ffi::DataType type, const Fn& fn) {
+  switch (type) {
+    case ffi::DataType::F16: return fn(float16_t{});
+    case ffi::DataType::BF16: return fn(bfloat16_t{});
+    case ffi::DataType::F32: return fn(float{});
+    default: return fn(double{});
+  }
+}
+
+// Calls fn(T{}, Label{}) for checked logits and labels types.
+template <typename Fn>
+ffi::Error WithSparseTypes(ffi::DataType logits, ffi::DataType labels, const Fn& fn) {
+  return WithFloatType(logits, [&](auto t) {
+    return labels == ffi::DataType::S32 ? fn(t, int32_t{}) : fn(t, int64_t{});
+  });
+}
+
+template <typename T> const T* In(const AnyBuffer& b) { return static_cast<const T*>(b.untyped_data()); }
+template <typename T> T* Out(const AnyBuffer& b) { return static_cast<T*>(b.untyped_data()); }
+
+// --- The handlers, over Runner(ctx...).Run(args) ------------------------------------
+
+template <typename Runner, typename... Ctx>
+ffi::Error SparseForward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_weights, Result<AnyBuffer> loss,
+                         Result<AnyBuffer> lse, int64_t axis, float label_smoothing, float z_loss,
+                         int64_t ignore_index, bool has_ignore_index, Ctx... ctx) {
+  Call call;
+  FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
+  FX_FFI_RETURN_IF_ERROR(ReadSparseInputs(labels, class_weights, ignore_index, has_ignore_index, &call));
+  FX_FFI_RETURN_IF_ERROR(CheckRowsOfLogitsType(*loss, logits, call, "loss"));
+  FX_FFI_RETURN_IF_ERROR(CheckLse(*lse, call));
+  if (call.layout.rows() == 0) return ffi::Error::Success();
+  Runner runner(std::move(ctx)...);
+  return WithSparseTypes(logits.element_type(), labels.element_type(), [&](auto t, auto l) {
+    using T = decltype(t);
+    using Label = decltype(l);
+    SparseForwardArgs<T, Label> args;
+    args.layout = call.layout;
+    args.options = call.options;
+    args.logits = In<T>(logits);
+    args.labels = In<Label>(labels);
+    args.loss = Out<T>(*loss);
+    args.lse = Out<double>(*lse);
+    return runner.Run(args);
+  });
+}
+
+template <typename Runner, typename... Ctx>
+ffi::Error SparseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_weights, AnyBuffer lse,
+                          AnyBuffer grad_loss, AnyBuffer grad_lse, Result<AnyBuffer> grad_logits, int64_t axis,
+                          float label_smoothing, float z_loss, int64_t ignore_index, bool has_ignore_index,
+                          Ctx... ctx) {
+  Call call;
+  FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
+  FX_FFI_RETURN_IF_ERROR(ReadSparseInputs(labels, class_weights, ignore_index, has_ignore_index, &call));
+  FX_FFI_RETURN_IF_ERROR(CheckLse(lse, call));
+  FX_FFI_RETURN_IF_ERROR(CheckRowsOfLogitsType(grad_loss, logits, call, "grad_loss"));
+  const double* grad_lse_data;
+  FX_FFI_RETURN_IF_ERROR(ReadGradLse(grad_lse, call, &grad_lse_data));
+  FX_FFI_RETURN_IF_ERROR(CheckLikeLogits(*grad_logits, logits, "grad_logits"));
+  if (call.layout.rows() == 0) return ffi::Error::Success();
+  Runner runner(std::move(ctx)...);
+  return WithSparseTypes(logits.element_type(), labels.element_type(), [&](auto t, auto l) {
+    using T = decltype(t);
+    using Label = decltype(l);
+    SparseBackwardArgs<T, Label> args;
+    args.layout = call.layout;
+    args.options = call.options;
+    args.logits = In<T>(logits);
+    args.labels = In<Label>(labels);
+    args.lse = In<double>(lse);
+    args.grad_loss = In<T>(grad_loss);
+    args.grad_lse = grad_lse_data;
+    args.grad_logits = Out<T>(*grad_logits);
+    return runner.Run(args);
+  });
+}
+
+template <typename Runner, typename... Ctx>
+ffi::Error DenseForward(AnyBuffer logits, AnyBuffer labels, Result<AnyBuffer> loss, Result<AnyBuffer> lse,
+                        int64_t axis, float label_smoothing, float z_loss, Ctx... ctx) {
+  Call call;
+  FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
+  FX_FFI_RETURN_IF_ERROR(CheckLikeLogits(labels, logits, "labels"));
+  FX_FFI_RETURN_IF_ERROR(CheckRowsOfLogitsType(*loss, logits, call, "loss"));
+  FX_FFI_RETURN_IF_ERROR(CheckLse(*lse, call));
+  if (call.layout.rows() == 0) return ffi::Error::Success();
+  Runner runner(std::move(ctx)...);
+  return WithFloatType(logits.element_type(), [&](auto t) {
+    using T = decltype(t);
+    DenseForwardArgs<T> args;
+    args.layout = call.layout;
+    args.options = call.options;
+    args.logits = In<T>(logits);
+    args.labels = In<T>(labels);
+    args.loss = Out<T>(*loss);
+    args.lse = Out<double>(*lse);
+    return runner.Run(args);
+  });
+}
+
+template <typename Runner, typename... Ctx>
+ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyBuffer grad_loss, AnyBuffer grad_lse,
+                         Result<AnyBuffer> grad_logits, int64_t axis, float label_smoothing, float z_loss,
+                         Ctx... ctx) {
+  Call call;
+  FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
+  FX_FFI_RETURN_IF_ERROR(CheckLikeLogits(labels, logits, "labels"));
+  FX_FFI_RETURN_IF_ERROR(CheckLse(lse, call));
+  FX_FFI_RETURN_IF_ERROR(CheckRowsOfLogitsType(grad_loss, logits, call, "grad_loss"));
+  const double* grad_lse_data;
+  FX_FFI_RETURN_IF_ERROR(ReadGradLse(grad_lse, call, &grad_lse_data));
+  FX_FFI_RETURN_IF_ERROR(CheckLikeLogits(*grad_logits, logits, "grad_logits"));
+  if (call.layout.rows() == 0) return ffi::Error::Success();
+  Runner runner(std::move(ctx)...);
+  return WithFloatType(logits.element_type(), [&](auto t) {
+    using T = decltype(t);
+    DenseBackwardArgs<T> args;
+    args.layout = call.layout;
+    args.options = call.options;
+    args.logits = In<T>(logits);
+    args.labels = In<T>(labels);
+    args.lse = In<double>(lse);
+    args.grad_loss = In<T>(grad_loss);
+    args.grad_lse = grad_lse_data;
+    args.grad_logits = Out<T>(*grad_logits);
+    return runner.Run(args);
+  });
+}
+
+// --- Bindings: the operands and attributes above; the variadic part appends
+// the platform's contexts, e.g. .Ctx<ffi::ThreadPool>(). (Macros, since an XLA
+// binding is built in a single expression: it cannot be passed around.)
+
+#define FX_FFI_COMMON_ATTRS                                                              \
+  .Attr<int64_t>("axis").Attr<float>("label_smoothing").Attr<float>("z_loss")
+#define FX_FFI_SPARSE_ATTRS FX_FFI_COMMON_ATTRS.Attr<int64_t>("ignore_index").Attr<bool>("has_ignore_index")
+#define FX_FFI_ARGS2 .Arg<::xla::ffi::AnyBuffer>().Arg<::xla::ffi::AnyBuffer>()
+#define FX_FFI_ARGS3 FX_FFI_ARGS2.Arg<::xla::ffi::AnyBuffer>()
+#define FX_FFI_RET .Ret<::xla::ffi::AnyBuffer>()
+
+#define FX_FFI_BIND_SPARSE_FORWARD(...) \
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_RET FX_FFI_RET FX_FFI_SPARSE_ATTRS __VA_ARGS__
+#define FX_FFI_BIND_SPARSE_BACKWARD(...) \
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS3 FX_FFI_RET FX_FFI_SPARSE_ATTRS __VA_ARGS__
+#define FX_FFI_BIND_DENSE_FORWARD(...) \
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_COMMON_ATTRS __VA_ARGS__
+#define FX_FFI_BIND_DENSE_BACKWARD(...) \
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_COMMON_ATTRS __VA_ARGS__
+
+}  // namespace xla_ffi
+}  // namespace fused_xent
