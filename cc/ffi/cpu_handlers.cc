@@ -9,8 +9,6 @@
 
 #include "core/cpu_kernels.h"
 #include "core/label_check.h"
-#include "ffi/handlers.h"
-#include "ffi/target_names.h"
 #include "ffi/xent_handlers.h"
 
 namespace fused_xent {
@@ -111,27 +109,9 @@ class CpuRunner {
   ffi::ThreadPool pool_;
 };
 
-XLA_FFI_DEFINE_HANDLER(kSparseForwardCpu, (&SparseForward<CpuRunner, ffi::ThreadPool>),
-                       FX_FFI_BIND_SPARSE_FORWARD(.Ctx<ffi::ThreadPool>()));
-XLA_FFI_DEFINE_HANDLER(kSparseBackwardCpu, (&SparseBackward<CpuRunner, ffi::ThreadPool>),
-                       FX_FFI_BIND_SPARSE_BACKWARD(.Ctx<ffi::ThreadPool>()));
-XLA_FFI_DEFINE_HANDLER(kDenseForwardCpu, (&DenseForward<CpuRunner, ffi::ThreadPool>),
-                       FX_FFI_BIND_DENSE_FORWARD(.Ctx<ffi::ThreadPool>()));
-XLA_FFI_DEFINE_HANDLER(kDenseBackwardCpu, (&DenseBackward<CpuRunner, ffi::ThreadPool>),
-                       FX_FFI_BIND_DENSE_BACKWARD(.Ctx<ffi::ThreadPool>()));
-
 }  // namespace
 
-const Target* cpu_targets(int* count) {
-  static const Target targets[] = {
-      {ffi_targets::kSparseForward, kSparseForwardCpu},
-      {ffi_targets::kSparseBackward, kSparseBackwardCpu},
-      {ffi_targets::kDenseForward, kDenseForwardCpu},
-      {ffi_targets::kDenseBackward, kDenseBackwardCpu},
-  };
-  *count = static_cast<int>(sizeof(targets) / sizeof(targets[0]));
-  return targets;
-}
+FX_FFI_DEFINE_TARGETS(cpu_targets, CpuRunner, .Ctx<ffi::ThreadPool>(), ffi::ThreadPool)
 
 }  // namespace xla_ffi
 }  // namespace fused_xent

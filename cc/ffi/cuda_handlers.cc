@@ -10,8 +10,6 @@
 #include <utility>
 
 #include "cuda/launchers.h"
-#include "ffi/handlers.h"
-#include "ffi/target_names.h"
 #include "ffi/xent_handlers.h"
 
 namespace fused_xent {
@@ -68,27 +66,9 @@ class CudaRunner {
 
 #define FX_CUDA_CONTEXTS .Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::ScratchAllocator>()
 
-XLA_FFI_DEFINE_HANDLER(kSparseForwardCuda, (&SparseForward<CudaRunner, cudaStream_t, ffi::ScratchAllocator>),
-                       FX_FFI_BIND_SPARSE_FORWARD(FX_CUDA_CONTEXTS));
-XLA_FFI_DEFINE_HANDLER(kSparseBackwardCuda, (&SparseBackward<CudaRunner, cudaStream_t, ffi::ScratchAllocator>),
-                       FX_FFI_BIND_SPARSE_BACKWARD(FX_CUDA_CONTEXTS));
-XLA_FFI_DEFINE_HANDLER(kDenseForwardCuda, (&DenseForward<CudaRunner, cudaStream_t, ffi::ScratchAllocator>),
-                       FX_FFI_BIND_DENSE_FORWARD(FX_CUDA_CONTEXTS));
-XLA_FFI_DEFINE_HANDLER(kDenseBackwardCuda, (&DenseBackward<CudaRunner, cudaStream_t, ffi::ScratchAllocator>),
-                       FX_FFI_BIND_DENSE_BACKWARD(FX_CUDA_CONTEXTS));
-
 }  // namespace
 
-const Target* cuda_targets(int* count) {
-  static const Target targets[] = {
-      {ffi_targets::kSparseForward, kSparseForwardCuda},
-      {ffi_targets::kSparseBackward, kSparseBackwardCuda},
-      {ffi_targets::kDenseForward, kDenseForwardCuda},
-      {ffi_targets::kDenseBackward, kDenseBackwardCuda},
-  };
-  *count = static_cast<int>(sizeof(targets) / sizeof(targets[0]));
-  return targets;
-}
+FX_FFI_DEFINE_TARGETS(cuda_targets, CudaRunner, FX_CUDA_CONTEXTS, cudaStream_t, ffi::ScratchAllocator)
 
 }  // namespace xla_ffi
 }  // namespace fused_xent

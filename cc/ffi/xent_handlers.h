@@ -17,6 +17,8 @@
 #include <vector>
 
 #include "core/xent_params.h"
+#include "ffi/handlers.h"
+#include "ffi/target_names.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace fused_xent {
@@ -172,6 +174,48 @@ ffi::Error WithSparseTypes(ffi::DataType logits, ffi::DataType labels, const Fn&
 template <typename T> const T* In(const AnyBuffer& b) { return static_cast<const T*>(b.untyped_data()); }
 template <typename T> T* Out(const AnyBuffer& b) { return static_cast<T*>(b.untyped_data()); }
 
+// --- What forward and backward handlers share -------------------------------------
+
+inline ffi::Error CheckForwardOutputs(const Call& call, const AnyBuffer& logits, const AnyBuffer& loss,
+                                      const AnyBuffer& lse) {
+  FX_FFI_RETURN_IF_ERROR(CheckRowsOfLogitsType(loss, logits, call, "loss"));
+  return CheckLse(lse, call);
+}
+
+// lse, grad_loss, grad_lse (optional) and the grad_logits result.
+inline ffi::Error CheckBackwardBuffers(const Call& call, const AnyBuffer& logits, const AnyBuffer& lse,
+                                       const AnyBuffer& grad_loss, const AnyBuffer& grad_lse,
+                                       const AnyBuffer& grad_logits, const double** grad_lse_data) {
+  FX_FFI_RETURN_IF_ERROR(CheckLse(lse, call));
+  FX_FFI_RETURN_IF_ERROR(CheckRowsOfLogitsType(grad_loss, logits, call, "grad_loss"));
+  FX_FFI_RETURN_IF_ERROR(ReadGradLse(grad_lse, call, grad_lse_data));
+  return CheckLikeLogits(grad_logits, logits, "grad_logits");
+}
+
+// The fields of every forward argument struct but the labels.
+template <typename T, typename Args>
+void FillForward(const Call& call, const AnyBuffer& logits, const AnyBuffer& loss, const AnyBuffer& lse,
+                 Args* args) {
+  args->layout = call.layout;
+  args->options = call.options;
+  args->logits = In<T>(logits);
+  args->loss = Out<T>(loss);
+  args->lse = Out<double>(lse);
+}
+
+// The fields of every backward argument struct but the labels.
+template <typename T, typename Args>
+void FillBackward(const Call& call, const AnyBuffer& logits, const AnyBuffer& lse, const AnyBuffer& grad_loss,
+                  const double* grad_lse, const AnyBuffer& grad_logits, Args* args) {
+  args->layout = call.layout;
+  args->options = call.options;
+  args->logits = In<T>(logits);
+  args->lse = In<double>(lse);
+  args->grad_loss = In<T>(grad_loss);
+  args->grad_lse = grad_lse;
+  args->grad_logits = Out<T>(grad_logits);
+}
+
 // --- The handlers, over Runner(ctx...).Run(args) ------------------------------------
 
 template <typename Runner, typename... Ctx>
@@ -181,20 +225,13 @@ ffi::Error SparseForward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_wei
   Call call;
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
   FX_FFI_RETURN_IF_ERROR(ReadSparseInputs(labels, class_weights, ignore_index, has_ignore_index, &call));
-  FX_FFI_RETURN_IF_ERROR(CheckRowsOfLogitsType(*loss, logits, call, "loss"));
-  FX_FFI_RETURN_IF_ERROR(CheckLse(*lse, call));
+  FX_FFI_RETURN_IF_ERROR(CheckForwardOutputs(call, logits, *loss, *lse));
   if (call.layout.rows() == 0) return ffi::Error::Success();
   Runner runner(std::move(ctx)...);
   return WithSparseTypes(logits.element_type(), labels.element_type(), [&](auto t, auto l) {
-    using T = decltype(t);
-    using Label = decltype(l);
-    SparseForwardArgs<T, Label> args;
-    args.layout = call.layout;
-    args.options = call.options;
-    args.logits = In<T>(logits);
-    args.labels = In<Label>(labels);
-    args.loss = Out<T>(*loss);
-    args.lse = Out<double>(*lse);
+    SparseForwardArgs<decltype(t), decltype(l)> args;
+    FillForward<decltype(t)>(call, logits, *loss, *lse, &args);
+    args.labels = In<decltype(l)>(labels);
     return runner.Run(args);
   });
 }
@@ -205,27 +242,16 @@ ffi::Error SparseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_we
                           float label_smoothing, float z_loss, int64_t ignore_index, bool has_ignore_index,
                           Ctx... ctx) {
   Call call;
+  const double* grad_lse_data;
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
   FX_FFI_RETURN_IF_ERROR(ReadSparseInputs(labels, class_weights, ignore_index, has_ignore_index, &call));
-  FX_FFI_RETURN_IF_ERROR(CheckLse(lse, call));
-  FX_FFI_RETURN_IF_ERROR(CheckRowsOfLogitsType(grad_loss, logits, call, "grad_loss"));
-  const double* grad_lse_data;
-  FX_FFI_RETURN_IF_ERROR(ReadGradLse(grad_lse, call, &grad_lse_data));
-  FX_FFI_RETURN_IF_ERROR(CheckLikeLogits(*grad_logits, logits, "grad_logits"));
+  FX_FFI_RETURN_IF_ERROR(CheckBackwardBuffers(call, logits, lse, grad_loss, grad_lse, *grad_logits, &grad_lse_data));
   if (call.layout.rows() == 0) return ffi::Error::Success();
   Runner runner(std::move(ctx)...);
   return WithSparseTypes(logits.element_type(), labels.element_type(), [&](auto t, auto l) {
-    using T = decltype(t);
-    using Label = decltype(l);
-    SparseBackwardArgs<T, Label> args;
-    args.layout = call.layout;
-    args.options = call.options;
-    args.logits = In<T>(logits);
-    args.labels = In<Label>(labels);
-    args.lse = In<double>(lse);
-    args.grad_loss = In<T>(grad_loss);
-    args.grad_lse = grad_lse_data;
-    args.grad_logits = Out<T>(*grad_logits);
+    SparseBackwardArgs<decltype(t), decltype(l)> args;
+    FillBackward<decltype(t)>(call, logits, lse, grad_loss, grad_lse_data, *grad_logits, &args);
+    args.labels = In<decltype(l)>(labels);
     return runner.Run(args);
   });
 }
@@ -236,19 +262,13 @@ ffi::Error DenseForward(AnyBuffer logits, AnyBuffer labels, Result<AnyBuffer> lo
   Call call;
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
   FX_FFI_RETURN_IF_ERROR(CheckLikeLogits(labels, logits, "labels"));
-  FX_FFI_RETURN_IF_ERROR(CheckRowsOfLogitsType(*loss, logits, call, "loss"));
-  FX_FFI_RETURN_IF_ERROR(CheckLse(*lse, call));
+  FX_FFI_RETURN_IF_ERROR(CheckForwardOutputs(call, logits, *loss, *lse));
   if (call.layout.rows() == 0) return ffi::Error::Success();
   Runner runner(std::move(ctx)...);
   return WithFloatType(logits.element_type(), [&](auto t) {
-    using T = decltype(t);
-    DenseForwardArgs<T> args;
-    args.layout = call.layout;
-    args.options = call.options;
-    args.logits = In<T>(logits);
-    args.labels = In<T>(labels);
-    args.loss = Out<T>(*loss);
-    args.lse = Out<double>(*lse);
+    DenseForwardArgs<decltype(t)> args;
+    FillForward<decltype(t)>(call, logits, *loss, *lse, &args);
+    args.labels = In<decltype(t)>(labels);
     return runner.Run(args);
   });
 }
@@ -258,26 +278,16 @@ ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyB
                          Result<AnyBuffer> grad_logits, int64_t axis, float label_smoothing, float z_loss,
                          Ctx... ctx) {
   Call call;
+  const double* grad_lse_data;
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
   FX_FFI_RETURN_IF_ERROR(CheckLikeLogits(labels, logits, "labels"));
-  FX_FFI_RETURN_IF_ERROR(CheckLse(lse, call));
-  FX_FFI_RETURN_IF_ERROR(CheckRowsOfLogitsType(grad_loss, logits, call, "grad_loss"));
-  const double* grad_lse_data;
-  FX_FFI_RETURN_IF_ERROR(ReadGradLse(grad_lse, call, &grad_lse_data));
-  FX_FFI_RETURN_IF_ERROR(CheckLikeLogits(*grad_logits, logits, "grad_logits"));
+  FX_FFI_RETURN_IF_ERROR(CheckBackwardBuffers(call, logits, lse, grad_loss, grad_lse, *grad_logits, &grad_lse_data));
   if (call.layout.rows() == 0) return ffi::Error::Success();
   Runner runner(std::move(ctx)...);
   return WithFloatType(logits.element_type(), [&](auto t) {
-    using T = decltype(t);
-    DenseBackwardArgs<T> args;
-    args.layout = call.layout;
-    args.options = call.options;
-    args.logits = In<T>(logits);
-    args.labels = In<T>(labels);
-    args.lse = In<double>(lse);
-    args.grad_loss = In<T>(grad_loss);
-    args.grad_lse = grad_lse_data;
-    args.grad_logits = Out<T>(*grad_logits);
+    DenseBackwardArgs<decltype(t)> args;
+    FillBackward<decltype(t)>(call, logits, lse, grad_loss, grad_lse_data, *grad_logits, &args);
+    args.labels = In<decltype(t)>(labels);
     return runner.Run(args);
   });
 }
@@ -301,6 +311,27 @@ ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyB
   ::xla::ffi::Ffi::Bind() FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_COMMON_ATTRS __VA_ARGS__
 #define FX_FFI_BIND_DENSE_BACKWARD(...) \
   ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_COMMON_ATTRS __VA_ARGS__
+
+// Defines the four handlers over Runner, whose contexts are bound by
+// CONTEXTS (e.g. .Ctx<ffi::ThreadPool>()) and arrive as the types listed after
+// it, and `targets_fn` (ffi/handlers.h) returning them with their names.
+#define FX_FFI_DEFINE_TARGETS(targets_fn, Runner, CONTEXTS, ...)                                          \
+  XLA_FFI_DEFINE_HANDLER(kSparseForwardHandler, (&SparseForward<Runner, __VA_ARGS__>),                    \
+                         FX_FFI_BIND_SPARSE_FORWARD(CONTEXTS));                                           \
+  XLA_FFI_DEFINE_HANDLER(kSparseBackwardHandler, (&SparseBackward<Runner, __VA_ARGS__>),                  \
+                         FX_FFI_BIND_SPARSE_BACKWARD(CONTEXTS));                                          \
+  XLA_FFI_DEFINE_HANDLER(kDenseForwardHandler, (&DenseForward<Runner, __VA_ARGS__>),                      \
+                         FX_FFI_BIND_DENSE_FORWARD(CONTEXTS));                                            \
+  XLA_FFI_DEFINE_HANDLER(kDenseBackwardHandler, (&DenseBackward<Runner, __VA_ARGS__>),                    \
+                         FX_FFI_BIND_DENSE_BACKWARD(CONTEXTS));                                           \
+  const Target* targets_fn(int* count) {                                                                  \
+    static const Target targets[] = {{ffi_targets::kSparseForward, kSparseForwardHandler},                \
+                                     {ffi_targets::kSparseBackward, kSparseBackwardHandler},              \
+                                     {ffi_targets::kDenseForward, kDenseForwardHandler},                  \
+                                     {ffi_targets::kDenseBackward, kDenseBackwardHandler}};               \
+    *count = static_cast<int>(sizeof(targets) / sizeof(targets[0]));                                      \
+    return targets;                                                                                       \
+  }
 
 }  // namespace xla_ffi
 }  // namespace fused_xent
