@@ -51,16 +51,21 @@ class RowShards {
   int64_t done_ = 0;
 };
 
+// Up to kShardsPerThread shards a thread, claimed in turn, so that a thread
+// that starts late or is slowed down leaves its share to the others.
+constexpr int64_t kShardsPerThread = 4;
+
 template <typename Fn>
 void ParallelRows(ffi::ThreadPool& pool, int64_t rows, int64_t classes, const Fn& fn) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t by_work = std::max<int64_t>(1, rows * classes / kMinShardElements);
-  const int64_t shards = std::min<int64_t>({std::max<int64_t>(1, pool.num_threads()), rows, by_work});
+  const int64_t shards = std::min<int64_t>({kShardsPerThread * threads, rows, by_work});
   if (shards <= 1) {
     fn(0, rows);
     return;
   }
   auto state = std::make_shared<RowShards<Fn>>(rows, shards, fn);
-  for (int64_t i = 1; i < shards; ++i) pool.Schedule([state] { state->Work(); });
+  for (int64_t i = 1; i < std::min(threads, shards); ++i) pool.Schedule([state] { state->Work(); });
   state->Work();
   state->WaitAll();
 }
