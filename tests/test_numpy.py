@@ -204,3 +204,112 @@ def test_dense_many_rows_few_classes_with_edge_values(classes, options):
     assert np.isnan(loss[2]) and np.isnan(grad[2]).all()
     if classes > 1 and not options:
         assert np.isfinite(loss[4]) and np.isfinite(grad[4]).all()
+
+
+# --- Issue 14: shapes, label dtypes and values the documentation promises ----------------
+
+
+def test_rank1_logits_take_a_scalar_label():
+    logits = np.array([0.5, -1.0, 2.0])
+    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(1, logits, grad_loss=2.0)
+    ref_loss, ref_grad = reference.sparse([1], logits[None], grad_loss=[2.0])
+    assert loss.shape == () and grad.shape == (3,)
+    assert_close(loss, ref_loss[0], "float64")
+    assert_close(grad, ref_grad[0], "float64")
+    loss, grad = fxnp.softmax_cross_entropy_with_logits([0.2, 0.3, 0.5], logits)
+    ref_loss, ref_grad, _ = reference.dense([[0.2, 0.3, 0.5]], logits[None])
+    assert loss.shape == () and grad.shape == (3,)
+    assert_close(loss, ref_loss[0], "float64")
+    assert_close(grad, ref_grad[0], "float64")
+
+
+@pytest.mark.parametrize("shape, axis", [((2, 5, 0), 1), ((0, 5, 0), 1), ((2, 5, 3, 0), 1), ((5, 0), 0)])
+def test_empty_dimension_after_the_class_axis(shape, axis):
+    reduced = shape[:axis] + shape[axis + 1:]
+    logits = np.zeros(shape, np.float32)
+    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(np.zeros(reduced, np.int64), logits, axis=axis)
+    assert loss.shape == reduced and grad.shape == shape
+    loss, grad = fxnp.softmax_cross_entropy_with_logits(logits, logits, axis=axis)
+    assert loss.shape == reduced and grad.shape == shape
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
+def test_unsigned_labels_match_signed_ones(dtype):
+    rng = np.random.default_rng(11)
+    logits = rng.normal(size=(12, 6))
+    labels = rng.integers(0, 6, size=12)
+    labels[::5] = 5
+    expected = fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, ignore_index=5)
+    actual = fxnp.sparse_softmax_cross_entropy_with_logits(labels.astype(dtype), logits, ignore_index=5)
+    np.testing.assert_array_equal(actual[0], expected[0])
+    np.testing.assert_array_equal(actual[1], expected[1])
+
+
+@pytest.mark.parametrize(
+    "dtype, value, ignore_index",
+    [
+        (np.uint32, 2**32 - 100, -100),  # would wrap onto ignore_index as int32
+        (np.uint32, 2**31 + 1, None),  # wraps to a negative int32
+        (np.uint64, 2**64 - 1, -1),  # would wrap onto ignore_index as int64
+        (np.uint64, 2**63 + 2, None),
+        (np.uint8, 200, None),
+    ],
+)
+def test_unsigned_labels_out_of_range_name_their_value(dtype, value, ignore_index):
+    labels = np.array([0, value, 1], dtype)
+    with pytest.raises(ValueError, match=rf"label value of {value} which is outside the valid range of \[0, 4\)"):
+        fxnp.sparse_softmax_cross_entropy_with_logits(labels, np.zeros((3, 4)), ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("dtype, ignore_index", [(np.uint8, 255), (np.uint64, 2**64 - 1), (np.uint32, 2**32 - 1)])
+def test_unsigned_ignore_index_at_the_top_of_the_range(dtype, ignore_index):
+    logits = np.random.default_rng(12).normal(size=(3, 4))
+    labels = np.array([2, ignore_index, 0], dtype)
+    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, ignore_index=ignore_index)
+    ref_loss, ref_grad = reference.sparse([2, 0, 0], logits)
+    assert loss[1] == 0 and not grad[1].any()
+    assert_close(loss[[0, 2]], ref_loss[[0, 2]], "float64")
+    assert_close(grad[[0, 2]], ref_grad[[0, 2]], "float64")
+
+
+@pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("ignore_index", [2**32, -(2**40), 2**70, -(2**70)])
+def test_ignore_index_no_label_can_hold_ignores_nothing(label_dtype, ignore_index):
+    logits = np.random.default_rng(13).normal(size=(4, 3))
+    labels = np.array([0, 1, 2, 0], label_dtype)
+    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, ignore_index=ignore_index)
+    ref_loss, ref_grad = reference.sparse(labels, logits)
+    assert_close(loss, ref_loss, "float64")
+    assert_close(grad, ref_grad, "float64")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), -0.5])
+def test_bad_class_weight_values_raise(bad):
+    weights = np.array([1.0, bad, 2.0])
+    with pytest.raises(ValueError, match=r"class_weights must be finite and >= 0"):
+        fxnp.sparse_softmax_cross_entropy_with_logits([0, 2], np.zeros((2, 3)), class_weights=weights)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])
+def test_private_module_checks_class_weight_values(bad):
+    from fused_xent import _core
+
+    weights = np.array([1.0, bad, 2.0], np.float32)
+    with pytest.raises(ValueError, match=r"class_weights must be finite and >= 0, got .* for class 1"):
+        _core.sparse("float32", np.zeros((2, 3), np.float32), np.zeros(2, np.int64), 2, 3, 1, 0.0, 0.0, None,
+                     weights, np.zeros(2, np.float32), np.zeros(2), None, None)
+
+
+def test_private_module_rejects_overflowing_layouts():
+    # 4 rows of 2**62 + 1 classes: rows * classes wraps to 4, the size of every
+    # buffer passed, so only an overflow check stops a read far outside them.
+    code = (
+        "import numpy as np; from fused_xent import _core\n"
+        "try:\n"
+        "    _core.sparse('float32', np.zeros(4, np.float32), np.zeros(4, np.int64), 4, 2**62 + 1, 1, 0.0, 0.0,\n"
+        "                 None, None, np.zeros(4, np.float32), np.zeros(4), None, None)\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "invalid layout" in out.stdout, (out.returncode, out.stderr[-2000:])

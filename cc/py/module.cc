@@ -7,11 +7,13 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "core/class_weights_check.h"
 #include "core/cpu_kernels.h"
 #include "core/label_check.h"
 #include "core/simd_level.h"
@@ -63,8 +65,16 @@ void require_writable(const py::array& a, const char* what) {
   require(a.writeable(), std::string(what) + " must be writable");
 }
 
+// a * b for a, b >= 0, or -1 when it does not fit in int64.
+int64_t checked_product(int64_t a, int64_t b) {
+  return (a != 0 && b > std::numeric_limits<int64_t>::max() / a) ? -1 : a * b;
+}
+
+// inner may be 0 (an empty axis after the class axis): then there are no rows.
+// The element count must fit in int64, or the buffer size checks would wrap.
 fx::Layout make_layout(int64_t outer, int64_t classes, int64_t inner) {
-  require(outer >= 0 && inner >= 1 && classes >= 1, "invalid layout: need outer >= 0, classes >= 1, inner >= 1");
+  require(outer >= 0 && inner >= 0 && classes >= 1 && checked_product(checked_product(outer, inner), classes) >= 0,
+          "invalid layout: need outer >= 0, classes >= 1, inner >= 0 and outer * classes * inner to fit in int64");
   fx::Layout layout;
   layout.outer = outer;
   layout.classes = classes;
@@ -84,6 +94,8 @@ fx::Options make_options(double label_smoothing, double z_loss, std::optional<in
   if (class_weights) {
     require(class_weights->ndim() == 1 && class_weights->size() == classes,
             "class_weights must be a vector with one weight per class");
+    const int64_t bad = fx::find_bad_class_weight(class_weights->data(), classes);
+    if (bad >= 0) throw py::value_error(fx::bad_class_weight_message(class_weights->data(), bad));
     options.class_weights = class_weights->data();
   }
   return options;
@@ -117,6 +129,7 @@ void run_sparse(const fx::Layout& layout, const fx::Options& options, const py::
     require_buffer(*grad_logits, rows * layout.classes, sizeof(T), "grad_logits");
     require_writable(*grad_logits, "grad_logits");
   }
+  if (rows == 0) return;
   py::gil_scoped_release release;
   parallel_rows(rows, layout.classes, [&](int64_t b, int64_t e) { fx::cpu::sparse_forward(fwd, b, e); });
   if (!grad_logits) return;
@@ -155,6 +168,7 @@ void run_dense(const fx::Layout& layout, const fx::Options& options, const py::a
     require_buffer(*grad_logits, elements, sizeof(T), "grad_logits");
     require_writable(*grad_logits, "grad_logits");
   }
+  if (rows == 0) return;
   py::gil_scoped_release release;
   parallel_rows(rows, layout.classes, [&](int64_t b, int64_t e) { fx::cpu::dense_forward(fwd, b, e); });
   if (!grad_logits) return;

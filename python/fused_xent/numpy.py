@@ -15,13 +15,18 @@ from fused_xent import _core
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
+def _contiguous(array, dtype=None):
+    # Not np.ascontiguousarray: it turns the 0-d label and loss of rank-1 logits into shape (1,).
+    return np.asarray(array, dtype=dtype, order="C")
+
+
 def _logits_array(logits):
     logits = np.asarray(logits)
     if logits.dtype.name not in _FLOAT_NAMES:
         raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
     if logits.ndim == 0:
         raise ValueError("logits cannot be a scalar")
-    return np.ascontiguousarray(logits)
+    return _contiguous(logits)
 
 
 def _layout(shape, axis):
@@ -55,8 +60,65 @@ def _outputs(logits, reduced, grad_loss, compute_gradient):
     if grad_loss is None:
         grad_loss = np.ones(reduced, logits.dtype)
     else:
-        grad_loss = np.ascontiguousarray(np.broadcast_to(np.asarray(grad_loss).astype(logits.dtype), reduced))
+        grad_loss = _contiguous(np.broadcast_to(np.asarray(grad_loss).astype(logits.dtype), reduced))
     return loss, lse, grad_loss, np.empty_like(logits)
+
+
+def _checked_ignore_index(ignore_index, label_dtype):
+    """ignore_index, or None when no label of `label_dtype` can equal it (it then ignores nothing)."""
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an integer or None, got {ignore_index!r}")
+    limits = np.iinfo(label_dtype)
+    return int(ignore_index) if limits.min <= ignore_index <= limits.max else None
+
+
+def _bad_label_error(value, classes, ignore_index):
+    message = f"Received a label value of {value} which is outside the valid range of [0, {classes})"
+    if ignore_index is not None:
+        message += f" and is not ignore_index ({ignore_index})"
+    return ValueError(message)
+
+
+def _unsigned_labels(labels, classes, ignore_index, user_ignore_index):
+    """Unsigned labels as int64, checked first: a cast alone would wrap large values into range
+    or onto ignore_index. Ignored labels become -1, the ignore_index returned with them."""
+    ignored = labels == ignore_index if ignore_index is not None else np.zeros(labels.shape, bool)
+    too_large = labels >= classes if classes <= np.iinfo(labels.dtype).max else np.zeros(labels.shape, bool)
+    bad = np.flatnonzero(too_large & ~ignored)
+    if bad.size:
+        raise _bad_label_error(int(labels.reshape(-1)[bad[0]]), classes, user_ignore_index)
+    signed = _contiguous(labels, np.int64)
+    if ignore_index is None:
+        return signed, None
+    signed[ignored] = -1
+    return signed, -1
+
+
+def _label_array(labels, classes, ignore_index):
+    """(integer labels as int32 or int64, the ignore_index to pass with them)."""
+    checked = _checked_ignore_index(ignore_index, labels.dtype)
+    if labels.dtype.kind == "u":
+        return _unsigned_labels(labels, classes, checked, ignore_index)
+    return _contiguous(labels, np.int64 if labels.dtype.itemsize > 4 else np.int32), checked
+
+
+def _class_weights(class_weights, classes):
+    if class_weights is None:
+        return None
+    class_weights = np.asarray(class_weights)
+    if class_weights.dtype.kind not in "fiu":
+        raise TypeError(f"class_weights must be numbers, got {class_weights.dtype}")
+    class_weights = _contiguous(class_weights, np.float32)
+    if class_weights.shape != (classes,):
+        raise ValueError(f"class_weights must have shape ({classes},), got {class_weights.shape}")
+    bad = np.flatnonzero(~(np.isfinite(class_weights) & (class_weights >= 0)))
+    if bad.size:
+        raise ValueError(
+            f"class_weights must be finite and >= 0, got {class_weights[bad[0]]} for class {bad[0]}"
+        )
+    return class_weights
 
 
 def sparse_softmax_cross_entropy_with_logits(
@@ -76,27 +138,19 @@ def sparse_softmax_cross_entropy_with_logits(
     Same options as ``fused_xent.sparse_softmax_cross_entropy_with_logits``.
     """
     logits = _logits_array(logits)
+    outer, classes, inner, reduced = _layout(logits.shape, axis)
     labels = np.asarray(labels)
     if labels.dtype.kind not in "iu":
         raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
-    labels = np.ascontiguousarray(labels, dtype=np.int64 if labels.dtype.itemsize > 4 else np.int32)
-    outer, classes, inner, reduced = _layout(logits.shape, axis)
     if labels.shape != reduced:
         raise ValueError(f"labels shape {labels.shape} must equal logits shape {logits.shape} without axis {axis}")
+    labels, ignore_index = _label_array(labels, classes, ignore_index)
     _check_options(label_smoothing, z_loss)
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
-        raise TypeError(f"ignore_index must be an integer or None, got {ignore_index!r}")
-    if class_weights is not None:
-        class_weights = np.asarray(class_weights)
-        if class_weights.dtype.kind not in "fiu":
-            raise TypeError(f"class_weights must be numbers, got {class_weights.dtype}")
-        class_weights = np.ascontiguousarray(class_weights, dtype=np.float32)
-        if class_weights.shape != (classes,):
-            raise ValueError(f"class_weights must have shape ({classes},), got {class_weights.shape}")
+    class_weights = _class_weights(class_weights, classes)
     loss, lse, grad_loss, grad_logits = _outputs(logits, reduced, grad_loss, compute_gradient)
     _core.sparse(
         logits.dtype.name, logits, labels, outer, classes, inner, float(label_smoothing), float(z_loss),
-        None if ignore_index is None else int(ignore_index), class_weights, loss, lse, grad_loss, grad_logits,
+        ignore_index, class_weights, loss, lse, grad_loss, grad_logits,
     )
     return loss, grad_logits
 
