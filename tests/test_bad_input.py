@@ -171,3 +171,37 @@ def test_raw_op_attrs_are_checked_by_the_kernel():
         ops.fused_xent_sparse_softmax_cross_entropy_grad(
             LOGITS, [0, 1, 2, 3], tf.zeros([0]), tf.zeros([4], tf.float64), tf.ones([4]), tf.zeros([2], tf.float64)
         )
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_bad_class_weight_values_raise_eagerly(bad):
+    weights = [1.0, 2.0, bad, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"class_weights must be finite and >= 0, got .* for class 2"):
+        sparse([0, 1, 2, 3], LOGITS, class_weights=weights)
+    with pytest.raises(ValueError, match=r"class_weights must be finite and >= 0"):
+        sparse([0, 1, 2, 3], LOGITS, class_weights=np.array(weights, np.float32))
+    with pytest.raises(ValueError, match=r"class_weights must be finite and >= 0"):
+        tf.function(lambda z: sparse([0, 1, 2, 3], z, class_weights=tf.constant(weights)))(LOGITS)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_bad_class_weight_values_raise_in_the_kernels(bad):
+    weights = tf.constant([1.0, 2.0, bad, 1.0, 1.0])
+    message = r"class_weights must be finite and >= 0, got .* for class 2"
+
+    @tf.function(input_signature=[tf.TensorSpec([None])])
+    def gradient_only(w):
+        with tf.GradientTape() as tape:
+            tape.watch(LOGITS)
+            loss = sparse([0, 1, 2, 3], LOGITS, class_weights=w)
+        return tape.gradient(loss, LOGITS)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        gradient_only(weights)
+    ops = fused_xent._loader.load_op_library()
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        ops.fused_xent_sparse_softmax_cross_entropy(LOGITS, [0, 1, 2, 3], weights)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        ops.fused_xent_sparse_softmax_cross_entropy_grad(
+            LOGITS, [0, 1, 2, 3], weights, tf.zeros([4], tf.float64), tf.ones([4]), tf.zeros([0], tf.float64)
+        )

@@ -382,6 +382,9 @@ def test_defaults_and_registration_match_keras():
         ("CategoricalCrossentropy", dict(z_loss=-1.0), "z_loss"),
         ("SparseCategoricalCrossentropy", dict(axis=True), "axis"),
         ("SparseCategoricalCrossentropy", dict(class_weights=[[1.0, 2.0]]), "class_weights"),
+        ("SparseCategoricalCrossentropy", dict(class_weights=[1.0, -0.5]), "class_weights.*>= 0.*-0.5"),
+        ("SparseCategoricalCrossentropy", dict(class_weights=[1.0, float("nan")]), "class_weights.*finite"),
+        ("SparseCategoricalCrossentropy", dict(class_weights=[float("inf"), 1.0]), "class_weights.*finite"),
     ],
 )
 def test_bad_arguments_raise_at_construction(loss_class, kwargs, match):

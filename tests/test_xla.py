@@ -334,6 +334,24 @@ def test_out_of_range_labels_raise_as_without_xla(label_dtype):
         tf.function(loss_only, jit_compile=True)(z)
 
 
+@pytest.mark.only_lowering("custom_call")
+@pytest.mark.parametrize("bad", [float("nan"), -1.0])
+def test_bad_class_weight_values_raise_as_without_xla(bad):
+    z = _logits((4, C), "float32")
+    labels = tf.constant([0, 1, 2, 3])
+
+    def fn(weights):
+        loss, grad = _sparse_loss_and_grad(labels, tf.ones([4]), -1, {"class_weights": weights})(z)
+        return loss, grad
+
+    weights = tf.constant([1.0, bad, 1.0, 1.0, 1.0])
+    message = r"class_weights must be finite and >= 0, got .* for class 1"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        tf.function(fn, jit_compile=True)(weights)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        tf.function(fn, jit_compile=False)(weights)
+
+
 @pytest.mark.only_lowering("hlo")
 @pytest.mark.parametrize("label_dtype", [tf.int32, tf.int64])
 def test_out_of_range_labels_give_nan_rows_only(label_dtype):

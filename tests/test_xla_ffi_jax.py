@@ -164,6 +164,16 @@ def test_out_of_range_label_raises():
         sparse_call(z, np.array([0, 9, 2, 3]), np.ones(4, np.float32))
 
 
+@pytest.mark.skipif(PLATFORM != "cpu", reason="CUDA handlers cannot read class weights in device memory")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -2.0])
+def test_bad_class_weight_values_raise(bad):
+    z = _logits((4, C), "float32")
+    weights = WEIGHTS.copy()
+    weights[3] = bad
+    with pytest.raises(Exception, match=r"class_weights must be finite and >= 0, got .* for class 3"):
+        sparse_call(z, np.array([0, 1, 2, 3]), np.ones(4, np.float32), class_weights=weights)
+
+
 def _forward(name, outputs, *operands, **attrs):
     return jax.jit(lambda *a: jax.ffi.ffi_call(name, outputs)(*a, **attrs))(*operands)
 

@@ -7,6 +7,7 @@
 #include <memory>
 #include <mutex>
 
+#include "core/class_weights_check.h"
 #include "core/cpu_kernels.h"
 #include "core/label_check.h"
 #include "ffi/xent_handlers.h"
@@ -101,6 +102,10 @@ class CpuRunner {
  private:
   template <typename Args, typename Kernel>
   ffi::Error RunSparse(const Args& args, const Kernel& kernel) {
+    if (const float* weights = args.options.class_weights) {  // host memory here, so their values are checked
+      const int64_t bad = find_bad_class_weight(weights, args.layout.classes);
+      if (bad >= 0) return InvalidArgument(bad_class_weight_message(weights, bad));
+    }
     FirstInvalidLabel first_invalid;
     ParallelRows(pool_, args.layout.rows(), args.layout.classes, [&](int64_t b, int64_t e) {
       first_invalid.check(args.labels, b, e, args.layout.classes, args.options);

@@ -134,7 +134,8 @@ inline ffi::Error ReadGradLse(const AnyBuffer& grad_lse, const Call& call, const
 }
 
 // Labels (int32/int64, one per row), class weights (float32, none or one per
-// class) and ignore_index.
+// class) and ignore_index. Only shapes and dtypes: the buffers may be device
+// memory (CUDA), so the CPU runner checks the weights' values itself.
 inline ffi::Error ReadSparseInputs(const AnyBuffer& labels, const AnyBuffer& class_weights, int64_t ignore_index,
                                    bool has_ignore_index, Call* call) {
   if (labels.element_type() != ffi::DataType::S32 && labels.element_type() != ffi::DataType::S64)

@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "core/class_weights_check.h"
 #include "core/xent_params.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -88,6 +89,15 @@ inline absl::Status ClassWeightsOf(const tensorflow::Tensor& weights, int64_t cl
   }
   options->class_weights = weights.NumElements() ? weights.flat<float>().data() : nullptr;
   return absl::OkStatus();
+}
+
+// Class weight values (NaN, inf, < 0 are refused). Only for kernels whose
+// inputs are in host memory: on a GPU reading them would need a copy.
+inline absl::Status CheckClassWeightValues(const Options& options, int64_t classes) {
+  if (options.class_weights == nullptr) return absl::OkStatus();
+  const int64_t bad = find_bad_class_weight(options.class_weights, classes);
+  if (bad < 0) return absl::OkStatus();
+  return absl::InvalidArgumentError(bad_class_weight_message(options.class_weights, bad));
 }
 
 // The optional upstream gradient of lse: empty (zeros) or one value per row.

@@ -16,11 +16,12 @@ using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 
-// Runs kernel(args, begin, end) over the rows, each shard checking its own
-// labels first (in parallel, and they are read next anyway); fails afterwards
-// naming the first invalid label.
+// Checks the class weights, then runs kernel(args, begin, end) over the rows,
+// each shard checking its own labels first (in parallel, and they are read
+// next anyway); fails afterwards naming the first invalid label.
 template <typename Args, typename Kernel>
 absl::Status ShardSparseRows(OpKernelContext* ctx, const Args& args, const Kernel& kernel) {
+  TF_RETURN_IF_ERROR(CheckClassWeightValues(args.options, args.layout.classes));
   FirstInvalidLabel first_invalid;
   ShardRows(ctx, args.layout.rows(), cpu::row_cost_cycles(args.layout.classes),
             [&](int64_t begin, int64_t end) {

@@ -2,6 +2,7 @@
 
 import numbers
 
+import numpy as np
 import tensorflow as tf
 
 from fused_xent import _gradients  # noqa: F401  (registers the gradients)
@@ -59,7 +60,17 @@ def _class_weights(class_weights, logits, axis):
     classes = _static_classes(logits, axis)
     if classes is not None and weights.shape[0] is not None and weights.shape[0] != classes:
         raise ValueError(f"class_weights has {weights.shape[0]} entries but logits have {classes} classes")
+    _check_weight_values(tf.get_static_value(weights))
     return weights
+
+
+def _check_weight_values(values):
+    """Known weights are checked now; others by the CPU kernels when they run."""
+    if values is None:
+        return
+    bad = np.flatnonzero(~(np.isfinite(values) & (values >= 0)))
+    if bad.size:
+        raise ValueError(f"class_weights must be finite and >= 0, got {values[bad[0]]} for class {bad[0]}")
 
 
 def _ignore_index_attrs(ignore_index):

@@ -83,8 +83,11 @@ def _checked_class_weights(class_weights):
         raise ValueError(f"`class_weights` must be a vector of numbers: {error}") from None
     if weights.ndim != 1 or weights.size == 0:
         raise ValueError(f"`class_weights` must be a non-empty vector (a weight per class), got shape {weights.shape}")
-    if not np.all(np.isfinite(weights)):
-        raise ValueError("`class_weights` must be finite")
+    bad = np.flatnonzero(~(np.isfinite(weights) & (weights >= 0)))
+    if bad.size:
+        raise ValueError(
+            f"`class_weights` must be finite and >= 0. Received: class_weights[{bad[0]}]={weights[bad[0]]}"
+        )
     return [float(w) for w in weights]
 
 
