@@ -205,3 +205,23 @@ def test_bad_class_weight_values_raise_in_the_kernels(bad):
         ops.fused_xent_sparse_softmax_cross_entropy_grad(
             LOGITS, [0, 1, 2, 3], weights, tf.zeros([4], tf.float64), tf.ones([4]), tf.zeros([0], tf.float64)
         )
+
+
+def _ragged_and_sparse():
+    ragged = tf.ragged.constant([[0.0, 1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    return [(ragged, r"\.to_tensor\(\)"), (tf.sparse.from_dense(tf.ones([2, 5])), r"tf\.sparse\.to_dense")]
+
+
+@pytest.mark.parametrize("case", [0, 1], ids=["ragged", "sparse"])
+def test_ragged_and_sparse_tensors_are_refused_with_a_hint(case):
+    value, hint = _ragged_and_sparse()[case]
+    labels = tf.ragged.constant([[0, 1], [2]]) if case == 0 else tf.sparse.from_dense(tf.constant([[0, 1]]))
+    logits = tf.ones([2, 5])
+    with pytest.raises(TypeError, match=rf"logits .*{hint}"):
+        sparse([0, 1], value)
+    with pytest.raises(TypeError, match=rf"logits .*{hint}"):
+        dense(tf.ones([2, 5]) / 5, value)
+    with pytest.raises(TypeError, match=rf"labels .*{hint}"):
+        dense(value, logits)
+    with pytest.raises(TypeError, match=r"labels .*(to_tensor|to_dense)"):
+        sparse(labels, tf.ones([2, 2, 5]))

@@ -425,3 +425,17 @@ def test_other_keras_backends_are_refused(monkeypatch):
     for name in ["SparseCategoricalCrossentropy", "CategoricalCrossentropy"]:
         with pytest.raises(RuntimeError, match="needs Keras's TensorFlow backend.*'jax'"):
             getattr(fused_losses, name)()
+
+
+@pytest.mark.parametrize("loss_class", ["SparseCategoricalCrossentropy", "CategoricalCrossentropy"])
+def test_ragged_and_sparse_inputs_are_refused_with_a_hint(loss_class):
+    loss = getattr(fused_losses, loss_class)(from_logits=True)
+    dense_true = _labels(2) if loss_class.startswith("Sparse") else np.eye(CLASSES, dtype=np.float32)[:2]
+    ragged = tf.ragged.constant([[0.0] * CLASSES, [1.0] * CLASSES])
+    sparse = tf.sparse.from_dense(tf.ones([2, CLASSES]))
+    with pytest.raises(TypeError, match=r"y_pred .*\.to_tensor\(\)"):
+        loss(dense_true, ragged)
+    with pytest.raises(TypeError, match=r"y_pred .*tf\.sparse\.to_dense"):
+        loss(dense_true, sparse)
+    with pytest.raises(TypeError, match=r"y_true .*\.to_tensor\(\)"):
+        loss(tf.ragged.constant([[0, 1], [2]]), _logits((2, 2, CLASSES)))

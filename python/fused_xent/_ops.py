@@ -11,7 +11,22 @@ from fused_xent._loader import load_op_library
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
 
+def refuse_composite(value, name):
+    """Ragged and sparse tensors are refused with what to pass instead (converting
+    them fails with an unrelated message)."""
+    if isinstance(value, tf.RaggedTensor):
+        raise TypeError(
+            f"{name} is a tf.RaggedTensor, but fused_xent needs a dense tensor: pass {name}.to_tensor(), "
+            "or the .flat_values of ragged logits and labels with the same row lengths"
+        )
+    if isinstance(value, (tf.SparseTensor, tf.compat.v1.SparseTensorValue)):
+        raise TypeError(
+            f"{name} is a tf.SparseTensor, but fused_xent needs a dense tensor: pass tf.sparse.to_dense({name})"
+        )
+
+
 def _float_logits(logits):
+    refuse_composite(logits, "logits")
     logits = tf.convert_to_tensor(logits, name="logits")
     if logits.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype.name}")
@@ -132,6 +147,7 @@ def sparse_softmax_cross_entropy_with_logits(
     """
     with tf.name_scope(name or "fused_sparse_softmax_cross_entropy_with_logits"):
         logits = _float_logits(logits)
+        refuse_composite(labels, "labels")
         labels = tf.convert_to_tensor(labels, name="labels")
         if labels.dtype not in (tf.int32, tf.int64):
             raise TypeError(f"labels must be int32 or int64 class indices, got {labels.dtype.name}")
@@ -185,6 +201,7 @@ def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothin
     with tf.name_scope(name or "fused_softmax_cross_entropy_with_logits"):
         logits = _float_logits(logits)
         axis = _normalized_axis(axis, logits.shape.rank)
+        refuse_composite(labels, "labels")
         labels = tf.convert_to_tensor(labels, name="labels")
         if labels.dtype != logits.dtype:
             labels = tf.cast(labels, logits.dtype)

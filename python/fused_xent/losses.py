@@ -25,7 +25,11 @@ except ImportError as error:  # e.g. KERAS_BACKEND names a backend that is not i
     keras = None
     _keras_import_error = error
 
-from fused_xent._ops import softmax_cross_entropy_with_logits, sparse_softmax_cross_entropy_with_logits
+from fused_xent._ops import (
+    refuse_composite,
+    softmax_cross_entropy_with_logits,
+    sparse_softmax_cross_entropy_with_logits,
+)
 
 __all__ = ["CategoricalCrossentropy", "SparseCategoricalCrossentropy"]
 
@@ -92,6 +96,11 @@ def _checked_class_weights(class_weights):
 
 
 # ---------------------------------------------------------------- inputs
+
+
+def _refuse_composites(y_true, y_pred):
+    refuse_composite(y_pred, "y_pred")
+    refuse_composite(y_true, "y_true")
 
 
 def _keras_mask(tensor):
@@ -297,6 +306,7 @@ class _FusedCrossentropy(_LossBase):
         self._dtype_argument = None if dtype is None else self._dtype_policy.name
 
     def __call__(self, y_true, y_pred, sample_weight=None):
+        _refuse_composites(y_true, y_pred)
         input_mask = _keras_mask(y_pred)
         with keras.name_scope(self.name):
             losses, loss_mask, extra_weight = self._losses(y_true, y_pred)
@@ -307,6 +317,7 @@ class _FusedCrossentropy(_LossBase):
 
     def call(self, y_true, y_pred):
         """The per-element losses, before masks, weights and reduction."""
+        _refuse_composites(y_true, y_pred)
         losses, _, extra_weight = self._losses(y_true, y_pred)
         losses = tf.cast(losses, self.dtype)
         return losses if extra_weight is None else losses * tf.cast(extra_weight, self.dtype)
