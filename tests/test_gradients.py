@@ -165,3 +165,26 @@ def test_half_precision_second_order_runs():
     second = outer.gradient(norm, x)
     assert second.dtype == tf.bfloat16 and second.shape == x.shape
     assert np.isfinite(tf.cast(second, tf.float32).numpy()).all()
+
+
+@pytest.mark.parametrize("ignore_index", [2**32, -(2**32) - 5, 2**70])
+def test_hessian_vector_product_with_ignore_index_no_int32_label_can_hold(ignore_index):
+    # 2**32 is 0 in int32: a cast of ignore_index would drop every row labelled 0.
+    labels = tf.constant([0, 1, 4, 0, 2, 3], tf.int32)
+    x = _logits((6, 5), seed=3)
+    direction = tf.constant(np.random.default_rng(4).normal(size=(6, 5)))
+
+    def hvp(**options):
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                loss = tf.reduce_sum(fused_xent.sparse_softmax_cross_entropy_with_logits(labels, x, **options) ** 2)
+            grad = inner.gradient(loss, x)
+            directional = tf.reduce_sum(grad * direction)
+        return loss, outer.gradient(directional, x)
+
+    loss, product = hvp(ignore_index=ignore_index)
+    expected_loss, expected_product = hvp()
+    np.testing.assert_allclose(loss.numpy(), expected_loss.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(product.numpy(), expected_product.numpy(), rtol=1e-12, atol=1e-14)

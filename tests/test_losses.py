@@ -427,6 +427,17 @@ def test_other_keras_backends_are_refused(monkeypatch):
             getattr(fused_losses, name)()
 
 
+@pytest.mark.parametrize("labels_dtype", [np.int32, np.int64])
+def test_ignore_class_no_label_can_hold_masks_nothing(labels_dtype):
+    # 2**32 is 0 as an int32: a cast of ignore_class would mask every element labelled 0.
+    y_pred = _logits((6, CLASSES))
+    y_true = tf.constant([0, 1, 0, 3, 4, 0], labels_dtype)
+    for reduction in ["sum_over_batch_size", None]:
+        ours = fused_losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=2**32, reduction=reduction)
+        plain = fused_losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)
+        np.testing.assert_allclose(ours(y_true, y_pred).numpy(), plain(y_true, y_pred).numpy(), rtol=1e-6)
+
+
 @pytest.mark.parametrize("loss_class", ["SparseCategoricalCrossentropy", "CategoricalCrossentropy"])
 def test_ragged_and_sparse_inputs_are_refused_with_a_hint(loss_class):
     loss = getattr(fused_losses, loss_class)(from_logits=True)

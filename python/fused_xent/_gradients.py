@@ -112,11 +112,20 @@ def _grad_of_grad_lse(grad_lse, p_dot_v):
     )
 
 
+def _ignored_rows(labels, attrs):
+    """Rows whose label is ignore_index, or None. An ignore_index the label dtype
+    cannot hold matches no row (a cast would wrap 2**32 onto the int32 label 0)."""
+    index = attrs["ignore_index"]
+    if not attrs["has_ignore_index"] or not labels.dtype.min <= index <= labels.dtype.max:
+        return None
+    return tf.equal(labels, tf.constant(index, labels.dtype))
+
+
 def _sparse_row_weights(labels, class_weights, attrs, dtype):
     """w per row: the class weight of the label (or 1), and 0 for ignored rows."""
     valid_labels = labels
-    if attrs["has_ignore_index"]:
-        ignored = tf.equal(labels, tf.cast(attrs["ignore_index"], labels.dtype))
+    ignored = _ignored_rows(labels, attrs)
+    if ignored is not None:
         valid_labels = tf.where(ignored, tf.zeros_like(labels), labels)
     size = class_weights.shape[0]
     if size == 0:
@@ -129,7 +138,7 @@ def _sparse_row_weights(labels, class_weights, attrs, dtype):
             lambda: tf.cast(tf.gather(class_weights, valid_labels), dtype),
             lambda: tf.ones_like(labels, dtype),
         )
-    if attrs["has_ignore_index"]:
+    if ignored is not None:
         weights = tf.where(ignored, tf.zeros_like(weights), weights)
     return weights
 

@@ -93,6 +93,8 @@ def _ignore_index_attrs(ignore_index):
         return {"has_ignore_index": False, "ignore_index": 0}
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an integer or None, got {ignore_index!r}")
+    if not tf.int64.min <= ignore_index <= tf.int64.max:  # no int32/int64 label equals it
+        return {"has_ignore_index": False, "ignore_index": 0}
     return {"has_ignore_index": True, "ignore_index": int(ignore_index)}
 
 

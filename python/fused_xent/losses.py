@@ -470,9 +470,15 @@ class SparseCategoricalCrossentropy(_FusedCrossentropy):
             z_loss=self.z_loss,
             axis=self.axis,
         )
-        mask = None if self.ignore_class is None else tf.not_equal(labels, tf.cast(self.ignore_class, labels.dtype))
         extra_weight = self._label_weights(labels) if weights_as_samples else None
-        return losses, mask, extra_weight
+        return losses, self._ignore_mask(labels), extra_weight
+
+    def _ignore_mask(self, labels):
+        # An ignore_class the labels' dtype cannot hold masks nothing (a cast would wrap it).
+        index = self.ignore_class
+        if index is None or not labels.dtype.min <= index <= labels.dtype.max:
+            return None
+        return tf.not_equal(labels, tf.constant(index, labels.dtype))
 
     def _label_weights(self, labels):
         # Clipped so that an out-of-range label reaches the op's error, not gather's.
