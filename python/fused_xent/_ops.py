@@ -138,8 +138,8 @@ def sparse_softmax_cross_entropy_with_logits(
         may lie outside ``[0, C)``.
       label_smoothing: epsilon in [0, 1]; the target becomes
         ``(1 - eps) * onehot + eps / C``.
-      class_weights: optional length-C float vector; a row's loss and gradient
-        are multiplied by the weight of its label.
+      class_weights: optional length-C float vector of finite values >= 0; a
+        row's loss and gradient are multiplied by the weight of its label.
       z_loss: lambda >= 0; adds ``lambda * logsumexp(logits)**2`` to each row.
       axis: the class axis of ``logits`` (default: the last).
       name: name scope for the ops.

@@ -136,6 +136,8 @@ def sparse_softmax_cross_entropy_with_logits(
     """Sparse softmax cross-entropy: returns ``(loss, grad_logits)``.
 
     Same options as ``fused_xent.sparse_softmax_cross_entropy_with_logits``.
+    ``labels`` may have any integer dtype: unsigned ones are range-checked
+    before they are converted, so a large value cannot wrap into range.
     """
     logits = _logits_array(logits)
     outer, classes, inner, reduced = _layout(logits.shape, axis)
