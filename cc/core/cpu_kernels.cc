@@ -9,9 +9,21 @@
 #include "core/row_math.h"
 #include "core/simd_level.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 namespace fused_xent {
 namespace cpu {
 namespace {
+
+#if defined(__x86_64__) || defined(__i386__)
+// F16C from CPUID leaf 1: Clang's __builtin_cpu_supports does not know "f16c".
+bool cpu_has_f16c() {
+  unsigned eax, ebx, ecx, edx;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
+}
+#endif
 
 Target best_supported_target() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -21,7 +33,7 @@ Target best_supported_target() {
     return Target::kAvx512;
 #endif
 #if defined(FX_HAVE_AVX2_TARGET)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c())
     return Target::kAvx2;
 #endif
 #endif

@@ -111,10 +111,7 @@ FX_ALWAYS_INLINE vhalf_bits to_bits(vfloat v, const float16_t*) {
       _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
   vhalf_bits bits;
-  for (int i = 0; i < kLanes; ++i) {
-    const float16_t h = to_float16(v[i]);
-    std::memcpy(&bits[i], &h, sizeof h);
-  }
+  for (int i = 0; i < kLanes; ++i) bits[i] = to_float16(v[i]).bits;
   return bits;
 #endif
 }
@@ -220,6 +217,30 @@ FX_ALWAYS_INLINE void store_pair(bfloat16_t* p, vfloat first, vfloat second) {
   }
 #endif
 }
+
+// x[index[i] % kLanes] in lane i. GCC's generic shuffle does not exist in
+// Clang, whose __builtin_shufflevector takes constant indices only.
+#if defined(__GNUC__) && !defined(__clang__)
+FX_ALWAYS_INLINE vfloat permute(vfloat x, vint index) { return __builtin_shuffle(x, index); }
+FX_ALWAYS_INLINE vint permute(vint x, vint index) { return __builtin_shuffle(x, index); }
+#else
+FX_ALWAYS_INLINE vfloat permute(vfloat x, vint index) {
+#if FX_LANES == 16 && defined(__AVX512F__)
+  return reinterpret_cast<vfloat>(
+      _mm512_permutexvar_ps(reinterpret_cast<__m512i>(index), reinterpret_cast<__m512>(x)));
+#elif FX_LANES == 8 && defined(__AVX2__)
+  return reinterpret_cast<vfloat>(
+      _mm256_permutevar8x32_ps(reinterpret_cast<__m256>(x), reinterpret_cast<__m256i>(index)));
+#else
+  vfloat r;
+  for (int i = 0; i < kLanes; ++i) r[i] = x[index[i] & (kLanes - 1)];
+  return r;
+#endif
+}
+FX_ALWAYS_INLINE vint permute(vint x, vint index) {
+  return reinterpret_cast<vint>(permute(reinterpret_cast<vfloat>(x), index));
+}
+#endif
 
 // Orders streaming stores before anything the caller does next.
 FX_ALWAYS_INLINE void stream_fence() {
