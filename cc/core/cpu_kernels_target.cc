@@ -132,11 +132,13 @@ RowSums<A> block_sums(const A* z, const A* labels, int64_t len, A block_max, boo
   if (labels) {
     A label_sum = 0, label_gap = 0;
     for (int64_t k = 0; k < len; ++k) {
+      // In an all -inf block, block_max - z[k] would be -inf - -inf: the gap is +inf, as in the float path.
+      const A gap = all_negative_infinity ? std::numeric_limits<A>::infinity() : block_max - z[k];
       label_sum += labels[k];
-      label_gap += labels[k] != 0 ? labels[k] * (block_max - z[k]) : A(0);
+      label_gap += labels[k] != 0 ? labels[k] * gap : A(0);
     }
     sums.label_sum = label_sum;
-    sums.label_gap = label_gap;  // +inf (or NaN) for an all -inf block with a nonzero label
+    sums.label_gap = label_gap;
   }
   if (!all_negative_infinity) {
     A sum_exp = 0;

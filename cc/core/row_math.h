@@ -132,11 +132,12 @@ FX_HOST_DEVICE float label_weight(int64_t label, const Options& options) {
 
 // Cross-entropy part of a row, sum_j q_j (lse - z_j), written with
 // nonnegative terms: log_sum * sum(q) + (1 - eps) * sum_j t_j (m - z_j) + eps * mean_j (m - z_j).
-// The mean term is only read when eps > 0 (it is +inf when a logit is -inf).
+// Each gap term is only read when its weight is nonzero: a gap is +inf when a
+// logit it covers is -inf, and 0 * inf would make the row NaN instead of +inf.
 template <typename A>
 FX_HOST_DEVICE A cross_entropy(A log_sum, A target_sum, A label_gap, A mean_gap, const Options& options) {
   const A eps = options.label_smoothing;
-  A ce = log_sum * target_sum + (1 - eps) * label_gap;
+  A ce = eps < 1 ? log_sum * target_sum + (1 - eps) * label_gap : log_sum * target_sum;
   if (eps > 0) ce += eps * mean_gap;
   return ce;
 }

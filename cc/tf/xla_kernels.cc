@@ -138,8 +138,10 @@ LogSumExp ComputeLogSumExp(const Rows& rows, XlaOp logits) {
 // log_sum * sum(q) + (1 - eps) * label_gap + eps * mean_j (shift - z_j).
 XlaOp CrossEntropy(const Rows& rows, const LogSumExp& s, XlaOp target_sum, XlaOp label_gap, const Options& o) {
   const double eps = o.label_smoothing;
-  XlaOp ce = xla::Add(xla::Mul(s.log_sum, target_sum), xla::Mul(rows.Const(1.0 - eps), label_gap));
-  if (eps > 0) {  // the mean gap is +inf when a logit is -inf: read it only when it counts
+  XlaOp ce = xla::Mul(s.log_sum, target_sum);
+  // Each gap is +inf when a logit it covers is -inf: read it only when it counts (no 0 * inf).
+  if (eps < 1) ce = xla::Add(ce, xla::Mul(rows.Const(1.0 - eps), label_gap));
+  if (eps > 0) {
     const XlaOp gap = rows.Sum(xla::Sub(rows.Expand(s.shift), s.z));
     ce = xla::Add(ce, xla::Mul(rows.Const(eps / static_cast<double>(rows.classes())), gap));
   }
