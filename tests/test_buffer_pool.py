@@ -4,8 +4,10 @@ When TensorFlow cannot let the gradient overwrite the logits (they are held
 elsewhere) and the gradient takes at least 1 MiB, it goes into a recycled
 block. These tests hold the logits so that the pool is used, and check the
 values, that live gradients never share a block, the FUSED_XENT_BUFFER_CACHE_MB
-switch, and the page faults the cache saves."""
+switch, the page faults the cache saves, fused_xent.cached_memory_info() and
+release_cached_memory()."""
 
+import functools
 import json
 import os
 import subprocess
@@ -153,16 +155,22 @@ for name, (loss_fn, expected) in cases.items():
         per_call.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert_close(grad.numpy(), expected, "float32")
     faults[name] = sorted(per_call)[len(per_call) // 2]
+info = {"held": fused_xent.cached_memory_info()}  # the last gradient is alive
+del grad
+info["dropped"] = fused_xent.cached_memory_info()
+info["released"] = fused_xent.release_cached_memory()
+info["after"] = fused_xent.cached_memory_info()
 print("RESULT " + json.dumps({"faults": faults, "pages": rows * classes * 4 // 4096, "thp_off": thp_off,
-                              "package": fused_xent.__file__}))
+                              "info": info, "package": fused_xent.__file__}))
 """
 
 
-def _run_child(cache_mb, shape=(256, 20000)):
+def _run_script(script, cache_mb, *args):
+    """Runs `script` in a fresh interpreter; returns the JSON of its RESULT line."""
     if not sys.platform.startswith("linux"):
         pytest.skip("the pool caches blocks on Linux only; page faults are counted there")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", FUSED_XENT_BUFFER_CACHE_MB=str(cache_mb))
-    command = [sys.executable, "-c", textwrap.dedent(CHILD), *map(str, shape)]
+    command = [sys.executable, "-c", textwrap.dedent(script), *map(str, args)]
     process = subprocess.run(command, cwd=Path(__file__).parent, env=env,
                              capture_output=True, text=True, timeout=300)
     lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT)]
@@ -170,6 +178,17 @@ def _run_child(cache_mb, shape=(256, 20000)):
     result = json.loads(lines[-1][len(RESULT):])
     assert result["package"] == fused_xent.__file__  # the child tested this package
     return result
+
+
+@functools.lru_cache(maxsize=None)  # several tests read one run
+def _run_child(cache_mb, shape=(256, 20000)):
+    return _run_script(CHILD, cache_mb, *shape)
+
+
+def _block_bytes(shape):
+    """A float32 gradient's pooled block: whole 2 MiB huge pages."""
+    huge = 2 << 20
+    return -(-shape[0] * shape[1] * 4 // huge) * huge
 
 
 # 20 MB (5000 pages), and 4 MB (1024 pages): gradients of a few MB are recycled too.
@@ -185,9 +204,57 @@ def test_cache_saves_page_faults(shape):
 
 
 @pytest.mark.parametrize("shape", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cache_info_counts_blocks_and_release_empties_it(shape):
+    info, block = _run_child(1024, shape)["info"], _block_bytes(shape)
+    assert info["held"]["in_use_blocks"] == 1 and info["held"]["in_use_bytes"] == block, info
+    dropped = info["dropped"]
+    assert dropped["in_use_blocks"] == 0 and dropped["in_use_bytes"] == 0, info
+    assert dropped["idle_blocks"] >= 1 and dropped["idle_bytes"] == dropped["idle_blocks"] * block, info
+    assert dropped["limit_bytes"] == 1024 << 20
+    assert info["released"] == dropped["idle_bytes"]
+    assert info["after"] == dict(dropped, idle_bytes=0, idle_blocks=0), info
+
+
+@pytest.mark.parametrize("shape", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_cache_off_still_gives_correct_gradients(shape):
     result = _run_child(0, shape)  # the child checks the gradients' values
     if result["thp_off"]:
         # Every call maps a fresh block: the switch really turns the cache off.
         for name, faults in result["faults"].items():
             assert faults > result["pages"] / 2, (name, result)
+
+
+def test_release_keeps_live_gradients():
+    case = Case("sparse", "float32", 3)
+    if fused_xent.cached_memory_info()["limit_bytes"] < _block_bytes(SHAPES["float32"]):
+        pytest.skip("FUSED_XENT_BUFFER_CACHE_MB is set below one gradient in this process")
+    held = case.gradient()
+    fused_xent.release_cached_memory()
+    info = fused_xent.cached_memory_info()
+    assert info["idle_blocks"] == 0 and info["in_use_blocks"] >= 1, info
+    case.check(held)
+    del held  # its block goes back to the cache, which release gives back
+    assert fused_xent.cached_memory_info()["idle_blocks"] >= 1
+    assert fused_xent.release_cached_memory() >= _block_bytes(SHAPES["float32"])
+    assert fused_xent.cached_memory_info()["idle_bytes"] == 0
+
+
+def test_library_not_loaded_is_a_clear_error(tmp_path, monkeypatch):
+    from fused_xent import _cache, _loader
+
+    copy = tmp_path / "_fused_xent_ops.so"  # a file this process never loaded
+    copy.write_bytes(Path(_loader.library_path()).read_bytes())
+    monkeypatch.setattr(_loader, "library_path", lambda: str(copy))
+    monkeypatch.setattr(_cache, "_functions", None)
+    with pytest.raises(RuntimeError, match="is not loaded in this process"):
+        fused_xent.cached_memory_info()
+
+
+def test_without_tensorflow_the_functions_explain_it():
+    code = ("import sys; sys.modules['tensorflow'] = None\n"
+            "import fused_xent\n"
+            "for f in (fused_xent.cached_memory_info, fused_xent.release_cached_memory):\n"
+            "    try:\n        f()\n    except ImportError as e:\n        print('ImportError:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))).stdout
+    assert out.count("needs TensorFlow, which is not installed") == 2, out

@@ -65,6 +65,13 @@ struct Pool {
   std::mutex mu;
   std::vector<Block> idle;  // least recently released first
   size_t idle_bytes = 0;
+  size_t in_use_bytes = 0;
+  size_t in_use_blocks = 0;
+
+  void hand_out(size_t capacity) {
+    in_use_bytes += capacity;
+    ++in_use_blocks;
+  }
 
   // Takes out the oldest idle blocks until at most `max_blocks` and `max_bytes` remain.
   std::vector<Block> evict(size_t max_blocks, size_t max_bytes) {
@@ -88,6 +95,8 @@ void unmap_all(const std::vector<Block>& blocks) {
   for (const Block& b : blocks) unmap_block(b.data, b.capacity);
 }
 
+size_t round_to_huge_pages(size_t bytes) { return (bytes + kHugePageBytes - 1) & ~(kHugePageBytes - 1); }
+
 }  // namespace
 
 void* acquire(size_t bytes, size_t* capacity) {
@@ -100,21 +109,21 @@ void* acquire(size_t bytes, size_t* capacity) {
         const Block b = *it;
         p.idle.erase(std::next(it).base());
         p.idle_bytes -= b.capacity;
+        p.hand_out(b.capacity);
         *capacity = b.capacity;
         return b.data;
       }
     }
   }
-  *capacity = (bytes + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+  *capacity = round_to_huge_pages(bytes);
   void* block = map_block(*capacity);
   if (block == nullptr) {  // out of address space or commit: give back the idle blocks and try once more
-    std::vector<Block> evicted;
-    {
-      std::lock_guard<std::mutex> lock(p.mu);
-      evicted = p.evict(0, 0);
-    }
-    unmap_all(evicted);
+    release_idle();
     block = map_block(*capacity);
+  }
+  if (block != nullptr) {
+    std::lock_guard<std::mutex> lock(p.mu);
+    p.hand_out(*capacity);
   }
   return block;
 }
@@ -124,11 +133,38 @@ void release(void* block, size_t capacity) {
   std::vector<Block> evicted;
   {
     std::lock_guard<std::mutex> lock(p.mu);
+    p.in_use_bytes -= capacity;
+    --p.in_use_blocks;
     p.idle.push_back({block, capacity});
     p.idle_bytes += capacity;
     evicted = p.evict(kMaxIdleBlocks, idle_byte_limit());
   }
   unmap_all(evicted);  // outside the lock: unmapping 100+ MB takes a while
+}
+
+Stats stats() {
+  Pool& p = pool();
+  Stats s;
+  s.limit_bytes = idle_byte_limit();
+  std::lock_guard<std::mutex> lock(p.mu);
+  s.idle_bytes = p.idle_bytes;
+  s.idle_blocks = p.idle.size();
+  s.in_use_bytes = p.in_use_bytes;
+  s.in_use_blocks = p.in_use_blocks;
+  return s;
+}
+
+size_t release_idle() {
+  Pool& p = pool();
+  std::vector<Block> evicted;
+  {
+    std::lock_guard<std::mutex> lock(p.mu);
+    evicted = p.evict(0, 0);
+  }
+  size_t bytes = 0;
+  for (const Block& b : evicted) bytes += b.capacity;
+  unmap_all(evicted);
+  return bytes;
 }
 
 }  // namespace fused_xent::buffer_pool

@@ -24,4 +24,19 @@ void* acquire(size_t bytes, size_t* capacity);
 // Gives back a block from acquire() with the capacity it reported.
 void release(void* block, size_t capacity);
 
+// What the pool holds now: idle blocks (cached for reuse) and blocks handed
+// out by acquire() and not yet released, in bytes of capacity.
+struct Stats {
+  size_t idle_bytes = 0;
+  size_t idle_blocks = 0;
+  size_t in_use_bytes = 0;
+  size_t in_use_blocks = 0;
+  size_t limit_bytes = 0;  // FUSED_XENT_BUFFER_CACHE_MB in bytes
+};
+Stats stats();
+
+// Unmaps every idle block and returns their bytes. Blocks in use are kept;
+// they become idle (and cached) again when released.
+size_t release_idle();
+
 }  // namespace fused_xent::buffer_pool

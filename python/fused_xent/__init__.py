@@ -28,6 +28,7 @@ if _tf is not None and _core.build_info()["tensorflow_version"] is not None:
 
     _loader.load_op_library()  # raises ImportError naming both versions on a mismatch
     from fused_xent._ops import softmax_cross_entropy_with_logits, sparse_softmax_cross_entropy_with_logits
+    from fused_xent._cache import cached_memory_info, release_cached_memory
     from fused_xent import losses  # registers the Keras losses for model loading
 else:
     def _tensorflow_missing(name):
@@ -46,10 +47,14 @@ else:
 
     sparse_softmax_cross_entropy_with_logits = _tensorflow_missing("sparse_softmax_cross_entropy_with_logits")
     softmax_cross_entropy_with_logits = _tensorflow_missing("softmax_cross_entropy_with_logits")
+    cached_memory_info = _tensorflow_missing("cached_memory_info")
+    release_cached_memory = _tensorflow_missing("release_cached_memory")
 
 __all__ = [
     "build_info",
+    "cached_memory_info",
     "numpy",
+    "release_cached_memory",
     "softmax_cross_entropy_with_logits",
     "sparse_softmax_cross_entropy_with_logits",
 ]

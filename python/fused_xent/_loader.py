@@ -44,6 +44,11 @@ def check_tensorflow_version(built, running):
         )
 
 
+def library_path():
+    """Where the op library is (whether or not it exists)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), _LIBRARY_NAME)
+
+
 def load_op_library():
     """Returns the loaded op library module (its op wrappers), loading it once."""
     global _library
@@ -52,7 +57,7 @@ def load_op_library():
             import tensorflow as tf
 
             check_tensorflow_version(built_tensorflow_version(), tf.__version__)
-            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), _LIBRARY_NAME)
+            path = library_path()
             if not os.path.exists(path):
                 raise ImportError(f"fused_xent's op library is missing: {path} does not exist. " + REBUILD_HINT)
             _library = tf.load_op_library(path)
