@@ -97,10 +97,17 @@ void unmap_all(const std::vector<Block>& blocks) {
 
 size_t round_to_huge_pages(size_t bytes) { return (bytes + kHugePageBytes - 1) & ~(kHugePageBytes - 1); }
 
+// A block that could never stay idle would be mapped and unmapped on every
+// call: the caller's own allocator serves it better.
+bool serves(size_t bytes) {
+  const size_t limit = idle_byte_limit();
+  return bytes >= kMinPooledBytes && bytes <= limit && round_to_huge_pages(bytes) <= limit;
+}
+
 }  // namespace
 
 void* acquire(size_t bytes, size_t* capacity) {
-  if (bytes < kMinPooledBytes) return nullptr;
+  if (!serves(bytes)) return nullptr;
   Pool& p = pool();
   {
     std::lock_guard<std::mutex> lock(p.mu);

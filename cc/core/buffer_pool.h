@@ -11,14 +11,17 @@
 // for a request when its capacity exceeds the request by at most 1/8 or by at
 // most one 2 MiB huge page (capacities are rounded up to whole huge pages);
 // released blocks stay idle, at most 2 of them and at most
-// FUSED_XENT_BUFFER_CACHE_MB MiB together (read once; default 1024, 0 turns
-// the cache off), the least recently released being unmapped first.
+// FUSED_XENT_BUFFER_CACHE_MB MiB together (read once; default 1024), the least
+// recently released being unmapped first. A request whose block could never
+// stay idle (larger than that limit; any request when it is 0, and off Linux)
+// is refused, so that the caller uses its own allocator instead of mapping and
+// unmapping a block per call.
 namespace fused_xent::buffer_pool {
 
 constexpr size_t kMinPooledBytes = size_t{1} << 20;
 
 // A block of at least `bytes` bytes (its size in *capacity), or nullptr when
-// `bytes` is below kMinPooledBytes or no memory could be mapped.
+// the pool does not serve `bytes` (see above) or no memory could be mapped.
 void* acquire(size_t bytes, size_t* capacity);
 
 // Gives back a block from acquire() with the capacity it reported.
