@@ -5,7 +5,8 @@ elsewhere) and the gradient takes at least 1 MiB, it goes into a recycled
 block. These tests hold the logits so that the pool is used, and check the
 values, that live gradients never share a block, the FUSED_XENT_BUFFER_CACHE_MB
 switch, the page faults the cache saves, fused_xent.cached_memory_info() and
-release_cached_memory()."""
+release_cached_memory(), and that outputs TensorFlow wants from its own
+allocator (for a transfer to another task) do not come from the pool."""
 
 import functools
 import json
@@ -267,3 +268,45 @@ def test_without_tensorflow_the_functions_explain_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))).stdout
     assert out.count("needs TensorFlow, which is not installed") == 2, out
+
+
+# Two in-process servers of one cluster: a gradient sent to the other task is
+# the source of a transfer, for which TensorFlow asks its allocator for
+# nic_compatible memory. The gradient consumed on its own task only is pooled.
+REMOTE_CHILD = """
+import json, socket
+import numpy as np
+import tensorflow as tf
+import fused_xent
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+cluster = tf.train.ClusterSpec({"worker": [f"localhost:{free_port()}", f"localhost:{free_port()}"]})
+servers = [tf.distribute.Server(cluster, job_name="worker", task_index=i) for i in range(2)]
+value = np.random.default_rng(0).normal(size=(256, 20000)).astype(np.float32)
+graph = tf.Graph()
+with graph.as_default():
+    with tf.device("/job:worker/task:0/device:CPU:0"):
+        logits = tf.compat.v1.placeholder(tf.float32, value.shape)
+        loss = fused_xent.sparse_softmax_cross_entropy_with_logits(tf.zeros(256, tf.int32), logits)
+        grad = tf.gradients(loss, logits)[0]
+        local = tf.reduce_sum(grad * logits)  # holds the logits: their buffer cannot take the gradient
+    with tf.device("/job:worker/task:1/device:CPU:0"):
+        remote = tf.reduce_sum(grad)
+idle = {}
+for name, fetches in {"remote": [local, remote], "local": [local]}.items():
+    with tf.compat.v1.Session(servers[0].target, graph=graph) as session:
+        for _ in range(3):
+            session.run(fetches, {logits: value})
+    idle[name] = fused_xent.cached_memory_info()["idle_blocks"]
+    fused_xent.release_cached_memory()
+print("RESULT " + json.dumps({"idle": idle, "package": fused_xent.__file__}))
+"""
+
+
+def test_output_for_another_task_comes_from_tensorflows_allocator():
+    result = _run_script(REMOTE_CHILD, 1024)
+    assert result["idle"] == {"remote": 0, "local": 1}, result

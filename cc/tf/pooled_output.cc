@@ -36,6 +36,15 @@ class PooledBuffer : public tensorflow::TensorBuffer {
   const size_t capacity_;
 };
 
+// Pooled blocks are plain pageable host memory. Output attributes beyond
+// on_host (pinned for GPU copies, registered for network transfers, a scoped
+// allocator) ask for memory only TensorFlow's allocators provide.
+bool PoolMemoryFits(const tensorflow::AllocatorAttributes& attr) {
+  tensorflow::AllocatorAttributes host;
+  host.set_on_host(true);
+  return attr.scope_id == 0 && attr.IsEqualOrLessRestrictiveThan(host);
+}
+
 }  // namespace
 
 absl::Status ForwardOrPoolGradient(tensorflow::OpKernelContext* ctx, tensorflow::Tensor** grad) {
@@ -43,7 +52,8 @@ absl::Status ForwardOrPoolGradient(tensorflow::OpKernelContext* ctx, tensorflow:
   if (ctx->forward_input_to_output_with_shape(0, 0, logits.shape(), grad)) return absl::OkStatus();
   const size_t bytes = logits.TotalBytes();
   size_t capacity;
-  if (void* block = buffer_pool::acquire(bytes, &capacity)) {
+  void* block = PoolMemoryFits(ctx->output_alloc_attr(0)) ? buffer_pool::acquire(bytes, &capacity) : nullptr;
+  if (block != nullptr) {
     tensorflow::core::RefCountPtr<tensorflow::TensorBuffer> buffer(new PooledBuffer(block, bytes, capacity));
     ctx->set_output(0, tensorflow::Tensor(logits.dtype(), logits.shape(), std::move(buffer)));
     *grad = ctx->mutable_output(0);

@@ -8,9 +8,9 @@
 namespace fused_xent {
 
 // Output 0, shaped like input 0 (the logits): the logits buffer when
-// TensorFlow can forward it; otherwise a pooled block when it is large enough
-// for the pool; otherwise TensorFlow's allocator. The GPU kernels keep
-// TensorFlow's allocator.
+// TensorFlow can forward it; otherwise a pooled block when the pool serves its
+// size and the output's allocator attributes ask for nothing but host memory;
+// otherwise TensorFlow's allocator. The GPU kernels keep TensorFlow's allocator.
 absl::Status ForwardOrPoolGradient(tensorflow::OpKernelContext* ctx, tensorflow::Tensor** grad);
 
 }  // namespace fused_xent
