@@ -129,29 +129,40 @@ _THREADS_SCRIPT = textwrap.dedent(
     import tensorflow as tf
     tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
     import fused_xent
-    rng = np.random.default_rng(0)
-    x = tf.constant(rng.normal(size=(64, 30011)).astype(np.float32) * 4)
-    y = tf.constant(rng.integers(0, 30011, size=64))
-    t = tf.nn.softmax(tf.constant(rng.normal(size=(64, 30011)).astype(np.float32)))
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(x)
-        a = fused_xent.sparse_softmax_cross_entropy_with_logits(y, x, label_smoothing=0.1, z_loss=1e-4)
-        b = fused_xent.softmax_cross_entropy_with_logits(t, x)
-    out = [a, b, tape.gradient(a, x), tape.gradient(b, x)]
-    np.savez(sys.argv[2], *[v.numpy() for v in out])
+
+    def run(y, x, t):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            a = fused_xent.sparse_softmax_cross_entropy_with_logits(y, x, label_smoothing=0.1, z_loss=1e-4)
+            b = fused_xent.softmax_cross_entropy_with_logits(t, x)
+        return [a, b, tape.gradient(a, x), tape.gradient(b, x)]
+
+    out = {}
+    for classes, rows in [(2, 4099), (10, 4099), (31, 4099), (32, 4099), (33, 4099), (1000, 515), (30011, 64)]:
+        rng = np.random.default_rng(classes)
+        x = tf.constant(rng.normal(size=(rows, classes)).astype(np.float32) * 4)
+        y = tf.constant(rng.integers(0, classes, size=rows))
+        t = tf.nn.softmax(tf.constant(rng.normal(size=(rows, classes)).astype(np.float32)))
+        for mode, fn in [("eager", run), ("xla", tf.function(run, jit_compile=True))]:
+            for i, v in enumerate(fn(y, x, t)):
+                out[f"{classes}-{mode}-{i}"] = v.numpy()
+    np.savez(sys.argv[2], **out)
     """
 )
 
 
 def test_results_do_not_depend_on_thread_count(tmp_path):
+    """Bitwise, with and without XLA, for short rows (computed in groups of one
+    vector's lanes), rows of one or a few vectors, and long rows."""
     script = tmp_path / "run.py"
     script.write_text(_THREADS_SCRIPT)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     results = []
-    for threads in (1, 3):
+    for threads in (1, 2, 3):
         out = tmp_path / f"out{threads}.npz"
         subprocess.run([sys.executable, str(script), str(threads), str(out)], check=True, env=env, timeout=300)
         results.append(np.load(out))
+    assert len(results[0].files) == 7 * 2 * 4
     for other in results[1:]:
         for key in results[0].files:
-            np.testing.assert_array_equal(results[0][key], other[key])
+            np.testing.assert_array_equal(results[0][key], other[key], err_msg=key)

@@ -111,6 +111,8 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
   FX_DISPATCH(dense_backward(args, row_begin, row_end))
 }
 
+int64_t row_granularity(const Layout& layout) { FX_DISPATCH(row_granularity(layout)) }
+
 template <typename Label>
 int64_t find_invalid_label(const Label* labels, int64_t count, int64_t classes, const Options& options) {
   for (int64_t i = 0; i < count; ++i) {

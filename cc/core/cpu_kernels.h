@@ -30,5 +30,21 @@ int64_t find_invalid_label(const Label* labels, int64_t count, int64_t classes, 
 // Rough cost of one row in CPU cycles, for thread-pool sharding.
 inline int64_t row_cost_cycles(int64_t classes) { return 8 + 6 * classes; }
 
+// How many consecutive rows the kernels compute together (short rows go in
+// groups of one vector's lanes, rounded unlike a row computed alone), counted
+// from row 0. Callers split rows over threads on multiples of it, so that a
+// row's result does not depend on the number of threads.
+int64_t row_granularity(const Layout& layout);
+
+// The rows of a call in units of row_granularity() rows: shards of whole
+// units give every thread count the same groups.
+struct RowUnits {
+  int64_t rows;
+  int64_t size;
+  int64_t count() const { return (rows + size - 1) / size; }
+  int64_t row(int64_t unit) const { return unit * size < rows ? unit * size : rows; }
+};
+inline RowUnits row_units(const Layout& layout) { return RowUnits{layout.rows(), row_granularity(layout)}; }
+
 }  // namespace cpu
 }  // namespace fused_xent

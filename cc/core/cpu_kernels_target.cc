@@ -501,6 +501,8 @@ void finish_dense_row(const DenseForwardArgs<T>& args, int64_t r, const RowSums<
 
 }  // namespace
 
+int64_t row_granularity(const Layout& layout) { return uses_row_groups(layout) ? v::kLanes : 1; }
+
 template <typename T, typename Label>
 void sparse_forward(const SparseForwardArgs<T, Label>& args, int64_t row_begin, int64_t row_end) {
   using A = Acc<T>;

@@ -19,6 +19,7 @@ namespace cpu {
   void dense_forward(const DenseForwardArgs<T>& args, int64_t row_begin, int64_t row_end);        \
   template <typename T>                                                                           \
   void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t row_end);      \
+  int64_t row_granularity(const Layout& layout);                                                  \
   }
 
 FX_DECLARE_TARGET_KERNELS(baseline)

@@ -19,19 +19,19 @@ namespace {
 // Fewer elements than this per shard cost more to schedule than to compute.
 constexpr int64_t kMinShardElements = 1 << 15;
 
-// Shards of rows handed out to whichever thread asks first. The calling
+// Shards of [0, items) handed out to whichever thread asks first. The calling
 // thread works too, so the call finishes even if the pool never runs the
 // tasks it was given (all its threads busy, or the caller is one of them); a
 // task that starts late finds nothing left and only drops its reference.
 template <typename Fn>
 class RowShards {
  public:
-  RowShards(int64_t rows, int64_t shards, const Fn& fn) : rows_(rows), shards_(shards), fn_(fn) {}
+  RowShards(int64_t items, int64_t shards, const Fn& fn) : items_(items), shards_(shards), fn_(fn) {}
 
   // Runs shards until none is left; returns when it has finished its last one.
   void Work() {
     for (int64_t s = next_.fetch_add(1); s < shards_; s = next_.fetch_add(1)) {
-      fn_(rows_ * s / shards_, rows_ * (s + 1) / shards_);
+      fn_(items_ * s / shards_, items_ * (s + 1) / shards_);
       std::lock_guard<std::mutex> lock(mutex_);
       if (++done_ == shards_) all_done_.notify_all();
     }
@@ -43,7 +43,7 @@ class RowShards {
   }
 
  private:
-  const int64_t rows_;
+  const int64_t items_;
   const int64_t shards_;
   const Fn& fn_;  // lives in the caller's frame, which outlives every shard
   std::atomic<int64_t> next_{0};
@@ -56,16 +56,19 @@ class RowShards {
 // that starts late or is slowed down leaves its share to the others.
 constexpr int64_t kShardsPerThread = 4;
 
+// Shards are whole cpu::row_units, so results do not depend on the pool's size.
 template <typename Fn>
-void ParallelRows(ffi::ThreadPool& pool, int64_t rows, int64_t classes, const Fn& fn) {
+void ParallelRows(ffi::ThreadPool& pool, const Layout& layout, const Fn& fn) {
+  const cpu::RowUnits units = cpu::row_units(layout);
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t by_work = std::max<int64_t>(1, rows * classes / kMinShardElements);
-  const int64_t shards = std::min<int64_t>({kShardsPerThread * threads, rows, by_work});
+  const int64_t by_work = std::max<int64_t>(1, layout.rows() * layout.classes / kMinShardElements);
+  const int64_t shards = std::min<int64_t>({kShardsPerThread * threads, units.count(), by_work});
+  const auto shard = [&](int64_t begin, int64_t end) { fn(units.row(begin), units.row(end)); };
   if (shards <= 1) {
-    fn(0, rows);
+    shard(0, units.count());
     return;
   }
-  auto state = std::make_shared<RowShards<Fn>>(rows, shards, fn);
+  auto state = std::make_shared<RowShards<decltype(shard)>>(units.count(), shards, shard);
   for (int64_t i = 1; i < std::min(threads, shards); ++i) pool.Schedule([state] { state->Work(); });
   state->Work();
   state->WaitAll();
@@ -88,13 +91,13 @@ class CpuRunner {
   }
   template <typename T>
   ffi::Error Run(const DenseForwardArgs<T>& args) {
-    ParallelRows(pool_, args.layout.rows(), args.layout.classes,
+    ParallelRows(pool_, args.layout,
                  [&](int64_t b, int64_t e) { cpu::dense_forward(args, b, e); });
     return ffi::Error::Success();
   }
   template <typename T>
   ffi::Error Run(const DenseBackwardArgs<T>& args) {
-    ParallelRows(pool_, args.layout.rows(), args.layout.classes,
+    ParallelRows(pool_, args.layout,
                  [&](int64_t b, int64_t e) { cpu::dense_backward(args, b, e); });
     return ffi::Error::Success();
   }
@@ -107,7 +110,7 @@ class CpuRunner {
       if (bad >= 0) return InvalidArgument(bad_class_weight_message(weights, bad));
     }
     FirstInvalidLabel first_invalid;
-    ParallelRows(pool_, args.layout.rows(), args.layout.classes, [&](int64_t b, int64_t e) {
+    ParallelRows(pool_, args.layout, [&](int64_t b, int64_t e) {
       first_invalid.check(args.labels, b, e, args.layout.classes, args.options);
       kernel(args, b, e);
     });

@@ -31,22 +31,24 @@ void register_cuda_bindings(py::module_& m);
 
 namespace {
 
-// Runs fn(begin, end) over [0, rows) on up to hardware_concurrency threads. Each
-// row belongs to exactly one call, so the split does not change the results.
+// Runs fn(begin, end) over the layout's rows on up to hardware_concurrency
+// threads, in shards of whole cpu::row_units: each row belongs to exactly one
+// call and short rows keep their groups, so the split does not change the results.
 template <typename Fn>
-void parallel_rows(int64_t rows, int64_t classes, const Fn& fn) {
-  const int64_t work = rows * std::max<int64_t>(classes, 1);
+void parallel_rows(const fx::Layout& layout, const Fn& fn) {
+  const fx::cpu::RowUnits units = fx::cpu::row_units(layout);
+  const int64_t work = layout.rows() * std::max<int64_t>(layout.classes, 1);
   const int64_t max_threads = std::max(1u, std::thread::hardware_concurrency());
-  const int64_t threads = std::min<int64_t>({max_threads, rows, std::max<int64_t>(1, work / (1 << 16))});
+  const int64_t threads = std::min<int64_t>({max_threads, units.count(), std::max<int64_t>(1, work / (1 << 16))});
   if (threads <= 1) {
-    fn(0, rows);
+    fn(0, layout.rows());
     return;
   }
   std::vector<std::thread> pool;
-  const int64_t chunk = (rows + threads - 1) / threads;
-  for (int64_t begin = chunk; begin < rows; begin += chunk)
-    pool.emplace_back([&fn, begin, chunk, rows] { fn(begin, std::min(rows, begin + chunk)); });
-  fn(0, std::min(rows, chunk));
+  const int64_t chunk = (units.count() + threads - 1) / threads;
+  for (int64_t begin = chunk; begin < units.count(); begin += chunk)
+    pool.emplace_back([&fn, &units, begin, chunk] { fn(units.row(begin), units.row(begin + chunk)); });
+  fn(0, units.row(chunk));
   for (auto& t : pool) t.join();
 }
 
@@ -131,7 +133,7 @@ void run_sparse(const fx::Layout& layout, const fx::Options& options, const py::
   }
   if (rows == 0) return;
   py::gil_scoped_release release;
-  parallel_rows(rows, layout.classes, [&](int64_t b, int64_t e) { fx::cpu::sparse_forward(fwd, b, e); });
+  parallel_rows(layout, [&](int64_t b, int64_t e) { fx::cpu::sparse_forward(fwd, b, e); });
   if (!grad_logits) return;
   fx::SparseBackwardArgs<T, Label> bwd;
   bwd.layout = layout;
@@ -141,7 +143,7 @@ void run_sparse(const fx::Layout& layout, const fx::Options& options, const py::
   bwd.lse = fwd.lse;
   bwd.grad_loss = static_cast<const T*>(grad_loss->data());
   bwd.grad_logits = static_cast<T*>(grad_logits->mutable_data());
-  parallel_rows(rows, layout.classes, [&](int64_t b, int64_t e) { fx::cpu::sparse_backward(bwd, b, e); });
+  parallel_rows(layout, [&](int64_t b, int64_t e) { fx::cpu::sparse_backward(bwd, b, e); });
 }
 
 template <typename T>
@@ -170,7 +172,7 @@ void run_dense(const fx::Layout& layout, const fx::Options& options, const py::a
   }
   if (rows == 0) return;
   py::gil_scoped_release release;
-  parallel_rows(rows, layout.classes, [&](int64_t b, int64_t e) { fx::cpu::dense_forward(fwd, b, e); });
+  parallel_rows(layout, [&](int64_t b, int64_t e) { fx::cpu::dense_forward(fwd, b, e); });
   if (!grad_logits) return;
   fx::DenseBackwardArgs<T> bwd;
   bwd.layout = layout;
@@ -180,7 +182,7 @@ void run_dense(const fx::Layout& layout, const fx::Options& options, const py::a
   bwd.lse = fwd.lse;
   bwd.grad_loss = static_cast<const T*>(grad_loss->data());
   bwd.grad_logits = static_cast<T*>(grad_logits->mutable_data());
-  parallel_rows(rows, layout.classes, [&](int64_t b, int64_t e) { fx::cpu::dense_backward(bwd, b, e); });
+  parallel_rows(layout, [&](int64_t b, int64_t e) { fx::cpu::dense_backward(bwd, b, e); });
 }
 
 // Calls fn.template operator()<CoreType>() for the logits dtype name given by Python.

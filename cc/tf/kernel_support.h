@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/class_weights_check.h"
+#include "core/cpu_kernels.h"
 #include "core/xent_params.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -201,11 +202,15 @@ absl::Status PrepareDenseBackward(tensorflow::OpKernelContext* ctx, int64_t axis
   return FillBackward<T>(ctx, reduced, 2, grad_output, args);
 }
 
-// Runs fn(begin, end) over [0, rows) on TensorFlow's intra-op pool.
+// Runs fn(begin, end) over the layout's rows on TensorFlow's intra-op pool,
+// in shards of whole cpu::row_units (results then do not depend on the pool's
+// size).
 template <typename Fn>
-void ShardRows(tensorflow::OpKernelContext* ctx, int64_t rows, int64_t cost_per_row, const Fn& fn) {
+void ShardRows(tensorflow::OpKernelContext* ctx, const Layout& layout, int64_t cost_per_row, const Fn& fn) {
   const auto* threads = ctx->device()->tensorflow_cpu_worker_threads();
-  tensorflow::Shard(threads->num_threads, threads->workers, rows, cost_per_row, fn);
+  const cpu::RowUnits units = cpu::row_units(layout);
+  tensorflow::Shard(threads->num_threads, threads->workers, units.count(), cost_per_row * units.size,
+                    [&](int64_t begin, int64_t end) { fn(units.row(begin), units.row(end)); });
 }
 
 }  // namespace fused_xent

@@ -23,7 +23,7 @@ template <typename Args, typename Kernel>
 absl::Status ShardSparseRows(OpKernelContext* ctx, const Args& args, const Kernel& kernel) {
   TF_RETURN_IF_ERROR(CheckClassWeightValues(args.options, args.layout.classes));
   FirstInvalidLabel first_invalid;
-  ShardRows(ctx, args.layout.rows(), cpu::row_cost_cycles(args.layout.classes),
+  ShardRows(ctx, args.layout, cpu::row_cost_cycles(args.layout.classes),
             [&](int64_t begin, int64_t end) {
               first_invalid.check(args.labels, begin, end, args.layout.classes, args.options);
               kernel(args, begin, end);
@@ -86,7 +86,7 @@ class DenseForwardOp : public OpKernel {
     DenseForwardArgs<CoreType<T>> args;
     args.options = options_;
     OP_REQUIRES_OK(ctx, PrepareDenseForward<T>(ctx, axis_, &args));
-    ShardRows(ctx, args.layout.rows(), 2 * cpu::row_cost_cycles(args.layout.classes),
+    ShardRows(ctx, args.layout, 2 * cpu::row_cost_cycles(args.layout.classes),
               [&args](int64_t begin, int64_t end) { cpu::dense_forward(args, begin, end); });
   }
 
@@ -106,7 +106,7 @@ class DenseBackwardOp : public OpKernel {
     DenseBackwardArgs<CoreType<T>> args;
     args.options = options_;
     OP_REQUIRES_OK(ctx, PrepareDenseBackward<T>(ctx, axis_, &args, ForwardOrPoolGradient));
-    ShardRows(ctx, args.layout.rows(), 2 * cpu::row_cost_cycles(args.layout.classes),
+    ShardRows(ctx, args.layout, 2 * cpu::row_cost_cycles(args.layout.classes),
               [&args](int64_t begin, int64_t end) { cpu::dense_backward(args, begin, end); });
   }
 
