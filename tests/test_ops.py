@@ -3,13 +3,22 @@
 import numpy as np
 import pytest
 
-from conftest import assert_close, tf_or_skip
+from conftest import (KNOWN_ISSUE_A, ToleranceError, assert_close, confident_rows, assert_rows_close, dense_target_terms, label_gradient_terms, target_terms,
+                      tf_or_skip)
 import reference
 
 tf = tf_or_skip()
 import fused_xent  # noqa: E402
 
 DTYPES = ["float32", "float64", "float16", "bfloat16"]
+
+ISSUE_D = ("issue 14 (d): the dense kernels sum the labels (sum(t), the softmax scale) in float32 across the "
+           "row: at C=70000 it is 3.3e-6 off the exact 1, and every p_j of the row with it")
+
+
+def xfail_if(condition, reason):
+    """A strict xfail that only a ToleranceError satisfies (other failures stay failures)."""
+    return pytest.mark.xfail(condition, strict=True, raises=ToleranceError, reason=reason)
 
 
 def _tf_dtype(name):
@@ -39,8 +48,8 @@ def test_sparse_matches_reference_and_tf_nn(dtype, label_dtype, shape):
     loss, grad = _gradient(lambda v: fused_xent.sparse_softmax_cross_entropy_with_logits(labels, v), x)
     assert loss.dtype == x.dtype and grad.dtype == x.dtype and loss.shape == labels.shape
     ref_loss, ref_grad = reference.sparse(labels, x64)
-    assert_close(loss, ref_loss, dtype)
-    assert_close(grad, ref_grad, dtype)
+    assert_rows_close(loss, ref_loss, dtype, axis=None, what="loss")
+    assert_rows_close(grad, ref_grad, dtype, terms=target_terms(labels, shape), what="gradient")
     tf_loss, tf_grad = _gradient(lambda v: tf.nn.sparse_softmax_cross_entropy_with_logits(labels, v), x)
     assert_close(loss, tf.cast(tf_loss, tf.float64), dtype, scale=2)
     assert_close(grad, tf.cast(tf_grad, tf.float64), dtype, scale=2)
@@ -48,14 +57,16 @@ def test_sparse_matches_reference_and_tf_nn(dtype, label_dtype, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 2), (6, 5), (9, 1000), (2, 3, 7), (3, 70000)])
-def test_dense_matches_reference_and_tf_nn(dtype, shape):
+def test_dense_matches_reference_and_tf_nn(dtype, shape, request):
+    if dtype == "float32" and shape == (3, 70000):
+        request.applymarker(xfail_if(True, ISSUE_D + ": (1, 39904) is 0.0569058 for 0.0569060"))
     x, x64 = _logits(shape, dtype)
     labels = tf.nn.softmax(tf.cast(_logits(shape, "float64", seed=2)[0], _tf_dtype(dtype)))
     labels64 = tf.cast(labels, tf.float64).numpy()
     loss, grad = _gradient(lambda v: fused_xent.softmax_cross_entropy_with_logits(labels, v), x)
     ref_loss, ref_grad, _ = reference.dense(labels64, x64)
-    assert_close(loss, ref_loss, dtype)
-    assert_close(grad, ref_grad, dtype, scale=2)
+    assert_rows_close(loss, ref_loss, dtype, axis=None, what="loss")
+    assert_rows_close(grad, ref_grad, dtype, terms=dense_target_terms(labels64, shape), what="gradient")
     tf_loss, tf_grad = _gradient(lambda v: tf.nn.softmax_cross_entropy_with_logits(labels, v), x)
     assert_close(loss, tf.cast(tf_loss, tf.float64), dtype, scale=2)
     assert_close(grad, tf.cast(tf_grad, tf.float64), dtype, scale=4)
@@ -67,8 +78,8 @@ def test_huge_class_count(dtype):
     labels = np.array([0, 2**20 - 1, 12345, 777777])
     loss, grad = _gradient(lambda v: fused_xent.sparse_softmax_cross_entropy_with_logits(labels, v), x)
     ref_loss, ref_grad = reference.sparse(labels, x64)
-    assert_close(loss, ref_loss, dtype)
-    assert_close(grad, ref_grad, dtype)
+    assert_rows_close(loss, ref_loss, dtype, axis=None, what="loss")
+    assert_rows_close(grad, ref_grad, dtype, terms=target_terms(labels, x64.shape), what="gradient")
 
 
 OPTIONS = [
@@ -90,7 +101,7 @@ def as_float32(options):
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "defaults")
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
-def test_sparse_options(options, dtype):
+def test_sparse_options(options, dtype, request):
     x, x64 = _logits((40, 7), dtype)
     labels = np.random.default_rng(3).integers(0, 7, size=40)
     labels[::5] = options.get("ignore_index", 0)
@@ -100,9 +111,17 @@ def test_sparse_options(options, dtype):
         tape.watch(x)
         loss = fused_xent.sparse_softmax_cross_entropy_with_logits(labels, x, **options)
     grad = tape.gradient(loss, x, output_gradients=g)
-    ref_loss, ref_grad = reference.sparse(labels, x64, grad_loss=tf.cast(g, tf.float64).numpy(), **as_float32(options))
-    assert_close(loss, ref_loss, dtype)
-    assert_close(grad, ref_grad, dtype, scale=2)
+    g64 = tf.cast(g, tf.float64).numpy()
+    ref_loss, ref_grad = reference.sparse(labels, x64, grad_loss=g64, **as_float32(options))
+    # Row 23 is confidently right (loss 0.014): float32 gives 0.01398185 for 0.01398181,
+    # float64 0.013981811254634853 for ...635268 (issue 14 (a)); ignored and smoothed rows escape.
+    known = confident_rows(ref_loss, dtype)
+    spared = "class_weights" in options or (dtype == "float32" and "z_loss" in options)  # row 23 within tolerance
+    if known.any() and not spared:
+        request.applymarker(xfail_if(True, KNOWN_ISSUE_A + ": row 23"))
+    assert_rows_close(loss, ref_loss, dtype, axis=None, what="loss", known=known)
+    terms = target_terms(labels, x64.shape, grad_loss=g64, **as_float32(options))
+    assert_rows_close(grad, ref_grad, dtype, terms=terms, what="gradient", known=known[:, None])
 
 
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.3}, {"z_loss": 0.05}, {"label_smoothing": 0.1, "z_loss": 1e-4}],
@@ -121,9 +140,13 @@ def test_dense_options_and_label_gradient(options, dtype):
     ref_loss, ref_grad, ref_grad_labels = reference.dense(
         t64, x64, grad_loss=tf.cast(g, tf.float64).numpy(), **as_float32(options)
     )
-    assert_close(loss, ref_loss, dtype, scale=2)
-    assert_close(grad, ref_grad, dtype, scale=4)
-    assert_close(grad_labels, ref_grad_labels, dtype, scale=2)
+    g64 = tf.cast(g, tf.float64).numpy()
+    options64 = as_float32(options)
+    assert_rows_close(loss, ref_loss, dtype, axis=None, what="loss")
+    terms = dense_target_terms(t64, x64.shape, label_smoothing=options64.get("label_smoothing", 0.0), grad_loss=g64)
+    assert_rows_close(grad, ref_grad, dtype, terms=terms, what="gradient")
+    label_terms = label_gradient_terms(x64, grad_loss=g64, label_smoothing=options64.get("label_smoothing", 0.0))
+    assert_rows_close(grad_labels, ref_grad_labels, dtype, terms=label_terms, what="label gradient")
 
 
 @pytest.mark.parametrize("axis", [0, 1, -2])
@@ -134,8 +157,8 @@ def test_class_axis(axis):
     labels = np.random.default_rng(7).integers(0, shape[axis], size=reduced)
     loss, grad = _gradient(lambda v: fused_xent.sparse_softmax_cross_entropy_with_logits(labels, v, axis=axis), x)
     ref_loss, ref_grad = reference.sparse(labels, x64, axis=axis)
-    assert_close(loss, ref_loss, "float32")
-    assert_close(grad, ref_grad, "float32")
+    assert_rows_close(loss, ref_loss, "float32", axis=None, what="loss")
+    assert_rows_close(grad, ref_grad, "float32", axis=axis, terms=target_terms(labels, shape, axis), what="gradient")
     dense_labels = tf.one_hot(labels, shape[axis], axis=axis % 3)
     loss, grad = _gradient(lambda v: fused_xent.softmax_cross_entropy_with_logits(dense_labels, v, axis=axis), x)
     # tf.nn's op fails for negative axes other than -1, so it gets the positive axis.
@@ -153,7 +176,7 @@ def test_dense_label_broadcasting(labels_shape):
         loss = fused_xent.softmax_cross_entropy_with_logits(labels, x)
     grad_labels = tape.gradient(loss, labels)
     ref_loss, _, ref_grad_labels = reference.dense(labels.numpy(), x64)
-    assert_close(loss, ref_loss, "float32")
+    assert_rows_close(loss, ref_loss, "float32", axis=None, what="loss")
     assert grad_labels.shape == labels.shape
     assert_close(grad_labels, ref_grad_labels.sum(axis=0).reshape(labels_shape), "float32", scale=4)
 
@@ -163,7 +186,7 @@ def test_dense_labels_are_cast_to_the_logits_dtype():
     labels = np.eye(4)[[0, 1, 3]]  # float64
     loss = fused_xent.softmax_cross_entropy_with_logits(labels, x)
     assert loss.dtype == tf.float32
-    assert_close(loss, reference.dense(labels, x64)[0], "float32")
+    assert_rows_close(loss, reference.dense(labels, x64)[0], "float32", axis=None, what="loss")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -176,8 +199,8 @@ def test_extreme_logits(dtype):
     loss, grad = _gradient(lambda v: fused_xent.sparse_softmax_cross_entropy_with_logits(labels, v), x)
     ref_loss, ref_grad = reference.sparse(labels, x64)
     assert np.isfinite(tf.cast(grad, tf.float32).numpy()).all()
-    assert_close(loss, ref_loss, dtype)
-    assert_close(grad, ref_grad, dtype)
+    assert_rows_close(loss, ref_loss, dtype, axis=None, what="loss")
+    assert_rows_close(grad, ref_grad, dtype, terms=target_terms(labels, x64.shape), what="gradient")
 
 
 def test_nan_stays_in_its_row():
@@ -220,13 +243,14 @@ def test_negative_infinity_off_target():
     loss, grad = _gradient(lambda v: fused_xent.sparse_softmax_cross_entropy_with_logits(labels, v), x)
     ref_loss, ref_grad = reference.sparse(labels, x.numpy())
     assert np.isfinite(loss).all() and np.isfinite(grad).all()
-    assert_close(loss, ref_loss, "float32")
-    assert_close(grad, ref_grad, "float32")
+    assert_rows_close(loss, ref_loss, "float32", axis=None, what="loss")
+    assert_rows_close(grad, ref_grad, "float32", terms=target_terms(labels, x.shape), what="gradient")
     # A dense label of 0 against -inf contributes 0 (tf.nn gives NaN there).
     dense_labels = tf.one_hot(labels, 3)
     loss, grad = _gradient(lambda v: fused_xent.softmax_cross_entropy_with_logits(dense_labels, v), x)
     assert np.isfinite(loss).all() and np.isfinite(grad).all()
-    assert_close(loss, ref_loss, "float32")
+    assert_rows_close(loss, ref_loss, "float32", axis=None, what="loss")
+    assert_rows_close(grad, ref_grad, "float32", terms=target_terms(labels, x.shape), what="gradient")
     assert np.isnan(tf.nn.softmax_cross_entropy_with_logits(dense_labels, x)).any()
 
 
