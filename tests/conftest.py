@@ -66,8 +66,7 @@ ACC_ULPS = 32
 ROW_ULPS = 4
 
 
-class ToleranceError(AssertionError):
-    """Raised by assert_rows_close; xfail(raises=ToleranceError) keeps other failures failures."""
+from reference import ToleranceError  # noqa: E402  (defined there: pytest may import conftest twice)
 
 
 def rows_tolerance(expected, dtype_name, axis=-1, terms=None, scale=1.0):
@@ -152,7 +151,7 @@ KNOWN_ISSUE_A = ("issue 14 (a): the vector log's absolute error near 1 swamps th
                  "right row (and its lse, so every p_j of the row)")
 
 
-def confident_rows(ref_loss, dtype_name, below=0.1):
+def confident_rows(ref_loss, dtype_name, below=0.25):
     """Rows issue 14 (a) may spoil: float32/float64 rows whose exact loss is small but not 0."""
     ref_loss = np.asarray(ref_loss, np.float64)
     if dtype_name not in ("float32", "float64"):

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import KNOWN_ISSUE_A, ToleranceError, assert_close, assert_rows_close, confident_rows, dense_target_terms, target_terms
 import reference
+import fused_xent
 from fused_xent import numpy as fxnp
 
 try:
@@ -179,8 +180,10 @@ def test_many_rows_few_classes_with_edge_values(classes, options, request):
     expected = {k: float(np.float32(v)) if k != "ignore_index" else v for k, v in options.items()}
     ref_loss, ref_grad = reference.sparse(labels, logits.astype(np.float64), grad_loss=grad_loss, **expected)
     known = confident_rows(ref_loss, "float32")
-    if classes in (2, 5) and "label_smoothing" not in options:
-        # e.g. C=2 row 48: loss 1.5497e-06 for 1.4996e-06; C=5 row 12: 0.00076336 for 0.00076337.
+    baseline = fused_xent.build_info()["simd"].startswith("baseline")  # its log errs elsewhere
+    if (classes in (2, 5) or (classes == 33 and baseline)) and "label_smoothing" not in options:
+        # e.g. C=2 row 48: loss 1.5497e-06 for 1.4996e-06; C=5 row 12: 0.00076336 for 0.00076337;
+        # C=33 (baseline build only) row 21: 0.11517175 for 0.11517200.
         request.applymarker(pytest.mark.xfail(strict=True, raises=ToleranceError, reason=KNOWN_ISSUE_A))
     assert_rows_close(loss, ref_loss, "float32", axis=None, what="loss", known=known)
     terms = target_terms(labels, logits.shape, grad_loss=grad_loss, **expected)
