@@ -279,3 +279,31 @@ def test_name_scope():
 
     graph = f.get_concrete_function(tf.TensorSpec([1, 3])).graph
     assert any(op.name.startswith("my_xent/") for op in graph.get_operations())
+
+
+# --- Batch invariance: a row's bits do not depend on the rows beside it ---------------------
+
+
+@pytest.mark.parametrize("classes", [2, 10, 31, 32, 33, 1000, 30011])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "xla"])
+def test_a_row_gives_the_same_bits_alone_as_in_a_batch(classes, dtype, jit):
+    rows = 37  # a few groups of short rows and a partial one, whatever the vector width
+    rng = np.random.default_rng(classes)
+    z = tf.constant((rng.normal(size=(rows, classes)) * 4).astype(np.float32), dtype)
+    y = tf.constant(rng.integers(0, classes, size=rows))
+    t = tf.cast(tf.nn.softmax(tf.constant(rng.normal(size=(rows, classes)))), dtype)
+
+    @tf.function(jit_compile=jit, reduce_retracing=False)
+    def run(y, z, t):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(z)
+            a = fused_xent.sparse_softmax_cross_entropy_with_logits(y, z, label_smoothing=0.1, z_loss=1e-3)
+            b = fused_xent.softmax_cross_entropy_with_logits(t, z)
+        return a, b, tape.gradient(a, z), tape.gradient(b, z)
+
+    batch = [r.numpy() for r in run(y, z, t)]
+    for row in (0, 5, rows - 1):
+        alone = [r.numpy() for r in run(y[row : row + 1], z[row : row + 1], t[row : row + 1])]
+        for whole, one in zip(batch, alone):
+            np.testing.assert_array_equal(whole[row : row + 1], one)

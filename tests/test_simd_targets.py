@@ -1,5 +1,6 @@
 """Every instruction-set copy of the kernels this CPU can run gives the reference's
-numbers: the NumPy-binding tests run again with each lower target forced."""
+numbers and is batch invariant: the NumPy-binding and row-group tests run again
+with each lower target forced."""
 
 import os
 import pathlib
@@ -30,7 +31,8 @@ def test_lower_target_matches_reference(target):
     )
     assert check.stdout.split()[0] == target
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_numpy.py")],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_numpy.py"),
+         str(HERE / "test_row_groups.py")],
         capture_output=True, text=True, env=env, timeout=600, cwd=HERE,
     )
     assert result.returncode == 0, result.stdout[-3000:]

@@ -31,13 +31,13 @@ int64_t find_invalid_label(const Label* labels, int64_t count, int64_t classes, 
 inline int64_t row_cost_cycles(int64_t classes) { return 8 + 6 * classes; }
 
 // How many consecutive rows the kernels compute together (short rows go in
-// groups of one vector's lanes, rounded unlike a row computed alone), counted
-// from row 0. Callers split rows over threads on multiples of it, so that a
-// row's result does not depend on the number of threads.
+// groups of one vector's lanes), counted from row 0. Callers split rows over
+// threads on multiples of it, so that groups stay whole: a call's rows after
+// its last full group are computed as a padded group, which gives the same
+// bits but costs a copy.
 int64_t row_granularity(const Layout& layout);
 
-// The rows of a call in units of row_granularity() rows: shards of whole
-// units give every thread count the same groups.
+// The rows of a call in units of row_granularity() rows.
 struct RowUnits {
   int64_t rows;
   int64_t size;

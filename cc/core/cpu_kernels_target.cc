@@ -509,7 +509,11 @@ void sparse_forward(const SparseForwardArgs<T, Label>& args, int64_t row_begin, 
   const Layout& layout = args.layout;
   const bool want_mean = args.options.label_smoothing > 0;
   if constexpr (kVectorized<T>) {
-    if (uses_row_groups(layout)) row_begin = sparse_forward_groups(args, row_begin, row_end);
+    if (uses_row_groups(layout)) {
+      row_begin = sparse_forward_groups(args, row_begin, row_end);
+      if (row_begin < row_end) sparse_forward_tail(args, row_begin, row_end);
+      return;
+    }
   }
   for (int64_t r = row_begin; r < row_end; ++r) {
     const Row<T> row = row_of(args.logits, layout, r);
@@ -525,7 +529,11 @@ void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin
   const int64_t classes = layout.classes;
   const int64_t stride = layout.inner;
   if constexpr (kVectorized<T>) {
-    if (uses_row_groups(layout)) row_begin = sparse_backward_groups(args, row_begin, row_end);
+    if (uses_row_groups(layout)) {
+      row_begin = sparse_backward_groups(args, row_begin, row_end);
+      if (row_begin < row_end) sparse_backward_tail(args, row_begin, row_end);
+      return;
+    }
   }
   const bool stream = use_streaming_stores<T>(layout);
   for (int64_t r = row_begin; r < row_end; ++r) {
@@ -572,7 +580,11 @@ void dense_forward(const DenseForwardArgs<T>& args, int64_t row_begin, int64_t r
   using A = Acc<T>;
   const bool want_mean = args.options.label_smoothing > 0;
   if constexpr (kVectorized<T>) {
-    if (uses_row_groups(args.layout)) row_begin = dense_forward_groups(args, row_begin, row_end);
+    if (uses_row_groups(args.layout)) {
+      row_begin = dense_forward_groups(args, row_begin, row_end);
+      if (row_begin < row_end) dense_forward_tail(args, row_begin, row_end);
+      return;
+    }
   }
   for (int64_t r = row_begin; r < row_end; ++r) {
     const Row<T> logits = row_of(args.logits, args.layout, r);
@@ -589,7 +601,11 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
   const int64_t stride = layout.inner;
   const bool stream = use_streaming_stores<T>(layout);
   if constexpr (kVectorized<T>) {
-    if (uses_row_groups(layout)) row_begin = dense_backward_groups(args, row_begin, row_end);
+    if (uses_row_groups(layout)) {
+      row_begin = dense_backward_groups(args, row_begin, row_end);
+      if (row_begin < row_end) dense_backward_tail(args, row_begin, row_end);
+      return;
+    }
   }
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t offset = layout.row_offset(r);
