@@ -75,3 +75,72 @@ def dense(labels, logits, axis=-1, label_smoothing=0.0, z_loss=0.0, grad_loss=No
         grad_labels = (g * (1 - label_smoothing))[..., None] * ((m[..., None] - z) + log_sum[..., None])
         grad_labels = np.where(np.isposinf(z).any(-1, keepdims=True), np.nan, grad_labels)
     return loss, np.moveaxis(grad, -1, axis), np.moveaxis(grad_labels, -1, axis)
+
+
+# --- Second order (issue 14): the Hessian written out, H = d(grad)/dz, per row ----------------
+#
+# A row's loss is L = w (S lse - q.z + lam lse^2) with S = sum_j q_j, so grad L = w (a p - q) with
+# a = S + 2 lam lse, and since d lse/dz = p, dp/dz = diag(p) - p p^T:
+#     H = w (a (diag(p) - p p^T) + 2 lam p p^T).
+# For total = sum L^2: grad = 2 L grad L and H_total v = 2 (grad L . v) grad L + 2 L H v.
+
+
+def _hessian(z, q, weight, z_loss):
+    """(loss, grad, H) per row of class-last z; H has shape rows + (C, C)."""
+    loss, grad = _finish(z, q, weight, z_loss, np.ones(z.shape[:-1]))
+    m, log_sum = _max_and_log_sum(z)
+    p = np.exp((z - m[..., None]) - log_sum[..., None])
+    a = q.sum(-1) + 2 * z_loss * (m + log_sum)
+    outer = p[..., :, None] * p[..., None, :]
+    diag = p[..., :, None] * np.eye(z.shape[-1])
+    h = weight[..., None, None] * (a[..., None, None] * (diag - outer) + 2 * z_loss * outer)
+    return loss, grad, h
+
+
+def _sparse_targets(labels, shape, ignore_index, label_smoothing, class_weights):
+    labels = np.asarray(labels).astype(np.int64)
+    ignored = labels == ignore_index if ignore_index is not None else np.zeros(labels.shape, bool)
+    safe = np.where(ignored, 0, labels)
+    onehot = np.zeros(shape)
+    np.put_along_axis(onehot, safe[..., None], 1.0, axis=-1)
+    q = (1 - label_smoothing) * onehot + label_smoothing / shape[-1]
+    weight = np.ones(labels.shape) if class_weights is None else np.asarray(class_weights, np.float64)[safe]
+    return q, np.where(ignored, 0.0, weight)
+
+
+def sparse_hessian(labels, logits, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0):
+    """(loss, grad, H) in float64, classes on the last axis."""
+    z = np.asarray(logits, np.float64)
+    q, weight = _sparse_targets(labels, z.shape, ignore_index, label_smoothing, class_weights)
+    return _hessian(z, q, weight, z_loss)
+
+
+def _squared_hvp(loss, grad, h, v, power):
+    hv = np.einsum("...jk,...k->...j", h, v)
+    if power == 1:
+        return np.sum(loss), hv
+    directional = np.sum(grad * v, -1, keepdims=True)
+    return np.sum(loss**2), 2 * directional * grad + 2 * loss[..., None] * hv
+
+
+def sparse_hvp(labels, logits, v, axis=-1, power=2, **options):
+    """(total, H_total v) for total = sum(loss**power), power 1 or 2, in float64."""
+    z, v = (np.moveaxis(np.asarray(a, np.float64), axis, -1) for a in (logits, v))
+    total, hv = _squared_hvp(*sparse_hessian(labels, z, **options), v, power)
+    return total, np.moveaxis(hv, -1, axis)
+
+
+def dense_hvp(labels, logits, v, label_smoothing=0.0, z_loss=0.0, power=2):
+    """(total, H_total v, d(grad_total . v)/dlabels) for total = sum(loss**power), classes last.
+    grad L . v = a (p.v) - q.v with q = (1 - eps) t + eps / C, so d/dt_j = (1 - eps)(p.v - v_j)
+    (a depends on t through S); grad_t L = (1 - eps)(lse - z_j)."""
+    z, t, v = (np.asarray(a, np.float64) for a in (logits, labels, v))
+    q = (1 - label_smoothing) * t + label_smoothing / z.shape[-1]
+    loss, grad, h = _hessian(z, q, np.ones(z.shape[:-1]), z_loss)
+    total, hv = _squared_hvp(loss, grad, h, v, power)
+    p = np.exp(z - _lse(z)[..., None])
+    d_labels = (1 - label_smoothing) * (np.sum(p * v, -1, keepdims=True) - v)
+    if power == 2:
+        grad_labels = (1 - label_smoothing) * (_lse(z)[..., None] - z)
+        d_labels = 2 * np.sum(grad * v, -1, keepdims=True) * grad_labels + 2 * loss[..., None] * d_labels
+    return total, hv, d_labels
