@@ -9,7 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import tf_or_skip
+from conftest import assert_close, tf_or_skip
+import reference
 
 tf = tf_or_skip()
 import fused_xent  # noqa: E402
@@ -103,12 +104,41 @@ def test_tf1_graph_and_session():
         with tf.compat.v1.Session(graph=graph) as session:
             values = session.run([sparse, dense, grads, hessian_vector, reference], feed)
     sparse_value, dense_value, (grad_x, grad_t), hv, ref_grad = values
-    assert sparse_value.shape == (3,) and dense_value.shape == (3,)
-    assert grad_t.shape == (3, 6) and hv.shape == (3, 6)
+    _check_tf1_values(feed[x], feed[y], feed[t], sparse_value, dense_value, grad_t, hv)
     # With z_loss the gradient differs from tf.nn's by 2 z lse p: check the difference.
     lse = np.log(np.exp(feed[x]).sum(-1, keepdims=True))
     p = np.exp(feed[x] - lse)
     np.testing.assert_allclose(grad_x - ref_grad, 2 * float(np.float32(0.01)) * lse * p, rtol=1e-9, atol=1e-12)
+
+
+def _check_tf1_values(x, y, t, sparse_value, dense_value, grad_t, hv, planted=1.0):
+    """The session's values against reference.py's float64 formulas (float64 in, so 1e-12 of
+    max(1, |value|): assert_close's float64 tolerance, 1e10 times below a 1% error). hv is the
+    gradient of grad(x) . x with x held as the direction too: grad + H x."""
+    z_loss = float(np.float32(0.01))  # the kernels' float32 attribute
+    ref_sparse, ref_sparse_grad = reference.sparse(y, x, z_loss=z_loss)
+    ref_dense, ref_dense_grad, ref_grad_t = reference.dense(t, x)
+    _, sparse_hx = reference.sparse_hvp(y, x, x, power=1, z_loss=z_loss)
+    _, dense_hx, _ = reference.dense_hvp(t, x, x, power=1)
+    assert_close(sparse_value, ref_sparse, "float64")
+    assert_close(dense_value, ref_dense, "float64")
+    assert_close(grad_t, ref_grad_t, "float64")
+    assert_close(hv * planted, ref_sparse_grad + ref_dense_grad + sparse_hx + dense_hx, "float64")
+
+
+def test_tf1_reference_check_rejects_a_one_percent_error():
+    rng = np.random.default_rng(0)
+    x, y, t = rng.normal(size=(3, 6)), np.array([0, 5, 2]), np.full((3, 6), 1 / 6)
+    z_loss = float(np.float32(0.01))
+    sparse_value, sparse_grad = reference.sparse(y, x, z_loss=z_loss)
+    dense_value, dense_grad, grad_t = reference.dense(t, x)
+    hv = (sparse_grad + dense_grad + reference.sparse_hvp(y, x, x, power=1, z_loss=z_loss)[1]
+          + reference.dense_hvp(t, x, x, power=1)[1])
+    _check_tf1_values(x, y, t, sparse_value, dense_value, grad_t, hv)
+    with pytest.raises(AssertionError):
+        _check_tf1_values(x, y, t, sparse_value, dense_value, grad_t, hv, planted=1.01)
+    with pytest.raises(AssertionError):
+        _check_tf1_values(x, y, t, sparse_value, dense_value, grad_t * 1.01, hv)
 
 
 def test_keras_symbolic_style_use_inside_model():
