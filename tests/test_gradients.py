@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import tf_or_skip
+import reference
 
 tf = tf_or_skip()
 import fused_xent  # noqa: E402
@@ -153,18 +154,68 @@ def test_gradient_penalty_trains_in_tf_function():
     np.testing.assert_allclose(ours[1], reference[1], rtol=1e-8, atol=1e-12)
 
 
-def test_half_precision_second_order_runs():
-    x = tf.constant(np.random.default_rng(8).normal(size=(4, 6)), tf.bfloat16)
+HALF_LABELS = [1, 2, 3, 0]
+UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
+
+
+def _gradient_norm_gradient(x, accumulate):
+    """d/dx |d loss/dx|^2: a second-order product H (2 grad) through the half-precision paths."""
     with tf.GradientTape() as outer:
         outer.watch(x)
         with tf.GradientTape() as inner:
             inner.watch(x)
-            loss = tf.reduce_sum(fused_xent.sparse_softmax_cross_entropy_with_logits([1, 2, 3, 0], x))
+            loss = tf.reduce_sum(fused_xent.sparse_softmax_cross_entropy_with_logits(HALF_LABELS, x))
         grad = inner.gradient(loss, x)
-        norm = tf.reduce_sum(tf.cast(grad, tf.float32) ** 2)
-    second = outer.gradient(norm, x)
-    assert second.dtype == tf.bfloat16 and second.shape == x.shape
-    assert np.isfinite(tf.cast(second, tf.float32).numpy()).all()
+        norm = tf.reduce_sum(tf.cast(grad, accumulate) ** 2)
+    return outer.gradient(norm, x)
+
+
+def _float64_product(x64):
+    """2 H grad, the float64 reference of _gradient_norm_gradient."""
+    _, grad, hessian = reference.sparse_hessian(HALF_LABELS, x64)
+    return np.einsum("rjk,rk->rj", hessian, 2 * grad)
+
+
+def _assert_half_second_order_close(actual, x64, dtype, planted=1.0):
+    """actual (computed in dtype) against 2 H grad in float64 at the same (rounded) logits.
+
+    The half result rounds three times to dtype: the first-order gradient v = 2 grad it is fed
+    (u |H| |v|), the two addends s p_j v_j and -s p_j (p . v) of the second-order gradient (cast
+    to dtype, then summed), and that sum (u |result|); the rest is float32/float64. With
+    terms_j = p_j (|v_j| + sum_k p_k |v_k|) >= (|H| |v|)_j and each addend, the error is below
+    u (|result| + 2 terms) to first order (seen up to 0.55 of it over 40 seeds)."""
+    v = 2 * reference.sparse(HALF_LABELS, x64)[1]
+    expected = _float64_product(x64)
+    p = np.exp(x64 - reference._lse(x64)[:, None])
+    terms = p * (np.abs(v) + np.sum(p * np.abs(v), -1, keepdims=True))
+    tol = UNIT_ROUNDOFF[dtype] * (np.abs(expected) + 2 * terms) + 2.0**-24
+    error = np.abs(np.asarray(actual, np.float64) * planted - expected)
+    assert (error <= tol).all(), (error / tol).max()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_second_order_matches_float64(dtype):
+    x = tf.constant(np.random.default_rng(8).normal(size=(4, 6)), dtype)
+    second = _gradient_norm_gradient(x, tf.float32)
+    assert second.dtype == x.dtype and second.shape == x.shape
+    x64 = tf.cast(x, tf.float64)  # the rounded logits: both see the same values
+    # The same computation in float64 is the reference formula to rounding ...
+    np.testing.assert_allclose(_gradient_norm_gradient(x64, tf.float64).numpy(), _float64_product(x64.numpy()),
+                               rtol=1e-12, atol=1e-15)
+    # ... and the half result is it, to the roundings above.
+    _assert_half_second_order_close(tf.cast(second, tf.float64).numpy(), x64.numpy(), dtype)
+
+
+@pytest.mark.parametrize("dtype,planted", [("float16", 1.01), ("bfloat16", 1.03)])
+def test_half_precision_second_order_check_rejects_a_planted_error(dtype, planted):
+    """The float64 value rounded to dtype passes; scaled by `planted` it fails. bfloat16 has 8
+    significant bits: its three roundings allow up to 3 u (1.2%) where the terms do not cancel,
+    so 1% cannot be told from rounding there; 3% (8 units of roundoff) is caught."""
+    x64 = tf.cast(tf.constant(np.random.default_rng(8).normal(size=(4, 6)), dtype), tf.float64).numpy()
+    rounded = tf.cast(tf.cast(_float64_product(x64), dtype), tf.float64).numpy()
+    _assert_half_second_order_close(rounded, x64, dtype)
+    with pytest.raises(AssertionError):
+        _assert_half_second_order_close(rounded, x64, dtype, planted=planted)
 
 
 @pytest.mark.parametrize("ignore_index", [2**32, -(2**32) - 5, 2**70])
