@@ -85,15 +85,23 @@ def dense(labels, logits, axis=-1, label_smoothing=0.0, z_loss=0.0, grad_loss=No
 # For total = sum L^2: grad = 2 L grad L and H_total v = 2 (grad L . v) grad L + 2 L H v.
 
 
-def _hessian(z, q, weight, z_loss):
-    """(loss, grad, H) per row of class-last z; H has shape rows + (C, C)."""
+def _hessian(z, q, weight, z_loss, magnitudes=False):
+    """(loss, grad, H) per row of class-last z; H has shape rows + (C, C).
+    magnitudes=True: the same formulas with every term's absolute value (nothing cancels), the
+    size of what a kernel adds up (`terms` of conftest.assert_rows_close)."""
     loss, grad = _finish(z, q, weight, z_loss, np.ones(z.shape[:-1]))
     m, log_sum = _max_and_log_sum(z)
+    lse = m + log_sum
     p = np.exp((z - m[..., None]) - log_sum[..., None])
-    a = q.sum(-1) + 2 * z_loss * (m + log_sum)
+    a = q.sum(-1) + 2 * z_loss * lse
     outer = p[..., :, None] * p[..., None, :]
     diag = p[..., :, None] * np.eye(z.shape[-1])
-    h = weight[..., None, None] * (a[..., None, None] * (diag - outer) + 2 * z_loss * outer)
+    sign = -1.0
+    if magnitudes:
+        weight, a, sign = np.abs(weight), np.abs(a), 1.0
+        loss = weight * (q.sum(-1) * np.abs(lse) + np.sum(q * np.abs(z), -1) + z_loss * lse**2)
+        grad = weight[..., None] * (a[..., None] * p + q)
+    h = weight[..., None, None] * (a[..., None, None] * (diag + sign * outer) + 2 * z_loss * outer)
     return loss, grad, h
 
 
@@ -108,11 +116,12 @@ def _sparse_targets(labels, shape, ignore_index, label_smoothing, class_weights)
     return q, np.where(ignored, 0.0, weight)
 
 
-def sparse_hessian(labels, logits, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0):
+def sparse_hessian(labels, logits, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0,
+                   magnitudes=False):
     """(loss, grad, H) in float64, classes on the last axis."""
     z = np.asarray(logits, np.float64)
     q, weight = _sparse_targets(labels, z.shape, ignore_index, label_smoothing, class_weights)
-    return _hessian(z, q, weight, z_loss)
+    return _hessian(z, q, weight, z_loss, magnitudes)
 
 
 def _squared_hvp(loss, grad, h, v, power):
@@ -123,24 +132,29 @@ def _squared_hvp(loss, grad, h, v, power):
     return np.sum(loss**2), 2 * directional * grad + 2 * loss[..., None] * hv
 
 
-def sparse_hvp(labels, logits, v, axis=-1, power=2, **options):
-    """(total, H_total v) for total = sum(loss**power), power 1 or 2, in float64."""
+def sparse_hvp(labels, logits, v, axis=-1, power=2, magnitudes=False, **options):
+    """(total, H_total v) for total = sum(loss**power), power 1 or 2, in float64
+    (magnitudes=True: the sizes of their terms, as in _hessian)."""
     z, v = (np.moveaxis(np.asarray(a, np.float64), axis, -1) for a in (logits, v))
-    total, hv = _squared_hvp(*sparse_hessian(labels, z, **options), v, power)
+    v = np.abs(v) if magnitudes else v
+    total, hv = _squared_hvp(*sparse_hessian(labels, z, magnitudes=magnitudes, **options), v, power)
     return total, np.moveaxis(hv, -1, axis)
 
 
-def dense_hvp(labels, logits, v, label_smoothing=0.0, z_loss=0.0, power=2):
+def dense_hvp(labels, logits, v, label_smoothing=0.0, z_loss=0.0, power=2, magnitudes=False):
     """(total, H_total v, d(grad_total . v)/dlabels) for total = sum(loss**power), classes last.
     grad L . v = a (p.v) - q.v with q = (1 - eps) t + eps / C, so d/dt_j = (1 - eps)(p.v - v_j)
     (a depends on t through S); grad_t L = (1 - eps)(lse - z_j)."""
     z, t, v = (np.asarray(a, np.float64) for a in (logits, labels, v))
     q = (1 - label_smoothing) * t + label_smoothing / z.shape[-1]
-    loss, grad, h = _hessian(z, q, np.ones(z.shape[:-1]), z_loss)
+    v = np.abs(v) if magnitudes else v
+    sign = 1.0 if magnitudes else -1.0
+    loss, grad, h = _hessian(z, q, np.ones(z.shape[:-1]), z_loss, magnitudes)
     total, hv = _squared_hvp(loss, grad, h, v, power)
-    p = np.exp(z - _lse(z)[..., None])
-    d_labels = (1 - label_smoothing) * (np.sum(p * v, -1, keepdims=True) - v)
+    lse = _lse(z)[..., None]
+    p = np.exp(z - lse)
+    d_labels = (1 - label_smoothing) * (np.sum(p * v, -1, keepdims=True) + sign * v)
     if power == 2:
-        grad_labels = (1 - label_smoothing) * (_lse(z)[..., None] - z)
+        grad_labels = (1 - label_smoothing) * ((np.abs(lse) + np.abs(z)) if magnitudes else (lse - z))
         d_labels = 2 * np.sum(grad * v, -1, keepdims=True) * grad_labels + 2 * loss[..., None] * d_labels
     return total, hv, d_labels

@@ -76,3 +76,18 @@ def test_dense_hvp_and_label_derivative_match_differences(options, power):
     planted = d_labels.copy()
     planted.flat[np.argmax(np.abs(planted))] *= 1.01
     assert not _close(planted, numerical)
+
+
+def test_magnitudes_bound_the_values():
+    """magnitudes=True (the `terms` of assert_rows_close) is at least each value's size."""
+    z, v = _case(3)
+    labels = np.array([0, 3, 1, 4, 1, 2])
+    options = SPARSE_OPTIONS[-1]
+    for power in (1, 2):
+        values = reference.sparse_hvp(labels, z, v, power=power, **options)
+        sizes = reference.sparse_hvp(labels, z, v, power=power, magnitudes=True, **options)
+        assert all(np.all(s >= np.abs(x) * (1 - 1e-12)) for x, s in zip(values, sizes))
+        t = np.random.default_rng(4).dirichlet(np.ones(C), size=6)
+        values = reference.dense_hvp(t, z, v, 0.375, 0.0625, power=power)
+        sizes = reference.dense_hvp(t, z, v, 0.375, 0.0625, power=power, magnitudes=True)
+        assert all(np.all(s >= np.abs(x) * (1 - 1e-12)) for x, s in zip(values, sizes))

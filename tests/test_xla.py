@@ -14,7 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import assert_close, tf_or_skip
+from conftest import ToleranceError, assert_close, assert_rows_close, rows_tolerance, tf_or_skip
 import reference
 
 tf = tf_or_skip()
@@ -276,6 +276,21 @@ def _hvp(loss_fn):
     return fn
 
 
+def _assert_hvp_matches_reference(actual, expected, terms, dtype, axes):
+    """The jit results against reference.py's float64 Hessian-vector products, element by element.
+    terms (the same formulas with every term's magnitude) bound what cancels: the products are
+    differences such as p_j v_j - p_j (p . v) and 2 L (H v) with L = lse - z_y, so an element may
+    be far below the numbers the kernels add up to make it. With that, conftest's default allowance
+    (a few roundings of the dtype) holds with room (errors up to 0.13 of it seen), and a 1% error
+    in any nonzero element is beyond it, which is checked on the data itself, not only planted once."""
+    for a, e, t, axis in zip(actual, expected, terms, axes):
+        assert_rows_close(a, e, dtype, axis=axis, terms=t, what="jit Hessian-vector product")
+        tol = rows_tolerance(e, dtype, axis=axis, terms=t)
+        assert (np.abs(a + 0.01 * e - e) > tol)[e != 0].all(), "a 1% error would pass somewhere"
+        with pytest.raises(ToleranceError):
+            assert_rows_close(a * 1.01, e, dtype, axis=axis, terms=t)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("options", [SPARSE_OPTIONS[0], SPARSE_OPTIONS[-1]], ids=_ids)
 @pytest.mark.parametrize("axis", [-1, 0])
@@ -288,6 +303,10 @@ def test_sparse_hessian_vector_product(dtype, options, axis):
     for actual, expected in zip(jit, plain):
         assert_close(actual, expected, dtype, scale=10)
     assert np.abs(jit[1]).max() > 1e-3  # not trivially zero
+    args = (labels.numpy(), tf.cast(z, tf.float64).numpy(), tf.cast(v, tf.float64).numpy())
+    _assert_hvp_matches_reference(jit, reference.sparse_hvp(*args, axis=axis, **options),
+                                  reference.sparse_hvp(*args, axis=axis, magnitudes=True, **options),
+                                  dtype, axes=(None, axis))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -308,6 +327,10 @@ def test_dense_hessian_vector_product_and_label_gradient(dtype):
     jit, plain = _jit_and_plain(fn, z, t, v)
     for actual, expected in zip(jit, plain):
         assert_close(actual, expected, dtype, scale=10)
+    args = [tf.cast(a, tf.float64).numpy() for a in (t, z, v)]
+    options = dict(label_smoothing=float(np.float32(0.1)), z_loss=float(np.float32(0.05)))  # float32 attributes
+    _assert_hvp_matches_reference(jit, reference.dense_hvp(*args, **options)[1:],
+                                  reference.dense_hvp(*args, magnitudes=True, **options)[1:], dtype, axes=(-1, -1))
 
 
 # --- Bad labels: an error through the custom call, NaN rows through HLO ----------------------
