@@ -130,7 +130,8 @@ RowSums<A> block_sums(const A* z, const A* labels, int64_t len, A block_max, boo
     sums.gap = all_negative_infinity ? std::numeric_limits<A>::infinity() : gap * inv_classes;
   }
   if (labels) {
-    A label_sum = 0, label_gap = 0;
+    double label_sum = 0;
+    A label_gap = 0;
     for (int64_t k = 0; k < len; ++k) {
       // In an all -inf block, block_max - z[k] would be -inf - -inf: the gap is +inf, as in the float path.
       const A gap = all_negative_infinity ? std::numeric_limits<A>::infinity() : block_max - z[k];
@@ -141,19 +142,30 @@ RowSums<A> block_sums(const A* z, const A* labels, int64_t len, A block_max, boo
     sums.label_gap = label_gap;
   }
   if (!all_negative_infinity) {
-    A sum_exp = 0;
-    for (int64_t k = 0; k < len; ++k) sum_exp += fx_exp(z[k] - block_max);
-    sums.sum_exp = sum_exp;
+    A ties = 0, rest = 0;
+    for (int64_t k = 0; k < len; ++k) {
+      const A d = z[k] - block_max;
+      if (d == 0) {
+        ties += 1;
+      } else {
+        rest += fx_exp(d);
+      }
+    }
+    sums.ties = ties;
+    sums.rest = rest;
   }
   return sums;
 }
 
 // The float version of block_sums, on vectors, specialised on which sums are
 // wanted, with the terms taken relative to `ref`; reads T (converting 16-bit
-// types in registers). With kTrackMax it also returns the block's max in
-// *block_max (NaN handling unspecified: a NaN reaches sum_exp anyway).
+// types in registers). Without kTrackMax, ref is an element's value (the
+// block's max, or the row's) and terms equal to it are counted as ties. With
+// kTrackMax, ref is the max of earlier elements and every term goes to rest
+// (the caller reads the block again if it holds ref itself); the block's max
+// comes back in *block_max (NaN handling unspecified: a NaN reaches rest anyway).
 // Padding lanes use values that add nothing: z = -inf for exp and max, z = ref
-// for the gaps, t = 0 for labels.
+// for the gaps, t = 0 for labels. Terms at ref itself count as ties.
 template <bool kWantMean, bool kLabels, bool kTrackMax, typename T>
 RowSums<float> block_sums_vectorized(const T* z, const T* labels, int64_t len, float ref, float inv_classes,
                                      float* block_max = nullptr) {
@@ -164,12 +176,21 @@ RowSums<float> block_sums_vectorized(const T* z, const T* labels, int64_t len, f
   // Per-lane sums. gap and label_gap accumulate the negated terms, sum(z - ref)
   // and sum t (z - ref), sharing z - ref with the exponential.
   struct Lanes {
-    v::vfloat sum_exp = v::splat(0.0f), gap = v::splat(0.0f), label_sum = v::splat(0.0f), label_gap = v::splat(0.0f);
+    v::vfloat rest = v::splat(0.0f), ties = v::splat(0.0f), gap = v::splat(0.0f), label_sum = v::splat(0.0f),
+              label_gap = v::splat(0.0f);
   };
   Lanes total, part;
+  double label_sum = 0;  // float lanes would lose 1e-6 of sum(t) over 1e5 classes
   auto accumulate = [&](v::vfloat x, v::vfloat x_for_gap, v::vfloat t) {
     if (kTrackMax) top = v::max_fast(top, x);
-    part.sum_exp += v::exp_bounded(x - ref_v);
+    const v::vfloat shifted = x - ref_v;
+    const v::vfloat e = v::exp_bounded(shifted);
+    if (kTrackMax) {
+      part.rest += e;
+    } else {
+      part.rest += shifted == 0.0f ? 0.0f : e;  // vector ?: becomes a masked add
+      part.ties += shifted == 0.0f ? 1.0f : 0.0f;
+    }
     const v::vfloat d = x_for_gap - ref_v;
     if (kWantMean) part.gap += d;
     if (kLabels) {
@@ -180,10 +201,11 @@ RowSums<float> block_sums_vectorized(const T* z, const T* labels, int64_t len, f
   // Rounding error grows with the terms each lane adds in sequence: the lanes'
   // sums are folded into the block's every 64 vectors.
   auto fold = [&] {
-    total.sum_exp += part.sum_exp;
+    total.rest += part.rest;
+    total.ties += part.ties;
     if (kWantMean) total.gap += part.gap;
     if (kLabels) {
-      total.label_sum += part.label_sum;
+      label_sum += v::reduce_add(part.label_sum);
       total.label_gap += part.label_gap;
     }
     part = Lanes{};
@@ -220,13 +242,14 @@ RowSums<float> block_sums_vectorized(const T* z, const T* labels, int64_t len, f
     fold();
   }
   if (kTrackMax) *block_max = v::reduce_nan_sticky_max(top);
-  sums.sum_exp = v::reduce_add(total.sum_exp);
+  sums.rest = v::reduce_add(total.rest);
+  sums.ties = v::reduce_add(total.ties);
   if (kWantMean) {
     sums.count = static_cast<float>(len) * inv_classes;
     sums.gap = -v::reduce_add(total.gap) * inv_classes;
   }
   if (kLabels) {
-    sums.label_sum = v::reduce_add(total.label_sum);
+    sums.label_sum = label_sum;
     sums.label_gap = -v::reduce_add(total.label_gap);
   }
   return sums;
@@ -276,9 +299,11 @@ bool read_block_once(const Row<T>& row, const Row<T>* labels, int64_t start, int
   const float ref = sums->max;
   if (!(ref > negative_infinity<float>() && ref < std::numeric_limits<float>::infinity())) return false;
   float top;
-  const RowSums<float> block = block_sums_dispatch<true>(row.data + start, labels ? labels->data + start : nullptr,
-                                                          len, ref, want_mean, inv_classes, &top);
+  const T* z = row.data + start;
+  const T* t = labels ? labels->data + start : nullptr;
+  RowSums<float> block = block_sums_dispatch<true>(z, t, len, ref, want_mean, inv_classes, &top);
   if (!(top <= ref + kMaxExcess)) return false;
+  if (top == ref) block = block_sums_dispatch<false>(z, t, len, ref, want_mean, inv_classes);  // ties apart; from L1
   merge_sums(*sums, block);  // same max: plain sums
   if (top > ref) {           // move the reference up to the new max
     RowSums<float> rebase;
@@ -295,6 +320,49 @@ float leading_max(const T* p, int64_t len) {
   return v::reduce_nan_sticky_max(x);
 }
 
+// ties and rest of a whole row relative to its max m (see RowSums).
+template <typename T>
+void exact_ties_and_rest(const Row<T>& row, RowSums<Acc<T>>* sums) {
+  using A = Acc<T>;
+  const A m = sums->max;
+  if constexpr (kVectorized<T>) {
+    if (row.stride == 1) {
+      A ties = 0, rest = 0;
+      for (int64_t start = 0; start < row.count; start += kBlock) {
+        const RowSums<float> block = block_sums_dispatch<false>(row.data + start, static_cast<const T*>(nullptr),
+                                                                std::min(kBlock, row.count - start), m, false, 0.0f);
+        ties += block.ties;
+        rest += block.rest;
+      }
+      sums->ties = ties;
+      sums->rest = rest;
+      return;
+    }
+  }
+  A ties = 0, rest = 0;
+  for (int64_t j = 0; j < row.count; ++j) {
+    const A d = row[j] - m;
+    if (d == 0) {
+      ties += 1;
+    } else {
+      rest += fx_exp(d);
+    }
+  }
+  sums->ties = ties;
+  sums->rest = rest;
+}
+
+// A row whose max's term was merged into rest (ties == 0: the one-read path
+// moved its reference up to that max) and that the max dominates (sum < 2,
+// p_max > 1/2, a confidently right row's loss below log 2): read again with
+// the max's 1 apart, so that the loss keeps its relative accuracy.
+template <typename T>
+void settle_dominant_max(const Row<T>& row, RowSums<Acc<T>>* sums) {
+  using A = Acc<T>;
+  const bool finite_max = sums->max > negative_infinity<A>() && sums->max < std::numeric_limits<A>::infinity();
+  if (sums->ties == 0 && finite_max && sums->rest < A(2)) exact_ties_and_rest(row, sums);
+}
+
 // One read of a row of logits (and of dense labels when given), block by block.
 template <typename T>
 RowSums<Acc<T>> scan_row(const Row<T>& row, bool want_mean, const Row<T>* labels = nullptr) {
@@ -307,9 +375,18 @@ RowSums<Acc<T>> scan_row(const Row<T>& row, bool want_mean, const Row<T>* labels
     const int64_t len = std::min(kBlock, row.count - start);
     if constexpr (kVectorized<T>) {
       if (row.stride == 1) {
-        // The first block too is read once, relative to the max of its first vector.
-        if (start == 0) sums.max = leading_max(row.data, len);
-        if (read_block_once(row, labels, start, len, want_mean, inv_classes, &sums)) continue;
+        // The first block too is read once, relative to the max of its first
+        // vector, whose terms go in first (they hold that max: ties).
+        int64_t from = start;
+        if (start == 0) {
+          sums.max = leading_max(row.data, len);
+          from = std::min<int64_t>(len, v::kLanes);
+          merge_sums(sums, block_sums_dispatch<false>(row.data, labels ? labels->data : nullptr, from, sums.max,
+                                                       want_mean, inv_classes));
+        }
+        if (from == start + len ||
+            read_block_once(row, labels, from, start + len - from, want_mean, inv_classes, &sums))
+          continue;
         if (start == 0) sums = RowSums<A>{};
       }
     }
@@ -318,43 +395,50 @@ RowSums<Acc<T>> scan_row(const Row<T>& row, bool want_mean, const Row<T>* labels
     const A* t = labels ? block_values(*labels, start, len, label_block, &label_max) : nullptr;
     merge_sums(sums, block_sums(z, t, len, block_max, want_mean, inv_classes));
   }
+  settle_dominant_max(row, &sums);
   return sums;
 }
 
 template <typename A>
-A sum_of(const A* values, int64_t len) {
-  A sum = 0;
+double sum_of(const A* values, int64_t len) {
+  double sum = 0;
   for (int64_t k = 0; k < len; ++k) sum += values[k];
   return sum;
 }
 
-// Sum of a contiguous row, straight from memory (16-bit types convert in registers).
+// Sum of a contiguous row, straight from memory (16-bit types convert in
+// registers): float lanes over 64 vectors at a time, those partial sums in double.
 template <typename T>
-float contiguous_sum(const T* values, int64_t len) {
-  v::vfloat sum = v::splat(0.0f);
+double contiguous_sum(const T* values, int64_t len) {
+  constexpr int64_t kChunk = 64 * v::kLanes;
+  double total = 0;
   int64_t k = 0;
-  for (; k + v::kLanes <= len; k += v::kLanes) {
-    prefetch_ahead(values, k);
-    sum += v::load(values + k);
+  while (k + v::kLanes <= len) {
+    v::vfloat sum = v::splat(0.0f);
+    for (const int64_t chunk_end = std::min(len - len % v::kLanes, k + kChunk); k < chunk_end; k += v::kLanes) {
+      prefetch_ahead(values, k);
+      sum += v::load(values + k);
+    }
+    total += v::reduce_add(sum);
   }
-  if (k < len) sum += v::load_partial(values + k, len - k, 0.0f);
-  return v::reduce_add(sum);
+  if (k < len) total += v::reduce_add(v::load_partial(values + k, len - k, 0.0f));
+  return total;
 }
 
 template <typename T>
 Acc<T> label_sum_of(const Row<T>& labels) {
   if constexpr (kVectorized<T>) {
-    if (labels.stride == 1) return contiguous_sum(labels.data, labels.count);
+    if (labels.stride == 1) return static_cast<float>(contiguous_sum(labels.data, labels.count));
   }
   using A = Acc<T>;
   A block[kBlock];
-  A sum = 0;
+  double sum = 0;
   for (int64_t start = 0; start < labels.count; start += kBlock) {
     const int64_t len = std::min(kBlock, labels.count - start);
     A unused_max;
     sum += sum_of(block_values(labels, start, len, block, &unused_max), len);
   }
-  return sum;
+  return static_cast<A>(sum);
 }
 
 // Gradients bigger than this (bytes) bypass the caches on their way to memory.
@@ -364,6 +448,22 @@ template <typename T>
 bool use_streaming_stores(const Layout& layout) {
   return kVectorized<T> && v::kHaveStreamingStores &&
          layout.rows() * layout.classes * static_cast<int64_t>(sizeof(T)) >= kStreamingBytes;
+}
+
+// row_math's gradient_from on vectors: a p - target with p = exp(d), the lanes
+// where p > 1/2 (one per row at most, so rarely any) redone the scalar way.
+// Out of line: the hot loops stay free of the scalar calls (and their spills).
+[[gnu::noinline, gnu::cold]] v::vfloat redo_dominant_lanes(v::vfloat g, v::vfloat a, v::vfloat target, v::vfloat d,
+                                                          v::vfloat p) {
+  for (int i = 0; i < v::kLanes; ++i)
+    if (p[i] > 0.5f) g[i] = gradient_from(a[i], target[i], d[i], p[i]);
+  return g;
+}
+
+FX_ALWAYS_INLINE v::vfloat gradient_lanes(v::vfloat a, v::vfloat target, v::vfloat d) {
+  const v::vfloat p = v::exp_bounded(d);
+  const v::vfloat g = a * p - target;
+  return v::any_lane(p > 0.5f) ? redo_dominant_lanes(g, a, target, d, p) : g;
 }
 
 // dz = a * exp(z - lse) - b * t - u on vectors, for contiguous rows; t is read
@@ -380,19 +480,33 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
   auto narrow = [](float x) { return kPaired<T> && x != x ? quiet_nan<float>() : x; };
   const v::vfloat hi = v::splat(narrow(lse.hi)), lo = v::splat(narrow(lse.lo)), a_v = v::splat(narrow(a)),
                  b_v = v::splat(narrow(b)), u_v = v::splat(narrow(u));
+  // Sparse labels: only the target's own term can cancel (a p_y - b - u with p_y
+  // near 1), so only it is checked, once per row; it is written by row_math's
+  // formula where its logit is near the lse.
+  const float target_logit = target >= 0 ? load_acc(logits[target]) : 0.0f;
+  const bool target_by_formula = target >= 0 && (target_logit - lse.hi) - lse.lo > -0.75f;
+  const float target_value = target_by_formula ? gradient_at(a, b + u, (target_logit - lse.hi) - lse.lo) : 0.0f;
   auto targets = [&](int64_t j, int64_t n) {  // t for elements [j, j + n), n <= kLanes
     if (labels) return n == v::kLanes ? v::load(labels + j) : v::load_partial(labels + j, n, 0.0f);
     v::vfloat t = v::splat(0.0f);
     if (static_cast<uint64_t>(target - j) < static_cast<uint64_t>(n)) t[target - j] = 1.0f;
     return t;
   };
-  auto gradient = [&](v::vfloat z, v::vfloat t) { return a_v * v::exp_bounded((z - hi) - lo) - b_v * t - u_v; };
+  auto gradient = [&](v::vfloat z, v::vfloat t) {
+    const v::vfloat d = (z - hi) - lo;
+    return labels ? gradient_lanes(a_v, b_v * t + u_v, d) : a_v * v::exp_bounded(d) - (b_v * t + u_v);
+  };
+  // The target's lane, when elements [j, j + n) hold it and it is written by formula.
+  auto set_target = [&](v::vfloat g, int64_t j, int64_t n) {
+    if (target_by_formula && static_cast<uint64_t>(target - j) < static_cast<uint64_t>(n)) g[target - j] = target_value;
+    return g;
+  };
   // Up to one vector from j, with plain stores.
   auto write_vector = [&](int64_t j, int64_t n) {
     if (n == v::kLanes) {
-      v::store(out + j, gradient(v::load(logits + j), targets(j, n)));
+      v::store(out + j, set_target(gradient(v::load(logits + j), targets(j, n)), j, n));
     } else {
-      v::store_partial(out + j, n, gradient(v::load_partial(logits + j, n, 0.0f), targets(j, n)));
+      v::store_partial(out + j, n, set_target(gradient(v::load_partial(logits + j, n, 0.0f), targets(j, n)), j, n));
     }
   };
   // kStep elements from j.
@@ -400,25 +514,28 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
     if constexpr (kPaired<T>) {
       v::vfloat z0, z1, t0 = v::splat(0.0f), t1 = v::splat(0.0f);
       v::load_pair(logits + j, &z0, &z1);
+      int slot = -1;  // the target's lane in (z0, z1), or -1
       if (labels) {
         v::load_pair(labels + j, &t0, &t1);
       } else if (static_cast<uint64_t>(target - j) < static_cast<uint64_t>(kStep)) {
-        const int slot = v::pair_slot(static_cast<int>(target - j));
+        slot = v::pair_slot(static_cast<int>(target - j));
         if (slot < v::kLanes) {
           t0[slot] = 1.0f;
         } else {
           t1[slot - v::kLanes] = 1.0f;
         }
       }
+      v::vfloat g0 = gradient(z0, t0), g1 = gradient(z1, t1);
+      if (target_by_formula && slot >= 0) (slot < v::kLanes ? g0[slot] : g1[slot - v::kLanes]) = target_value;
       if (streaming) {
-        v::store_pair<true>(out + j, gradient(z0, t0), gradient(z1, t1));
+        v::store_pair<true>(out + j, g0, g1);
       } else {
-        v::store_pair<false>(out + j, gradient(z0, t0), gradient(z1, t1));
+        v::store_pair<false>(out + j, g0, g1);
       }
     } else if (streaming) {
-      v::store_stream(out + j, gradient(v::load(logits + j), targets(j, v::kLanes)));
+      v::store_stream(out + j, set_target(gradient(v::load(logits + j), targets(j, v::kLanes)), j, v::kLanes));
     } else {
-      v::store(out + j, gradient(v::load(logits + j), targets(j, v::kLanes)));
+      v::store(out + j, set_target(gradient(v::load(logits + j), targets(j, v::kLanes)), j, v::kLanes));
     }
   };
   int64_t j = begin;
@@ -460,10 +577,8 @@ void write_softmax_gradient(const T* logits, T* out, int64_t stride, int64_t beg
   if constexpr (kVectorized<T>) {
     if (stride == 1) return write_softmax_gradient_vectorized(logits, out, begin, end, lse, c, stream);
   }
-  for (int64_t j = begin; j < end; ++j) {
-    const Acc<T> p = softmax_at(load_acc(logits[j * stride]), lse);
-    out[j * stride] = store_as<T>(c.softmax_scale * p - c.uniform);
-  }
+  for (int64_t j = begin; j < end; ++j)
+    out[j * stride] = store_as<T>(gradient_at(c.softmax_scale, c.uniform, log_softmax_at(load_acc(logits[j * stride]), lse)));
 }
 
 template <typename T>
@@ -567,10 +682,10 @@ void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin
         continue;
       }
     }
-    const A p_label = softmax_at(load_acc(logits[y * stride]), split);
+    const A d_label = log_softmax_at(load_acc(logits[y * stride]), split);
     write_softmax_gradient(logits, out, stride, 0, y, split, c, stream);
     write_softmax_gradient(logits, out, stride, y + 1, classes, split, c, stream);
-    out[y * stride] = store_as<T>(c.softmax_scale * p_label - c.uniform - c.target_scale);
+    out[y * stride] = store_as<T>(gradient_at(c.softmax_scale, c.target_scale + c.uniform, d_label));
   }
   if (stream) v::stream_fence();
 }
@@ -629,8 +744,8 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
       }
     }
     for (int64_t j = 0; j < layout.classes; ++j) {
-      const A p = softmax_at(load_acc(logits[j * stride]), split);
-      out[j * stride] = store_as<T>(c.softmax_scale * p - c.target_scale * labels[j] - c.uniform);
+      const A d = log_softmax_at(load_acc(logits[j * stride]), split);
+      out[j * stride] = store_as<T>(gradient_at(c.softmax_scale, c.target_scale * labels[j] + c.uniform, d));
     }
   }
   if (stream) v::stream_fence();

@@ -29,9 +29,13 @@ namespace {  // see half_types.h: one copy per instruction-set build
 #if defined(__CUDA_ARCH__)
 template <typename A> FX_HOST_DEVICE A fx_exp(A x) { return exp(x); }
 template <typename A> FX_HOST_DEVICE A fx_log(A x) { return log(x); }
+template <typename A> FX_HOST_DEVICE A fx_log1p(A x) { return log1p(x); }
+template <typename A> FX_HOST_DEVICE A fx_expm1(A x) { return expm1(x); }
 #else
 template <typename A> FX_HOST_DEVICE A fx_exp(A x) { return std::exp(x); }
 template <typename A> FX_HOST_DEVICE A fx_log(A x) { return std::log(x); }
+template <typename A> FX_HOST_DEVICE A fx_log1p(A x) { return std::log1p(x); }
+template <typename A> FX_HOST_DEVICE A fx_expm1(A x) { return std::expm1(x); }
 #endif
 
 template <typename A> FX_HOST_DEVICE A negative_infinity() {
@@ -41,21 +45,26 @@ template <typename A> FX_HOST_DEVICE A quiet_nan() { return std::numeric_limits<
 
 // Sums over a row (or a slice of it) kept relative to the slice's max m, so
 // that every term is >= 0 and nothing cancels even for logits of +-1e4:
-//   sum_exp   = sum_j exp(z_j - m)
+//   ties      = how many z_j equal m            (their exp(z_j - m) are exactly 1)
+//   rest      = sum_j exp(z_j - m), z_j < m     (sum_exp = ties + rest)
 //   gap       = sum_j (m - z_j) / C         (for label smoothing's mean(z))
 //   count     = n / C                       (elements seen, over C)
 //   label_sum = sum_j t_j                   (dense labels only)
 //   label_gap = sum_j t_j (m - z_j), t_j != 0 (dense labels only)
-// Slices merge in a fixed order; a NaN anywhere makes the whole row NaN.
+// Keeping the max's own 1 apart from the rest lets a confidently right row,
+// whose loss log(1 + rest) is tiny, keep its relative accuracy (log1p).
+// A path that cannot tell the max's term apart leaves ties = 0 and the whole
+// sum in rest. Slices merge in a fixed order; a NaN anywhere makes the row NaN.
 }  // namespace
 
 template <typename A>
 struct RowSums {
   A max = negative_infinity<A>();
-  A sum_exp = 0;
+  A ties = 0;
+  A rest = 0;
   A gap = 0;
   A count = 0;
-  A label_sum = 0;
+  double label_sum = 0;  // in double: summed over up to 1e5+ classes, it scales every p_j
   A label_gap = 0;
 };
 
@@ -68,15 +77,16 @@ template <typename A> FX_HOST_DEVICE A nan_sticky_max(A running, A x) {
 
 // Adds `weight * shift` to `sum` unless the weight is 0, so an empty (or
 // all -inf) prefix shifted by +inf stays finite instead of turning NaN.
-template <typename A> FX_HOST_DEVICE A add_shifted(A sum, A weight, A shift) {
-  return weight != 0 ? sum + weight * shift : sum;
+template <typename A, typename W> FX_HOST_DEVICE A add_shifted(A sum, W weight, A shift) {
+  return weight != 0 ? sum + static_cast<A>(weight) * shift : sum;
 }
 
 template <typename A>
 FX_HOST_DEVICE void merge_sums(RowSums<A>& run, const RowSums<A>& block) {
   if (block.max > run.max) {
     const A shift = block.max - run.max;  // +inf while run has seen only -inf
-    run.sum_exp = run.sum_exp * fx_exp(-shift) + block.sum_exp;
+    run.rest = (run.rest + run.ties) * fx_exp(-shift) + block.rest;
+    run.ties = block.ties;
     run.gap = add_shifted(run.gap, run.count, shift) + block.gap;
     run.label_gap = add_shifted(run.label_gap, run.label_sum, shift) + block.label_gap;
     run.max = block.max;
@@ -86,7 +96,12 @@ FX_HOST_DEVICE void merge_sums(RowSums<A>& run, const RowSums<A>& block) {
     run.label_gap += block.label_gap;
   } else {
     const A shift = run.max - block.max;  // NaN if either max is NaN: it spreads to every sum
-    run.sum_exp += block.sum_exp * fx_exp(-shift);
+    if (shift == 0) {
+      run.ties += block.ties;
+      run.rest += block.rest;
+    } else {
+      run.rest += (block.rest + block.ties) * fx_exp(-shift);
+    }
     run.gap = add_shifted(run.gap + block.gap, block.count, shift);
     run.label_gap = add_shifted(run.label_gap + block.label_gap, block.label_sum, shift);
     if (shift != shift) run.max = shift;
@@ -97,7 +112,11 @@ FX_HOST_DEVICE void merge_sums(RowSums<A>& run, const RowSums<A>& block) {
 
 // log(sum_exp): with max, it gives lse = max + log_sum in double, which keeps
 // the backward's exp(z - lse) exact to float precision even when |lse| is large.
-template <typename A> FX_HOST_DEVICE A log_sum(const RowSums<A>& sums) { return fx_log(sums.sum_exp); }
+// With the max's term apart, log1p keeps a small log_sum's relative accuracy.
+template <typename A> FX_HOST_DEVICE A log_sum_of(A ties, A rest) {
+  return ties >= 1 ? fx_log1p((ties - 1) + rest) : fx_log(rest);
+}
+template <typename A> FX_HOST_DEVICE A log_sum(const RowSums<A>& sums) { return log_sum_of(sums.ties, sums.rest); }
 
 FX_HOST_DEVICE double lse_of(double max, double log_sum) {
   return max == negative_infinity<double>() ? max : max + log_sum;
@@ -115,7 +134,8 @@ template <typename A> FX_HOST_DEVICE SplitLse<A> split_lse(double lse) {
   const double rest = lse - static_cast<double>(hi);
   return SplitLse<A>{hi, rest == rest ? static_cast<A>(rest) : A(0)};  // inf - inf: no low part
 }
-template <typename A> FX_HOST_DEVICE A softmax_at(A z, const SplitLse<A>& lse) { return fx_exp((z - lse.hi) - lse.lo); }
+template <typename A> FX_HOST_DEVICE A log_softmax_at(A z, const SplitLse<A>& lse) { return (z - lse.hi) - lse.lo; }
+template <typename A> FX_HOST_DEVICE A softmax_at(A z, const SplitLse<A>& lse) { return fx_exp(log_softmax_at(z, lse)); }
 
 template <typename Label>
 FX_HOST_DEVICE LabelKind classify_label(Label label, int64_t classes, const Options& options) {
@@ -162,7 +182,7 @@ FX_HOST_DEVICE A dense_target_sum(A label_sum, const Options& options) {
 
 template <typename A>
 FX_HOST_DEVICE A dense_row_loss(const RowSums<A>& sums, A log_sum, double lse, const Options& options) {
-  const A target_sum = dense_target_sum(sums.label_sum, options);
+  const A target_sum = dense_target_sum(static_cast<A>(sums.label_sum), options);
   return cross_entropy(log_sum, target_sum, sums.label_gap, sums.gap, options) + z_loss_term<A>(lse, options);
 }
 
@@ -189,6 +209,15 @@ FX_HOST_DEVICE BackwardCoefficients<A> backward_coefficients(A grad, A weight, d
   c.uniform = scale * eps / static_cast<A>(classes);
   return c;
 }
+
+// One element of the backward, dz_j = a p_j - target with p_j = exp(d) and
+// target = b t_j + u. Where p_j > 1/2 (one class at most) the two terms nearly
+// cancel in a confidently right row; there a p_j - a = a expm1(d) keeps the
+// small gradient's relative accuracy.
+template <typename A> FX_HOST_DEVICE A gradient_from(A a, A target, A d, A p) {
+  return p > A(0.5) ? a * fx_expm1(d) + (a - target) : a * p - target;
+}
+template <typename A> FX_HOST_DEVICE A gradient_at(A a, A target, A d) { return gradient_from(a, target, d, fx_exp(d)); }
 
 }  // namespace
 }  // namespace fused_xent

@@ -336,6 +336,29 @@ FX_ALWAYS_INLINE vfloat log_positive(vfloat x) {
   return select(x != x, x, result);
 }
 
+// log(1 + x) for x >= 0 (a row's exponentials beyond its max's own 1): the log
+// of y = 1 + x, corrected by the part of x that rounding y lost, so a tiny x
+// keeps its relative accuracy. NaN stays NaN.
+FX_ALWAYS_INLINE vfloat log1p_positive(vfloat x) {
+  const vfloat y = 1.0f + x;
+  return log_positive(y) + (x - (y - 1.0f)) / y;
+}
+
+FX_ALWAYS_INLINE bool any_lane(vint mask) {
+#if FX_LANES == 16 && defined(__AVX512F__)
+  const __m512i m = reinterpret_cast<__m512i>(mask);
+  return _mm512_test_epi32_mask(m, m) != 0;
+#elif FX_LANES == 8 && defined(__AVX__)
+  return _mm256_movemask_ps(reinterpret_cast<__m256>(mask)) != 0;
+#elif FX_LANES == 4 && defined(__SSE2__)
+  return _mm_movemask_ps(reinterpret_cast<__m128>(mask)) != 0;
+#else
+  int32_t any = 0;
+  for (int i = 0; i < kLanes; ++i) any |= mask[i];
+  return any != 0;
+#endif
+}
+
 // Lane-wise max that keeps NaN once seen.
 FX_ALWAYS_INLINE vfloat nan_sticky_max(vfloat running, vfloat x) {
   return select((x > running) | (x != x), x, running);

@@ -298,7 +298,8 @@ __device__ __forceinline__ RowSums<A> shuffle_down(const RowSums<A>& s, int offs
   constexpr unsigned kAll = 0xffffffffu;
   RowSums<A> o;
   o.max = __shfl_down_sync(kAll, s.max, offset);
-  o.sum_exp = __shfl_down_sync(kAll, s.sum_exp, offset);
+  o.ties = __shfl_down_sync(kAll, s.ties, offset);
+  o.rest = __shfl_down_sync(kAll, s.rest, offset);
   if (mean) {
     o.gap = __shfl_down_sync(kAll, s.gap, offset);
     o.count = __shfl_down_sync(kAll, s.count, offset);
@@ -360,7 +361,7 @@ __device__ __forceinline__ A tree_reduce(A (&v)[N], Op op) {
 struct Add {
   template <typename A> __device__ __forceinline__ A operator()(A a, A b) const { return a + b; }
 };
-struct Max {  // ignores NaN: a NaN still reaches the row through sum_exp
+struct Max {  // ignores NaN: a NaN still reaches the row through rest
   __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
   __device__ __forceinline__ double operator()(double a, double b) const { return fmax(a, b); }
 };
@@ -406,10 +407,16 @@ struct SumsVisitor {
       b.label_sum = tree_reduce(v, Add());
       b.label_gap = tree_reduce(w, Add());
     }
-    if (!all_negative_infinity) {
+    if (!all_negative_infinity) {  // the max's terms counted apart, as RowSums wants
+      A ties[N];
 #pragma unroll
-      for (int e = 0; e < N; ++e) v[e] = e < n ? element_exp(z[e] - m) : A(0);
-      b.sum_exp = tree_reduce(v, Add());
+      for (int e = 0; e < N; ++e) {
+        const A d = e < n ? z[e] - m : -kInf;
+        ties[e] = d == 0 ? A(1) : A(0);
+        v[e] = d == 0 ? A(0) : element_exp(d);
+      }
+      b.ties = tree_reduce(ties, Add());
+      b.rest = tree_reduce(v, Add());
     }
     merge_sums(sums, b);
   }
@@ -438,8 +445,8 @@ struct FillVisitor {
 };
 
 // dz_j = a * p_j - b * [j == label] - u for sparse labels, or a * p_j - b * t_j - u
-// for dense ones, with p_j = exp((z_j - hi) - lo) as in row_math's softmax_at
-// (the low part folded into the exponent's scaling for float).
+// for dense ones, by row_math's gradient_from, with p_j = exp((z_j - hi) - lo) as
+// in row_math's softmax_at (the low part folded into the exponent's scaling for float).
 template <typename A, bool kDense>
 struct GradientVisitor {
   BackwardCoefficients<A> c;
@@ -453,22 +460,27 @@ struct GradientVisitor {
 
   template <int N, int W>
   __device__ __forceinline__ void operator()(A (&z)[N], const A (&t)[N], int, int64_t j0, int64_t step) {
+    A target[N];
+#pragma unroll
+    for (int e = 0; e < N; ++e) target[e] = kDense ? c.target_scale * t[e] + c.uniform : c.uniform;
+    if (!kDense) {
+      // The target column, if in this batch: one test per group of W adjacent elements.
+      const int64_t label_offset = label - j0;
+#pragma unroll
+      for (int u = 0; u < N / W; ++u) {
+        const int64_t offset = label_offset - u * step;
+        if (offset >= 0 && offset < W) {
+#pragma unroll
+          for (int e = 0; e < W; ++e)
+            if (e == offset) target[u * W + e] += c.target_scale;
+        }
+      }
+    }
 #pragma unroll
     for (int e = 0; e < N; ++e) {
       const A p = softmax(z[e]);
-      z[e] = kDense ? c.softmax_scale * p - c.target_scale * t[e] - c.uniform : c.softmax_scale * p - c.uniform;
-    }
-    if (kDense) return;
-    // The target column, if in this batch: one test per group of W adjacent elements.
-    const int64_t target = label - j0;
-#pragma unroll
-    for (int u = 0; u < N / W; ++u) {
-      const int64_t offset = target - u * step;
-      if (offset >= 0 && offset < W) {
-#pragma unroll
-        for (int e = 0; e < W; ++e)
-          if (e == offset) z[u * W + e] -= c.target_scale;
-      }
+      z[e] = p > A(0.5) ? gradient_from(c.softmax_scale, target[e], log_softmax_at(z[e], lse), p)
+                        : c.softmax_scale * p - target[e];
     }
   }
 };

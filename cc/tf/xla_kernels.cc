@@ -120,7 +120,7 @@ PrimitiveType AccumulationType(PrimitiveType t) { return t == xla::F64 ? xla::F6
 struct LogSumExp {
   XlaOp z;        // logits in the accumulation type
   XlaOp shift;    // row max; 0 for an all -inf row, so z - shift stays -inf, not NaN
-  XlaOp log_sum;  // log sum_j exp(z_j - shift)
+  XlaOp log_sum;  // log sum_j exp(z_j - shift), as row_math's log_sum_of
   XlaOp lse;      // shift + log_sum, in float64
 };
 
@@ -129,7 +129,13 @@ LogSumExp ComputeLogSumExp(const Rows& rows, XlaOp logits) {
   s.z = rows.ToAcc(logits);
   const XlaOp max = rows.Max(s.z);
   s.shift = xla::Select(xla::Eq(max, xla::MinValue(rows.builder(), rows.acc())), xla::ZerosLike(max), max);
-  s.log_sum = xla::Log(rows.Sum(xla::Exp(xla::Sub(s.z, rows.Expand(s.shift)))));
+  // The max's own terms (exactly 1) are counted apart, so log1p keeps a small log_sum accurate.
+  const XlaOp d = xla::Sub(s.z, rows.Expand(s.shift));
+  const XlaOp tie = xla::Eq(d, xla::ZerosLike(d));
+  const XlaOp ties = rows.Sum(xla::Select(tie, xla::Broadcast(rows.Const(1), rows.dims()), xla::ZerosLike(d)));
+  const XlaOp rest = rows.Sum(xla::Select(tie, xla::ZerosLike(d), xla::Exp(d)));
+  const XlaOp one = rows.Const(1);
+  s.log_sum = xla::Select(xla::Ge(ties, one), xla::Log1p(xla::Add(xla::Sub(ties, one), rest)), xla::Log(rest));
   s.lse = xla::Add(xla::ConvertElementType(s.shift, xla::F64), xla::ConvertElementType(s.log_sum, xla::F64));
   return s;
 }
@@ -155,14 +161,23 @@ XlaOp ZLossTerm(const Rows& rows, XlaOp lse, const Options& o) {
   return rows.ToAcc(xla::Mul(lambda, xla::Mul(lse, lse)));
 }
 
-// p_j = exp((z_j - hi) - lo) with hi + lo = lse: z_j - hi is exact near the
+// log p_j = (z_j - hi) - lo with hi + lo = lse: z_j - hi is exact near the
 // max, so p keeps full precision when |lse| is large (float32 accumulation).
-XlaOp Softmax(const Rows& rows, XlaOp z, XlaOp lse) {
+XlaOp LogSoftmax(const Rows& rows, XlaOp z, XlaOp lse) {
   const XlaOp hi = rows.ToAcc(lse);
-  if (rows.acc() == xla::F64) return xla::Exp(xla::Sub(z, rows.Expand(hi)));
+  if (rows.acc() == xla::F64) return xla::Sub(z, rows.Expand(hi));
   XlaOp lo = rows.ToAcc(xla::Sub(lse, xla::ConvertElementType(hi, xla::F64)));
   lo = xla::Select(xla::Ne(lo, lo), xla::ZerosLike(lo), lo);  // inf - inf: no low part
-  return xla::Exp(xla::Sub(xla::Sub(z, rows.Expand(hi)), rows.Expand(lo)));
+  return xla::Sub(xla::Sub(z, rows.Expand(hi)), rows.Expand(lo));
+}
+
+// row_math's gradient_from: a p - target, or a expm1(log p) + (a - target) where p > 1/2.
+XlaOp Gradient(const Rows& rows, XlaOp softmax_scale, XlaOp target, XlaOp log_p) {
+  const XlaOp a = rows.Expand(softmax_scale);
+  const XlaOp p = xla::Exp(log_p);
+  const XlaOp dominant = xla::Gt(p, rows.Const(0.5));
+  return xla::Select(dominant, xla::Add(xla::Mul(a, xla::Expm1(log_p)), xla::Sub(a, target)),
+                     xla::Sub(xla::Mul(a, p), target));
 }
 
 // dz_j = softmax_scale * p_j - target_scale * t_j - uniform, per row.
@@ -186,11 +201,6 @@ Coefficients BackwardCoefficients(const Rows& rows, XlaOp scale, XlaOp lse, XlaO
   c.target_scale = xla::Mul(scale, rows.Const(1.0 - eps));
   c.uniform = xla::Div(xla::Mul(scale, rows.Const(eps)), rows.Const(static_cast<double>(rows.classes())));
   return c;
-}
-
-// softmax_scale * p - uniform: the gradient before the target term.
-XlaOp SoftmaxPart(const Rows& rows, XlaOp p, const Coefficients& c) {
-  return xla::Sub(xla::Mul(rows.Expand(c.softmax_scale), p), rows.Expand(c.uniform));
 }
 
 // Sets every element of the rows where `row_pred` holds to `value`.
@@ -481,9 +491,9 @@ class SparseBackwardXla : public SparseXlaKernel {
     scale = xla::Select(labels.ignored, xla::ZerosLike(scale), scale);  // as the CPU: grad and weight 0
     const Coefficients c =
         BackwardCoefficients(rows, scale, lse, rows.Const(1), has_grad_lse ? &grad_lse : nullptr, options_);
-    const XlaOp p = Softmax(rows, rows.ToAcc(ctx->Input(0)), lse);
-    const XlaOp base = SoftmaxPart(rows, p, c);
-    XlaOp dz = xla::Select(labels.onehot, xla::Sub(base, rows.Expand(c.target_scale)), base);
+    const XlaOp uniform = rows.Expand(c.uniform);
+    const XlaOp target = xla::Select(labels.onehot, xla::Add(uniform, rows.Expand(c.target_scale)), uniform);
+    XlaOp dz = Gradient(rows, c.softmax_scale, target, LogSoftmax(rows, rows.ToAcc(ctx->Input(0)), lse));
     // Ignored rows keep only the lse gradient: exactly 0 without one.
     XlaOp zero_rows = labels.ignored;
     if (has_grad_lse) zero_rows = xla::And(zero_rows, xla::Eq(grad_lse, xla::ZerosLike(grad_lse)));
@@ -568,10 +578,8 @@ class DenseBackwardXla : public DenseXlaKernel {
     const Coefficients c = BackwardCoefficients(rows, rows.ToAcc(ctx->Input(3)), lse,
                                                 DenseTargetSum(rows, d.label_sum, options_),
                                                 HasGradLse(ctx, 4) ? &grad_lse : nullptr, options_);
-    const XlaOp p = Softmax(rows, rows.ToAcc(ctx->Input(0)), lse);
-    const XlaOp dz = xla::Sub(xla::Sub(xla::Mul(rows.Expand(c.softmax_scale), p),
-                                       xla::Mul(rows.Expand(c.target_scale), d.t)),
-                              rows.Expand(c.uniform));
+    const XlaOp target = xla::Add(xla::Mul(rows.Expand(c.target_scale), d.t), rows.Expand(c.uniform));
+    const XlaOp dz = Gradient(rows, c.softmax_scale, target, LogSoftmax(rows, rows.ToAcc(ctx->Input(0)), lse));
     ctx->SetOutput(0, xla::ConvertElementType(dz, ctx->input_xla_type(0)));
   }
 };

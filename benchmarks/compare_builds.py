@@ -1,0 +1,88 @@
+"""Two builds of the CPU kernels side by side: loads two `_core` extension modules (the
+pybind11 module, no TensorFlow) into one process and times their forward + backward on the
+same arrays, interleaved, so that a kernel change is measured against its baseline in one run.
+
+    python benchmarks/compare_builds.py --baseline old/_core.cpython-311-x86_64-linux-gnu.so \
+        --candidate build/dev/_core.cpython-311-x86_64-linux-gnu.so --reps 21
+
+Cases include "confident" rows (the label's logit 25 above the others: p_label ~ 1), which
+take the forward's exact re-summation when the max was found mid-row.
+"""
+
+import argparse
+import importlib.machinery
+import importlib.util
+import time
+
+import numpy as np
+
+CASES = [  # (rows, classes, dense labels, confident rows)
+    (65536, 10, False, False),
+    (65536, 10, False, True),
+    (8192, 1000, False, False),
+    (8192, 1000, False, True),
+    (1024, 32000, False, False),
+    (1024, 32000, False, True),
+    (1024, 32000, True, False),
+    (128, 128256, False, True),
+]
+
+
+def load_core(path, name):
+    """The extension at `path` as module `name` (its init function is PyInit__core either way)."""
+    loader = importlib.machinery.ExtensionFileLoader(f"{name}._core", path)
+    spec = importlib.util.spec_from_file_location(f"{name}._core", path, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def make_case(rows, classes, dense, confident, rng):
+    z = (rng.normal(size=(rows, classes)) * 3).astype(np.float32)
+    y = rng.integers(0, classes, size=rows)
+    if confident:
+        z[np.arange(rows), y] += 25
+    t = None
+    if dense:
+        t = np.zeros((rows, classes), np.float32)
+        t[np.arange(rows), y] = 1
+    return z, y.astype(np.int64), t
+
+
+def run(core, z, y, t):
+    rows, classes = z.shape
+    loss = np.empty(rows, np.float32)
+    lse = np.empty(rows, np.float64)
+    grad_loss = np.ones(rows, np.float32)
+    grad = np.empty_like(z)
+    if t is None:
+        core.sparse("float32", z, y, rows, classes, 1, 0.0, 0.0, None, None, loss, lse, grad_loss, grad)
+    else:
+        core.dense("float32", z, t, rows, classes, 1, 0.0, 0.0, loss, lse, grad_loss, grad)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", required=True)
+    parser.add_argument("--candidate", required=True)
+    parser.add_argument("--reps", type=int, default=21)
+    args = parser.parse_args()
+    cores = {"baseline": load_core(args.baseline, "baseline"), "candidate": load_core(args.candidate, "candidate")}
+    rng = np.random.default_rng(0)
+    print("| case | baseline ms | candidate ms | candidate / baseline |")
+    print("| --- | --- | --- | --- |")
+    for rows, classes, dense, confident in CASES:
+        z, y, t = make_case(rows, classes, dense, confident, rng)
+        times = {name: [] for name in cores}
+        for _ in range(args.reps):
+            for name, core in cores.items():
+                start = time.perf_counter()
+                run(core, z, y, t)
+                times[name].append(time.perf_counter() - start)
+        base, cand = (np.median(times[k]) * 1e3 for k in ("baseline", "candidate"))
+        label = f"{'dense' if dense else 'sparse'} {rows}×{classes}{', confident' if confident else ''}"
+        print(f"| {label} | {base:.2f} | {cand:.2f} | {cand / base:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
