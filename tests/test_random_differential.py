@@ -7,8 +7,8 @@ per-element tolerances. NaN and +-inf must be where the reference puts them.
 Every case is built from numpy.random.default_rng([SEED, index]) alone, so a failure names
 its seed and index and prints the case; rerun one with
     FUSED_XENT_DIFF_SEED=<seed> pytest tests/test_random_differential.py -k "case_<index>-"
-Rows that hit a known limit ((f) below) are left out of the comparison and counted; the test
-prints how many and why.
+Every row is held to the sharp check, including rows with a huge max (|m| > 1e16, where
+lse = m + log_sum rounds to m and used to give each tied max p = 1).
 """
 
 import os
@@ -29,11 +29,6 @@ SEED = int(os.environ.get("FUSED_XENT_DIFF_SEED", "1414"))
 CASES = int(os.environ.get("FUSED_XENT_DIFF_CASES", "150"))
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
 HUGE = {"float16": 6e4, "bfloat16": 3e38, "float32": 3e38, "float64": 1e300}
-
-KNOWN = {
-    "f": "row whose max logit is so large (|m| >~ 1e16) that lse = m + log_sum rounds to m: each tied max gets p = 1",
-}
-
 
 def _np_dtype(name):
     return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
@@ -121,21 +116,6 @@ def _rows_first(values, case):
     return np.moveaxis(np.asarray(values), case["axis"], -1)
 
 
-def known_issues(case, z64, t64, ref_loss):
-    """Per row (labels' shape), the letter of a known issue that may spoil it, or ''."""
-    zr = _rows_first(z64, case)
-    rows = zr.shape[:-1]
-    found = np.full(rows, "", dtype="<U1")
-    if zr.size == 0:
-        return found
-    # (a), (b), (c) and (d) are fixed (tests/test_confident_rows.py, tests/test_infinite_logits.py,
-    # tests/test_ops.py): their rows are held to the sharp check.
-    with np.errstate(invalid="ignore", over="ignore"):
-        m, log_sum = reference._max_and_log_sum(np.where(np.isnan(zr), 0.0, zr))
-        found[(m + log_sum == m) & (log_sum > 0) & (found == "")] = "f"
-    return found
-
-
 def _run_tf(case, logits, labels, grad_loss):
     options = dict(case["options"])
     x = tf.constant(logits)
@@ -165,8 +145,6 @@ def _run_numpy(case, logits, labels, grad_loss):
 def _to64(values):
     return np.asarray(tf.cast(values, tf.float64)) if isinstance(values, tf.Tensor) else np.asarray(values, np.float64)
 
-
-SKIPPED = {letter: 0 for letter in KNOWN}
 
 def lse_rounding_terms(case, z64, ref_grad, terms):
     """float64 logits: the backward gets lse as one float64, so each p_j = exp(z_j - lse) carries
@@ -210,22 +188,13 @@ def test_random_case_matches_reference(index):
         terms = lse_rounding_terms(case, z64, ref_grad, terms)
         label_terms = label_gradient_terms(z64, grad_loss=g64, label_smoothing=eps, axis=axis)
 
-    issues = known_issues(case, z64, t64, ref_loss)
-    clean_rows = issues == ""
-    clean = np.expand_dims(clean_rows, axis % z64.ndim)
-    for letter in KNOWN:
-        SKIPPED[letter] += int((issues == letter).sum())
-
     def compare(what, actual, expected, per_row, element_terms=None):
         actual, expected = _to64(actual), np.asarray(expected, np.float64)
-        mask = clean_rows if per_row else np.broadcast_to(clean, expected.shape)
         try:
             if per_row:
-                assert_rows_close(actual[mask], expected[mask], dtype, axis=None, what=what)
+                assert_rows_close(actual, expected, dtype, axis=None, what=what)
             else:
-                kept = np.where(mask, expected, 0.0)  # rows of a known issue: 0 against 0
-                assert_rows_close(np.where(mask, actual, 0.0), kept, dtype, axis=axis, what=what,
-                                  terms=None if element_terms is None else np.where(mask, element_terms, 0.0))
+                assert_rows_close(actual, expected, dtype, axis=axis, what=what, terms=element_terms)
         except AssertionError as error:
             raise type(error)(f"{error}\n{describe(case)}") from None
 
@@ -268,12 +237,3 @@ def test_describe_replays_the_case():
     np.testing.assert_array_equal(a["labels"], b["labels"])
     text = describe(a)
     assert f"seed={SEED} index=7" in text and "replay:" in text
-
-
-def test_known_issue_rows_are_few_and_reported():
-    """Runs after the cases (file order): how many rows each known issue took out of the sharp check."""
-    counts = {letter: n for letter, n in SKIPPED.items() if n}
-    print("rows compared loosely or not at all, by known issue:",
-          {letter: (n, KNOWN[letter]) for letter, n in counts.items()})
-    if sum(SKIPPED.values()):
-        assert set(counts) <= set(KNOWN)

@@ -526,7 +526,13 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
         }
       }
       v::vfloat g0 = gradient(z0, t0), g1 = gradient(z1, t1);
-      if (target_by_formula && slot >= 0) (slot < v::kLanes ? g0[slot] : g1[slot - v::kLanes]) = target_value;
+      if (target_by_formula && slot >= 0) {
+        if (slot < v::kLanes) {
+          g0[slot] = target_value;
+        } else {
+          g1[slot - v::kLanes] = target_value;
+        }
+      }
       if (streaming) {
         v::store_pair<true>(out + j, g0, g1);
       } else {
@@ -585,6 +591,23 @@ template <typename T>
 void fill_row(T* out, int64_t count, int64_t stride, Acc<T> value) {
   const T v = store_as<T>(value);
   for (int64_t j = 0; j < count; ++j) out[j * stride] = v;
+}
+
+// Above this |lse|, lse's own float64 rounding (half an ulp, |lse| 2^-54) could
+// show in p_j = exp(z_j - lse) at A's precision (float: 2^-28, where float
+// logits are 32 apart; double: 2^-27, where p_j would be 1e-8 off; tied maxima
+// of 1e17 would each get p = 1). Such rows are summed again in the backward.
+template <typename A> constexpr double kRoundedLse = std::is_same<A, double>::value ? 0x1p26 : 0x1p28;
+
+// lse for the backward's p_j = exp((z_j - hi) - lo): the float64 lse split in
+// two, or for a row beyond kRoundedLse, its max and log_sum from a new sum.
+template <typename T>
+SplitLse<Acc<T>> backward_lse(const Row<T>& row, double lse) {
+  using A = Acc<T>;
+  if (!(std::fabs(lse) >= kRoundedLse<A> && std::fabs(lse) < std::numeric_limits<double>::infinity()))
+    return split_lse<A>(lse);
+  const RowSums<A> sums = scan_row(row, false);
+  return SplitLse<A>{sums.max, log_sum(sums)};
 }
 
 // Loss and lse of sparse row r from its sums.
@@ -662,7 +685,7 @@ void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin
       continue;
     }
     const double lse = args.lse[r];
-    const SplitLse<A> split = split_lse<A>(lse);
+    const SplitLse<A> split = backward_lse(row_of(args.logits, layout, r), lse);
     if (kind == LabelKind::kIgnored) {  // weight 0: only an lse gradient remains
       if (grad_lse == 0) {
         fill_row(out, classes, stride, A(0));
@@ -728,7 +751,7 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
     const T* logits = args.logits + offset;
     T* out = args.grad_logits + offset;
     const double lse = args.lse[r];
-    const SplitLse<A> split = split_lse<A>(lse);
+    const SplitLse<A> split = backward_lse(row_of(args.logits, layout, r), lse);
     const A target_sum = dense_target_sum(label_sum_of(labels), args.options);
     const double grad_lse = args.grad_lse ? args.grad_lse[r] : 0.0;
     const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), A(1), lse, target_sum, grad_lse,
