@@ -3,9 +3,19 @@
 TensorFlow functions mirroring ``tf.nn`` (``sparse_softmax_cross_entropy_with_logits``,
 ``softmax_cross_entropy_with_logits``), Keras losses in ``fused_xent.losses``, and
 the same kernels on NumPy arrays in ``fused_xent.numpy`` (which works without
-TensorFlow). Importing the package registers the ops and their gradients, so
-``import fused_xent`` is all that is needed before loading saved models.
+TensorFlow and never imports it).
+
+``import fused_xent`` does not import TensorFlow either: the TensorFlow
+functions and ``fused_xent.losses`` are imported on first use. The ops and
+their gradients are registered as soon as TensorFlow is imported (at once if it
+already is), and the Keras losses as soon as Keras with its TensorFlow backend
+is, so ``import fused_xent``, before or after TensorFlow, is all that is
+needed before loading saved models.
 """
+
+import importlib
+import sys
+import warnings
 
 from fused_xent import _core
 from fused_xent import numpy
@@ -18,38 +28,6 @@ def build_info():
     return dict(_core.build_info())
 
 
-try:
-    import tensorflow as _tf  # noqa: F401
-except ImportError:
-    _tf = None
-
-if _tf is not None and _core.build_info()["tensorflow_version"] is not None:
-    from fused_xent import _loader
-
-    _loader.load_op_library()  # raises ImportError naming both versions on a mismatch
-    from fused_xent._ops import softmax_cross_entropy_with_logits, sparse_softmax_cross_entropy_with_logits
-    from fused_xent._cache import cached_memory_info, release_cached_memory
-    from fused_xent import losses  # registers the Keras losses for model loading
-else:
-    def _tensorflow_missing(name):
-        def unavailable(*args, **kwargs):
-            if _tf is None:
-                raise ImportError(
-                    f"fused_xent.{name} needs TensorFlow, which is not installed; "
-                    "only fused_xent.numpy is available without it."
-                )
-            from fused_xent import _loader
-
-            _loader.load_op_library()  # raises the loader's explanation
-
-        unavailable.__name__ = name
-        return unavailable
-
-    sparse_softmax_cross_entropy_with_logits = _tensorflow_missing("sparse_softmax_cross_entropy_with_logits")
-    softmax_cross_entropy_with_logits = _tensorflow_missing("softmax_cross_entropy_with_logits")
-    cached_memory_info = _tensorflow_missing("cached_memory_info")
-    release_cached_memory = _tensorflow_missing("release_cached_memory")
-
 __all__ = [
     "build_info",
     "cached_memory_info",
@@ -58,3 +36,156 @@ __all__ = [
     "softmax_cross_entropy_with_logits",
     "sparse_softmax_cross_entropy_with_logits",
 ]
+
+# Attributes that need TensorFlow (PEP 562: imported on first access), and their modules.
+_TENSORFLOW_ATTRIBUTES = {
+    "sparse_softmax_cross_entropy_with_logits": "fused_xent._ops",
+    "softmax_cross_entropy_with_logits": "fused_xent._ops",
+    "cached_memory_info": "fused_xent._cache",
+    "release_cached_memory": "fused_xent._cache",
+    "losses": "fused_xent.losses",
+}
+_HAS_OP_LIBRARY = _core.build_info()["tensorflow_version"] is not None
+
+
+def __getattr__(name):
+    module = _TENSORFLOW_ATTRIBUTES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        import tensorflow  # noqa: F401  (the hook below registers the ops as it finishes)
+    except ImportError as error:
+        if name == "losses":
+            raise ImportError(_missing_tensorflow_message(name)) from error
+        return _unavailable(name, tensorflow_missing=True)
+    if not _HAS_OP_LIBRARY:
+        if name == "losses":
+            _register_ops()  # raises the loader's explanation
+        return _unavailable(name, tensorflow_missing=False)
+    _register_ops()  # raises the loader's ImportError (naming both versions on a mismatch) again
+    value = importlib.import_module(module)
+    if name != "losses":
+        value = getattr(value, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_TENSORFLOW_ATTRIBUTES))
+
+
+def _missing_tensorflow_message(name):
+    return (
+        f"fused_xent.{name} needs TensorFlow, which is not installed; "
+        "only fused_xent.numpy is available without it."
+    )
+
+
+def _unavailable(name, tensorflow_missing):
+    """A stand-in that explains, when called, why the TensorFlow function is missing."""
+
+    def unavailable(*args, **kwargs):
+        if tensorflow_missing:
+            raise ImportError(_missing_tensorflow_message(name))
+        _register_ops()  # raises the loader's explanation (a build without the op library)
+
+    unavailable.__name__ = name
+    return unavailable
+
+
+# ---------------------------------------------------------------- registration
+
+
+def _register_ops():
+    """What tf.saved_model.load of a model using the ops needs: the op library and the gradients."""
+    from fused_xent import _loader
+
+    _loader.load_op_library()  # raises ImportError naming both versions on a mismatch
+    importlib.import_module("fused_xent._ops")  # registers the gradients
+
+
+def _register_losses():
+    """What keras.models.load_model of a model compiled with our losses needs."""
+    import keras
+
+    # fused_xent.losses is TensorFlow code: with another backend, importing it only costs time.
+    if keras.backend.backend() == "tensorflow":
+        _register_ops()
+        importlib.import_module("fused_xent.losses")  # keras.saving.register_keras_serializable
+
+
+def _imported(name):
+    """Whether module `name` has finished executing (not merely started)."""
+    return sys.modules.get(name) is not None and (_hook is None or name not in _hook.pending)
+
+
+def _register():
+    # TensorFlow imports Keras (tensorflow/__init__.py loads keras.src.optimizers) and
+    # Keras's TensorFlow backend imports TensorFlow, so whichever finishes first waits
+    # for the other: the losses module needs both complete.
+    if _imported("tensorflow"):
+        _register_ops()
+        if _imported("keras"):
+            _register_losses()
+
+
+class _RegisterAfterImport:
+    """A sys.meta_path finder that runs _register() right after `tensorflow` or
+    `keras` finishes executing, so that the order of the imports does not matter.
+
+    It finds these modules' specs with the other finders and wraps their
+    loaders; it leaves sys.meta_path once both have been imported.
+    """
+
+    def __init__(self, names):
+        self.pending = set(names)
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.pending:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if hasattr(spec.loader, "exec_module"):
+            spec.loader = _LoaderThenRegister(spec.loader, self)
+        return spec
+
+    def finished(self, name):
+        self.pending.discard(name)
+        if not self.pending and self in sys.meta_path:
+            sys.meta_path.remove(self)
+        try:
+            _register()
+        except Exception as error:  # noqa: BLE001
+            # Raising here would fail `import tensorflow` itself, half-initialised;
+            # the attributes that need the ops raise this error again when used.
+            warnings.warn(f"fused_xent's TensorFlow ops and losses are not registered: {error}", stacklevel=2)
+
+
+class _LoaderThenRegister:
+    def __init__(self, loader, hook):
+        self.loader, self.hook = loader, hook
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        # The module keeps its real loader (importlib.resources and inspect read it).
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        self.hook.finished(module.__spec__.name)
+
+
+_hook = None
+if _HAS_OP_LIBRARY:
+    _register()  # at once for what is imported already; raises the loader's ImportError on a mismatch
+    _waiting = [name for name in ("tensorflow", "keras") if sys.modules.get(name) is None]
+    if _waiting:
+        _hook = _RegisterAfterImport(_waiting)
+        sys.meta_path.insert(0, _hook)
+    del _waiting

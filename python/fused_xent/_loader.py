@@ -52,10 +52,12 @@ def library_path():
 def load_op_library():
     """Returns the loaded op library module (its op wrappers), loading it once."""
     global _library
+    # Imported before taking the lock: fused_xent's import hook loads the library
+    # as tensorflow finishes importing, which would otherwise wait for this lock.
+    import tensorflow as tf
+
     with _lock:
         if _library is None:
-            import tensorflow as tf
-
             check_tensorflow_version(built_tensorflow_version(), tf.__version__)
             path = library_path()
             if not os.path.exists(path):
