@@ -14,6 +14,9 @@ host with TF_CONFIG naming all of them.
     python examples/distributed_training.py [--workers 2] [--epochs 3] [--timeout 300]
 
 Exits with status 0 when every worker finished in time and all agree.
+`--single-process` trains the same model on the same global batches in this
+process alone (no strategy), the result the workers should reproduce;
+`--save-weights FILE.npz` writes the trained weights (worker 0's), to compare.
 """
 
 import argparse
@@ -35,6 +38,11 @@ def parse_args():
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch size (all workers)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before the workers are stopped")
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                        help="sgd (learning rate 0.1) makes a wrongly scaled loss show in the weights")
+    parser.add_argument("--save-weights", metavar="FILE", help="write the trained weights to this .npz file")
+    parser.add_argument("--single-process", action="store_true",
+                        help="train on the same global batches in this process alone, without workers")
     parser.add_argument("--worker", action="store_true", help="run as one worker (TF_CONFIG must be set)")
     return parser.parse_args()
 
@@ -53,12 +61,16 @@ def run_worker(args):
     tf.config.threading.set_intra_op_parallelism_threads(1)  # the workers share this machine's cores
     tf.config.threading.set_inter_op_parallelism_threads(2)
     import keras
+    import numpy as np
     from sklearn.datasets import load_digits
 
     import fused_xent
 
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()  # reads TF_CONFIG; waits for all workers
-    index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    if args.single_process:  # the default strategy: one replica, the same code below
+        strategy, index = tf.distribute.get_strategy(), 0
+    else:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()  # reads TF_CONFIG; waits for all workers
+        index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
 
     digits = load_digits()
     x, y = (digits.data / 16.0).astype("float32"), digits.target.astype("int64")
@@ -76,7 +88,7 @@ def run_worker(args):
         model = keras.Sequential(
             [keras.Input((64,)), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)]
         )
-        optimizer = keras.optimizers.Adam(3e-3)
+        optimizer = keras.optimizers.Adam(3e-3) if args.optimizer == "adam" else keras.optimizers.SGD(0.1)
         # Inside strategy.run it divides its mean by the number of replicas, as Keras's losses do.
         loss_fn = fused_xent.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -114,6 +126,8 @@ def run_worker(args):
         "accuracy": accuracy,
         "weights_checksum": float(sum(abs(w).sum() for w in model.get_weights())),
     }
+    if args.save_weights and index == 0:
+        np.savez(args.save_weights, *model.get_weights())
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
@@ -138,7 +152,10 @@ def start_workers(args):
     for index in range(args.workers):
         env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
         command = [sys.executable, os.path.abspath(__file__), "--worker", "--epochs", str(args.epochs),
-                   "--batch-size", str(args.batch_size), "--timeout", str(args.timeout)]
+                   "--batch-size", str(args.batch_size), "--timeout", str(args.timeout),
+                   "--optimizer", args.optimizer]
+        if args.save_weights:
+            command += ["--save-weights", os.path.abspath(args.save_weights)]
         workers.append(
             subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)  # its own process group, to stop it with its threads
@@ -192,7 +209,7 @@ def report(outcomes, timeout):
 
 def main():
     args = parse_args()
-    if args.worker:
+    if args.worker or args.single_process:
         run_worker(args)
         return 0
     started = time.monotonic()
