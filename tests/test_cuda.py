@@ -8,7 +8,7 @@ Never imports TensorFlow.
 import numpy as np
 import pytest
 
-from conftest import assert_close
+from conftest import assert_rows_close, confident_rows, dense_target_terms, target_terms
 import reference
 from fused_xent import _core
 
@@ -87,8 +87,10 @@ def test_sparse_matches_reference(dtype, shape):
     )
     assert tuple(loss.shape) == shape[:-1] and tuple(grad.shape) == shape
     ref_loss, ref_grad = reference.sparse(labels, logits, grad_loss=grad_loss)
-    assert_close(to_numpy(loss), ref_loss, dtype)
-    assert_close(to_numpy(grad), ref_grad, dtype, scale=2)
+    known = confident_rows(ref_loss, dtype)  # (65536, 3) has many: a failure there only is issue 14 (a)
+    assert_rows_close(to_numpy(loss), ref_loss, dtype, axis=None, what="loss", known=known)
+    assert_rows_close(to_numpy(grad), ref_grad, dtype, terms=target_terms(labels, shape, grad_loss=grad_loss),
+                      what="gradient", known=known[..., None])
 
 
 OPTIONS = [
@@ -124,9 +126,12 @@ def test_sparse_options(dtype, label_dtype, options, shape):
     loss, grad = fxcuda.sparse_softmax_cross_entropy_with_logits(
         to_device(labels, label_dtype), to_device(logits, dtype), **kwargs
     )
-    ref_loss, ref_grad = reference.sparse(labels, logits, **_expected_options(options, weights))
-    assert_close(to_numpy(loss), ref_loss, dtype, scale=2)
-    assert_close(to_numpy(grad), ref_grad, dtype, scale=2)
+    expected = _expected_options(options, weights)
+    ref_loss, ref_grad = reference.sparse(labels, logits, **expected)
+    known = confident_rows(ref_loss, dtype)
+    assert_rows_close(to_numpy(loss), ref_loss, dtype, axis=None, what="loss", known=known)
+    assert_rows_close(to_numpy(grad), ref_grad, dtype, terms=target_terms(labels, shape, **expected), what="gradient",
+                      known=known[:, None])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -139,11 +144,11 @@ def test_sparse_class_axis_not_last(dtype, axis, shape):
     loss, grad = fxcuda.sparse_softmax_cross_entropy_with_logits(
         to_device(labels), to_device(logits, dtype), axis=axis, label_smoothing=0.1, z_loss=1e-3
     )
-    ref_loss, ref_grad = reference.sparse(
-        labels, logits, axis=axis, label_smoothing=float(np.float32(0.1)), z_loss=float(np.float32(1e-3))
-    )
-    assert_close(to_numpy(loss), ref_loss, dtype, scale=4)
-    assert_close(to_numpy(grad), ref_grad, dtype, scale=4)
+    expected = dict(label_smoothing=float(np.float32(0.1)), z_loss=float(np.float32(1e-3)))
+    ref_loss, ref_grad = reference.sparse(labels, logits, axis=axis, **expected)
+    assert_rows_close(to_numpy(loss), ref_loss, dtype, axis=None, what="loss")
+    assert_rows_close(to_numpy(grad), ref_grad, dtype, axis=axis, terms=target_terms(labels, shape, axis, **expected),
+                      what="gradient")
 
 
 @pytest.mark.parametrize("classes", [1, 2, 5, 32, 33, 1000])
@@ -164,8 +169,10 @@ def test_sparse_edge_values(classes, options):
     loss, grad = to_numpy(loss), to_numpy(grad)
     expected = {k: float(np.float32(v)) if k != "ignore_index" else v for k, v in options.items()}
     ref_loss, ref_grad = reference.sparse(labels, logits.astype(np.float64), grad_loss=grad_loss, **expected)
-    assert_close(loss, ref_loss, "float32", scale=2)
-    assert_close(grad, ref_grad, "float32", scale=2)
+    known = confident_rows(ref_loss, "float32")
+    assert_rows_close(loss, ref_loss, "float32", axis=None, what="loss", known=known)
+    terms = target_terms(labels, logits.shape, grad_loss=grad_loss, **expected)
+    assert_rows_close(grad, ref_grad, "float32", terms=terms, what="gradient", known=known[:, None])
     ignored = labels == options.get("ignore_index", -1)
     assert np.isnan(loss[3]) != ignored[3]
 
@@ -182,9 +189,12 @@ def test_out_of_range_labels_give_nan_rows(dtype):
     bad = np.array([False, True, True, False, False, True])
     assert np.isnan(loss[bad]).all() and np.isnan(grad[bad]).all()
     good = ~bad
-    ref_loss, ref_grad = reference.sparse(np.where(bad, 0, labels)[good], logits[good], ignore_index=4)
-    assert_close(loss[good], ref_loss, dtype)
-    assert_close(grad[good], ref_grad, dtype, scale=2)
+    good_labels = labels[good]
+    ref_loss, ref_grad = reference.sparse(good_labels, logits[good], ignore_index=4)
+    known = confident_rows(ref_loss, dtype)
+    assert_rows_close(loss[good], ref_loss, dtype, axis=None, what="loss", known=known)
+    assert_rows_close(grad[good], ref_grad, dtype, terms=target_terms(good_labels, ref_grad.shape, ignore_index=4),
+                      what="gradient", known=known[:, None])
 
 
 def test_grad_lse_and_gradient_in_place():
@@ -204,12 +214,15 @@ def test_grad_lse_and_gradient_in_place():
     grad = to_device(np.zeros(shape))
     _core.cuda_sparse_backward(lse=lse, grad_loss=to_device(grad_loss), grad_lse=to_device(grad_lse), grad_logits=grad,
                                stream=stream, **common)
-    ref_loss, ref_grad = reference.sparse(labels, logits, ignore_index=7, label_smoothing=float(np.float32(0.1)),
-                                          z_loss=float(np.float32(0.01)), grad_loss=grad_loss)
+    expected = dict(ignore_index=7, label_smoothing=float(np.float32(0.1)), z_loss=float(np.float32(0.01)))
+    ref_loss, ref_grad = reference.sparse(labels, logits, grad_loss=grad_loss, **expected)
     ref_lse = reference._lse(logits)
     p = np.exp(logits - ref_lse[:, None])
-    assert_close(to_numpy(lse), ref_lse, "float64")
-    assert_close(to_numpy(grad), ref_grad + grad_lse[:, None] * p, "float64")
+    assert_rows_close(to_numpy(lse), ref_lse, "float64", axis=None, what="lse")
+    assert_rows_close(to_numpy(loss), ref_loss, "float64", axis=None, what="loss")
+    # The lse gradient's term g_lse * p adds to what cancels at the label.
+    terms = target_terms(labels, shape, grad_loss=grad_loss, **expected) + np.abs(grad_lse[:, None] * p)
+    assert_rows_close(to_numpy(grad), ref_grad + grad_lse[:, None] * p, "float64", terms=terms, what="gradient")
     in_place = to_device(logits)
     _core.cuda_sparse_backward(lse=lse, grad_loss=to_device(grad_loss), grad_lse=to_device(grad_lse),
                                grad_logits=in_place, stream=stream, **dict(common, logits=in_place))
@@ -231,8 +244,9 @@ def test_dense_matches_reference(dtype, shape, options):
     )
     expected = {k: float(np.float32(v)) for k, v in options.items()}
     ref_loss, ref_grad, _ = reference.dense(labels, logits, grad_loss=grad_loss, **expected)
-    assert_close(to_numpy(loss), ref_loss, dtype, scale=2)
-    assert_close(to_numpy(grad), ref_grad, dtype, scale=2)
+    assert_rows_close(to_numpy(loss), ref_loss, dtype, axis=None, what="loss")
+    terms = dense_target_terms(labels, shape, label_smoothing=expected.get("label_smoothing", 0.0), grad_loss=grad_loss)
+    assert_rows_close(to_numpy(grad), ref_grad, dtype, terms=terms, what="gradient")
 
 
 @pytest.mark.parametrize("axis", [0, 1, -1])
@@ -243,11 +257,12 @@ def test_dense_with_axis(axis):
     loss, grad = fxcuda.softmax_cross_entropy_with_logits(
         to_device(labels), to_device(logits), axis=axis, label_smoothing=0.1, z_loss=0.01
     )
-    ref_loss, ref_grad, _ = reference.dense(
-        labels, logits, axis=axis, label_smoothing=float(np.float32(0.1)), z_loss=float(np.float32(0.01))
-    )
-    assert_close(to_numpy(loss), ref_loss, "float64")
-    assert_close(to_numpy(grad), ref_grad, "float64")
+    smoothing = float(np.float32(0.1))
+    ref_loss, ref_grad, _ = reference.dense(labels, logits, axis=axis, label_smoothing=smoothing,
+                                            z_loss=float(np.float32(0.01)))
+    assert_rows_close(to_numpy(loss), ref_loss, "float64", axis=None, what="loss")
+    assert_rows_close(to_numpy(grad), ref_grad, "float64", axis=axis,
+                      terms=dense_target_terms(labels, logits.shape, axis, smoothing), what="gradient")
 
 
 @pytest.mark.parametrize("classes", [1, 3, 40, 5000])
@@ -266,8 +281,9 @@ def test_dense_edge_values(classes):
     )
     loss, grad = to_numpy(loss), to_numpy(grad)
     ref_loss, ref_grad, _ = reference.dense(labels.astype(np.float64), logits.astype(np.float64), grad_loss=grad_loss)
-    assert_close(loss, ref_loss, "float32", scale=2)
-    assert_close(grad, ref_grad, "float32", scale=2)
+    assert_rows_close(loss, ref_loss, "float32", axis=None, what="loss")
+    assert_rows_close(grad, ref_grad, "float32", terms=dense_target_terms(labels, logits.shape, grad_loss=grad_loss),
+                      what="gradient")
     assert np.isnan(loss[2]) and np.isnan(grad[2]).all()
     if classes > 1:
         assert np.isfinite(loss[4]) and np.isfinite(grad[4]).all()
@@ -288,14 +304,15 @@ def test_misaligned_buffers(dtype, offset):
     z.copy_(to_device(logits, dtype))
     t = to_device(labels, dtype)  # 16-byte aligned: a different phase from z
     loss, grad = fxcuda.softmax_cross_entropy_with_logits(t, z)
-    ref_loss, ref_grad, _ = reference.dense(rounded(labels, dtype), logits)
-    assert_close(to_numpy(loss), ref_loss, dtype, scale=2)
-    assert_close(to_numpy(grad), ref_grad, dtype, scale=2)
+    labels = rounded(labels, dtype)
+    ref_loss, ref_grad, _ = reference.dense(labels, logits)
+    assert_rows_close(to_numpy(loss), ref_loss, dtype, axis=None, what="loss")
+    assert_rows_close(to_numpy(grad), ref_grad, dtype, terms=dense_target_terms(labels, shape), what="gradient")
     sparse_labels = rng.integers(0, shape[1], size=shape[0])
     loss, grad = fxcuda.sparse_softmax_cross_entropy_with_logits(to_device(sparse_labels), z)
     ref_loss, ref_grad = reference.sparse(sparse_labels, logits)
-    assert_close(to_numpy(loss), ref_loss, dtype, scale=2)
-    assert_close(to_numpy(grad), ref_grad, dtype, scale=2)
+    assert_rows_close(to_numpy(loss), ref_loss, dtype, axis=None, what="loss")
+    assert_rows_close(to_numpy(grad), ref_grad, dtype, terms=target_terms(sparse_labels, shape), what="gradient")
 
 
 @pytest.mark.parametrize("shape", [(3, 262144), (512, 32000), (4096, 7)])
@@ -322,7 +339,9 @@ def test_loss_only_and_empty_batch():
     loss, grad = fxcuda.sparse_softmax_cross_entropy_with_logits(
         to_device(labels), to_device(logits), axis=1, compute_gradient=False)
     assert grad is None
-    assert_close(to_numpy(loss), reference.sparse(labels, logits.astype(np.float64), axis=1)[0], "float32")
+    ref_loss = reference.sparse(labels, logits.astype(np.float64), axis=1)[0]
+    known = confident_rows(ref_loss, "float32")
+    assert_rows_close(to_numpy(loss), ref_loss, "float32", axis=None, what="loss", known=known)
 
 
 def test_bad_input():
@@ -374,8 +393,11 @@ def test_matches_torch_cross_entropy(dtype, options, shape):
     ref_loss = F.cross_entropy(ref_logits, torch.tensor(labels), reduction="none", **torch_options)
     ref_loss.sum().backward()
     loss, grad = fxcuda.sparse_softmax_cross_entropy_with_logits(to_device(labels), to_device(logits, dtype), **ours)
-    assert_close(to_numpy(loss), ref_loss.detach().numpy(), dtype, scale=2)
-    assert_close(to_numpy(grad), ref_logits.grad.numpy(), dtype, scale=2)
+    assert_rows_close(to_numpy(loss), ref_loss.detach().numpy(), dtype, axis=None, what="loss")
+    terms = target_terms(labels, shape, ignore_index=options.get("ignore_index"),
+                         label_smoothing=options.get("label_smoothing", 0.0),
+                         class_weights=torch_options["weight"].numpy() if options.get("weight") else None)
+    assert_rows_close(to_numpy(grad), ref_logits.grad.numpy(), dtype, terms=terms, what="gradient")
 
 
 @needs_torch
