@@ -145,15 +145,3 @@ def label_gradient_terms(logits, grad_loss=None, label_smoothing=0.0, axis=-1):
         g = np.ones(z.shape[:-1]) if grad_loss is None else np.abs(np.asarray(grad_loss, np.float64))
         terms = (g * (1 - label_smoothing))[..., None] * (np.abs(lse) + np.abs(z))
     return np.moveaxis(terms, -1, axis)
-
-
-KNOWN_ISSUE_A = ("issue 14 (a): the vector log's absolute error near 1 swamps the small loss of a confidently "
-                 "right row (and its lse, so every p_j of the row)")
-
-
-def confident_rows(ref_loss, dtype_name, below=0.25):
-    """Rows issue 14 (a) may spoil: float32/float64 rows whose exact loss is small but not 0."""
-    ref_loss = np.asarray(ref_loss, np.float64)
-    if dtype_name not in ("float32", "float64"):
-        return np.zeros(ref_loss.shape, bool)
-    return (ref_loss > 0) & (ref_loss < below)
