@@ -293,9 +293,18 @@ RowSums<float> block_sums(const float* z, const float* labels, int64_t len, floa
 // whose max is NaN or +inf, returns false and is read again the two-pass way.
 constexpr float kMaxExcess = 64.0f;
 
+// The block where the row's max last rose on the one-read path: its terms were
+// taken relative to the max before it, so the new max's own term sits in its
+// rest, not exactly 1. Its sums wait apart until the row ends (finish_rising).
+struct RisingBlock {
+  RowSums<float> sums;
+  int64_t start = 0;
+  int64_t len = 0;  // 0: none
+};
+
 template <typename T>
 bool read_block_once(const Row<T>& row, const Row<T>* labels, int64_t start, int64_t len, bool want_mean,
-                     float inv_classes, RowSums<float>* sums) {
+                     float inv_classes, RowSums<float>* sums, RisingBlock* rising) {
   const float ref = sums->max;
   if (!(ref > negative_infinity<float>() && ref < std::numeric_limits<float>::infinity())) return false;
   float top;
@@ -304,13 +313,34 @@ bool read_block_once(const Row<T>& row, const Row<T>* labels, int64_t start, int
   RowSums<float> block = block_sums_dispatch<true>(z, t, len, ref, want_mean, inv_classes, &top);
   if (!(top <= ref + kMaxExcess)) return false;
   if (top == ref) block = block_sums_dispatch<false>(z, t, len, ref, want_mean, inv_classes);  // ties apart; from L1
-  merge_sums(*sums, block);  // same max: plain sums
-  if (top > ref) {           // move the reference up to the new max
-    RowSums<float> rebase;
-    rebase.max = top;
-    merge_sums(*sums, rebase);
+  if (!(top > ref)) {
+    merge_sums(*sums, block);  // same max: plain sums
+    return true;
   }
+  if (rising->len) merge_sums(*sums, rising->sums);  // no longer the max's block: its terms are all < max
+  RowSums<float> rebase;  // moves the reference up to the new max
+  rebase.max = top;
+  merge_sums(*sums, rebase);
+  *rising = RisingBlock{block, start, len};
   return true;
+}
+
+// Merges the rising block's sums; where they hold the row's only max term and
+// that max dominates (sum < 2, p_max > 1/2: a confidently right row's loss
+// below log 2), the block is read again relative to the max, its ties apart,
+// so that log1p keeps the small loss exact.
+template <typename T>
+void finish_rising(const Row<T>& row, const Row<T>* labels, bool want_mean, float inv_classes,
+                   const RisingBlock& rising, RowSums<float>* sums) {
+  RowSums<float> all = *sums;
+  merge_sums(all, rising.sums);
+  if (!(all.ties == 0 && all.rest < 2.0f)) {
+    *sums = all;
+    return;
+  }
+  merge_sums(*sums, block_sums_dispatch<false>(row.data + rising.start,
+                                               labels ? labels->data + rising.start : nullptr, rising.len,
+                                               sums->max, want_mean, inv_classes));
 }
 
 // Max of the first vector of a contiguous row (of its first len elements if fewer).
@@ -320,49 +350,6 @@ float leading_max(const T* p, int64_t len) {
   return v::reduce_nan_sticky_max(x);
 }
 
-// ties and rest of a whole row relative to its max m (see RowSums).
-template <typename T>
-void exact_ties_and_rest(const Row<T>& row, RowSums<Acc<T>>* sums) {
-  using A = Acc<T>;
-  const A m = sums->max;
-  if constexpr (kVectorized<T>) {
-    if (row.stride == 1) {
-      A ties = 0, rest = 0;
-      for (int64_t start = 0; start < row.count; start += kBlock) {
-        const RowSums<float> block = block_sums_dispatch<false>(row.data + start, static_cast<const T*>(nullptr),
-                                                                std::min(kBlock, row.count - start), m, false, 0.0f);
-        ties += block.ties;
-        rest += block.rest;
-      }
-      sums->ties = ties;
-      sums->rest = rest;
-      return;
-    }
-  }
-  A ties = 0, rest = 0;
-  for (int64_t j = 0; j < row.count; ++j) {
-    const A d = row[j] - m;
-    if (d == 0) {
-      ties += 1;
-    } else {
-      rest += fx_exp(d);
-    }
-  }
-  sums->ties = ties;
-  sums->rest = rest;
-}
-
-// A row whose max's term was merged into rest (ties == 0: the one-read path
-// moved its reference up to that max) and that the max dominates (sum < 2,
-// p_max > 1/2, a confidently right row's loss below log 2): read again with
-// the max's 1 apart, so that the loss keeps its relative accuracy.
-template <typename T>
-void settle_dominant_max(const Row<T>& row, RowSums<Acc<T>>* sums) {
-  using A = Acc<T>;
-  const bool finite_max = sums->max > negative_infinity<A>() && sums->max < std::numeric_limits<A>::infinity();
-  if (sums->ties == 0 && finite_max && sums->rest < A(2)) exact_ties_and_rest(row, sums);
-}
-
 // One read of a row of logits (and of dense labels when given), block by block.
 template <typename T>
 RowSums<Acc<T>> scan_row(const Row<T>& row, bool want_mean, const Row<T>* labels = nullptr) {
@@ -370,6 +357,7 @@ RowSums<Acc<T>> scan_row(const Row<T>& row, bool want_mean, const Row<T>* labels
   A block[kBlock];
   A label_block[kBlock];
   RowSums<A> sums;
+  RisingBlock rising;
   const A inv_classes = A(1) / static_cast<A>(row.count);
   for (int64_t start = 0; start < row.count; start += kBlock) {
     const int64_t len = std::min(kBlock, row.count - start);
@@ -385,7 +373,7 @@ RowSums<Acc<T>> scan_row(const Row<T>& row, bool want_mean, const Row<T>* labels
                                                        want_mean, inv_classes));
         }
         if (from == start + len ||
-            read_block_once(row, labels, from, start + len - from, want_mean, inv_classes, &sums))
+            read_block_once(row, labels, from, start + len - from, want_mean, inv_classes, &sums, &rising))
           continue;
         if (start == 0) sums = RowSums<A>{};
       }
@@ -395,7 +383,9 @@ RowSums<Acc<T>> scan_row(const Row<T>& row, bool want_mean, const Row<T>* labels
     const A* t = labels ? block_values(*labels, start, len, label_block, &label_max) : nullptr;
     merge_sums(sums, block_sums(z, t, len, block_max, want_mean, inv_classes));
   }
-  settle_dominant_max(row, &sums);
+  if constexpr (kVectorized<T>) {
+    if (rising.len) finish_rising(row, labels, want_mean, inv_classes, rising, &sums);
+  }
   return sums;
 }
 
@@ -452,18 +442,18 @@ bool use_streaming_stores(const Layout& layout) {
 
 // row_math's gradient_from on vectors: a p - target with p = exp(d), the lanes
 // where p > 1/2 (one per row at most, so rarely any) redone the scalar way.
-// Out of line: the hot loops stay free of the scalar calls (and their spills).
-[[gnu::noinline, gnu::cold]] v::vfloat redo_dominant_lanes(v::vfloat g, v::vfloat a, v::vfloat target, v::vfloat d,
-                                                          v::vfloat p) {
-  for (int i = 0; i < v::kLanes; ++i)
-    if (p[i] > 0.5f) g[i] = gradient_from(a[i], target[i], d[i], p[i]);
-  return g;
+// The lanes of `dominant` by the p > 1/2 branch of gradient_from. Out of line:
+// the hot loops, which rarely take it, keep their registers.
+[[gnu::noinline, gnu::cold]] v::vfloat dominant_lanes(v::vfloat g, v::vfloat a, v::vfloat target, v::vfloat d,
+                                                     v::vint dominant) {
+  return v::select(dominant, a * v::expm1_near_zero(d) + (a - target), g);
 }
 
 FX_ALWAYS_INLINE v::vfloat gradient_lanes(v::vfloat a, v::vfloat target, v::vfloat d) {
   const v::vfloat p = v::exp_bounded(d);
   const v::vfloat g = a * p - target;
-  return v::any_lane(p > 0.5f) ? redo_dominant_lanes(g, a, target, d, p) : g;
+  const v::vint dominant = p > 0.5f;
+  return v::any_lane(dominant) ? dominant_lanes(g, a, target, d, dominant) : g;
 }
 
 // dz = a * exp(z - lse) - b * t - u on vectors, for contiguous rows; t is read

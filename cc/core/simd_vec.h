@@ -344,6 +344,22 @@ FX_ALWAYS_INLINE vfloat log1p_positive(vfloat x) {
   return log_positive(y) + (x - (y - 1.0f)) / y;
 }
 
+// exp(x) - 1 for |x| <= 0.75 (the kernels use it where p = exp(x) > 1/2): its
+// Taylor series to x^9 (truncation below 2e-8 relative), so a tiny x keeps
+// its relative accuracy.
+FX_ALWAYS_INLINE vfloat expm1_near_zero(vfloat x) {
+  vfloat s = splat(1.0f / 362880);
+  s = s * x + 1.0f / 40320;
+  s = s * x + 1.0f / 5040;
+  s = s * x + 1.0f / 720;
+  s = s * x + 1.0f / 120;
+  s = s * x + 1.0f / 24;
+  s = s * x + 1.0f / 6;
+  s = s * x + 0.5f;
+  s = s * x + 1.0f;
+  return s * x;
+}
+
 FX_ALWAYS_INLINE bool any_lane(vint mask) {
 #if FX_LANES == 16 && defined(__AVX512F__)
   const __m512i m = reinterpret_cast<__m512i>(mask);
