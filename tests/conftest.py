@@ -145,3 +145,25 @@ def label_gradient_terms(logits, grad_loss=None, label_smoothing=0.0, axis=-1):
         g = np.ones(z.shape[:-1]) if grad_loss is None else np.abs(np.asarray(grad_loss, np.float64))
         terms = (g * (1 - label_smoothing))[..., None] * (np.abs(lse) + np.abs(z))
     return np.moveaxis(terms, -1, axis)
+
+
+def sparse_loss_and_gradient(labels, z, lowering, monkeypatch):
+    """The TF op's loss and gradient of logits `z`: eagerly (lowering None) or compiled with XLA
+    through `lowering` ("custom_call" or "hlo"; skips where the build lacks it)."""
+    tf = tf_or_skip()
+    import fused_xent
+
+    if lowering is not None:
+        if lowering == "custom_call" and fused_xent.build_info()["xla"] != "custom_call":
+            pytest.skip("no XLA custom call in this build")
+        monkeypatch.setenv("FUSED_XENT_XLA_LOWERING", lowering)
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = fused_xent.sparse_softmax_cross_entropy_with_logits(labels, x)
+        return loss, tape.gradient(loss, x)
+
+    run = step if lowering is None else tf.function(step, jit_compile=True)
+    loss, grad = run(tf.constant(z))
+    return loss.numpy(), grad.numpy()

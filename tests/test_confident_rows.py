@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import tf_or_skip
+from conftest import sparse_loss_and_gradient
 from fused_xent import numpy as fxnp
 
 CLASSES = [2, 10, 31, 32, 33, 1000, 5000, 70000]
@@ -123,21 +123,6 @@ def test_numpy_class_axis_first(classes):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("classes", [10, 1000, 70000])
 def test_tensorflow(classes, dtype, lowering, monkeypatch):
-    tf = tf_or_skip()
-    import fused_xent
-
-    if lowering is not None:
-        if lowering == "custom_call" and fused_xent.build_info()["xla"] != "custom_call":
-            pytest.skip("no XLA custom call in this build")
-        monkeypatch.setenv("FUSED_XENT_XLA_LOWERING", lowering)
     z, labels = confident_logits(classes, dtype)
-
-    def step(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = fused_xent.sparse_softmax_cross_entropy_with_logits(labels, x)
-        return loss, tape.gradient(loss, x)
-
-    run = step if lowering is None else tf.function(step, jit_compile=True)
-    loss, grad = run(tf.constant(z))
-    check(loss.numpy(), grad.numpy(), z, labels, dtype)
+    loss, grad = sparse_loss_and_gradient(labels, z, lowering, monkeypatch)
+    check(loss, grad, z, labels, dtype)

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import assert_rows_close, target_terms, tf_or_skip
+from conftest import assert_rows_close, sparse_loss_and_gradient, target_terms
 import reference
 from fused_xent import numpy as fxnp
 
@@ -56,21 +56,6 @@ def test_tied_huge_maxima_dense_numpy(dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("classes", [3, 3000])
 def test_tied_huge_maxima_tensorflow(classes, dtype, lowering, monkeypatch):
-    tf = tf_or_skip()
-    import fused_xent
-
-    if lowering is not None:
-        if fused_xent.build_info()["xla"] != "custom_call":
-            pytest.skip("no XLA custom call in this build")
-        monkeypatch.setenv("FUSED_XENT_XLA_LOWERING", lowering)
     z, labels = tied_maxima(classes, dtype, 1e17)
-
-    def step(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = fused_xent.sparse_softmax_cross_entropy_with_logits(labels, x)
-        return loss, tape.gradient(loss, x)
-
-    run = step if lowering is None else tf.function(step, jit_compile=True)
-    loss, grad = run(tf.constant(z))
-    check(loss.numpy(), grad.numpy(), z, labels, dtype)
+    loss, grad = sparse_loss_and_gradient(labels, z, lowering, monkeypatch)
+    check(loss, grad, z, labels, dtype)
