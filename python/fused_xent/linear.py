@@ -35,8 +35,11 @@ __all__ = ["linear_cross_entropy", "linear_logits"]
 
 _FLOATS = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 _HALF = (tf.float16, tf.bfloat16)
-# Default chunk: this many bytes of logits per chunk (at least 16 rows).
-_CHUNK_BYTES = 32 << 20
+# Default chunk: at most this many bytes of logits, and at most 1/8 of all rows.
+_CHUNK_BYTES = 64 << 20
+_MIN_CHUNK_ROWS = 16
+# A slab of dW (see _add_weight_gradient) holds at most 1/_SLAB_PARTS of a chunk's logits.
+_SLAB_PARTS = 4
 
 
 class _Config:
@@ -62,9 +65,9 @@ class _Config:
         return tf.float32 if self.dtype in _HALF else self.dtype
 
     def slab_rows(self):
-        """Rows of dW per in-place add: a slab of at most half a chunk of logits."""
+        """Rows of dW per in-place add."""
         rows, cols = (self.vocab, self.hidden_size) if self.transpose_weight else (self.hidden_size, self.vocab)
-        slab = max(1, (self.chunk * self.vocab) // (2 * cols))
+        slab = max(1, (self.chunk * self.vocab) // (_SLAB_PARTS * cols))
         return min(rows, slab)
 
 
@@ -79,9 +82,12 @@ def _float_tensor(value, name):
     return tensor
 
 
-def _checked_chunk(chunk_size, vocab, dtype):
+def _checked_chunk(chunk_size, rows, vocab, dtype):
     if chunk_size is None:
-        return max(16, _CHUNK_BYTES // (vocab * dtype.size))
+        chunk = _CHUNK_BYTES // (vocab * dtype.size)
+        if rows is not None:
+            chunk = min(chunk, -(-rows // 8))
+        return max(_MIN_CHUNK_ROWS, chunk)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     return int(chunk_size)
@@ -415,7 +421,7 @@ def _prepare(hidden, weight, labels, bias, transpose_weight, class_weights, chun
     )
     _check_static_labels(labels, vocab, options["ignore_index"])
     cw = _checked_class_weights(class_weights, vocab)
-    cfg = _Config(transpose_weight, attrs, _checked_chunk(chunk_size, vocab, hidden.dtype), vocab, hidden_size,
+    cfg = _Config(transpose_weight, attrs, _checked_chunk(chunk_size, hidden.shape[:-1].num_elements(), vocab, hidden.dtype), vocab, hidden_size,
                   hidden.dtype, bias is not None, class_weights is not None)
     return hidden, weight, labels, bias, cw, cfg
 

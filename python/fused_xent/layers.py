@@ -1,0 +1,184 @@
+"""Keras layers around ``fused_xent.linear_cross_entropy``: an output head that
+owns the projection and returns the per-token loss, never the N x V logits.
+
+``LinearCrossEntropy(vocab_size)`` owns an H x V kernel (and optional bias):
+
+    loss = head(hidden, labels)   # per-token loss; adds its mean to the model's losses
+    logits = head(hidden)         # inference: the logits (or head.top_k(hidden, k))
+
+``TiedEmbedding(vocab_size, dim)`` is a ``keras.layers.Embedding`` whose matrix
+doubles as the output projection (tied input and output embeddings):
+
+    x = embed(tokens)                              # the embedding lookup
+    loss = embed(hidden, labels, reverse=True)     # fused head on the same V x H matrix
+
+With ``add_loss=True`` (the default) the head adds the mean loss over the
+tokens that count (not ``ignore_index``) to the model's losses, so a model
+built as ``keras.Model([tokens, labels], loss)`` trains with
+``model.compile(optimizer)`` and ``model.fit([tokens, labels])``: no Keras loss,
+no ``y``. docs/linear_head.md shows both layers in a model.
+"""
+
+import numbers
+
+import tensorflow as tf
+
+try:
+    import keras
+except ImportError as error:  # pragma: no cover
+    raise ImportError(f"fused_xent.layers needs Keras: {error}") from None
+
+from fused_xent.linear import linear_cross_entropy, linear_logits
+
+__all__ = ["LinearCrossEntropy", "TiedEmbedding"]
+
+
+def _loss_options(ignore_index, label_smoothing, class_weights, z_loss, chunk_size):
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
+        raise ValueError(f"`ignore_index` must be an integer or None. Received: {ignore_index!r}")
+    if class_weights is not None:
+        class_weights = [float(v) for v in class_weights]
+    return {
+        "ignore_index": None if ignore_index is None else int(ignore_index),
+        "label_smoothing": float(label_smoothing),
+        "class_weights": class_weights,
+        "z_loss": float(z_loss),
+        "chunk_size": chunk_size,
+    }
+
+
+def _mean_loss(loss, labels, ignore_index):
+    """Mean over the tokens that count, per replica as Keras scales its own losses."""
+    counted = tf.ones_like(loss) if ignore_index is None else tf.cast(tf.not_equal(labels, ignore_index), loss.dtype)
+    mean = tf.math.divide_no_nan(tf.reduce_sum(loss), tf.reduce_sum(counted))
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return mean / replicas if replicas > 1 else mean
+
+
+class _FusedHead:
+    """What both layers share: options, the loss call and inference helpers."""
+
+    def _init_head(self, ignore_index, label_smoothing, class_weights, z_loss, chunk_size, add_loss):
+        self._options = _loss_options(ignore_index, label_smoothing, class_weights, z_loss, chunk_size)
+        self.add_loss_to_model = bool(add_loss)
+
+    def _head_config(self):
+        return dict(self._options, add_loss=self.add_loss_to_model)
+
+    def _token_loss(self, hidden, weight, labels, bias, transpose_weight):
+        labels = tf.convert_to_tensor(labels)
+        if not labels.dtype.is_integer:
+            labels = tf.cast(labels, tf.int32)
+        loss = linear_cross_entropy(hidden, weight, labels, bias=bias, transpose_weight=transpose_weight,
+                                    **self._options)
+        if self.add_loss_to_model:
+            self.add_loss(_mean_loss(loss, labels, self._options["ignore_index"]))
+        return loss
+
+    def top_k(self, hidden, k=1):
+        """(values, indices) of the k largest logits per token: for generation and accuracy."""
+        return tf.math.top_k(self.logits(hidden), k=k)
+
+
+@keras.saving.register_keras_serializable(package="fused_xent")
+class LinearCrossEntropy(_FusedHead, keras.layers.Layer):
+    """Output projection (H x V kernel, optional bias) fused with softmax cross-entropy.
+
+    ``call(hidden, labels)`` returns the per-token loss, shaped like ``labels``,
+    and (``add_loss=True``) adds its mean over counted tokens to the model's
+    losses; ``call(hidden)`` returns the logits. Options as in
+    ``fused_xent.linear_cross_entropy``. Under a mixed-precision policy the
+    kernel is kept in float32 and used in the compute dtype; the loss is float32.
+    """
+
+    def __init__(self, vocab_size, use_bias=False, kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 kernel_regularizer=None, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0,
+                 chunk_size=None, add_loss=True, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size < 1:
+            raise ValueError(f"`vocab_size` must be a positive integer. Received: {vocab_size!r}")
+        self.vocab_size = int(vocab_size)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self._init_head(ignore_index, label_smoothing, class_weights, z_loss, chunk_size, add_loss)
+
+    def build(self, hidden_shape, labels_shape=None):
+        self.kernel = self.add_weight(name="kernel", shape=(hidden_shape[-1], self.vocab_size),
+                                      initializer=self.kernel_initializer, regularizer=self.kernel_regularizer)
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(name="bias", shape=(self.vocab_size,), initializer=self.bias_initializer)
+
+    def call(self, hidden, labels=None):
+        if labels is None:
+            return self.logits(hidden)
+        bias = None if self.bias is None else tf.cast(self.bias, hidden.dtype)
+        return self._token_loss(hidden, tf.cast(self.kernel, hidden.dtype), labels, bias, False)
+
+    def logits(self, hidden):
+        """hidden @ kernel (+ bias): the full logits, for inference."""
+        hidden = tf.convert_to_tensor(hidden, self.compute_dtype)
+        bias = None if self.bias is None else tf.cast(self.bias, hidden.dtype)
+        return linear_logits(hidden, tf.cast(self.kernel, hidden.dtype), bias=bias)
+
+    def compute_output_spec(self, hidden, labels=None):
+        if labels is None:
+            return keras.KerasTensor(tuple(hidden.shape[:-1]) + (self.vocab_size,), dtype=self.compute_dtype)
+        return keras.KerasTensor(tuple(labels.shape), dtype=_loss_dtype(self.compute_dtype))
+
+    def get_config(self):
+        return dict(
+            super().get_config(),
+            vocab_size=self.vocab_size,
+            use_bias=self.use_bias,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            bias_initializer=keras.initializers.serialize(self.bias_initializer),
+            kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer),
+            **self._head_config(),
+        )
+
+
+@keras.saving.register_keras_serializable(package="fused_xent")
+class TiedEmbedding(_FusedHead, keras.layers.Embedding):
+    """A ``keras.layers.Embedding`` whose V x H matrix is also the fused output head.
+
+    ``call(tokens)`` looks up embeddings; ``call(hidden, labels, reverse=True)``
+    returns the per-token loss of ``hidden @ embeddings^T`` (and adds its mean
+    with ``add_loss=True``); ``call(hidden, reverse=True)`` returns the logits.
+    One layer, one variable: tying survives saving and loading.
+    """
+
+    def __init__(self, input_dim, output_dim, ignore_index=None, label_smoothing=0.0, class_weights=None,
+                 z_loss=0.0, chunk_size=None, add_loss=True, **kwargs):
+        super().__init__(input_dim, output_dim, **kwargs)
+        self._init_head(ignore_index, label_smoothing, class_weights, z_loss, chunk_size, add_loss)
+
+    def call(self, inputs, labels=None, reverse=False):
+        if not reverse:
+            if labels is not None:
+                raise ValueError("TiedEmbedding: labels are only used with reverse=True (the output head)")
+            return super().call(inputs)
+        if labels is None:
+            return self.logits(inputs)
+        hidden = tf.convert_to_tensor(inputs, self.compute_dtype)
+        return self._token_loss(hidden, tf.cast(self.embeddings, hidden.dtype), labels, None, True)
+
+    def logits(self, hidden):
+        hidden = tf.convert_to_tensor(hidden, self.compute_dtype)
+        return linear_logits(hidden, tf.cast(self.embeddings, hidden.dtype), transpose_weight=True)
+
+    def compute_output_spec(self, inputs, labels=None, reverse=False):
+        if not reverse:
+            return super().compute_output_spec(inputs)
+        if labels is None:
+            return keras.KerasTensor(tuple(inputs.shape[:-1]) + (self.input_dim,), dtype=self.compute_dtype)
+        return keras.KerasTensor(tuple(labels.shape), dtype=_loss_dtype(self.compute_dtype))
+
+    def get_config(self):
+        return dict(super().get_config(), **self._head_config())
+
+
+def _loss_dtype(compute_dtype):
+    return "float32" if compute_dtype in ("float16", "bfloat16") else compute_dtype
