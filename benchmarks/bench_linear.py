@@ -1,31 +1,36 @@
 """Peak memory and step time of a training step of the output layer + loss.
 
-Compared, on the same inputs:
+Compared, on the same inputs (no bias):
   fused         fused_xent.linear_cross_entropy (gradients computed in the forward)
-  recompute     the same with the logits recomputed in the backward (design (a))
+  recompute     the same, logits recomputed in the backward instead
   dense_ours    logits = h @ W, then fused_xent.sparse_softmax_cross_entropy_with_logits
   dense_keras   logits = h @ W, then keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 A step (one tf.function) takes the mean loss, the gradients to the hidden
-states and to W, and applies W -= lr * dW. Every (method, shape, dtype) runs
-in a fresh subprocess: it builds the inputs and W, runs one warm-up step
-(tracing), then records its RSS, resets the kernel's peak-RSS counter
-(/proc/self/clear_refs) and times --steps steps. "Peak above" is the peak
-RSS minus that RSS minus the size of dW (which is part of the step but not of
-the baseline), so it is the memory the step needs beyond inputs, weights and
-weight gradient. glibc is told to mmap every allocation over 128 KiB
-(MALLOC_MMAP_THRESHOLD_), so freed blocks leave the RSS, and the fused
-kernels' buffer cache is off (FUSED_XENT_BUFFER_CACHE_MB=0) for every method.
+states and to W, and applies W -= lr * dW.
 
-  python benchmarks/bench_linear.py                    # the four shapes x dtypes, 5 steps each
-  python benchmarks/bench_linear.py --quick            # small shapes
-  python benchmarks/bench_linear.py --markdown docs/linear_head_results.md --plot docs/linear_head.png
+Memory: each (method, shape, dtype) runs in a fresh process, which builds the
+inputs and W, runs one warm-up step (tracing, one-time allocations), records
+its RSS, resets the kernel's peak-RSS counter (/proc/self/clear_refs) and runs
+two steps. "Peak above" = peak RSS - that RSS - size of dW (made and freed by
+each step): what the step needs beyond inputs, weights and weight gradient.
+The allocators are set to give freed memory back (MEMORY_ENV), so the RSS
+follows the tensors alive, alike for every method.
+
+Time: per shape and dtype, one fresh process builds all methods' steps and
+runs them in turn, --steps rounds; medians. Alternating keeps the load of a
+shared machine from favouring one method.
+
+  python benchmarks/bench_linear.py                       # both shapes, float32 and bfloat16
+  python benchmarks/bench_linear.py --quick               # a small shape
+  python benchmarks/bench_linear.py --markdown out.md --plot out.png --json out.json
 """
 
 import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -35,8 +40,14 @@ SHAPES = ((2048, 256, 32000), (1024, 256, 128256))
 QUICK_SHAPES = ((512, 64, 8000),)
 DTYPES = ("float32", "bfloat16")
 
+# Freed memory leaves the RSS: TensorFlow's oneDNN allocator otherwise keeps a
+# pool at its high-water mark, and glibc keeps blocks under its self-raising
+# mmap threshold; the fused kernels' gradient cache is off.
+MEMORY_ENV = {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "true", "MALLOC_MMAP_THRESHOLD_": "131072",
+              "FUSED_XENT_BUFFER_CACHE_MB": "0"}
 
-# ------------------------------------------------------------------ child
+
+# ------------------------------------------------------------------ child processes
 
 
 def _rss_kib(field):
@@ -83,56 +94,80 @@ def _make_step(method, tf, dtype, chunk_size):
     return step
 
 
-def child(args):
-    import numpy as np
-    import tensorflow as tf
-
+def _inputs(args, tf, np):
     dtype = tf.as_dtype(args.dtype)
     rng = np.random.default_rng(0)
     h = tf.constant(rng.normal(size=(args.n, args.h)).astype(np.float32), dtype)
     w = tf.Variable(tf.constant((rng.normal(size=(args.h, args.v)) / np.sqrt(args.h)).astype(np.float32), dtype))
     y = tf.constant(rng.integers(0, args.v, args.n), tf.int32)
+    return dtype, h, w, y
+
+
+def child_memory(args):
+    import numpy as np
+    import tensorflow as tf
+
+    dtype, h, w, y = _inputs(args, tf, np)
     step = _make_step(args.method, tf, dtype, args.chunk_size)
-    float(tf.reduce_sum(tf.cast(w, tf.float32)))  # starts the runtime, reads W
-    step.get_concrete_function(h, w, y)  # traces (Python and graph memory, not the step's)
+    float(step(h, w, y)[0])  # warm-up
     base = _rss_kib("VmRSS")
     _reset_peak()
-    loss, _ = step(h, w, y)  # first run: graph optimisation, first allocations
-    float(loss)
-    after_first = _rss_kib("VmHWM")
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        loss, check = step(h, w, y)
-        float(loss), float(check)
-        times.append(time.perf_counter() - start)
+    for _ in range(2):
+        float(step(h, w, y)[0])
     peak = _rss_kib("VmHWM")
     weight_bytes = args.h * args.v * dtype.size
-    print(json.dumps({
-        "method": args.method, "n": args.n, "h": args.h, "v": args.v, "dtype": args.dtype,
-        "peak_above_mb": (peak - base) * 1024 / 1e6 - weight_bytes / 1e6,
-        "logits_mb": args.n * args.v * dtype.size / 1e6,
-        "weight_mb": weight_bytes / 1e6,
-        "first_step_peak_above_mb": (after_first - base) * 1024 / 1e6 - weight_bytes / 1e6,
-        "step_s": sorted(times)[len(times) // 2],
-        "times": times,
-        "loss": float(loss),
-    }))
+    print(json.dumps({"peak_above_mb": (peak - base) * 1024 / 1e6 - weight_bytes / 1e6}))
+
+
+def child_timing(args):
+    import numpy as np
+    import tensorflow as tf
+
+    dtype, h, w, y = _inputs(args, tf, np)
+    steps = {m: _make_step(m, tf, dtype, args.chunk_size) for m in args.methods.split(",")}
+    first_loss = {m: float(step(h, w, y)[0]) for m, step in steps.items()}  # warm-up
+    times = {m: [] for m in steps}
+    for _ in range(args.steps):
+        for m, step in steps.items():
+            start = time.perf_counter()
+            loss, check = step(h, w, y)
+            float(loss), float(check)
+            times[m].append(time.perf_counter() - start)
+    print(json.dumps({"times": times, "first_loss": first_loss}))
 
 
 # ------------------------------------------------------------------ parent
 
 
-def run_config(method, n, h, v, dtype, steps, chunk_size=None):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", MALLOC_MMAP_THRESHOLD_="131072", FUSED_XENT_BUFFER_CACHE_MB="0")
-    command = [sys.executable, __file__, "--child", "--method", method, "--n", str(n), "--h", str(h), "--v", str(v),
-               "--dtype", dtype, "--steps", str(steps)]
-    if chunk_size:
-        command += ["--chunk-size", str(chunk_size)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+def _child(mode, shape, dtype, args, extra):
+    n, h, v = shape
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **MEMORY_ENV)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--n", str(n), "--h", str(h), "--v", str(v),
+           "--dtype", dtype, "--steps", str(args.steps), *extra]
+    if args.chunk_size:
+        cmd += ["--chunk-size", str(args.chunk_size)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"{method} {n}x{h}x{v} {dtype} failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"{mode} {n}x{h}x{v} {dtype} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_shape(methods, shape, dtype, args):
+    n, h, v = shape
+    timing = _child("timing", shape, dtype, args, ["--methods", ",".join(methods)])
+    itemsize = 2 if dtype in ("bfloat16", "float16") else 4
+    results = []
+    for method in methods:
+        peaks = [_child("memory", shape, dtype, args, ["--method", method])["peak_above_mb"]
+                 for _ in range(args.memory_runs)]
+        times = timing["times"][method]
+        results.append({
+            "method": method, "n": n, "h": h, "v": v, "dtype": dtype,
+            "peak_above_mb": statistics.median(peaks), "peaks_mb": peaks,
+            "logits_mb": n * v * itemsize / 1e6, "weight_mb": h * v * itemsize / 1e6,
+            "step_s": statistics.median(times), "times": times, "first_loss": timing["first_loss"][method],
+        })
+    return results
 
 
 def hardware():
@@ -146,22 +181,28 @@ def hardware():
     return f"{os.cpu_count()} cores of {cpu}, {memory_gib:.0f} GiB, {platform.system()}"
 
 
+def _ratio(r, results, other):
+    base = next((m for m in results if m["method"] == other and (m["n"], m["h"], m["v"], m["dtype"]) ==
+                 (r["n"], r["h"], r["v"], r["dtype"])), None)
+    return f"{r['step_s'] / base['step_s']:.2f}×" if base else ""
+
+
 def markdown(results, command):
     lines = [
-        "| N × H × V | dtype | method | peak above inputs, W, dW (MB) | % of N×V logits | step (s, median) | vs dense_ours | vs dense_keras |",
+        f"Command: `{command}`  ",
+        f"Hardware: {hardware()}",
+        "",
+        "| N × H × V | dtype | method | peak above inputs, W, dW | % of N×V logits | step (median) "
+        "| ÷ dense_ours | ÷ dense_keras |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        same = {m["method"]: m for m in results if (m["n"], m["v"], m["dtype"]) == (r["n"], r["v"], r["dtype"])}
-        ours, keras = same.get("dense_ours"), same.get("dense_keras")
         lines.append(
-            f"| {r['n']}×{r['h']}×{r['v']} | {r['dtype']} | {r['method']} | {r['peak_above_mb']:.0f} | "
-            f"{100 * r['peak_above_mb'] / r['logits_mb']:.0f}% | {r['step_s']:.3f} | "
-            f"{r['step_s'] / ours['step_s']:.2f}× | {r['step_s'] / keras['step_s']:.2f}× |"
-            if ours and keras else f"| {r['n']}×{r['h']}×{r['v']} | {r['dtype']} | {r['method']} | "
-            f"{r['peak_above_mb']:.0f} | | {r['step_s']:.3f} | | |"
+            f"| {r['n']}×{r['h']}×{r['v']} | {r['dtype']} | {r['method']} | {r['peak_above_mb']:.0f} MB | "
+            f"{100 * r['peak_above_mb'] / r['logits_mb']:.1f}% | {r['step_s']:.2f} s | "
+            f"{_ratio(r, results, 'dense_ours')} | {_ratio(r, results, 'dense_keras')} |"
         )
-    return "\n".join([f"Command: `{command}`", "", f"Hardware: {hardware()}", ""] + lines) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def plot(results, path):
@@ -171,60 +212,62 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     configs = sorted({(r["n"], r["h"], r["v"], r["dtype"]) for r in results}, key=lambda c: (c[2], c[3]))
+    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
     fig, (mem_ax, time_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    width = 0.8 / len(METHODS)
-    for k, method in enumerate(METHODS):
-        rows = [next((r for r in results if (r["n"], r["h"], r["v"], r["dtype"]) == c and r["method"] == method), None)
+    width = 0.8 / len(methods)
+    for k, method in enumerate(methods):
+        rows = [next(r for r in results if (r["n"], r["h"], r["v"], r["dtype"]) == c and r["method"] == method)
                 for c in configs]
         xs = [i + k * width for i in range(len(configs))]
-        mem_ax.bar(xs, [100 * r["peak_above_mb"] / r["logits_mb"] if r else 0 for r in rows], width, label=method)
-        time_ax.bar(xs, [r["step_s"] if r else 0 for r in rows], width, label=method)
-    labels = [f"{n}×{h}×{v}\n{d}" for n, h, v, d in configs]
+        mem_ax.bar(xs, [100 * r["peak_above_mb"] / r["logits_mb"] for r in rows], width, label=method)
+        time_ax.bar(xs, [r["step_s"] for r in rows], width, label=method)
     for ax in (mem_ax, time_ax):
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))], labels, fontsize=8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))],
+                      [f"{n}×{h}×{v}\n{d}" for n, h, v, d in configs], fontsize=8)
     mem_ax.axhline(25, color="k", ls="--", lw=1)
     mem_ax.set_ylabel("peak RSS above inputs, W, dW (% of N×V logits)")
-    time_ax.set_ylabel("training step (s, median)")
+    time_ax.set_ylabel("training step, median (s)")
     mem_ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--method", choices=METHODS)
+    parser.add_argument("--child", choices=("memory", "timing"), help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int)
     parser.add_argument("--h", type=int)
     parser.add_argument("--v", type=int)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--chunk-size", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: the function's)")
+    parser.add_argument("--steps", type=int, default=7, help="timed rounds (every method once per round)")
+    parser.add_argument("--memory-runs", type=int, default=1, help="fresh processes per method for the peak RSS")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
-    parser.add_argument("--quick", action="store_true", help="small shapes only")
+    parser.add_argument("--quick", action="store_true", help="a small shape only")
     parser.add_argument("--markdown", help="write the results table here")
     parser.add_argument("--plot", help="write a PNG of the results here")
     parser.add_argument("--json", help="write the raw results here")
     args = parser.parse_args()
     if args.child:
-        return child(args)
+        return child_memory(args) if args.child == "memory" else child_timing(args)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.n:
         shapes = ((args.n, args.h, args.v),)
+    methods = args.methods.split(",")
     results = []
-    for n, h, v in shapes:
+    for shape in shapes:
         for dtype in args.dtypes.split(","):
-            for method in args.methods.split(","):
-                r = run_config(method, n, h, v, dtype, args.steps, args.chunk_size)
-                print(f"{method:12s} {n}x{h}x{v} {dtype:9s} peak above {r['peak_above_mb']:7.1f} MB "
+            for r in run_shape(methods, shape, dtype, args):
+                print(f"{r['method']:12s} {r['n']}x{r['h']}x{r['v']} {dtype:9s} peak above {r['peak_above_mb']:7.1f} MB "
                       f"({100 * r['peak_above_mb'] / r['logits_mb']:5.1f}% of logits)  step {r['step_s']:.3f} s",
                       flush=True)
                 results.append(r)
-    command = "python benchmarks/bench_linear.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python", "benchmarks/bench_linear.py", *sys.argv[1:]])
     if args.markdown:
         with open(args.markdown, "w") as out:
-            out.write(markdown(results, command.strip()))
+            out.write(markdown(results, command))
     if args.json:
         with open(args.json, "w") as out:
             json.dump(results, out, indent=1)

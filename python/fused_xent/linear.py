@@ -35,11 +35,15 @@ __all__ = ["linear_cross_entropy", "linear_logits"]
 
 _FLOATS = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 _HALF = (tf.float16, tf.bfloat16)
-# Default chunk: at most this many bytes of logits, and at most 1/8 of all rows.
-_CHUNK_BYTES = 64 << 20
-_MIN_CHUNK_ROWS = 16
-# A slab of dW (see _add_weight_gradient) holds at most 1/_SLAB_PARTS of a chunk's logits.
-_SLAB_PARTS = 4
+# Default chunk: at most 1/6 of the rows (so a chunk's logits are at most 1/6
+# of all N x V), at most this many bytes, a multiple of 16 rows and at least 16.
+_CHUNK_BYTES = 128 << 20
+_CHUNK_FRACTION = 6
+_ROW_MULTIPLE = 16
+# A slab of dW (see _add_weight_gradient) is 1/_SLAB_PARTS of a chunk's logits,
+# but at least _MIN_SLAB_ROWS rows: thinner matmuls run slower.
+_SLAB_PARTS = 8
+_MIN_SLAB_ROWS = 64
 
 
 class _Config:
@@ -67,7 +71,7 @@ class _Config:
     def slab_rows(self):
         """Rows of dW per in-place add."""
         rows, cols = (self.vocab, self.hidden_size) if self.transpose_weight else (self.hidden_size, self.vocab)
-        slab = max(1, (self.chunk * self.vocab) // (_SLAB_PARTS * cols))
+        slab = max(_MIN_SLAB_ROWS, (self.chunk * self.vocab) // (_SLAB_PARTS * cols))
         return min(rows, slab)
 
 
@@ -86,8 +90,8 @@ def _checked_chunk(chunk_size, rows, vocab, dtype):
     if chunk_size is None:
         chunk = _CHUNK_BYTES // (vocab * dtype.size)
         if rows is not None:
-            chunk = min(chunk, -(-rows // 8))
-        return max(_MIN_CHUNK_ROWS, chunk)
+            chunk = min(chunk, rows // _CHUNK_FRACTION)
+        return max(_ROW_MULTIPLE, chunk - chunk % _ROW_MULTIPLE)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     return int(chunk_size)
