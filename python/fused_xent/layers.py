@@ -48,11 +48,10 @@ def _loss_options(ignore_index, label_smoothing, class_weights, z_loss, chunk_si
 
 
 def _mean_loss(loss, labels, ignore_index):
-    """Mean over the tokens that count, per replica as Keras scales its own losses."""
+    """Mean over the tokens that count. (Keras's trainer divides added losses by the
+    number of replicas itself, and multiplies the reported loss back.)"""
     counted = tf.ones_like(loss) if ignore_index is None else tf.cast(tf.not_equal(labels, ignore_index), loss.dtype)
-    mean = tf.math.divide_no_nan(tf.reduce_sum(loss), tf.reduce_sum(counted))
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    return mean / replicas if replicas > 1 else mean
+    return tf.math.divide_no_nan(tf.reduce_sum(loss), tf.reduce_sum(counted))
 
 
 class _FusedHead:

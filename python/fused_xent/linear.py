@@ -330,9 +330,8 @@ def _counted_rows(y, cfg):
     return tf.not_equal(y, tf.constant(attrs["ignore_index"], y.dtype))
 
 
-def _reference_gradient(g, counted):
-    """(g_ref, uniform): the upstream gradient shared by all counted rows, if it is."""
-    g = tf.cast(g, tf.float32)
+def _shared_gradient(g, counted):
+    """(g_ref, uniform): the upstream gradient shared by all counted rows, if they share one."""
     high = tf.reduce_max(tf.where(counted, g, -np.inf))
     low = tf.reduce_min(tf.where(counted, g, np.inf))
     any_counted = tf.reduce_any(counted)
@@ -340,17 +339,19 @@ def _reference_gradient(g, counted):
 
 
 def _scaled_backward(h, w, b, y, cw, lse, dh0, dw0, db0, g, cfg):
-    """Gradients from the forward's unit-gradient ones (see the module docstring)."""
-    g_ref, uniform = _reference_gradient(g, _counted_rows(y, cfg))
+    """Gradients from the forward's unit-gradient ones (see the module docstring). dH scales
+    row by row. dW and db scale by the shared upstream gradient; without one, they are
+    zeroed (in place, the same multiply) and rebuilt from recomputed logits."""
+    g_ref, uniform = _shared_gradient(g, _counted_rows(y, cfg))
+    scale = tf.where(uniform, g_ref, 0.0)
     dh = dh0 * tf.cast(g, dh0.dtype)[:, None]
-    dw = dw0 * tf.cast(g_ref, dw0.dtype)  # in place: dw0 has no other reader
-    db = db0 * tf.cast(g_ref, db0.dtype)
+    dw = dw0 * tf.cast(scale, dw0.dtype)  # in place when nothing else holds dw0
+    db = db0 * tf.cast(scale, db0.dtype)
 
-    def correct():
-        delta = tf.cast(g, tf.float32) - g_ref
-        return _weight_gradients(h, w, b, y, cw, lse, delta, dw, db, cfg)[1:]
+    def rebuild():
+        return _weight_gradients(h, w, b, y, cw, lse, g, dw, db, cfg)[1:]
 
-    dw, db = tf.cond(uniform, lambda: (tf.identity(dw), tf.identity(db)), correct)
+    dw, db = tf.cond(uniform, lambda: (tf.identity(dw), tf.identity(db)), rebuild)
     return dh, dw, db
 
 
