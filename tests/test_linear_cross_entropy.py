@@ -403,7 +403,7 @@ def test_memory_target_in_a_fresh_process():
     finally:
         sys.path.pop(0)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **bench_linear.MEMORY_ENV)
-    n, h, v = 1024, 256, 32000
+    n, h, v = 2048, 256, 32000
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_linear.py"), "--child", "memory", "--method", "fused",
            "--n", str(n), "--h", str(h), "--v", str(v), "--dtype", "float32"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)

@@ -35,15 +35,15 @@ __all__ = ["linear_cross_entropy", "linear_logits"]
 
 _FLOATS = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 _HALF = (tf.float16, tf.bfloat16)
-# Default chunk: at most 1/6 of the rows (so a chunk's logits are at most 1/6
+# Default chunk: at most 1/8 of the rows (so a chunk's logits are at most 1/8
 # of all N x V), at most this many bytes, a multiple of 16 rows and at least 16.
 _CHUNK_BYTES = 128 << 20
-_CHUNK_FRACTION = 6
+_CHUNK_FRACTION = 8
 _ROW_MULTIPLE = 16
-# A slab of dW (see _add_weight_gradient) is 1/_SLAB_PARTS of a chunk's logits,
-# but at least _MIN_SLAB_ROWS rows: thinner matmuls run slower.
-_SLAB_PARTS = 8
-_MIN_SLAB_ROWS = 64
+# A slab of dW (see _add_weight_gradient) is at most 1/_SLAB_PARTS of a chunk's
+# logits, and at least _MIN_SLAB_ROWS rows: thinner matmuls run slower.
+_SLAB_PARTS = 4
+_MIN_SLAB_ROWS = 16
 
 
 class _Config:
@@ -335,7 +335,7 @@ def _shared_gradient(g, counted):
     high = tf.reduce_max(tf.where(counted, g, -np.inf))
     low = tf.reduce_min(tf.where(counted, g, np.inf))
     any_counted = tf.reduce_any(counted)
-    return tf.where(any_counted, high, 0.0), tf.logical_or(tf.equal(high, low), tf.logical_not(any_counted))
+    return tf.where(any_counted, high, tf.zeros_like(high)), tf.logical_or(tf.equal(high, low), tf.logical_not(any_counted))
 
 
 def _scaled_backward(h, w, b, y, cw, lse, dh0, dw0, db0, g, cfg):
@@ -343,7 +343,7 @@ def _scaled_backward(h, w, b, y, cw, lse, dh0, dw0, db0, g, cfg):
     row by row. dW and db scale by the shared upstream gradient; without one, they are
     zeroed (in place, the same multiply) and rebuilt from recomputed logits."""
     g_ref, uniform = _shared_gradient(g, _counted_rows(y, cfg))
-    scale = tf.where(uniform, g_ref, 0.0)
+    scale = tf.where(uniform, g_ref, tf.zeros_like(g_ref))
     dh = dh0 * tf.cast(g, dh0.dtype)[:, None]
     dw = dw0 * tf.cast(scale, dw0.dtype)  # in place when nothing else holds dw0
     db = db0 * tf.cast(scale, db0.dtype)
@@ -393,7 +393,7 @@ def _fused(h, w, b, y, cw, cfg, strategy):
             loss, lse = _run(_forward_only, cfg, h, w, b, y, cw)
 
         def grad(g):
-            g = tf.reshape(tf.cast(g, tf.float32), [-1])
+            g = tf.reshape(tf.cast(g, tf.float64 if cfg.dtype == tf.float64 else tf.float32), [-1])
             if precompute:
                 dh, dw, db = _run(_scaled_backward, cfg, h, w, b, y, cw, lse, dh0, dw0, db0, g)
             else:
