@@ -31,6 +31,9 @@ def build_info():
 __all__ = [
     "build_info",
     "cached_memory_info",
+    "layers",
+    "linear_cross_entropy",
+    "linear_logits",
     "numpy",
     "release_cached_memory",
     "softmax_cross_entropy_with_logits",
@@ -44,7 +47,11 @@ _TENSORFLOW_ATTRIBUTES = {
     "cached_memory_info": "fused_xent._cache",
     "release_cached_memory": "fused_xent._cache",
     "losses": "fused_xent.losses",
+    "linear_cross_entropy": "fused_xent.linear",
+    "linear_logits": "fused_xent.linear",
+    "layers": "fused_xent.layers",
 }
+_MODULES = ("losses", "layers")  # attributes that are modules, not functions
 _HAS_OP_LIBRARY = _core.build_info()["tensorflow_version"] is not None
 
 
@@ -55,16 +62,16 @@ def __getattr__(name):
     try:
         import tensorflow  # noqa: F401  (the hook below registers the ops as it finishes)
     except ImportError as error:
-        if name == "losses":
+        if name in _MODULES:
             raise ImportError(_missing_tensorflow_message(name)) from error
         return _unavailable(name, tensorflow_missing=True)
     if not _HAS_OP_LIBRARY:
-        if name == "losses":
+        if name in _MODULES:
             _register_ops()  # raises the loader's explanation
         return _unavailable(name, tensorflow_missing=False)
     _register_ops()  # raises the loader's ImportError (naming both versions on a mismatch) again
     value = importlib.import_module(module)
-    if name != "losses":
+    if name not in _MODULES:
         value = getattr(value, name)
     globals()[name] = value
     return value
@@ -112,6 +119,7 @@ def _register_losses():
     if keras.backend.backend() == "tensorflow":
         _register_ops()
         importlib.import_module("fused_xent.losses")  # keras.saving.register_keras_serializable
+        importlib.import_module("fused_xent.layers")  # the fused head's layers, likewise
 
 
 def _imported(name):
