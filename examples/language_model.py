@@ -88,8 +88,6 @@ def rss_mb(field):
 
 
 def train(name, make, keras, x, y, args):
-    import keras as _keras  # noqa: F401
-
     keras.utils.set_random_seed(0)  # the same initial weights for both runs
     model = make(keras, args.vocab_size, args.dim, args.length)
     inputs = x if name == "keras" else [x, y]

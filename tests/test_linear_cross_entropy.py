@@ -322,7 +322,7 @@ def test_keras_fit_save_load(layer_kind, tmp_path):
 
 
 def test_keras_head_loss_and_logits_match_reference():
-    keras = pytest.importorskip("keras")
+    pytest.importorskip("keras")
     from fused_xent.layers import LinearCrossEntropy
 
     head = LinearCrossEntropy(53, use_bias=True, label_smoothing=0.1, add_loss=False)
