@@ -17,7 +17,7 @@ import pytest
 
 PYTHON_DIR = str(Path(__file__).resolve().parent.parent / "python")
 RESULT = "RESULT "
-FRAMEWORKS = ("tensorflow", "keras", "jax")
+FRAMEWORKS = ("tensorflow", "keras", "jax", "torch")
 
 
 def run_fresh(source, cwd, timeout=150, **env):

@@ -3,7 +3,7 @@
 TensorFlow functions mirroring ``tf.nn`` (``sparse_softmax_cross_entropy_with_logits``,
 ``softmax_cross_entropy_with_logits``), Keras losses in ``fused_xent.losses``, and
 the same kernels on NumPy arrays in ``fused_xent.numpy`` (which works without
-TensorFlow and never imports it).
+TensorFlow and never imports it), and in JAX in ``fused_xent.jax``.
 
 ``import fused_xent`` does not import TensorFlow either: the TensorFlow
 functions and ``fused_xent.losses`` are imported on first use. The ops and
@@ -55,7 +55,13 @@ _MODULES = ("losses", "layers")  # attributes that are modules, not functions
 _HAS_OP_LIBRARY = _core.build_info()["tensorflow_version"] is not None
 
 
+# Other frameworks' functions: imported on first access, never by `import fused_xent`.
+_FRAMEWORK_MODULES = ("jax", "torch")
+
+
 def __getattr__(name):
+    if name in _FRAMEWORK_MODULES:
+        return importlib.import_module(f"fused_xent.{name}")
     module = _TENSORFLOW_ATTRIBUTES.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -78,7 +84,7 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_TENSORFLOW_ATTRIBUTES))
+    return sorted(set(globals()) | set(_TENSORFLOW_ATTRIBUTES) | set(_FRAMEWORK_MODULES))
 
 
 def _missing_tensorflow_message(name):

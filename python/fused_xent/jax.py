@@ -1,0 +1,368 @@
+"""The fused kernels in JAX: the XLA FFI handlers called with ``jax.ffi.ffi_call``.
+
+``sparse_softmax_cross_entropy_with_logits`` and ``softmax_cross_entropy_with_logits``
+take the arguments of the TensorFlow functions of the same names and return the
+per-example loss. They work eagerly and under ``jax.jit``, ``jax.grad`` and
+``jax.vmap`` (which runs the kernels once per batch element), on the CPU and,
+in CUDA builds, on the GPU.
+
+The first derivative is the fused backward kernel (a ``jax.custom_vjp``).
+Higher derivatives (``jax.hessian``, gradient penalties) use a composite of
+jax.numpy ops for the derivative of that kernel: exact, but not fused.
+
+The kernels keep each row's logsumexp in float64 between the forward and the
+backward call. It is an internal value that JAX never differentiates, so
+``jax_enable_x64`` may stay off (the FFI call returns it as float64 anyway).
+
+A label outside ``[0, C)`` that is not ``ignore_index`` raises the handler's
+``INVALID_ARGUMENT`` error on the CPU (a ``JaxRuntimeError``); on a GPU it gives
+NaN for its row. Gradients with respect to ``class_weights`` are zero.
+"""
+
+import functools
+import numbers
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fused_xent import _core
+from fused_xent.numpy import _checked_ignore_index
+
+__all__ = ["softmax_cross_entropy_with_logits", "sparse_softmax_cross_entropy_with_logits"]
+
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+_JAX_PLATFORMS = {"cpu": "cpu", "cuda": "CUDA"}
+_lock = threading.Lock()
+_registered = False
+
+
+def _register_targets():
+    """Registers the build's FFI targets in JAX, once, for every platform it has."""
+    global _registered
+    if _registered:
+        return
+    with _lock:
+        if _registered:
+            return
+        for platform, targets in _core.ffi_targets().items():
+            for name, capsule in targets.items():
+                try:
+                    jax.ffi.register_ffi_target(name, capsule, platform=_JAX_PLATFORMS.get(platform, platform))
+                except Exception:  # noqa: BLE001  (a jaxlib without that platform: its calls never run there)
+                    if platform == "cpu":
+                        raise
+        _registered = True
+
+
+# ---------------------------------------------------------------- arguments (messages as in _ops.py)
+
+
+def _float_logits(logits):
+    logits = jnp.asarray(logits)
+    if logits.dtype.name not in _FLOAT_NAMES:
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype.name}")
+    if logits.ndim == 0:
+        raise ValueError(f"`logits` cannot be a scalar. Received logits={logits}")
+    return logits
+
+
+def _check_smoothing(label_smoothing):
+    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    return float(label_smoothing)
+
+
+def _check_z_loss(z_loss):
+    if not isinstance(z_loss, numbers.Real) or not 0.0 <= float(z_loss) < float("inf"):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    return float(z_loss)
+
+
+def _negative_axis(axis, rank):
+    """axis counted from the end, so that it stays right when vmap adds leading axes."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
+    if not -rank <= axis < rank:
+        raise ValueError(f"axis {axis} is out of range for logits of rank {rank}")
+    return int(axis) - rank if axis >= 0 else int(axis)
+
+
+def _class_weights(class_weights, classes):
+    if class_weights is None:
+        return jnp.zeros([0], jnp.float32)
+    dtype = getattr(class_weights, "dtype", None)
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"class_weights must be floating point, got {jnp.dtype(dtype).name}")
+    try:
+        weights = jnp.asarray(class_weights, jnp.float32)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"class_weights must be a vector of floats: {error}") from None
+    if weights.ndim != 1:
+        raise ValueError(f"class_weights must be a vector (one weight per class), got shape {weights.shape}")
+    if weights.shape[0] != classes:
+        raise ValueError(f"class_weights has {weights.shape[0]} entries but logits have {classes} classes")
+    if not isinstance(weights, jax.core.Tracer):  # known values are checked now, others by the CPU kernels
+        values = np.asarray(weights)
+        bad = np.flatnonzero(~(np.isfinite(values) & (values >= 0)))
+        if bad.size:
+            raise ValueError(f"class_weights must be finite and >= 0, got {values[bad[0]]} for class {bad[0]}")
+    return weights
+
+
+def _check_sparse_shapes(labels, logits, axis):
+    if labels.ndim != logits.ndim - 1:
+        raise ValueError(
+            "`labels.shape.rank` must equal `logits.shape.rank - 1`. Received: "
+            f"labels.shape={labels.shape} of rank {labels.ndim} and "
+            f"logits.shape={logits.shape} of rank {logits.ndim}"
+        )
+    dims = list(logits.shape)
+    del dims[axis]
+    if tuple(labels.shape) != tuple(dims):
+        raise ValueError(
+            "`labels.shape` must equal `logits.shape` except for the class axis. Received: "
+            f"labels.shape={labels.shape} and logits.shape={logits.shape}"
+        )
+
+
+# ---------------------------------------------------------------- the FFI calls
+#
+# `opts` is a hashable tuple of the static options (jax.custom_* nondiff argument):
+# sparse: (axis, label_smoothing, z_loss, ignore_index or None); dense: (axis, label_smoothing, z_loss).
+# axis is negative; the floats are what the kernel sees (float32).
+
+
+def _attrs(opts):
+    attrs = dict(axis=np.int64(opts[0]), label_smoothing=np.float32(opts[1]), z_loss=np.float32(opts[2]))
+    if len(opts) == 4:
+        attrs.update(ignore_index=np.int64(0 if opts[3] is None else opts[3]), has_ignore_index=opts[3] is not None)
+    return attrs
+
+
+def _rows(z, axis):
+    return jax.ShapeDtypeStruct(tuple(d for i, d in enumerate(z.shape) if i != axis % z.ndim), z.dtype)
+
+
+def _forward_ffi(name, opts, z, *operands):
+    row = _rows(z, opts[0])
+    lse = jax.ShapeDtypeStruct(row.shape, np.float64)  # float64 even without x64: the call returns it as asked
+    return jax.ffi.ffi_call(name, (row, lse), vmap_method="sequential")(z, *operands, **_attrs(opts))
+
+
+def _backward_ffi(name, opts, z, *operands):
+    no_grad_lse = jnp.zeros([0], jnp.float32)  # empty: only its element count is read
+    out = jax.ShapeDtypeStruct(z.shape, z.dtype)
+    return jax.ffi.ffi_call(name, out, vmap_method="sequential")(z, *operands, no_grad_lse, **_attrs(opts))
+
+
+def _acc(dtype):
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def _softmax_parts(z, axis):
+    z = z.astype(_acc(z.dtype))
+    lse = jax.nn.logsumexp(z, axis=axis, keepdims=True)
+    return z, lse, jnp.exp(z - lse)
+
+
+# Composite gradients (dz = g*w*((sum q + 2 lambda lse) p - q), docs/derivation.md): only
+# differentiated, for the second derivative; the first is the fused kernel.
+
+
+def _sparse_gradient_composite(opts, z, labels, weights, g):
+    axis, eps, lam, ignore_index = opts
+    z, lse, p = _softmax_parts(z, axis)
+    acc = z.dtype
+    classes = z.shape[axis]
+    valid = labels != ignore_index if ignore_index is not None else jnp.ones(labels.shape, bool)
+    safe = jnp.where(valid, labels, 0)
+    q = (1.0 - eps) * jax.nn.one_hot(safe, classes, axis=axis, dtype=acc) + eps / classes
+    w = weights[safe].astype(acc) if weights.shape[0] else jnp.ones(labels.shape, acc)
+    scale = jnp.expand_dims(g.astype(acc) * jnp.where(valid, w, 0.0), axis)
+    return scale * ((1.0 + 2.0 * lam * lse) * p - q)
+
+
+def _dense_gradient_composite(opts, z, t, g):
+    axis, eps, lam = opts
+    z, lse, p = _softmax_parts(z, axis)
+    q = (1.0 - eps) * t.astype(z.dtype) + eps / z.shape[axis]
+    a = jnp.sum(q, axis, keepdims=True) + 2.0 * lam * lse
+    return jnp.expand_dims(g.astype(z.dtype), axis) * (a * p - q)
+
+
+def _row_dot(a, b, axis, dtype):
+    return jnp.sum(a.astype(_acc(dtype)) * b.astype(_acc(dtype)), axis).astype(dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _sparse_forward(opts, z, labels, weights):
+    return _forward_ffi("fused_xent_sparse_forward", opts, z, labels, weights)
+
+
+@_sparse_forward.defjvp
+def _sparse_forward_jvp(opts, primals, tangents):
+    z, labels, weights = primals
+    loss, lse = _sparse_forward(opts, z, labels, weights)
+    grad = _sparse_backward(opts, z, labels, weights, lse, jnp.ones_like(loss))
+    # lse is internal: its consumers (_sparse_backward) differentiate through z instead.
+    return (loss, lse), (_row_dot(grad, tangents[0], opts[0], loss.dtype), jnp.zeros_like(lse))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _sparse_backward(opts, z, labels, weights, lse, g):
+    return _backward_ffi("fused_xent_sparse_backward", opts, z, labels, weights, lse, g)
+
+
+@_sparse_backward.defjvp
+def _sparse_backward_jvp(opts, primals, tangents):
+    z, labels, weights, lse, g = primals
+    dz, dg = tangents[0], tangents[4]
+    out = _sparse_backward(opts, z, labels, weights, lse, g)
+    _, dout = jax.jvp(lambda z, g: _sparse_gradient_composite(opts, z, labels, weights, g), (z, g), (dz, dg))
+    return out, dout.astype(out.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sparse(opts, z, labels, weights):
+    return _sparse_forward(opts, z, labels, weights)[0]
+
+
+def _sparse_vjp_forward(opts, z, labels, weights):
+    loss, lse = _sparse_forward(opts, z, labels, weights)
+    return loss, (z, labels, weights, lse)
+
+
+def _sparse_vjp_backward(opts, residuals, g):
+    z, labels, weights, lse = residuals
+    return _sparse_backward(opts, z, labels, weights, lse, g), None, None
+
+
+_sparse.defvjp(_sparse_vjp_forward, _sparse_vjp_backward)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _neg_log_softmax(axis, z, lse):
+    """lse - z from the kernel's lse; its derivative recomputes the softmax from z."""
+    return jnp.expand_dims(lse.astype(_acc(z.dtype)), axis) - z.astype(_acc(z.dtype))
+
+
+@_neg_log_softmax.defjvp
+def _neg_log_softmax_jvp(axis, primals, tangents):
+    z, lse = primals
+    out = _neg_log_softmax(axis, z, lse)
+    _, _, p = _softmax_parts(z, axis)
+    dz = tangents[0].astype(p.dtype)
+    return out, jnp.sum(p * dz, axis, keepdims=True) - dz
+
+
+def _dense_label_gradient(opts, z, lse, g, t_dtype):
+    """d loss / d t = -(1 - eps) * log_softmax(z), times g."""
+    axis, eps, _ = opts
+    scale = jnp.expand_dims(g.astype(_acc(z.dtype)) * (1.0 - eps), axis)
+    return (scale * _neg_log_softmax(axis, z, lse)).astype(t_dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _dense_forward(opts, z, t):
+    return _forward_ffi("fused_xent_dense_forward", opts, z, t)
+
+
+@_dense_forward.defjvp
+def _dense_forward_jvp(opts, primals, tangents):
+    z, t = primals
+    dz, dt = tangents
+    loss, lse = _dense_forward(opts, z, t)
+    ones = jnp.ones_like(loss)
+    grad_z = _dense_backward(opts, z, t, lse, ones)
+    grad_t = _dense_label_gradient(opts, z, lse, ones, t.dtype)
+    dloss = _row_dot(grad_z, dz, opts[0], loss.dtype) + _row_dot(grad_t, dt, opts[0], loss.dtype)
+    return (loss, lse), (dloss, jnp.zeros_like(lse))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _dense_backward(opts, z, t, lse, g):
+    return _backward_ffi("fused_xent_dense_backward", opts, z, t, lse, g)
+
+
+@_dense_backward.defjvp
+def _dense_backward_jvp(opts, primals, tangents):
+    z, t, lse, g = primals
+    dz, dt, _, dg = tangents
+    out = _dense_backward(opts, z, t, lse, g)
+    _, dout = jax.jvp(functools.partial(_dense_gradient_composite, opts), (z, t, g), (dz, dt, dg))
+    return out, dout.astype(out.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dense(opts, z, t):
+    return _dense_forward(opts, z, t)[0]
+
+
+def _dense_vjp_forward(opts, z, t):
+    loss, lse = _dense_forward(opts, z, t)
+    return loss, (z, t, lse)
+
+
+def _dense_vjp_backward(opts, residuals, g):
+    z, t, lse = residuals
+    return _dense_backward(opts, z, t, lse, g), _dense_label_gradient(opts, z, lse, g, t.dtype)
+
+
+_dense.defvjp(_dense_vjp_forward, _dense_vjp_backward)
+
+
+# ---------------------------------------------------------------- public functions
+
+
+def sparse_softmax_cross_entropy_with_logits(
+    labels, logits, *, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0, axis=-1
+):
+    """Per-example softmax cross-entropy with integer class labels, fused.
+
+    The JAX twin of ``fused_xent.sparse_softmax_cross_entropy_with_logits``: the
+    same arguments (labels int32/int64 shaped like ``logits`` without ``axis``;
+    ``ignore_index``, ``label_smoothing``, ``class_weights``, ``z_loss``) and the
+    same values. Returns the loss, shaped like ``labels``, in the logits' dtype.
+    """
+    _register_targets()
+    logits = _float_logits(logits)
+    labels = jnp.asarray(labels)
+    if labels.dtype not in (jnp.int32, jnp.int64):
+        raise TypeError(f"labels must be int32 or int64 class indices, got {labels.dtype.name}")
+    axis = _negative_axis(axis, logits.ndim)
+    _check_sparse_shapes(labels, logits, axis)
+    weights = _class_weights(class_weights, logits.shape[axis])
+    smoothing, z_loss = _check_smoothing(label_smoothing), _check_z_loss(z_loss)
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
+        raise TypeError(f"ignore_index must be an integer or None, got {ignore_index!r}")
+    ignore_index = _checked_ignore_index(ignore_index, np.dtype(labels.dtype.name))
+    opts = (axis, float(np.float32(smoothing)), float(np.float32(z_loss)), ignore_index)
+    return _sparse(opts, logits, labels, weights)
+
+
+def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothing=0.0, z_loss=0.0):
+    """Per-example softmax cross-entropy with a distribution as labels, fused.
+
+    The JAX twin of ``fused_xent.softmax_cross_entropy_with_logits``: ``labels``
+    are cast to the logits' dtype and broadcast to their shape; the gradient
+    flows to both ``logits`` and ``labels``.
+    """
+    _register_targets()
+    logits = _float_logits(logits)
+    axis = _negative_axis(axis, logits.ndim)
+    labels = jnp.asarray(labels).astype(logits.dtype)
+    if labels.shape != logits.shape:
+        try:
+            broadcast = np.broadcast_shapes(labels.shape, logits.shape)
+        except ValueError:
+            broadcast = None
+        if broadcast != tuple(logits.shape):
+            raise ValueError(
+                f"logits and labels must be broadcastable: logits_size={list(logits.shape)} "
+                f"labels_size={list(labels.shape)}"
+            )
+        labels = jnp.broadcast_to(labels, logits.shape)
+    opts = (axis, float(np.float32(_check_smoothing(label_smoothing))), float(np.float32(_check_z_loss(z_loss))))
+    return _dense(opts, logits, labels)
