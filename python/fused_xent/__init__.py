@@ -9,8 +9,9 @@ TensorFlow and never imports it), and in JAX in ``fused_xent.jax``.
 functions and ``fused_xent.losses`` are imported on first use. The ops and
 their gradients are registered as soon as TensorFlow is imported (at once if it
 already is), and the Keras losses as soon as Keras with its TensorFlow backend
-is, so ``import fused_xent``, before or after TensorFlow, is all that is
-needed before loading saved models.
+is (on Keras's JAX or PyTorch backend: as soon as Keras is, without
+TensorFlow), so ``import fused_xent``, before or after TensorFlow, is all that
+is needed before loading saved models.
 """
 
 import importlib
@@ -65,6 +66,8 @@ def __getattr__(name):
     module = _TENSORFLOW_ATTRIBUTES.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name == "losses" and _keras_backend() in _OTHER_KERAS_BACKENDS:
+        return importlib.import_module(module)  # no TensorFlow needed
     try:
         import tensorflow  # noqa: F401  (the hook below registers the ops as it finishes)
     except ImportError as error:
@@ -117,15 +120,29 @@ def _register_ops():
     importlib.import_module("fused_xent._ops")  # registers the gradients
 
 
+_OTHER_KERAS_BACKENDS = ("jax", "torch")
+
+
+def _keras_backend():
+    """Keras's backend (importing Keras), or None where it does not import."""
+    try:
+        import keras
+    except ImportError:
+        return None
+    return keras.backend.backend()
+
+
 def _register_losses():
     """What keras.models.load_model of a model compiled with our losses needs."""
     import keras
 
-    # fused_xent.losses is TensorFlow code: with another backend, importing it only costs time.
-    if keras.backend.backend() == "tensorflow":
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
         _register_ops()
         importlib.import_module("fused_xent.losses")  # keras.saving.register_keras_serializable
-        importlib.import_module("fused_xent.layers")  # the fused head's layers, likewise
+        importlib.import_module("fused_xent.layers")  # the fused head's layers (TensorFlow only), likewise
+    elif backend in _OTHER_KERAS_BACKENDS:
+        importlib.import_module("fused_xent.losses")
 
 
 def _imported(name):
@@ -134,6 +151,12 @@ def _imported(name):
 
 
 def _register():
+    # On the JAX and PyTorch backends the losses need Keras only (TensorFlow may never come).
+    if _imported("keras") and sys.modules["keras"].backend.backend() in _OTHER_KERAS_BACKENDS:
+        _register_losses()
+        return
+    if not _HAS_OP_LIBRARY:
+        return
     # TensorFlow imports Keras (tensorflow/__init__.py loads keras.src.optimizers) and
     # Keras's TensorFlow backend imports TensorFlow, so whichever finishes first waits
     # for the other: the losses module needs both complete.
@@ -196,10 +219,9 @@ class _LoaderThenRegister:
 
 
 _hook = None
-if _HAS_OP_LIBRARY:
-    _register()  # at once for what is imported already; raises the loader's ImportError on a mismatch
-    _waiting = [name for name in ("tensorflow", "keras") if sys.modules.get(name) is None]
-    if _waiting:
-        _hook = _RegisterAfterImport(_waiting)
-        sys.meta_path.insert(0, _hook)
-    del _waiting
+_register()  # at once for what is imported already; raises the loader's ImportError on a mismatch
+_waiting = [name for name in ("tensorflow", "keras") if sys.modules.get(name) is None]
+if _waiting:
+    _hook = _RegisterAfterImport(_waiting)
+    sys.meta_path.insert(0, _hook)
+del _waiting

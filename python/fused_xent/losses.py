@@ -9,15 +9,17 @@ Keras: ``axis`` for sparse labels, label smoothing for sparse labels,
 ``class_weights``, ``z_loss``, and no float32 copy of half-precision logits
 under mixed precision (the kernel reads them and accumulates in float32).
 
-They need Keras's TensorFlow backend. ``import fused_xent`` registers them, so
-models saved with them load after that import. docs/keras.md has the details.
+They run on Keras's TensorFlow, JAX (``fused_xent.jax``) and PyTorch
+(``fused_xent.torch``) backends; on the last two the backend's fused function
+gives the per-element losses and Keras's own code reduces them (the arguments
+are converted to the loss dtype first, as Keras does). ``import fused_xent``
+registers them, so models saved with them load after that import. docs/keras.md has the details.
 """
 
 import numbers
 import warnings
 
 import numpy as np
-import tensorflow as tf
 
 try:
     import keras
@@ -25,30 +27,46 @@ except ImportError as error:  # e.g. KERAS_BACKEND names a backend that is not i
     keras = None
     _keras_import_error = error
 
-from fused_xent._ops import (
-    refuse_composite,
-    softmax_cross_entropy_with_logits,
-    sparse_softmax_cross_entropy_with_logits,
-)
+_BACKEND = None if keras is None else keras.backend.backend()
+_BACKENDS = ("tensorflow", "jax", "torch")
+
+if _BACKEND in (None, "tensorflow"):
+    import tensorflow as tf
+
+    from fused_xent._ops import (
+        refuse_composite,
+        softmax_cross_entropy_with_logits,
+        sparse_softmax_cross_entropy_with_logits,
+    )
 
 __all__ = ["CategoricalCrossentropy", "SparseCategoricalCrossentropy"]
 
 # ---------------------------------------------------------------- arguments
 
 
-def _require_tensorflow_backend(class_name):
+def _require_supported_backend(class_name):
     if keras is None:
         raise RuntimeError(
-            f"fused_xent.losses.{class_name} needs Keras with its TensorFlow backend, but importing keras "
-            f"failed ({type(_keras_import_error).__name__}: {_keras_import_error}). Set KERAS_BACKEND=tensorflow."
+            f"fused_xent.losses.{class_name} needs Keras, but importing keras failed "
+            f"({type(_keras_import_error).__name__}: {_keras_import_error})."
         )
     backend = keras.backend.backend()
-    if backend != "tensorflow":
+    if backend not in _BACKENDS:
         raise RuntimeError(
-            f"fused_xent.losses.{class_name} needs Keras's TensorFlow backend (the fused op is a "
-            f"TensorFlow op), but Keras runs on the {backend!r} backend. Set KERAS_BACKEND=tensorflow "
-            "before importing keras."
+            f"fused_xent.losses.{class_name} runs on Keras's TensorFlow, JAX or PyTorch backend, but Keras "
+            f"runs on the {backend!r} backend. Set KERAS_BACKEND before importing keras."
         )
+    if backend != _BACKEND:
+        raise RuntimeError(
+            f"fused_xent.losses was imported for Keras's {_BACKEND!r} backend, but Keras now runs on {backend!r}."
+        )
+
+
+def _backend_module():
+    """The fused functions of Keras's (non-TensorFlow) backend."""
+    import importlib
+
+    return importlib.import_module(f"fused_xent.{_BACKEND}")
 
 
 def _checked_axis(axis):
@@ -283,6 +301,76 @@ def _and_masks(first, second):
     return tf.logical_and(tf.cast(first, tf.bool), tf.cast(second, tf.bool))
 
 
+# ---------------------------------------------------------------- JAX and PyTorch backends (keras.ops)
+
+
+def _keras_inputs(y_true, y_pred, dtype):
+    """As Keras's Loss.__call__: both converted to the loss dtype (integer labels too)."""
+    ops = keras.ops
+    return ops.convert_to_tensor(y_true, dtype=dtype), ops.convert_to_tensor(y_pred, dtype=dtype)
+
+
+def _set_keras_mask(tensor, mask):
+    try:
+        from keras.src.backend import set_keras_mask
+    except ImportError:
+        return
+    set_keras_mask(tensor, mask)
+
+
+def _keras_check_rank(y_pred, axis):
+    rank = len(y_pred.shape)
+    if rank < 1:
+        raise ValueError(f"`y_pred` must have a known rank of at least 1. Received: y_pred.shape={y_pred.shape}")
+    if not -rank <= axis < rank:
+        raise ValueError(f"`axis`={axis} is out of range for `y_pred` of rank {rank}")
+
+
+def _keras_log_probabilities(y_pred, axis):
+    """log of Keras's normalised and clipped probabilities (its JAX and PyTorch backends normalise sparse ones too)."""
+    ops = keras.ops
+    p = y_pred / ops.sum(y_pred, axis=axis, keepdims=True)
+    eps = keras.backend.epsilon()
+    return ops.log(ops.clip(p, eps, 1.0 - eps))
+
+
+def _keras_sparse_labels(y_true, logits, axis):
+    ops = keras.ops
+    labels = ops.cast(y_true, "int32")  # float labels truncate, as in Keras
+    rank = len(logits.shape)
+    if len(labels.shape) == rank and labels.shape[axis] == 1:
+        labels = ops.squeeze(labels, axis)
+    if len(labels.shape) != rank - 1:
+        raise ValueError(
+            "`y_pred` must have rank (ndim) `y_true.ndim + 1` (or `y_true` a size-1 class axis). "
+            f"Received: y_true.shape={tuple(labels.shape)}, y_pred.shape={tuple(logits.shape)}"
+        )
+    expected = list(logits.shape)
+    del expected[axis]
+    if tuple(labels.shape) != tuple(expected):
+        raise ValueError(
+            "Arguments `y_true` and `y_pred` must have the same shape except for the class axis "
+            f"(axis={axis}). Received: y_true.shape={tuple(labels.shape)}, y_pred.shape={tuple(logits.shape)}"
+        )
+    return labels
+
+
+def _keras_combined_weight(sample_weight, weight, dtype):
+    """sample_weight times a per-element weight; a lower-rank sample_weight broadcasts over the extra axes."""
+    from keras.src.losses.loss import squeeze_or_expand_to_same_rank
+
+    ops = keras.ops
+    weight = ops.cast(weight, dtype)
+    if sample_weight is None:
+        return weight
+    sample_weight = ops.cast(ops.convert_to_tensor(sample_weight), dtype)
+    weight, sample_weight = squeeze_or_expand_to_same_rank(weight, sample_weight)
+    missing = len(weight.shape) - len(sample_weight.shape)
+    if len(sample_weight.shape) > 0 and missing > 0:
+        sample_weight = ops.reshape(sample_weight, tuple(sample_weight.shape) + (1,) * missing)
+    return weight * sample_weight
+
+
 # ---------------------------------------------------------------- the losses
 
 # Without Keras the module still imports (fused_xent imports it); constructing a loss then explains.
@@ -297,7 +385,7 @@ class _FusedCrossentropy(_LossBase):
     """Shared __call__: like Keras's, but y_pred keeps its float dtype."""
 
     def __init__(self, *, from_logits, label_smoothing, axis, z_loss, reduction, name, dtype):
-        _require_tensorflow_backend(type(self).__name__)
+        _require_supported_backend(type(self).__name__)
         super().__init__(name=name, reduction=reduction, dtype=dtype)  # checks `reduction`
         self.from_logits = bool(from_logits)
         self.label_smoothing = _checked_fraction("label_smoothing", label_smoothing)
@@ -306,6 +394,8 @@ class _FusedCrossentropy(_LossBase):
         self._dtype_argument = None if dtype is None else self._dtype_policy.name
 
     def __call__(self, y_true, y_pred, sample_weight=None):
+        if _BACKEND != "tensorflow":
+            return self._keras_ops_call(y_true, y_pred, sample_weight)
         _refuse_composites(y_true, y_pred)
         input_mask = _keras_mask(y_pred)
         with keras.name_scope(self.name):
@@ -317,6 +407,8 @@ class _FusedCrossentropy(_LossBase):
 
     def call(self, y_true, y_pred):
         """The per-element losses, before masks, weights and reduction."""
+        if _BACKEND != "tensorflow":
+            return self._keras_ops_per_element(y_true, y_pred)
         _refuse_composites(y_true, y_pred)
         losses, _, extra_weight = self._losses(y_true, y_pred)
         losses = tf.cast(losses, self.dtype)
@@ -324,6 +416,37 @@ class _FusedCrossentropy(_LossBase):
 
     def _losses(self, y_true, y_pred):
         """Returns (per-element losses, mask or None, per-element weight or None)."""
+        raise NotImplementedError
+
+    # JAX and PyTorch backends: the backend's fused function, then Keras's own reduction.
+
+    def _keras_ops_call(self, y_true, y_pred, sample_weight):
+        from keras.src.losses.loss import reduce_weighted_values
+
+        input_mask = _keras_mask(y_pred)
+        with keras.name_scope(self.name):
+            y_true, y_pred = _keras_inputs(y_true, y_pred, self.dtype)
+            losses, loss_mask, extra_weight = self._keras_ops_losses(y_true, y_pred)
+            if extra_weight is not None:
+                sample_weight = _keras_combined_weight(sample_weight, extra_weight, self.dtype)
+            mask = input_mask if loss_mask is None else loss_mask if input_mask is None else input_mask & loss_mask
+            return reduce_weighted_values(
+                losses, sample_weight=sample_weight, mask=mask, reduction=self.reduction, dtype=self.dtype
+            )
+
+    def _keras_ops_per_element(self, y_true, y_pred):
+        ops = keras.ops
+        y_true, y_pred = _keras_inputs(y_true, y_pred, self.dtype)
+        losses, mask, extra_weight = self._keras_ops_losses(y_true, y_pred)
+        losses = ops.cast(losses, self.dtype)
+        if extra_weight is not None:
+            losses = losses * ops.cast(extra_weight, self.dtype)
+        if mask is not None:
+            _set_keras_mask(losses, mask)  # as Keras's ignore_class does
+        return losses
+
+    def _keras_ops_losses(self, y_true, y_pred):
+        """_losses with keras.ops and the backend's fused function."""
         raise NotImplementedError
 
     def _scores(self, y_pred):
@@ -399,6 +522,24 @@ class CategoricalCrossentropy(_FusedCrossentropy):
         target_mass += self.label_smoothing
         return losses - target_mass * tf.math.log(tf.reduce_sum(clipped, self.axis)), None, None
 
+    def _keras_ops_losses(self, y_true, y_pred):
+        ops = keras.ops
+        _keras_check_rank(y_pred, self.axis)
+        if tuple(y_true.shape) != tuple(y_pred.shape):
+            raise ValueError(
+                "Arguments `y_true` and `y_pred` must have the same shape. "
+                f"Received: y_true.shape={tuple(y_true.shape)}, y_pred.shape={tuple(y_pred.shape)}"
+            )
+        fused = _backend_module().softmax_cross_entropy_with_logits
+        options = dict(axis=self.axis, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
+        if self.from_logits:
+            return fused(y_true, y_pred, **options), None, None
+        eps = keras.backend.epsilon()
+        clipped = ops.clip(y_pred / ops.sum(y_pred, axis=self.axis, keepdims=True), eps, 1.0 - eps)
+        losses = fused(y_true, ops.log(clipped), **options)
+        target_mass = (1.0 - self.label_smoothing) * ops.sum(y_true, axis=self.axis) + self.label_smoothing
+        return losses - target_mass * ops.log(ops.sum(clipped, axis=self.axis)), None, None
+
 
 @_registered
 class SparseCategoricalCrossentropy(_FusedCrossentropy):
@@ -472,6 +613,31 @@ class SparseCategoricalCrossentropy(_FusedCrossentropy):
         )
         extra_weight = self._label_weights(labels) if weights_as_samples else None
         return losses, self._ignore_mask(labels), extra_weight
+
+    def _keras_ops_losses(self, y_true, y_pred):
+        ops = keras.ops
+        _keras_check_rank(y_pred, self.axis)
+        labels = _keras_sparse_labels(y_true, y_pred, self.axis)
+        scores = y_pred if self.from_logits else _keras_log_probabilities(y_pred, self.axis)
+        weights_as_samples = self.class_weights is not None and self.reduction == "mean_with_sample_weight"
+        class_weights = None if self.class_weights is None else np.asarray(self.class_weights, np.float32)
+        losses = _backend_module().sparse_softmax_cross_entropy_with_logits(
+            labels,
+            scores,
+            ignore_index=self.ignore_class,
+            label_smoothing=self.label_smoothing,
+            class_weights=None if weights_as_samples else class_weights,
+            z_loss=self.z_loss,
+            axis=self.axis,
+        )
+        extra_weight = None
+        if weights_as_samples:
+            in_range = ops.clip(labels, 0, len(self.class_weights) - 1)
+            extra_weight = ops.take(ops.convert_to_tensor(class_weights), in_range)
+        mask = None
+        if self.ignore_class is not None and -(2**31) <= self.ignore_class < 2**31:  # labels are int32
+            mask = ops.not_equal(labels, self.ignore_class)
+        return losses, mask, extra_weight
 
     def _ignore_mask(self, labels):
         # An ignore_class the labels' dtype cannot hold masks nothing (a cast would wrap it).
