@@ -1,0 +1,157 @@
+"""The fused loss on each framework against that framework's own cross-entropy and Keras's loss on
+that backend: forward + backward of a mean sparse loss, float32, on the CPU, medians of
+interleaved runs in one process per framework (a fresh process each: Keras's backend is fixed at
+import).
+
+    python benchmarks/bench_backends.py --reps 15 --markdown docs/benchmarks_backends.md
+
+Rows per framework: ours (`fused_xent.<framework>`), the framework's own composite
+(JAX: `jax.nn.log_softmax` + `take_along_axis` under `jax.jit`; PyTorch:
+`torch.nn.functional.cross_entropy`), and Keras's `SparseCategoricalCrossentropy` against ours
+from `fused_xent.losses` on that Keras backend. A framework that is not installed is skipped.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+SHAPES = [(8192, 1000), (1024, 32000)]
+
+JAX_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+import jax, jax.numpy as jnp
+import keras
+import fused_xent.jax as fj
+from fused_xent import losses as fl
+
+reps, shapes = int(sys.argv[1]), json.loads(sys.argv[2])
+
+def own(labels, z):
+    return -jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), labels[:, None], axis=-1)[:, 0]
+
+def step(loss):
+    return jax.jit(jax.value_and_grad(lambda z, y: jnp.mean(loss(y, z))))
+
+results = []
+for n, c in shapes:
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.normal(size=(n, c)).astype(np.float32) * 3)
+    y = jnp.asarray(rng.integers(0, c, size=n).astype(np.int32))
+    variants = {
+        "fused_xent.jax": step(fj.sparse_softmax_cross_entropy_with_logits),
+        "jax log_softmax": step(own),
+        "fused_xent.losses": step(lambda y, z: fl.SparseCategoricalCrossentropy(from_logits=True, reduction=None)(y, z)),
+        "keras.losses": step(lambda y, z: keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)(y, z)),
+    }
+    times = {k: [] for k in variants}
+    for fn in variants.values():
+        jax.block_until_ready(fn(z, y))
+    for _ in range(reps):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(z, y))
+            times[name].append(time.perf_counter() - start)
+    results.append({"shape": [n, c], "ms": {k: float(np.median(v) * 1e3) for k, v in times.items()}})
+print("RESULT " + json.dumps(results))
+"""
+
+TORCH_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+import torch
+import keras
+import fused_xent.torch as ft
+from fused_xent import losses as fl
+
+reps, shapes = int(sys.argv[1]), json.loads(sys.argv[2])
+
+def own(labels, z):
+    return torch.nn.functional.cross_entropy(z, labels, reduction="none")
+
+def run(loss, z, y):
+    z = z.detach().requires_grad_(True)
+    loss(y, z).mean().backward()
+    return z.grad
+
+results = []
+for n, c in shapes:
+    rng = np.random.default_rng(0)
+    z = torch.from_numpy(rng.normal(size=(n, c)).astype(np.float32) * 3)
+    y = torch.from_numpy(rng.integers(0, c, size=n).astype(np.int64))
+    variants = {
+        "fused_xent.torch": ft.sparse_softmax_cross_entropy_with_logits,
+        "torch cross_entropy": own,
+        "fused_xent.losses": fl.SparseCategoricalCrossentropy(from_logits=True, reduction=None),
+        "keras.losses": keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None),
+    }
+    times = {k: [] for k in variants}
+    for fn in variants.values():
+        run(fn, z, y)
+    for _ in range(reps):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            run(fn, z, y)
+            times[name].append(time.perf_counter() - start)
+    results.append({"shape": [n, c], "ms": {k: float(np.median(v) * 1e3) for k, v in times.items()}})
+print("RESULT " + json.dumps(results))
+"""
+
+FRAMEWORKS = {  # name: (Keras backend, module that must import, script, ours, its own)
+    "JAX": ("jax", "fused_xent.jax", JAX_SCRIPT, "fused_xent.jax", "jax log_softmax"),
+    "PyTorch": ("torch", "fused_xent.torch", TORCH_SCRIPT, "fused_xent.torch", "torch cross_entropy"),
+}
+
+
+def run_framework(backend, module, script, reps):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    probe = subprocess.run([sys.executable, "-c", f"import {module}"], env=env, capture_output=True, text=True)
+    if probe.returncode != 0:
+        return None, probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else "cannot import"
+    done = subprocess.run([sys.executable, "-c", script, str(reps), json.dumps(SHAPES)], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):]), None
+    return None, (done.stderr.strip().splitlines() or ["no result"])[-1]
+
+
+def table(name, results, ours, own):
+    lines = [f"### {name}", "",
+             f"| N×C | {ours} ms | {own} ms | ours vs {own} | fused_xent.losses ms | keras.losses ms | "
+             "ours vs Keras's loss |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        ms = r["ms"]
+        n, c = r["shape"]
+        lines.append(f"| {n}×{c} | {ms[ours]:.2f} | {ms[own]:.2f} | {ms[own] / ms[ours]:.1f}× | "
+                     f"{ms['fused_xent.losses']:.2f} | {ms['keras.losses']:.2f} | "
+                     f"{ms['keras.losses'] / ms['fused_xent.losses']:.1f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--markdown", help="write the tables here")
+    args = parser.parse_args()
+    sections = []
+    for name, (backend, module, script, ours, own) in FRAMEWORKS.items():
+        results, why = run_framework(backend, module, script, args.reps)
+        if results is None:
+            print(f"{name}: skipped ({why})")
+            continue
+        sections.append(table(name, results, ours, own))
+        print(sections[-1])
+    if args.markdown and sections:
+        with open(args.markdown, "w") as out:
+            out.write("Forward + backward of a mean sparse float32 loss on the CPU, median milliseconds of "
+                      "interleaved runs; \"vs\" columns are the other's time over ours.\n"
+                      f"Command: `python benchmarks/bench_backends.py --reps {args.reps} --markdown {args.markdown}`\n\n")
+            out.write("\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()
