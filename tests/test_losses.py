@@ -423,9 +423,10 @@ def test_out_of_range_labels_reach_the_op_error():
 @pytest.mark.parametrize(
     "backend, message",
     [
-        ("numpy", "runs on Keras's TensorFlow or JAX backend, but Keras runs on the 'numpy' backend"),
-        # JAX is supported (tests/test_losses_backends.py), but not by a module imported for TensorFlow
+        ("numpy", "runs on Keras's TensorFlow, JAX or PyTorch backend, but Keras runs on the 'numpy' backend"),
+        # JAX and PyTorch are supported (tests/test_losses_backends.py), but not by a module imported for TensorFlow
         ("jax", "imported for Keras's 'tensorflow' backend, but Keras now runs on 'jax'"),
+        ("torch", "imported for Keras's 'tensorflow' backend, but Keras now runs on 'torch'"),
     ],
 )
 def test_other_keras_backends_are_refused(monkeypatch, backend, message):

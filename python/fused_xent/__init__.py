@@ -3,7 +3,8 @@
 TensorFlow functions mirroring ``tf.nn`` (``sparse_softmax_cross_entropy_with_logits``,
 ``softmax_cross_entropy_with_logits``), Keras losses in ``fused_xent.losses``, and
 the same kernels on NumPy arrays in ``fused_xent.numpy`` (which works without
-TensorFlow and never imports it), and in JAX in ``fused_xent.jax``.
+TensorFlow and never imports it), in JAX in ``fused_xent.jax`` and in PyTorch in
+``fused_xent.torch`` (neither imported by ``import fused_xent``).
 
 ``import fused_xent`` does not import TensorFlow either: the TensorFlow
 functions and ``fused_xent.losses`` are imported on first use. The ops and

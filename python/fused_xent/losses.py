@@ -9,8 +9,8 @@ Keras: ``axis`` for sparse labels, label smoothing for sparse labels,
 ``class_weights``, ``z_loss``, and no float32 copy of half-precision logits
 under mixed precision (the kernel reads them and accumulates in float32).
 
-They run on Keras's TensorFlow and JAX (``fused_xent.jax``) backends (PyTorch:
-not yet); on JAX the backend's fused function
+They run on Keras's TensorFlow, JAX (``fused_xent.jax``) and PyTorch
+(``fused_xent.torch``) backends; on JAX and PyTorch the backend's fused function
 gives the per-element losses and Keras's own code reduces them (the arguments
 are converted to the loss dtype first, as Keras does). ``import fused_xent``
 registers them, so models saved with them load after that import. docs/keras.md has the details.
@@ -28,7 +28,7 @@ except ImportError as error:  # e.g. KERAS_BACKEND names a backend that is not i
     _keras_import_error = error
 
 _BACKEND = None if keras is None else keras.backend.backend()
-_BACKENDS = ("tensorflow", "jax")  # "torch" once fused_xent.torch exists (issue 17)
+_BACKENDS = ("tensorflow", "jax", "torch")
 
 if _BACKEND in (None, "tensorflow"):
     import tensorflow as tf
@@ -53,7 +53,7 @@ def _require_supported_backend(class_name):
     backend = keras.backend.backend()
     if backend not in _BACKENDS:
         raise RuntimeError(
-            f"fused_xent.losses.{class_name} runs on Keras's TensorFlow or JAX backend, but Keras "
+            f"fused_xent.losses.{class_name} runs on Keras's TensorFlow, JAX or PyTorch backend, but Keras "
             f"runs on the {backend!r} backend. Set KERAS_BACKEND before importing keras."
         )
     if backend != _BACKEND:
