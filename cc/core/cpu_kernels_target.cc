@@ -3,6 +3,7 @@
 // plus the target's -m flags. cpu_kernels.cc picks one target at run time.
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <utility>
 
@@ -626,10 +627,13 @@ void finish_dense_row(const DenseForwardArgs<T>& args, int64_t r, const RowSums<
 }
 
 #include "core/cpu_row_groups.inc"
+#include "core/cpu_inner_tiles.inc"
 
 }  // namespace
 
-int64_t row_granularity(const Layout& layout) { return uses_row_groups(layout) ? v::kLanes : 1; }
+int64_t row_granularity(const Layout& layout) {
+  return uses_row_groups(layout) || uses_inner_tiles(layout) ? v::kLanes : 1;
+}
 
 template <typename T, typename Label>
 void sparse_forward(const SparseForwardArgs<T, Label>& args, int64_t row_begin, int64_t row_end) {
@@ -642,6 +646,7 @@ void sparse_forward(const SparseForwardArgs<T, Label>& args, int64_t row_begin, 
       if (row_begin < row_end) sparse_forward_tail(args, row_begin, row_end);
       return;
     }
+    if (uses_inner_tiles(layout)) return sparse_forward_tiles(args, row_begin, row_end);
   }
   for (int64_t r = row_begin; r < row_end; ++r) {
     const Row<T> row = row_of(args.logits, layout, r);
@@ -662,6 +667,7 @@ void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin
       if (row_begin < row_end) sparse_backward_tail(args, row_begin, row_end);
       return;
     }
+    if (uses_inner_tiles(layout)) return sparse_backward_tiles(args, row_begin, row_end);
   }
   const bool stream = use_streaming_stores<T>(layout);
   for (int64_t r = row_begin; r < row_end; ++r) {
@@ -713,6 +719,7 @@ void dense_forward(const DenseForwardArgs<T>& args, int64_t row_begin, int64_t r
       if (row_begin < row_end) dense_forward_tail(args, row_begin, row_end);
       return;
     }
+    if (uses_inner_tiles(args.layout)) return dense_forward_tiles(args, row_begin, row_end);
   }
   for (int64_t r = row_begin; r < row_end; ++r) {
     const Row<T> logits = row_of(args.logits, args.layout, r);
@@ -734,6 +741,7 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
       if (row_begin < row_end) dense_backward_tail(args, row_begin, row_end);
       return;
     }
+    if (uses_inner_tiles(layout)) return dense_backward_tiles(args, row_begin, row_end);
   }
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t offset = layout.row_offset(r);
