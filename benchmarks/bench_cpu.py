@@ -17,7 +17,13 @@ the process's peak RSS (VmHWM, reset after one warm-up step) above its RSS
 with the inputs in place; median of --memory-runs processes, with glibc's
 defaults and with its mmap threshold fixed (see FIXED_MALLOC).
 
+Segmentation-shaped logits (N×H×W×C, e.g. 8×256×256×21) are timed with the
+class axis last (NHWC) and as axis 1 (NCHW, `axis=1`, no transpose), against
+tf.nn on NHWC and on NCHW through a transpose (`--only segmentation` runs just
+those rows).
+
     python benchmarks/bench_cpu.py [--quick] [--reps 15] [--markdown docs/benchmarks.md] [--chart docs/benchmarks_cpu.png]
+    python benchmarks/bench_cpu.py --only segmentation [--reps 41]
 """
 
 import argparse
@@ -36,6 +42,7 @@ import numpy as np
 
 SHAPES = [(65536, 10), (8192, 1000), (1024, 32000), (128, 128256)]
 QUICK_SHAPES = [(65536, 10), (1024, 32000)]
+SEGMENTATION_SHAPE = (8, 256, 256, 21)  # N, H, W, C
 
 
 # --- machine -------------------------------------------------------------------------
@@ -219,6 +226,60 @@ def time_numpy(shape, reps):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def segmentation_variants(kind):
+    """Steps on NHWC logits (class axis last) and NCHW logits (class axis 1)."""
+    import tensorflow as tf
+    import fused_xent
+
+    nchw_to_nhwc = [0, 2, 3, 1]
+    if kind == "sparse":
+        ours, theirs = fused_xent.sparse_softmax_cross_entropy_with_logits, tf.nn.sparse_softmax_cross_entropy_with_logits
+        ours_axis1 = lambda y, x: ours(y, x, axis=1)  # noqa: E731
+        theirs_axis1 = lambda y, x: theirs(y, tf.transpose(x, nchw_to_nhwc))  # noqa: E731
+    else:
+        ours, theirs = fused_xent.softmax_cross_entropy_with_logits, tf.nn.softmax_cross_entropy_with_logits
+        ours_axis1 = lambda y, x: ours(y, x, axis=1)  # noqa: E731
+        theirs_axis1 = lambda y, x: theirs(tf.transpose(y, nchw_to_nhwc), tf.transpose(x, nchw_to_nhwc))  # noqa: E731
+    return {
+        "fused, axis last": ("nhwc", make_step(ours, jit=False)),
+        "fused, axis 1": ("nchw", make_step(ours_axis1, jit=False)),
+        "tf.nn, axis last": ("nhwc", make_step(theirs, jit=False)),
+        "tf.nn, axis 1 (transpose)": ("nchw", make_step(theirs_axis1, jit=False)),
+    }
+
+
+def segmentation_inputs(shape, kind, seed=0):
+    """{"nhwc": (logits, labels), "nchw": (logits, labels)}: the same values in both layouts."""
+    import tensorflow as tf
+
+    n, h, w, c = shape
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=shape).astype(np.float32) * 2
+    if kind == "sparse":
+        labels = rng.integers(0, c, size=(n, h, w))
+        labels_nchw = labels
+    else:
+        labels = np.asarray(tf.nn.softmax(rng.normal(size=shape).astype(np.float32)))
+        labels_nchw = np.ascontiguousarray(np.moveaxis(labels, -1, 1))
+    return {
+        "nhwc": (tf.constant(logits), tf.constant(labels)),
+        "nchw": (tf.constant(np.ascontiguousarray(np.moveaxis(logits, -1, 1))), tf.constant(labels_nchw)),
+    }
+
+
+def time_segmentation(shape, reps, bandwidth):
+    rows = []
+    for kind in ("sparse", "dense"):
+        data = segmentation_inputs(shape, kind)
+        steps = segmentation_variants(kind)
+        times = time_calls({name: (lambda s=step, a=data[layout]: s(*a)) for name, (layout, step) in steps.items()}, reps)
+        arrays = 3 if kind == "sparse" else 5
+        floor = arrays * int(np.prod(shape)) * 4 / bandwidth
+        rows.append({"kind": kind, "shape": shape, "times": times, "floor": floor})
+        print(format_segmentation_row(rows[-1]), flush=True)
+    return rows
+
+
 # --- memory ----------------------------------------------------------------------------
 MEMORY_SCRIPT = r"""
 import json, os, sys
@@ -292,6 +353,17 @@ def run(args):
     import fused_xent
 
     bandwidth = copy_bandwidth()
+    info = fused_xent.build_info()
+    segmentation = time_segmentation(args.segmentation_shape, args.reps, bandwidth)
+    if args.only == "segmentation":
+        return {
+            "machine": machine_description(),
+            "tensorflow": tf.__version__,
+            "simd": info["simd"],
+            "bandwidth": bandwidth,
+            "segmentation": segmentation,
+            "command": "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:]),
+        }
     shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     rows = []
     for kind in ("sparse", "dense"):
@@ -324,7 +396,6 @@ def run(args):
             "train_fixed_malloc": peak_memory_runs("train", shape, args.memory_runs, FIXED_MALLOC),
             "loss_only": peak_memory_runs("loss", shape, args.memory_runs),
         }
-    info = fused_xent.build_info()
     return {
         "machine": machine_description(),
         "tensorflow": tf.__version__,
@@ -335,6 +406,7 @@ def run(args):
         "loss_only": loss_only,
         "numpy": numpy_rows,
         "memory": memory,
+        "segmentation": segmentation,
         "command": "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:]),
     }
 
@@ -362,8 +434,43 @@ def format_row(row):
     )
 
 
+SEGMENTATION_COLUMNS = ["fused, axis last", "fused, axis 1", "tf.nn, axis last", "tf.nn, axis 1 (transpose)"]
+
+
+def format_segmentation_row(row):
+    t = row["times"]
+    n, h, w, c = row["shape"]
+    cells = [_ms(t, name) for name in SEGMENTATION_COLUMNS]
+    fractions = [f"{100 * row['floor'] / t[name]:.0f}%" if name in t else "n/a" for name in SEGMENTATION_COLUMNS[:2]]
+    return (
+        f"| {row['kind']} | {n}×{h}×{w}×{c} | " + " | ".join(cells) + " | "
+        f"{_slowdown(t, 'fused, axis 1', 'fused, axis last')} | {_ratio(t, 'tf.nn, axis 1 (transpose)', 'fused, axis 1')} | "
+        + " | ".join(fractions) + " |"
+    )
+
+
+def segmentation_markdown(rows):
+    if not rows:
+        return []
+    return [
+        "",
+        "Segmentation logits (float32, forward + backward of a mean loss), the same values with the class axis",
+        "last (N×H×W×C) and as axis 1 (N×C×H×W, `axis=1`); tf.nn on the latter through a transpose (its sparse op",
+        "has no axis). Median milliseconds; floor = 3·N·H·W·C·4 bytes (sparse), 5·N·H·W·C·4 (dense) / copy bandwidth:",
+        "",
+        "| labels | N×H×W×C | fused, axis last | fused, axis 1 | tf.nn, axis last | tf.nn, axis 1 (transpose) "
+        "| axis 1, time of axis last | fused axis 1 vs tf.nn axis 1 | axis last, of floor | axis 1, of floor |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ] + [format_segmentation_row(r) for r in rows]
+
+
 def markdown(result):
     mib = 1 << 20
+    if "rows" not in result:  # --only segmentation
+        return "\n".join([
+            f"Machine: {result['machine']}; TensorFlow {result['tensorflow']}; kernels: {result['simd']}.",
+            f"Copy bandwidth: {result['bandwidth'] / 1e9:.1f} GB/s. Command: `{result['command']}`",
+        ] + segmentation_markdown(result["segmentation"])) + "\n"
     lines = [
         "# Benchmarks",
         "",
@@ -416,6 +523,7 @@ def markdown(result):
             f"| {r['shape'][0]}×{r['shape'][1]} | {_ms(t, 'fused')} | {_ms(t, 'tf.nn')} | {_ratio(t, 'tf.nn', 'fused')} | "
             f"{100 * r['floor'] / t['fused']:.0f}% |"
         )
+    lines += segmentation_markdown(result.get("segmentation"))
     lines += ["", "NumPy binding (sparse float32, forward + backward), median milliseconds:", ""]
     lines += ["| N×C | fused_xent.numpy | NumPy | speedup |", "| --- | --- | --- | --- |"]
     for r in result["numpy"]:
@@ -489,6 +597,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="two shapes only")
     parser.add_argument("--shapes", type=parse_shapes, help="comma-separated NxC list, e.g. 64x10,8x3000")
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--only", choices=["segmentation"], help="run only these rows")
+    parser.add_argument("--segmentation-shape", type=lambda t: tuple(int(d) for d in t.lower().split("x")),
+                        default=SEGMENTATION_SHAPE, help="NxHxWxC of the segmentation rows")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per memory figure")
     parser.add_argument("--markdown", help="write the tables to this file")
@@ -501,7 +612,7 @@ def main(argv=None):
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text)
-    if args.chart:
+    if args.chart and "rows" in result:
         chart(result, args.chart)
     if args.json:
         with open(args.json, "w") as f:

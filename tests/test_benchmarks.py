@@ -23,6 +23,7 @@ def test_bench_cpu_writes_tables(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     subprocess.run(
         [sys.executable, str(BENCH), "--shapes", "64x10,4x700", "--reps", "1", "--skip-memory",
+         "--segmentation-shape", "2x8x8x5",
          "--markdown", str(out_md), "--json", str(out_json)],
         check=True, capture_output=True, text=True, timeout=600, env=env,
     )
@@ -35,5 +36,9 @@ def test_bench_cpu_writes_tables(tmp_path):
         assert {"fused", "tf.nn"} <= set(row["times"]), row
         if fused_xent_xla() == "custom_call":
             assert {"fused+XLA", "fused+XLA (HLO)", "tf.nn+XLA"} <= set(row["times"]), row
+    assert [(r["kind"], tuple(r["shape"])) for r in result["segmentation"]] == [("sparse", (2, 8, 8, 5)),
+                                                                                 ("dense", (2, 8, 8, 5))]
+    for row in result["segmentation"]:
+        assert {"fused, axis last", "fused, axis 1", "tf.nn, axis last", "tf.nn, axis 1 (transpose)"} <= set(row["times"])
     text = out_md.read_text()
-    assert "| sparse | float32 | 64×10 |" in text and "Loss only" in text
+    assert "| sparse | float32 | 64×10 |" in text and "Loss only" in text and "| sparse | 2×8×8×5 |" in text
