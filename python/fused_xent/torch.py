@@ -119,6 +119,15 @@ def _host(t):
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
+def _empty(shape, dtype):
+    """An uninitialised CPU tensor in memory NumPy allocates: it asks the kernel for huge pages
+    for large arrays, so a fresh gradient of 100+ MB costs a few hundred page faults, not tens of
+    thousands (measured at 1024x32000 float32: forward + backward 59 ms with torch.empty, 18 ms so)."""
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(np.empty(shape, np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.empty(shape, torch.empty(0, dtype=dtype).numpy().dtype))
+
+
 def _reduced(shape, axis):
     return tuple(d for i, d in enumerate(shape) if i != axis)
 
@@ -135,7 +144,7 @@ def _sparse_kernel(logits, labels, weights, axis, eps, lam, ignore_index, grad_l
     logits, labels = logits.contiguous(), labels.contiguous()
     outer, classes, inner, reduced = _layout(tuple(logits.shape), axis)
     loss = torch.empty(reduced, dtype=logits.dtype)
-    grad = None if grad_loss is None else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    grad = None if grad_loss is None else _empty(tuple(logits.shape), logits.dtype)
     g = None if grad_loss is None else _host(grad_loss.to(logits.dtype).expand(reduced).contiguous())
     _core.sparse(
         _name(logits.dtype), _host(logits), _host(labels), outer, classes, inner, eps, lam, ignore_index,
@@ -157,7 +166,7 @@ def _dense_kernel(logits, labels, axis, eps, lam, grad_loss):
     labels = labels.to(logits.dtype).expand(logits.shape).contiguous()
     outer, classes, inner, reduced = _layout(tuple(logits.shape), axis)
     loss = torch.empty(reduced, dtype=logits.dtype)
-    grad = None if grad_loss is None else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    grad = None if grad_loss is None else _empty(tuple(logits.shape), logits.dtype)
     g = None if grad_loss is None else _host(grad_loss.to(logits.dtype).expand(reduced).contiguous())
     _core.dense(
         _name(logits.dtype), _host(logits), _host(labels), outer, classes, inner, eps, lam,
