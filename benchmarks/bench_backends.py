@@ -14,6 +14,7 @@ from `fused_xent.losses` on that Keras backend. A framework that is not installe
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -132,6 +133,22 @@ def table(name, results, ours, own):
     return "\n".join(lines) + "\n"
 
 
+def machine():
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = []
+    for name in ("jax", "torch", "keras"):
+        try:
+            versions.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            pass
+    return f"{cpu}, {os.cpu_count()} cores; " + ", ".join(versions)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=15)
@@ -149,6 +166,7 @@ def main():
         with open(args.markdown, "w") as out:
             out.write("Forward + backward of a mean sparse float32 loss on the CPU, median milliseconds of "
                       "interleaved runs; \"vs\" columns are the other's time over ours.\n"
+                      f"Machine: {machine()}.\n"
                       f"Command: `python benchmarks/bench_backends.py --reps {args.reps} --markdown {args.markdown}`\n\n")
             out.write("\n".join(sections))
 
