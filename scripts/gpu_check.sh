@@ -3,7 +3,8 @@
 # nvcc, CMake and pybind11 (no TensorFlow, no network needed): builds the core,
 # the CUDA kernels and the XLA FFI handlers (FFI header from JAX) without
 # TensorFlow, then runs tests/test_cuda.py, the CUDA FFI handlers under JAX
-# (tests/test_xla_ffi_jax.py with FUSED_XENT_JAX_PLATFORM=cuda) and
+# (tests/test_xla_ffi_jax.py with FUSED_XENT_JAX_PLATFORM=cuda), fused_xent.jax
+# and fused_xent.torch on the GPU against their CPU results, and
 # benchmarks/bench_cuda.py. Writes its logs and results under $OUT when set.
 # Meant to finish in under 8 minutes.
 #
@@ -63,6 +64,45 @@ timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
 log "tests/test_xla_ffi_jax.py on CUDA (the FFI handlers under jax.jit)"
 FUSED_XENT_JAX_PLATFORM=cuda timeout 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_xla_ffi_jax.py \
   --junitxml="$OUT_DIR/test_xla_ffi_jax.xml" 2>&1 | tee "$OUT_DIR/test_xla_ffi_jax.log" | tail -20
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+log "fused_xent.jax and fused_xent.torch on the GPU against their CPU results"
+timeout 200 "$PYTHON" - <<'PY' 2>&1 | tee "$OUT_DIR/frameworks_cuda.log" | tail -20
+import numpy as np
+rng = np.random.default_rng(0)
+z = (rng.normal(size=(512, 3000)) * 3).astype(np.float32)
+y = rng.integers(0, 3000, size=512)
+results = {}
+try:
+    import jax, jax.numpy as jnp
+    import fused_xent.jax as fj
+    loss_grad = jax.jit(jax.value_and_grad(lambda z, y: fj.sparse_softmax_cross_entropy_with_logits(y, z, label_smoothing=0.1).mean()))
+    for name in ("cpu", "gpu"):
+        dev = jax.devices(name)[0]
+        results[f"jax {name}"] = [np.asarray(v) for v in loss_grad(jax.device_put(z, dev), jax.device_put(y, dev))]
+except Exception as error:  # noqa: BLE001
+    print("jax:", type(error).__name__, error)
+try:
+    import torch
+    import fused_xent.torch as ft
+    for name in ("cpu", "cuda"):
+        t = torch.tensor(z, device=name, requires_grad=True)
+        loss = ft.sparse_softmax_cross_entropy_with_logits(torch.tensor(y, device=name), t, label_smoothing=0.1).mean()
+        loss.backward()
+        results[f"torch {name}"] = [loss.detach().cpu().numpy(), t.grad.cpu().numpy()]
+except Exception as error:  # noqa: BLE001
+    print("torch:", type(error).__name__, error)
+failed = False
+for fw, gpu in (("jax", "gpu"), ("torch", "cuda")):
+    if f"{fw} cpu" in results and f"{fw} {gpu}" in results:
+        diff = max(float(np.max(np.abs(a - b))) for a, b in zip(results[f"{fw} cpu"], results[f"{fw} {gpu}"]))
+        print(f"{fw}: GPU vs CPU max |difference| {diff:.3g}")
+        failed |= not diff < 1e-5
+    else:
+        print(f"{fw}: not run on the GPU")
+        failed = True
+raise SystemExit(1 if failed else 0)
+PY
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 log "benchmarks/bench_cuda.py"
