@@ -2,10 +2,13 @@
 
 import numbers
 
-import numpy as np
 import tensorflow as tf
 
 from fused_xent import _gradients  # noqa: F401  (registers the gradients)
+from fused_xent._arguments import check_axis as _normalized_axis
+from fused_xent._arguments import check_smoothing as _check_smoothing
+from fused_xent._arguments import check_weight_values as _check_weight_values
+from fused_xent._arguments import check_z_loss as _check_z_loss
 from fused_xent._loader import load_op_library
 
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -35,26 +38,6 @@ def _float_logits(logits):
     return logits
 
 
-def _check_smoothing(label_smoothing):
-    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    return float(label_smoothing)
-
-
-def _check_z_loss(z_loss):
-    if not isinstance(z_loss, numbers.Real) or not 0.0 <= float(z_loss) < float("inf"):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
-    return float(z_loss)
-
-
-def _normalized_axis(axis, rank, what="logits"):
-    if not isinstance(axis, numbers.Integral):
-        raise TypeError(f"axis must be an integer, got {axis!r}")
-    if rank is not None and not -rank <= axis < rank:
-        raise ValueError(f"axis {axis} is out of range for {what} of rank {rank}")
-    return int(axis)
-
-
 def _static_classes(logits, axis):
     if logits.shape.rank is None:
         return None
@@ -77,15 +60,6 @@ def _class_weights(class_weights, logits, axis):
         raise ValueError(f"class_weights has {weights.shape[0]} entries but logits have {classes} classes")
     _check_weight_values(tf.get_static_value(weights))
     return weights
-
-
-def _check_weight_values(values):
-    """Known weights are checked now; others by the CPU kernels when they run."""
-    if values is None:
-        return
-    bad = np.flatnonzero(~(np.isfinite(values) & (values >= 0)))
-    if bad.size:
-        raise ValueError(f"class_weights must be finite and >= 0, got {values[bad[0]]} for class {bad[0]}")
 
 
 def _ignore_index_attrs(ignore_index):

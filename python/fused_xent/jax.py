@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fused_xent import _core
+from fused_xent._arguments import check_axis, check_smoothing, check_sparse_shapes, check_weight_values, check_z_loss
 from fused_xent.numpy import _checked_ignore_index
 
 __all__ = ["softmax_cross_entropy_with_logits", "sparse_softmax_cross_entropy_with_logits"]
@@ -68,25 +69,10 @@ def _float_logits(logits):
     return logits
 
 
-def _check_smoothing(label_smoothing):
-    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    return float(label_smoothing)
-
-
-def _check_z_loss(z_loss):
-    if not isinstance(z_loss, numbers.Real) or not 0.0 <= float(z_loss) < float("inf"):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
-    return float(z_loss)
-
-
 def _negative_axis(axis, rank):
     """axis counted from the end, so that it stays right when vmap adds leading axes."""
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"axis must be an integer, got {axis!r}")
-    if not -rank <= axis < rank:
-        raise ValueError(f"axis {axis} is out of range for logits of rank {rank}")
-    return int(axis) - rank if axis >= 0 else int(axis)
+    axis = check_axis(axis, rank)
+    return axis - rank if axis >= 0 else axis
 
 
 def _class_weights(class_weights, classes):
@@ -104,27 +90,8 @@ def _class_weights(class_weights, classes):
     if weights.shape[0] != classes:
         raise ValueError(f"class_weights has {weights.shape[0]} entries but logits have {classes} classes")
     if not isinstance(weights, jax.core.Tracer):  # known values are checked now, others by the CPU kernels
-        values = np.asarray(weights)
-        bad = np.flatnonzero(~(np.isfinite(values) & (values >= 0)))
-        if bad.size:
-            raise ValueError(f"class_weights must be finite and >= 0, got {values[bad[0]]} for class {bad[0]}")
+        check_weight_values(np.asarray(weights))
     return weights
-
-
-def _check_sparse_shapes(labels, logits, axis):
-    if labels.ndim != logits.ndim - 1:
-        raise ValueError(
-            "`labels.shape.rank` must equal `logits.shape.rank - 1`. Received: "
-            f"labels.shape={labels.shape} of rank {labels.ndim} and "
-            f"logits.shape={logits.shape} of rank {logits.ndim}"
-        )
-    dims = list(logits.shape)
-    del dims[axis]
-    if tuple(labels.shape) != tuple(dims):
-        raise ValueError(
-            "`labels.shape` must equal `logits.shape` except for the class axis. Received: "
-            f"labels.shape={labels.shape} and logits.shape={logits.shape}"
-        )
 
 
 # ---------------------------------------------------------------- the FFI calls
@@ -332,9 +299,9 @@ def sparse_softmax_cross_entropy_with_logits(
     if labels.dtype not in (jnp.int32, jnp.int64):
         raise TypeError(f"labels must be int32 or int64 class indices, got {labels.dtype.name}")
     axis = _negative_axis(axis, logits.ndim)
-    _check_sparse_shapes(labels, logits, axis)
+    check_sparse_shapes(labels.shape, logits.shape, axis)
     weights = _class_weights(class_weights, logits.shape[axis])
-    smoothing, z_loss = _check_smoothing(label_smoothing), _check_z_loss(z_loss)
+    smoothing, z_loss = check_smoothing(label_smoothing), check_z_loss(z_loss)
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
         raise TypeError(f"ignore_index must be an integer or None, got {ignore_index!r}")
     ignore_index = _checked_ignore_index(ignore_index, np.dtype(labels.dtype.name))
@@ -364,5 +331,5 @@ def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothin
                 f"labels_size={list(labels.shape)}"
             )
         labels = jnp.broadcast_to(labels, logits.shape)
-    opts = (axis, float(np.float32(_check_smoothing(label_smoothing))), float(np.float32(_check_z_loss(z_loss))))
+    opts = (axis, float(np.float32(check_smoothing(label_smoothing))), float(np.float32(check_z_loss(z_loss))))
     return _dense(opts, logits, labels)

@@ -11,6 +11,7 @@ import numbers
 import numpy as np
 
 from fused_xent import _core
+from fused_xent._arguments import check_weight_values
 
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
@@ -113,11 +114,7 @@ def _class_weights(class_weights, classes):
     class_weights = _contiguous(class_weights, np.float32)
     if class_weights.shape != (classes,):
         raise ValueError(f"class_weights must have shape ({classes},), got {class_weights.shape}")
-    bad = np.flatnonzero(~(np.isfinite(class_weights) & (class_weights >= 0)))
-    if bad.size:
-        raise ValueError(
-            f"class_weights must be finite and >= 0, got {class_weights[bad[0]]} for class {bad[0]}"
-        )
+    check_weight_values(class_weights)
     return class_weights
 
 

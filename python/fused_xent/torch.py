@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from fused_xent import _core
+from fused_xent._arguments import check_axis, check_smoothing, check_sparse_shapes, check_weight_values, check_z_loss
 from fused_xent.numpy import _checked_ignore_index, _layout
 
 __all__ = ["softmax_cross_entropy_with_logits", "sparse_softmax_cross_entropy_with_logits"]
@@ -51,23 +52,15 @@ def _float_logits(logits):
 
 
 def _check_smoothing(label_smoothing):
-    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    return float(np.float32(label_smoothing))  # what the kernel sees
+    return float(np.float32(check_smoothing(label_smoothing)))  # what the kernel sees
 
 
 def _check_z_loss(z_loss):
-    if not isinstance(z_loss, numbers.Real) or not 0.0 <= float(z_loss) < float("inf"):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
-    return float(np.float32(z_loss))
+    return float(np.float32(check_z_loss(z_loss)))
 
 
 def _normalized_axis(axis, rank):
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"axis must be an integer, got {axis!r}")
-    if not -rank <= axis < rank:
-        raise ValueError(f"axis {axis} is out of range for logits of rank {rank}")
-    return int(axis) % rank
+    return check_axis(axis, rank) % rank
 
 
 def _class_weights(class_weights, classes, device):
@@ -87,27 +80,8 @@ def _class_weights(class_weights, classes, device):
     if weights.shape[0] != classes:
         raise ValueError(f"class_weights has {weights.shape[0]} entries but logits have {classes} classes")
     if not torch.compiler.is_compiling():  # traced values are checked by the CPU kernels
-        values = weights.detach().cpu().numpy()
-        bad = np.flatnonzero(~(np.isfinite(values) & (values >= 0)))
-        if bad.size:
-            raise ValueError(f"class_weights must be finite and >= 0, got {values[bad[0]]} for class {bad[0]}")
+        check_weight_values(weights.detach().cpu().numpy())
     return weights.detach().contiguous()
-
-
-def _check_sparse_shapes(labels, logits, axis):
-    if labels.ndim != logits.ndim - 1:
-        raise ValueError(
-            "`labels.shape.rank` must equal `logits.shape.rank - 1`. Received: "
-            f"labels.shape={tuple(labels.shape)} of rank {labels.ndim} and "
-            f"logits.shape={tuple(logits.shape)} of rank {logits.ndim}"
-        )
-    dims = list(logits.shape)
-    del dims[axis]
-    if tuple(labels.shape) != tuple(dims):
-        raise ValueError(
-            "`labels.shape` must equal `logits.shape` except for the class axis. Received: "
-            f"labels.shape={tuple(labels.shape)} and logits.shape={tuple(logits.shape)}"
-        )
 
 
 # ---------------------------------------------------------------- kernels (CPU: the core; CUDA: fused_xent.cuda)
@@ -376,7 +350,7 @@ def sparse_softmax_cross_entropy_with_logits(
     if labels.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"labels must be int32 or int64 class indices, got {_name(labels.dtype)}")
     axis = _normalized_axis(axis, logits.ndim)
-    _check_sparse_shapes(labels, logits, axis)
+    check_sparse_shapes(labels.shape, logits.shape, axis)
     weights = _class_weights(class_weights, logits.shape[axis], logits.device)
     smoothing, z_loss = _check_smoothing(label_smoothing), _check_z_loss(z_loss)
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):

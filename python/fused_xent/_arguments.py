@@ -1,0 +1,56 @@
+"""Argument checks shared by every framework's functions (TensorFlow, JAX, PyTorch, NumPy): plain
+Python and NumPy only, so that each framework's module imports only its own framework and the
+messages are the same everywhere."""
+
+import numbers
+
+import numpy as np
+
+
+def check_smoothing(label_smoothing):
+    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    return float(label_smoothing)
+
+
+def check_z_loss(z_loss):
+    if not isinstance(z_loss, numbers.Real) or not 0.0 <= float(z_loss) < float("inf"):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    return float(z_loss)
+
+
+def check_axis(axis, rank, what="logits"):
+    """`axis` as an int, checked against `rank` when it is known."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
+    if rank is not None and not -rank <= axis < rank:
+        raise ValueError(f"axis {axis} is out of range for {what} of rank {rank}")
+    return int(axis)
+
+
+def check_sparse_shapes(labels_shape, logits_shape, axis):
+    """Sparse labels have the logits' shape without the class axis (shapes as tuples)."""
+    labels_shape, logits_shape = tuple(labels_shape), tuple(logits_shape)
+    if len(labels_shape) != len(logits_shape) - 1:
+        raise ValueError(
+            "`labels.shape.rank` must equal `logits.shape.rank - 1`. Received: "
+            f"labels.shape={labels_shape} of rank {len(labels_shape)} and "
+            f"logits.shape={logits_shape} of rank {len(logits_shape)}"
+        )
+    dims = list(logits_shape)
+    del dims[axis]
+    if labels_shape != tuple(dims):
+        raise ValueError(
+            "`labels.shape` must equal `logits.shape` except for the class axis. Received: "
+            f"labels.shape={labels_shape} and logits.shape={logits_shape}"
+        )
+
+
+def check_weight_values(values):
+    """Class weights known now must be finite and >= 0 (others are checked by the CPU kernels)."""
+    if values is None:
+        return
+    values = np.asarray(values)
+    bad = np.flatnonzero(~(np.isfinite(values) & (values >= 0)))
+    if bad.size:
+        raise ValueError(f"class_weights must be finite and >= 0, got {values[bad[0]]} for class {bad[0]}")
