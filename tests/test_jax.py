@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import ToleranceError, assert_rows_close, dense_target_terms, label_gradient_terms, target_terms
+from framework_cases import C, DTYPES, SPARSE_OPTIONS, WEIGHTS, dense_case, f64, logits, sparse_case
 import reference
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
-import ml_dtypes  # noqa: E402
 
 from fused_xent import _core  # noqa: E402
 
@@ -27,9 +27,6 @@ fj = pytest.importorskip("fused_xent.jax")
 
 PLATFORM = os.environ.get("FUSED_XENT_JAX_PLATFORM", "cpu")
 DEVICE = jax.devices("gpu" if PLATFORM == "cuda" else "cpu")[0]
-DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float64": np.float64}
-C = 7
-WEIGHTS = np.array([0.5, 2.0, 1.0, 3.0, 0.25, 1.5, 0.75], np.float32)
 
 
 @pytest.fixture(autouse=True)
@@ -40,18 +37,6 @@ def x64():
 
 def _put(a):
     return jax.device_put(a, DEVICE)
-
-
-def _logits(shape, dtype, seed=0):
-    return (np.random.default_rng(seed).normal(size=shape) * 3).astype(DTYPES[dtype])
-
-
-def _f64(a):
-    return np.asarray(a, np.float64)
-
-
-def _rows(shape, axis):
-    return tuple(d for i, d in enumerate(shape) if i != axis % len(shape))
 
 
 def sparse_loss_and_grad(labels, z, g, **options):
@@ -74,57 +59,40 @@ def dense_loss_and_grads(t, z, g, **options):
     return [np.array(r) for r in run(_put(z), _put(t), _put(g))]
 
 
-SPARSE_OPTIONS = [
-    {},
-    {"label_smoothing": 0.25, "z_loss": 0.0625},
-    {"ignore_index": -100, "class_weights": WEIGHTS, "label_smoothing": 0.125},
-]
-
-
 @pytest.mark.parametrize("options", SPARSE_OPTIONS, ids=lambda o: ",".join(o) or "defaults")
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("axis", [-1, 1])
 def test_sparse_matches_reference(dtype, options, axis):
-    shape = (5, C, 3) if axis == 1 else (9, C)
-    rows = _rows(shape, axis)
-    z = _logits(shape, dtype)
-    labels = np.random.default_rng(1).integers(0, C, size=rows).astype(np.int32 if axis == 1 else np.int64)
-    if "ignore_index" in options:
-        labels.flat[::4] = options["ignore_index"]
-    g = np.random.default_rng(2).normal(size=rows).astype(DTYPES[dtype])
+    shape, z, labels, g = sparse_case(dtype, options, axis)
     loss, grad = sparse_loss_and_grad(labels, z, g, axis=axis, **options)
     assert loss.dtype == z.dtype and grad.dtype == z.dtype
-    ref_loss, ref_grad = reference.sparse(labels, _f64(z), axis=axis, grad_loss=_f64(g), **options)
+    ref_loss, ref_grad = reference.sparse(labels, f64(z), axis=axis, grad_loss=f64(g), **options)
     assert_rows_close(loss, ref_loss, dtype, axis=None, what="loss")
-    terms = target_terms(labels, shape, axis, grad_loss=_f64(g), **options)
+    terms = target_terms(labels, shape, axis, grad_loss=f64(g), **options)
     assert_rows_close(grad, ref_grad, dtype, axis=axis, terms=terms, what="gradient")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_dense_matches_reference(dtype, axis):
-    shape = (C, 4) if axis == 0 else (6, C)
-    z = _logits(shape, dtype)
-    t = np.random.default_rng(3).random(shape)
-    t = (t / t.sum(axis=axis, keepdims=True)).astype(DTYPES[dtype])
-    g = np.random.default_rng(4).normal(size=_rows(shape, axis)).astype(DTYPES[dtype])
+    shape, z, t, g = dense_case(dtype, axis)
     options = dict(label_smoothing=0.125, z_loss=0.0625)
     loss, grad, grad_t = dense_loss_and_grads(t, z, g, axis=axis, **options)
-    ref_loss, ref_grad, ref_grad_t = reference.dense(_f64(t), _f64(z), axis=axis, grad_loss=_f64(g), **options)
+    ref_loss, ref_grad, ref_grad_t = reference.dense(f64(t), f64(z), axis=axis, grad_loss=f64(g), **options)
     assert_rows_close(loss, ref_loss, dtype, axis=None, what="loss")
-    terms = dense_target_terms(_f64(t), shape, axis, label_smoothing=0.125, grad_loss=_f64(g))
+    terms = dense_target_terms(f64(t), shape, axis, label_smoothing=0.125, grad_loss=f64(g))
     assert_rows_close(grad, ref_grad, dtype, axis=axis, terms=terms, what="gradient")
-    terms_t = label_gradient_terms(_f64(z), _f64(g), 0.125, axis=axis)
+    terms_t = label_gradient_terms(f64(z), f64(g), 0.125, axis=axis)
     assert_rows_close(grad_t, ref_grad_t, dtype, axis=axis, terms=terms_t, what="label gradient")
 
 
 def test_default_x64_off_float32():
     """The default configuration: float32 logits, int32 labels, lse still float64 inside."""
-    z = _logits((6, C), "float32")
+    z = logits((6, C), "float32")
     labels = np.array([0, 1, 2, 3, 4, 6], np.int32)
     with jax.enable_x64(False):
         loss, grad = jax.jit(jax.value_and_grad(lambda z: fj.sparse_softmax_cross_entropy_with_logits(labels, z).sum()))(z)
-    ref_loss, ref_grad = reference.sparse(labels, _f64(z))
+    ref_loss, ref_grad = reference.sparse(labels, f64(z))
     assert_rows_close(loss, ref_loss.sum(), "float32", axis=None, scale=C)
     assert_rows_close(grad, ref_grad, "float32", terms=target_terms(labels, z.shape))
 
@@ -142,7 +110,7 @@ def assert_matches_jax(ours, theirs):
 
 
 def test_matches_jax_cross_entropy():
-    z = _logits((16, 3, 11), "float32", seed=5)
+    z = logits((16, 3, 11), "float32", seed=5)
     labels = np.random.default_rng(6).integers(0, 11, size=(16, 3))
     ours = jax.jit(jax.value_and_grad(lambda z: fj.sparse_softmax_cross_entropy_with_logits(labels, z).mean()))(z)
     theirs = jax.jit(jax.value_and_grad(lambda z: jax_sparse(labels, z).mean()))(z)
@@ -157,7 +125,7 @@ def test_matches_jax_cross_entropy():
 
 
 def test_jax_comparison_rejects_planted_error():
-    z = _logits((8, C), "float32")
+    z = logits((8, C), "float32")
     labels = np.arange(8) % C
     theirs = np.asarray(jax.grad(lambda z: jax_sparse(labels, z).sum())(z))
     ours = np.array(jax.grad(lambda z: fj.sparse_softmax_cross_entropy_with_logits(labels, z).sum())(z))
@@ -168,10 +136,10 @@ def test_jax_comparison_rejects_planted_error():
 
 
 def test_reference_comparison_rejects_planted_error():
-    z = _logits((4, C), "float32")
+    z = logits((4, C), "float32")
     labels = np.array([0, 1, 2, 3])
     loss, grad = sparse_loss_and_grad(labels, z, np.ones(4, np.float32))
-    _, ref_grad = reference.sparse(labels, _f64(z))
+    _, ref_grad = reference.sparse(labels, f64(z))
     terms = target_terms(labels, z.shape)
     assert_rows_close(grad, ref_grad, "float32", terms=terms)
     smallest = np.unravel_index(np.argmin(np.abs(ref_grad)), ref_grad.shape)
@@ -254,7 +222,7 @@ def test_value_and_grad_under_an_outer_grad():
 
 
 def test_vmap():
-    z = _logits((3, 4, C), "float64")
+    z = logits((3, 4, C), "float64")
     labels = np.random.default_rng(11).integers(0, C, size=(3, 4))
     batched = jax.vmap(fj.sparse_softmax_cross_entropy_with_logits)(labels, z)
     assert_rows_close(batched, reference.sparse(labels, z)[0], "float64", axis=None)
@@ -268,7 +236,7 @@ def test_vmap():
 def test_out_of_range_label_raises_the_handlers_error():
     if PLATFORM != "cpu":
         pytest.skip("CUDA handlers give NaN rows for bad labels")
-    z = _logits((4, C), "float32")
+    z = logits((4, C), "float32")
     message = r"label value of 9 which is outside the valid range of \[0, 7\)"
     with pytest.raises(Exception, match=message):
         jax.block_until_ready(jax.jit(fj.sparse_softmax_cross_entropy_with_logits)(np.array([0, 9, 2, 3]), z))
@@ -293,16 +261,16 @@ def test_out_of_range_label_raises_the_handlers_error():
     ],
 )
 def test_bad_arguments_raise_like_tensorflow(kwargs, error, message):
-    arguments = dict(labels=np.array([0, 1, 2, 3], np.int32), logits=_logits((4, C), "float32"))
+    arguments = dict(labels=np.array([0, 1, 2, 3], np.int32), logits=logits((4, C), "float32"))
     arguments.update(kwargs)
     with pytest.raises(error, match=message):
         fj.sparse_softmax_cross_entropy_with_logits(arguments.pop("labels"), arguments.pop("logits"), **arguments)
 
 
 def test_dense_labels_broadcast_or_raise():
-    z = _logits((4, C), "float32")
+    z = logits((4, C), "float32")
     t = np.full((C,), 1.0 / C, np.float32)
     loss = fj.softmax_cross_entropy_with_logits(t, z)
-    assert_rows_close(loss, reference.dense(np.broadcast_to(t, z.shape), _f64(z))[0], "float32", axis=None)
+    assert_rows_close(loss, reference.dense(np.broadcast_to(t, z.shape), f64(z))[0], "float32", axis=None)
     with pytest.raises(ValueError, match="logits and labels must be broadcastable"):
         fj.softmax_cross_entropy_with_logits(np.ones((3, C)), z)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ToleranceError, assert_rows_close, dense_target_terms, label_gradient_terms, target_terms
+from framework_cases import C, DTYPES, SPARSE_OPTIONS, WEIGHTS, dense_case, f64, logits, sparse_case
 import reference
 
 torch = pytest.importorskip("torch")
@@ -18,10 +19,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import fused_xent.torch as ft  # noqa: E402
 
-DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float64": np.float64}
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-C = 7
-WEIGHTS = np.array([0.5, 2.0, 1.0, 3.0, 0.25, 1.5, 0.75], np.float32)
 
 
 def _tensor(a, dtype=None):
@@ -37,18 +35,6 @@ def _numpy(t):
     return t.detach().to(torch.float64).numpy()
 
 
-def _logits(shape, dtype, seed=0):
-    return (np.random.default_rng(seed).normal(size=shape) * 3).astype(DTYPES[dtype])
-
-
-def _f64(a):
-    return np.asarray(a, np.float64)
-
-
-def _rows(shape, axis):
-    return tuple(d for i, d in enumerate(shape) if i != axis % len(shape))
-
-
 def sparse_loss_and_grad(labels, z, g, **options):
     """(loss, d sum(loss * g)/dz) as float64 arrays, and the dtypes of both."""
     zt = _tensor(z).requires_grad_()
@@ -57,72 +43,55 @@ def sparse_loss_and_grad(labels, z, g, **options):
     return _numpy(loss), _numpy(grad), (loss.dtype, grad.dtype, zt.dtype)
 
 
-SPARSE_OPTIONS = [
-    {},
-    {"label_smoothing": 0.25, "z_loss": 0.0625},
-    {"ignore_index": -100, "class_weights": WEIGHTS, "label_smoothing": 0.125},
-]
-
-
 @pytest.mark.parametrize("options", SPARSE_OPTIONS, ids=lambda o: ",".join(o) or "defaults")
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("axis", [-1, 1])
 def test_sparse_matches_reference(dtype, options, axis):
-    shape = (5, C, 3) if axis == 1 else (9, C)
-    rows = _rows(shape, axis)
-    z = _logits(shape, dtype)
-    labels = np.random.default_rng(1).integers(0, C, size=rows).astype(np.int32 if axis == 1 else np.int64)
-    if "ignore_index" in options:
-        labels.flat[::4] = options["ignore_index"]
-    g = np.random.default_rng(2).normal(size=rows).astype(DTYPES[dtype])
+    shape, z, labels, g = sparse_case(dtype, options, axis)
     loss, grad, (loss_dtype, grad_dtype, z_dtype) = sparse_loss_and_grad(labels, z, g, axis=axis, **options)
     assert loss_dtype == grad_dtype == z_dtype == TORCH_DTYPES[dtype]
-    ref_loss, ref_grad = reference.sparse(labels, _f64(z), axis=axis, grad_loss=_f64(g), **options)
+    ref_loss, ref_grad = reference.sparse(labels, f64(z), axis=axis, grad_loss=f64(g), **options)
     assert_rows_close(loss, ref_loss, dtype, axis=None, what="loss")
-    terms = target_terms(labels, shape, axis, grad_loss=_f64(g), **options)
+    terms = target_terms(labels, shape, axis, grad_loss=f64(g), **options)
     assert_rows_close(grad, ref_grad, dtype, axis=axis, terms=terms, what="gradient")
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_dense_matches_reference(dtype, axis):
-    shape = (C, 4) if axis == 0 else (6, C)
-    z = _logits(shape, dtype)
-    t = np.random.default_rng(3).random(shape)
-    t = (t / t.sum(axis=axis, keepdims=True)).astype(DTYPES[dtype])
-    g = np.random.default_rng(4).normal(size=_rows(shape, axis)).astype(DTYPES[dtype])
+    shape, z, t, g = dense_case(dtype, axis)
     zt, tt = _tensor(z).requires_grad_(), _tensor(t).requires_grad_()
     loss = ft.softmax_cross_entropy_with_logits(tt, zt, axis=axis, label_smoothing=0.125, z_loss=0.0625)
     grad, grad_t = torch.autograd.grad(loss, (zt, tt), _tensor(g))
     assert loss.dtype == grad.dtype == grad_t.dtype == TORCH_DTYPES[dtype]
     ref_loss, ref_grad, ref_grad_t = reference.dense(
-        _f64(t), _f64(z), axis=axis, grad_loss=_f64(g), label_smoothing=0.125, z_loss=0.0625
+        f64(t), f64(z), axis=axis, grad_loss=f64(g), label_smoothing=0.125, z_loss=0.0625
     )
     assert_rows_close(_numpy(loss), ref_loss, dtype, axis=None, what="loss")
-    terms = dense_target_terms(_f64(t), shape, axis, label_smoothing=0.125, grad_loss=_f64(g))
+    terms = dense_target_terms(f64(t), shape, axis, label_smoothing=0.125, grad_loss=f64(g))
     assert_rows_close(_numpy(grad), ref_grad, dtype, axis=axis, terms=terms, what="gradient")
-    terms_t = label_gradient_terms(_f64(z), _f64(g), 0.125, axis=axis)
+    terms_t = label_gradient_terms(f64(z), f64(g), 0.125, axis=axis)
     assert_rows_close(_numpy(grad_t), ref_grad_t, dtype, axis=axis, terms=terms_t, what="label gradient")
 
 
 def test_non_contiguous_logits_and_broadcast_labels():
-    z = _logits((C, 6), "float32")
+    z = logits((C, 6), "float32")
     zt = _tensor(z).t()  # a transposed view: copied to a contiguous tensor for the kernel
     labels = np.arange(6) % C
     loss = ft.sparse_softmax_cross_entropy_with_logits(_tensor(labels), zt)
-    assert_rows_close(_numpy(loss), reference.sparse(labels, _f64(z).T)[0], "float32", axis=None)
+    assert_rows_close(_numpy(loss), reference.sparse(labels, f64(z).T)[0], "float32", axis=None)
     t = np.full((C,), 1.0 / C, np.float32)
     loss = ft.softmax_cross_entropy_with_logits(_tensor(t), zt)
-    assert_rows_close(_numpy(loss), reference.dense(np.broadcast_to(t, (6, C)), _f64(z).T)[0], "float32", axis=None)
+    assert_rows_close(_numpy(loss), reference.dense(np.broadcast_to(t, (6, C)), f64(z).T)[0], "float32", axis=None)
     with pytest.raises(ValueError, match="logits and labels must be broadcastable"):
         ft.softmax_cross_entropy_with_logits(torch.ones(3, C), zt)
 
 
 def test_reference_comparison_rejects_planted_error():
-    z = _logits((4, C), "float32")
+    z = logits((4, C), "float32")
     labels = np.array([0, 1, 2, 3])
     _, grad, _ = sparse_loss_and_grad(labels, z, np.ones(4, np.float32))
-    _, ref_grad = reference.sparse(labels, _f64(z))
+    _, ref_grad = reference.sparse(labels, f64(z))
     terms = target_terms(labels, z.shape)
     assert_rows_close(grad, ref_grad, "float32", terms=terms)
     smallest = np.unravel_index(np.argmin(np.abs(ref_grad)), ref_grad.shape)
@@ -158,7 +127,7 @@ def _loss_and_grad(f, z):
     ids=["plain", "smoothing", "ignore,smoothing", "ignore,weights"],
 )
 def test_matches_torch_cross_entropy_per_element(ours, theirs):
-    z = _tensor(_logits((16, C, 3), "float32", seed=5))
+    z = _tensor(logits((16, C, 3), "float32", seed=5))
     labels = torch.from_numpy(np.random.default_rng(6).integers(0, C, size=(16, 3)))
     labels[::5, 1] = ours.get("ignore_index", 0)
     mine = _loss_and_grad(lambda z: ft.sparse_softmax_cross_entropy_with_logits(labels, z, axis=1, **ours), z)
@@ -169,7 +138,7 @@ def test_matches_torch_cross_entropy_per_element(ours, theirs):
 
 def test_torch_weighted_mean_is_our_sum_over_the_label_weights():
     """PyTorch's reduction="mean" with weight divides by the sum of the (unignored) labels' weights."""
-    z = _tensor(_logits((32, C), "float32", seed=7))
+    z = _tensor(logits((32, C), "float32", seed=7))
     labels = torch.from_numpy(np.random.default_rng(8).integers(0, C, size=32))
     labels[::6] = -100
     weights = torch.from_numpy(WEIGHTS)
@@ -185,7 +154,7 @@ def test_torch_weighted_mean_is_our_sum_over_the_label_weights():
 
 
 def test_dense_matches_torch_soft_targets():
-    z = _tensor(_logits((10, C), "float32", seed=9))
+    z = _tensor(logits((10, C), "float32", seed=9))
     t = torch.softmax(torch.from_numpy(np.random.default_rng(10).normal(size=(10, C))).float(), -1)
     options = dict(label_smoothing=0.1)
     ours = _loss_and_grad(lambda z: ft.softmax_cross_entropy_with_logits(t, z, **options), z)
@@ -195,7 +164,7 @@ def test_dense_matches_torch_soft_targets():
 
 
 def test_torch_comparison_rejects_planted_error():
-    z = _tensor(_logits((8, C), "float32"))
+    z = _tensor(logits((8, C), "float32"))
     labels = torch.arange(8) % C
     _, ours = _loss_and_grad(lambda z: ft.sparse_softmax_cross_entropy_with_logits(labels, z), z)
     _, theirs = _loss_and_grad(lambda z: F.cross_entropy(z, labels, reduction="none"), z)
@@ -261,7 +230,7 @@ def test_gradcheck_rejects_planted_error():
 
 
 def test_torch_compile_inductor_matches_eager():
-    z = _tensor(_logits((12, C), "float32", seed=16))
+    z = _tensor(logits((12, C), "float32", seed=16))
     labels = torch.from_numpy(np.random.default_rng(17).integers(0, C, size=12))
     t = torch.softmax(z * 0.5, -1)
     weights = torch.from_numpy(WEIGHTS)
@@ -278,7 +247,7 @@ def test_torch_compile_inductor_matches_eager():
 
 
 def test_opcheck():
-    z = _tensor(_logits((4, C), "float32", seed=18))
+    z = _tensor(logits((4, C), "float32", seed=18))
     labels = torch.tensor([0, 1, 2, 6])
     g = torch.ones(4)
     t = torch.softmax(z, -1)
@@ -296,7 +265,7 @@ def test_opcheck():
 
 
 def test_out_of_range_label_raises():
-    z = _tensor(_logits((4, C), "float32"))
+    z = _tensor(logits((4, C), "float32"))
     with pytest.raises(ValueError, match=r"label value of 9 which is outside the valid range of \[0, 7\)"):
         ft.sparse_softmax_cross_entropy_with_logits(torch.tensor([0, 9, 2, 3]), z)
 
@@ -322,14 +291,14 @@ def test_out_of_range_label_raises():
     ],
 )
 def test_bad_arguments_raise_like_tensorflow(kwargs, error, message):
-    arguments = dict(labels=torch.tensor([0, 1, 2, 3], dtype=torch.int32), logits=_tensor(_logits((4, C), "float32")))
+    arguments = dict(labels=torch.tensor([0, 1, 2, 3], dtype=torch.int32), logits=_tensor(logits((4, C), "float32")))
     arguments.update(kwargs)
     with pytest.raises(error, match=message):
         ft.sparse_softmax_cross_entropy_with_logits(arguments.pop("labels"), arguments.pop("logits"), **arguments)
 
 
 def test_ignore_index_no_label_can_hold_ignores_nothing():
-    z = _tensor(_logits((3, C), "float32"))
+    z = _tensor(logits((3, C), "float32"))
     labels = torch.tensor([0, 1, 0], dtype=torch.int32)
     plain = ft.sparse_softmax_cross_entropy_with_logits(labels, z)
     assert torch.equal(ft.sparse_softmax_cross_entropy_with_logits(labels, z, ignore_index=2**32), plain)

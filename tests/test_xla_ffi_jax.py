@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import ToleranceError, assert_rows_close, dense_target_terms, target_terms
+from framework_cases import C, DTYPES, SPARSE_OPTIONS, WEIGHTS, dense_case, f64, logits, rows, sparse_case
 import reference
 
 jax = pytest.importorskip("jax")
 jax.config.update("jax_enable_x64", True)  # lse is float64
 import jax.numpy as jnp  # noqa: E402
-import ml_dtypes  # noqa: E402
 
 import fused_xent  # noqa: E402
 from fused_xent import _core  # noqa: E402
@@ -33,9 +33,6 @@ except RuntimeError:
 for _name, _capsule in TARGETS.items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA" if PLATFORM == "cuda" else "cpu")
 
-DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float64": np.float64}
-C = 7
-WEIGHTS = np.array([0.5, 2.0, 1.0, 3.0, 0.25, 1.5, 0.75], np.float32)
 
 
 def _attrs(axis, label_smoothing=0.0, z_loss=0.0, ignore_index=None):
@@ -50,21 +47,17 @@ def _sparse_attrs(axis, label_smoothing=0.0, z_loss=0.0, ignore_index=None):
     return attrs
 
 
-def _rows(shape, axis):
-    return tuple(d for i, d in enumerate(shape) if i != axis % len(shape))
-
-
 def sparse_call(logits, labels, grad_loss, class_weights=None, axis=-1, **options):
     """(loss, lse, grad_logits) from the two sparse targets, in one jitted function."""
     weights = jnp.zeros([0], jnp.float32) if class_weights is None else jnp.asarray(class_weights)
     attrs = _sparse_attrs(axis, **options)
-    rows = _rows(logits.shape, axis)
+    row_shape = rows(logits.shape, axis)
 
     @jax.jit
     def run(z, y, w, g):
         loss, lse = jax.ffi.ffi_call(
             "fused_xent_sparse_forward",
-            (jax.ShapeDtypeStruct(rows, z.dtype), jax.ShapeDtypeStruct(rows, jnp.float64)),
+            (jax.ShapeDtypeStruct(row_shape, z.dtype), jax.ShapeDtypeStruct(row_shape, jnp.float64)),
         )(z, y, w, **attrs)
         grad = jax.ffi.ffi_call("fused_xent_sparse_backward", jax.ShapeDtypeStruct(z.shape, z.dtype))(
             z, y, w, lse, g, jnp.zeros([0], jnp.float64), **attrs)
@@ -76,13 +69,13 @@ def sparse_call(logits, labels, grad_loss, class_weights=None, axis=-1, **option
 
 def dense_call(logits, labels, grad_loss, axis=-1, label_smoothing=0.0, z_loss=0.0):
     attrs, _ = _attrs(axis, label_smoothing, z_loss)
-    rows = _rows(logits.shape, axis)
+    row_shape = rows(logits.shape, axis)
 
     @jax.jit
     def run(z, t, g):
         loss, lse = jax.ffi.ffi_call(
             "fused_xent_dense_forward",
-            (jax.ShapeDtypeStruct(rows, z.dtype), jax.ShapeDtypeStruct(rows, jnp.float64)),
+            (jax.ShapeDtypeStruct(row_shape, z.dtype), jax.ShapeDtypeStruct(row_shape, jnp.float64)),
         )(z, t, **attrs)
         grad = jax.ffi.ffi_call("fused_xent_dense_backward", jax.ShapeDtypeStruct(z.shape, z.dtype))(
             z, t, lse, g, jnp.zeros([0], jnp.float64), **attrs)
@@ -92,39 +85,18 @@ def dense_call(logits, labels, grad_loss, axis=-1, label_smoothing=0.0, z_loss=0
     return [np.array(r) for r in run(put(logits), put(labels), put(grad_loss))]
 
 
-def _logits(shape, dtype, seed=0):
-    return (np.random.default_rng(seed).normal(size=shape) * 3).astype(DTYPES[dtype])
-
-
-def _f64(a):
-    return np.asarray(a, np.float64)
-
-
-SPARSE_OPTIONS = [
-    {},
-    {"label_smoothing": 0.25, "z_loss": 0.0625},
-    {"ignore_index": -100, "class_weights": WEIGHTS, "label_smoothing": 0.125},
-]
-
-
 @pytest.mark.parametrize("options", SPARSE_OPTIONS, ids=lambda o: ",".join(o) or "defaults")
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("axis", [-1, 1])
 def test_sparse_targets_match_reference(dtype, options, axis):
-    shape = (5, C, 3) if axis == 1 else (9, C)
-    rows = _rows(shape, axis)
-    z = _logits(shape, dtype)
-    labels = np.random.default_rng(1).integers(0, C, size=rows).astype(np.int32 if axis == 1 else np.int64)
-    if "ignore_index" in options:
-        labels.flat[::4] = options["ignore_index"]
-    g = np.random.default_rng(2).normal(size=rows).astype(DTYPES[dtype])
+    shape, z, labels, g = sparse_case(dtype, options, axis)
     loss, lse, grad = sparse_call(z, labels, g, axis=axis, **options)
-    ref_loss, ref_grad = reference.sparse(labels, _f64(z), axis=axis, grad_loss=_f64(g), **options)
+    ref_loss, ref_grad = reference.sparse(labels, f64(z), axis=axis, grad_loss=f64(g), **options)
     assert_rows_close(loss, ref_loss, dtype, axis=None, what="loss")
-    terms = target_terms(labels, shape, axis, grad_loss=_f64(g), **options)
+    terms = target_terms(labels, shape, axis, grad_loss=f64(g), **options)
     assert_rows_close(grad, ref_grad, dtype, axis=axis, terms=terms, what="gradient")
     # lse is float64, from float32 sums for the narrower dtypes.
-    ref_lse = reference._lse(np.moveaxis(_f64(z), axis, -1))
+    ref_lse = reference._lse(np.moveaxis(f64(z), axis, -1))
     assert_rows_close(lse, ref_lse, "float64" if dtype == "float64" else "float32", axis=None, what="lse")
     if PLATFORM == "cpu":  # the same CPU kernels as the NumPy module: the same bits
         np_options = {k: v for k, v in options.items()}
@@ -137,26 +109,22 @@ def test_sparse_targets_match_reference(dtype, options, axis):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_dense_targets_match_reference(dtype, axis):
-    shape = (C, 4) if axis == 0 else (6, C)
-    z = _logits(shape, dtype)
-    t = np.random.default_rng(3).random(shape)
-    t = (t / t.sum(axis=axis, keepdims=True)).astype(DTYPES[dtype])
-    g = np.random.default_rng(4).normal(size=_rows(shape, axis)).astype(DTYPES[dtype])
+    shape, z, t, g = dense_case(dtype, axis)
     loss, _, grad = dense_call(z, t, g, axis=axis, label_smoothing=0.125, z_loss=0.0625)
-    ref_loss, ref_grad, _ = reference.dense(_f64(t), _f64(z), axis=axis, grad_loss=_f64(g), label_smoothing=0.125,
+    ref_loss, ref_grad, _ = reference.dense(f64(t), f64(z), axis=axis, grad_loss=f64(g), label_smoothing=0.125,
                                             z_loss=0.0625)
     assert_rows_close(loss, ref_loss, dtype, axis=None, what="loss")
-    terms = dense_target_terms(_f64(t), shape, axis, label_smoothing=0.125, grad_loss=_f64(g))
+    terms = dense_target_terms(f64(t), shape, axis, label_smoothing=0.125, grad_loss=f64(g))
     assert_rows_close(grad, ref_grad, dtype, axis=axis, terms=terms, what="gradient")
 
 
 def test_planted_error_is_caught():
     """The comparison above can fail: the smallest gradient entry off by 1% is rejected
     (an absolute tolerance of a few 1e-6 would let it be 0)."""
-    z = _logits((4, C), "float32")
+    z = logits((4, C), "float32")
     labels = np.array([0, 1, 2, 3])
     _, _, grad = sparse_call(z, labels, np.ones(4, np.float32))
-    _, ref_grad = reference.sparse(labels, _f64(z))
+    _, ref_grad = reference.sparse(labels, f64(z))
     terms = target_terms(labels, z.shape)
     assert_rows_close(grad, ref_grad, "float32", terms=terms)
     smallest = np.unravel_index(np.argmin(np.abs(ref_grad)), ref_grad.shape)
@@ -168,7 +136,7 @@ def test_planted_error_is_caught():
 
 @pytest.mark.skipif(PLATFORM != "cpu", reason="CUDA handlers give NaN rows for bad labels (no host check)")
 def test_out_of_range_label_raises():
-    z = _logits((4, C), "float32")
+    z = logits((4, C), "float32")
     with pytest.raises(Exception, match=r"label value of 9 which is outside the valid range of \[0, 7\)"):
         sparse_call(z, np.array([0, 9, 2, 3]), np.ones(4, np.float32))
 
@@ -176,7 +144,7 @@ def test_out_of_range_label_raises():
 @pytest.mark.skipif(PLATFORM != "cpu", reason="CUDA handlers cannot read class weights in device memory")
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -2.0])
 def test_bad_class_weight_values_raise(bad):
-    z = _logits((4, C), "float32")
+    z = logits((4, C), "float32")
     weights = WEIGHTS.copy()
     weights[3] = bad
     with pytest.raises(Exception, match=r"class_weights must be finite and >= 0, got .* for class 3"):
@@ -200,7 +168,7 @@ def _forward(name, outputs, *operands, **attrs):
 )
 def test_bad_operands_raise_naming_them(case, message):
     """A JAX user may call the targets with anything: every mismatch is an error, not a wrong read."""
-    z = jnp.asarray(_logits((4, C), "float32"))
+    z = jnp.asarray(logits((4, C), "float32"))
     labels = jnp.asarray([0, 1, 2, 3], jnp.int32)
     weights = jnp.zeros([0], jnp.float32)
     attrs = _sparse_attrs(-1)
