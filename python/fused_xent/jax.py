@@ -121,7 +121,11 @@ def _forward_ffi(name, opts, z, *operands):
 def _backward_ffi(name, opts, z, *operands):
     no_grad_lse = jnp.zeros([0], jnp.float32)  # empty: only its element count is read
     out = jax.ShapeDtypeStruct(z.shape, z.dtype)
-    return jax.ffi.ffi_call(name, out, vmap_method="sequential")(z, *operands, no_grad_lse, **_attrs(opts))
+    # The gradient goes over the logits' buffer (the kernels read each element before writing
+    # it): a fresh N x C output costs XLA's CPU runtime page faults that took longer than the
+    # kernel (docs/benchmarks_backends.md). XLA copies z first only where z is still needed.
+    call = jax.ffi.ffi_call(name, out, vmap_method="sequential", input_output_aliases={0: 0})
+    return call(z, *operands, no_grad_lse, **_attrs(opts))
 
 
 def _acc(dtype):
