@@ -29,7 +29,8 @@ Target best_supported_target() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
 #if defined(FX_HAVE_AVX512_TARGET)
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma"))
     return Target::kAvx512;
 #endif
 #if defined(FX_HAVE_AVX2_TARGET)

@@ -159,21 +159,26 @@ FX_ALWAYS_INLINE void store_stream(Half* p, vfloat v) {
 #endif
 }
 // --- bfloat16, two vectors at a time ----------------------------------------------
-// With AVX2, 2 * kLanes bfloat16 become two float vectors by one unpack each
-// (the 16 bits land in the top half of each lane) and go back by one pack,
-// where one vector at a time takes a widening load and a shift, and a shift,
-// an extract and a pack. The unpack splits every group of 8 elements 4/4
-// between the two vectors; the pack undoes exactly that, and pair_slot says
-// where element e went. Element-wise code need not care; other targets keep
-// the order. The stores take vectors whose NaNs are narrow (see above).
-#if FX_LANES == 8 && defined(__AVX2__)
+// With AVX2 or AVX-512BW, 2 * kLanes bfloat16 become two float vectors by one
+// unpack each (the 16 bits land in the top half of each lane) and go back by
+// one pack, where one vector at a time takes a widening load and a shift, and
+// a shift and a narrowing (two micro-ops, or an extract and a pack). The
+// unpack splits every group of 8 elements (a 128-bit lane) 4/4 between the two
+// vectors; the pack undoes exactly that, and pair_slot says where element e
+// went. Element-wise code need not care; other targets keep the order. The
+// stores take vectors whose NaNs are narrow (see above).
+#if (FX_LANES == 8 && defined(__AVX2__)) || (FX_LANES == 16 && defined(__AVX512BW__))
 constexpr bool kPairsReorder = true;
 #else
 constexpr bool kPairsReorder = false;
 #endif
 
 FX_ALWAYS_INLINE void load_pair(const bfloat16_t* p, vfloat* first, vfloat* second) {
-#if FX_LANES == 8 && defined(__AVX2__)
+#if FX_LANES == 16 && defined(__AVX512BW__)
+  const __m512i bits = _mm512_loadu_si512(p);
+  *first = reinterpret_cast<vfloat>(_mm512_unpacklo_epi16(_mm512_setzero_si512(), bits));
+  *second = reinterpret_cast<vfloat>(_mm512_unpackhi_epi16(_mm512_setzero_si512(), bits));
+#elif FX_LANES == 8 && defined(__AVX2__)
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   *first = reinterpret_cast<vfloat>(_mm256_unpacklo_epi16(_mm256_setzero_si256(), bits));
   *second = reinterpret_cast<vfloat>(_mm256_unpackhi_epi16(_mm256_setzero_si256(), bits));
@@ -190,7 +195,12 @@ FX_ALWAYS_INLINE int pair_slot(int e) {
   return (within / 4) * kLanes + group * 4 + within % 4;
 }
 
-#if FX_LANES == 8 && defined(__AVX2__)
+#if FX_LANES == 16 && defined(__AVX512BW__)
+FX_ALWAYS_INLINE __m512i pack_pair(vfloat first, vfloat second) {
+  return _mm512_packus_epi32(reinterpret_cast<__m512i>(bfloat16_bits_in_lanes_narrow_nans(first)),
+                             reinterpret_cast<__m512i>(bfloat16_bits_in_lanes_narrow_nans(second)));
+}
+#elif FX_LANES == 8 && defined(__AVX2__)
 FX_ALWAYS_INLINE __m256i pack_pair(vfloat first, vfloat second) {
   return _mm256_packus_epi32(reinterpret_cast<__m256i>(bfloat16_bits_in_lanes_narrow_nans(first)),
                              reinterpret_cast<__m256i>(bfloat16_bits_in_lanes_narrow_nans(second)));
@@ -201,7 +211,14 @@ FX_ALWAYS_INLINE __m256i pack_pair(vfloat first, vfloat second) {
 // to 2 * kLanes elements.
 template <bool kStream>
 FX_ALWAYS_INLINE void store_pair(bfloat16_t* p, vfloat first, vfloat second) {
-#if FX_LANES == 8 && defined(__AVX2__)
+#if FX_LANES == 16 && defined(__AVX512BW__)
+  const __m512i bits = pack_pair(first, second);
+  if (kStream) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), bits);
+  } else {
+    _mm512_storeu_si512(p, bits);
+  }
+#elif FX_LANES == 8 && defined(__AVX2__)
   const __m256i bits = pack_pair(first, second);
   if (kStream) {
     _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bits);
