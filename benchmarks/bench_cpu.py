@@ -20,7 +20,10 @@ defaults and with its mmap threshold fixed (see FIXED_MALLOC).
 Segmentation-shaped logits (N×H×W×C, e.g. 8×256×256×21) are timed with the
 class axis last (NHWC) and as axis 1 (NCHW, `axis=1`, no transpose), against
 tf.nn on NHWC and on NCHW through a transpose (`--only segmentation` runs just
-those rows).
+those rows). A language-model head's step (logits = hidden @ W, N=2048, H=256,
+V=32000) shows what the loss is worth in a whole step, and the fused step with
+its gradient buffer cache off (a fresh process) separates the kernels' share
+of the speedup from the allocator's.
 
     python benchmarks/bench_cpu.py [--quick] [--reps 15] [--markdown docs/benchmarks.md] [--chart docs/benchmarks_cpu.png]
     python benchmarks/bench_cpu.py --only segmentation [--reps 41]
@@ -226,6 +229,69 @@ def time_numpy(shape, reps):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+LM_HEAD_SHAPE = (2048, 256, 32000)  # N, H, V
+
+
+def time_lm_head(shape, reps):
+    """A language-model head's training step, logits = hidden @ W in the step and gradients
+    for hidden and W, with each loss; and each loss's step alone on logits of the same size,
+    so the loss's share of the whole step shows."""
+    import tensorflow as tf
+    import fused_xent
+
+    n, h, v = shape
+    rng = np.random.default_rng(3)
+    hidden = tf.constant(rng.normal(size=(n, h)).astype(np.float32))
+    w = tf.constant(rng.normal(size=(h, v)).astype(np.float32) * h ** -0.5)
+    labels = tf.constant(rng.integers(0, v, size=n))
+    losses = {"fused": fused_xent.sparse_softmax_cross_entropy_with_logits,
+              "tf.nn": tf.nn.sparse_softmax_cross_entropy_with_logits}
+
+    def head_step(fn):
+        @tf.function
+        def step(hidden, w, labels):
+            with tf.GradientTape() as tape:
+                tape.watch([hidden, w])
+                loss = tf.reduce_mean(fn(labels, hidden @ w))
+            return loss, tape.gradient(loss, [hidden, w])
+
+        return step
+
+    logits = hidden @ w
+    calls = {}
+    for name, fn in losses.items():
+        step, alone = head_step(fn), make_step(fn, jit=False)
+        calls[f"{name} step"] = lambda step=step: step(hidden, w, labels)
+        calls[f"{name} loss alone"] = lambda alone=alone: alone(logits, labels)
+    return time_calls(calls, reps)
+
+
+# The fused step with the gradient buffer cache off (FUSED_XENT_BUFFER_CACHE_MB=0, read once
+# when the library loads, hence a fresh process) against tf.nn's in the same process.
+CACHE_OFF_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import bench_cpu, tensorflow as tf
+steps = bench_cpu.variants("sparse")
+steps = {"fused, cache off": steps["fused"], "tf.nn": steps["tf.nn"]}
+rows = []
+for shape in json.loads(sys.argv[2]):
+    shape = tuple(shape)
+    times = bench_cpu.time_variants(steps, bench_cpu.inputs(shape, tf.float32, "sparse"), int(sys.argv[3]))
+    rows.append({"shape": shape, "times": times})
+print("RESULT " + json.dumps(rows))
+"""
+
+
+def time_cache_off(shapes, reps):
+    env = dict(os.environ, FUSED_XENT_BUFFER_CACHE_MB="0")
+    out = subprocess.run(
+        [sys.executable, "-c", CACHE_OFF_SCRIPT, os.path.dirname(os.path.abspath(__file__)), json.dumps(shapes),
+         str(reps)], capture_output=True, text=True, timeout=1800, check=True, env=env,
+    ).stdout
+    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+
+
 def segmentation_variants(kind):
     """Steps on NHWC logits (class axis last) and NCHW logits (class axis 1)."""
     import tensorflow as tf
@@ -386,6 +452,12 @@ def run(args):
         times = time_variants(loss_only_variants(), inputs(shape, tf.float32, "sparse"), args.reps)
         loss_only.append({"shape": shape, "times": times, "floor": shape[0] * shape[1] * 4 / bandwidth})
     numpy_rows = [{"shape": s, "times": time_numpy(s, args.reps)} for s in shapes]
+    cache_off = time_cache_off(shapes, args.reps)
+    for row in cache_off:
+        row["floor"] = 3 * row["shape"][0] * row["shape"][1] * 4 / bandwidth
+        on = next(r for r in rows if r["kind"] == "sparse" and r["dtype"] == "float32" and tuple(r["shape"]) == tuple(row["shape"]))
+        row["cache_on"] = on["times"]
+    lm_head = {"shape": args.lm_head_shape, "times": time_lm_head(args.lm_head_shape, args.reps)}
     memory = None
     if not args.skip_memory:
         shape = (1024, 32000)
@@ -405,6 +477,8 @@ def run(args):
         "dtype_rows": dtype_rows,
         "loss_only": loss_only,
         "numpy": numpy_rows,
+        "cache_off": cache_off,
+        "lm_head": lm_head,
         "memory": memory,
         "segmentation": segmentation,
         "command": "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:]),
@@ -462,6 +536,40 @@ def segmentation_markdown(rows):
         "| axis 1, time of axis last | fused axis 1 vs tf.nn axis 1 | axis last, of floor | axis 1, of floor |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ] + [format_segmentation_row(r) for r in rows]
+
+
+def cache_off_markdown(rows):
+    if not rows:
+        return []
+    lines = ["", "The gradient buffer cache off (`FUSED_XENT_BUFFER_CACHE_MB=0`: every gradient a fresh allocation, "
+             "as tf.nn's), sparse float32, forward + backward; measured in a second process against tf.nn, so the "
+             "kernels' share of the speedup shows apart from the allocator's. \"fused, cache on\" is the main "
+             "table's figure. Median milliseconds:", "",
+             "| N×C | fused, cache off ms | tf.nn ms | cache off vs tf.nn | cache off, of floor | fused, cache on ms "
+             "| cache on vs tf.nn |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        t, on = r["times"], r["cache_on"]
+        lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {_ms(t, 'fused, cache off')} | {_ms(t, 'tf.nn')} | "
+                     f"{_ratio(t, 'tf.nn', 'fused, cache off')} | {100 * r['floor'] / t['fused, cache off']:.0f}% | "
+                     f"{_ms(on, 'fused')} | {_ratio(on, 'tf.nn', 'fused')} |")
+    return lines
+
+
+def lm_head_markdown(head):
+    if not head:
+        return []
+    n, h, v = head["shape"]
+    t = head["times"]
+    lines = ["", f"A language-model head's training step (float32, N={n}, H={h}, V={v}): logits = hidden @ W in "
+             "the step, a mean sparse loss, gradients for hidden and W; \"loss alone\" is the loss's own step on "
+             "logits of that size. Median milliseconds:", "",
+             "| loss | whole step ms | loss alone ms | loss, share of the step |", "| --- | --- | --- | --- |"]
+    for name in ("fused", "tf.nn"):
+        whole, alone = t[f"{name} step"], t[f"{name} loss alone"]
+        lines.append(f"| {name} | {whole * 1e3:.1f} | {alone * 1e3:.2f} | {100 * alone / whole:.0f}% |")
+    lines.append(f"| tf.nn vs fused | {t['tf.nn step'] / t['fused step']:.2f}× | "
+                 f"{t['tf.nn loss alone'] / t['fused loss alone']:.1f}× | |")
+    return lines
 
 
 def markdown(result):
@@ -525,6 +633,8 @@ def markdown(result):
             f"| {r['shape'][0]}×{r['shape'][1]} | {_ms(t, 'fused')} | {_ms(t, 'tf.nn')} | {_ratio(t, 'tf.nn', 'fused')} | "
             f"{100 * r['floor'] / t['fused']:.0f}% |"
         )
+    lines += cache_off_markdown(result.get("cache_off"))
+    lines += lm_head_markdown(result.get("lm_head"))
     lines += segmentation_markdown(result.get("segmentation"))
     lines += ["", "NumPy binding (sparse float32, forward + backward), median milliseconds:", ""]
     lines += ["| N×C | fused_xent.numpy | NumPy | speedup |", "| --- | --- | --- | --- |"]
@@ -602,6 +712,8 @@ def main(argv=None):
     parser.add_argument("--only", choices=["segmentation"], help="run only these rows")
     parser.add_argument("--segmentation-shape", type=lambda t: tuple(int(d) for d in t.lower().split("x")),
                         default=SEGMENTATION_SHAPE, help="NxHxWxC of the segmentation rows")
+    parser.add_argument("--lm-head-shape", type=lambda t: tuple(int(d) for d in t.lower().split("x")),
+                        default=LM_HEAD_SHAPE, help="NxHxV of the language-model head step")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per memory figure")
     parser.add_argument("--markdown", help="write the tables to this file")

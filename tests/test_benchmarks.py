@@ -23,7 +23,7 @@ def test_bench_cpu_writes_tables(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     subprocess.run(
         [sys.executable, str(BENCH), "--shapes", "64x10,4x700", "--reps", "1", "--skip-memory",
-         "--segmentation-shape", "2x8x8x5",
+         "--segmentation-shape", "2x8x8x5", "--lm-head-shape", "16x8x50",
          "--markdown", str(out_md), "--json", str(out_json)],
         check=True, capture_output=True, text=True, timeout=600, env=env,
     )
@@ -40,5 +40,8 @@ def test_bench_cpu_writes_tables(tmp_path):
                                                                                  ("dense", (2, 8, 8, 5))]
     for row in result["segmentation"]:
         assert {"fused, axis last", "fused, axis 1", "tf.nn, axis last", "tf.nn, axis 1 (transpose)"} <= set(row["times"])
+    assert [tuple(r["shape"]) for r in result["cache_off"]] == [(64, 10), (4, 700)]
+    assert {"fused step", "fused loss alone", "tf.nn step", "tf.nn loss alone"} <= set(result["lm_head"]["times"])
     text = out_md.read_text()
+    assert "cache off" in text and "language-model head" in text
     assert "| sparse | float32 | 64×10 |" in text and "Loss only" in text and "| sparse | 2×8×8×5 |" in text
