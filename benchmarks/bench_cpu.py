@@ -229,6 +229,34 @@ def time_numpy(shape, reps):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def time_kernels_alone(shapes, reps):
+    """The CPU kernels without TensorFlow: one call of the compiled module (forward and
+    backward of sparse rows, into buffers allocated once), float32 and bfloat16 interleaved;
+    and an empty tf.function step on the same inputs, the fixed cost every TF step pays."""
+    import ml_dtypes
+    import tensorflow as tf
+    from fused_xent import _core
+
+    @tf.function
+    def empty_step(logits, labels):
+        return tf.shape(logits)[0] + tf.shape(labels)[0]
+
+    rows = []
+    for shape in shapes:
+        n, c = shape
+        logits, labels = (np.asarray(v) for v in inputs(shape, tf.float32, "sparse"))
+        calls = {}
+        for name, dtype in (("float32", np.float32), ("bfloat16", ml_dtypes.bfloat16)):
+            z = np.ascontiguousarray(logits.astype(dtype))
+            out = (np.empty(n, dtype), np.empty(n, np.float64), np.full(n, 1.0 / n, dtype), np.empty_like(z))
+            calls[name] = lambda z=z, out=out, name=name: _core.sparse(name, z, labels, n, c, 1, 0.0, 0.0, None,
+                                                                      None, *out)
+        tensors = (tf.constant(logits), tf.constant(labels))
+        calls["empty tf.function step"] = lambda: empty_step(*tensors)
+        rows.append({"shape": shape, "times": time_calls(calls, reps)})
+    return rows
+
+
 LM_HEAD_SHAPE = (2048, 256, 32000)  # N, H, V
 
 
@@ -452,6 +480,9 @@ def run(args):
         times = time_variants(loss_only_variants(), inputs(shape, tf.float32, "sparse"), args.reps)
         loss_only.append({"shape": shape, "times": times, "floor": shape[0] * shape[1] * 4 / bandwidth})
     numpy_rows = [{"shape": s, "times": time_numpy(s, args.reps)} for s in shapes]
+    kernels_alone = time_kernels_alone(shapes, args.reps)
+    for row in kernels_alone:
+        row["floor"] = 3 * row["shape"][0] * row["shape"][1] * 4 / bandwidth
     cache_off = time_cache_off(shapes, args.reps)
     for row in cache_off:
         row["floor"] = 3 * row["shape"][0] * row["shape"][1] * 4 / bandwidth
@@ -478,6 +509,7 @@ def run(args):
         "loss_only": loss_only,
         "numpy": numpy_rows,
         "cache_off": cache_off,
+        "kernels_alone": kernels_alone,
         "lm_head": lm_head,
         "memory": memory,
         "segmentation": segmentation,
@@ -536,6 +568,21 @@ def segmentation_markdown(rows):
         "| axis 1, time of axis last | fused axis 1 vs tf.nn axis 1 | axis last, of floor | axis 1, of floor |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ] + [format_segmentation_row(r) for r in rows]
+
+
+def kernels_alone_markdown(rows):
+    if not rows:
+        return []
+    lines = ["", "The kernels alone: one call of the compiled module (`fused_xent._core`, no TensorFlow; forward and "
+             "backward of sparse rows into buffers allocated once), and an empty `tf.function` step on the same "
+             "tensors, the fixed cost of every TensorFlow step above. Floor as above (float32). Median milliseconds:",
+             "", "| N×C | float32 ms | float32, of floor | bfloat16 ms | bfloat16 vs float32 | empty tf.function step ms |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        t = r["times"]
+        lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {_ms(t, 'float32')} | {100 * r['floor'] / t['float32']:.0f}% | "
+                     f"{_ms(t, 'bfloat16')} | {t['float32'] / t['bfloat16']:.2f}× | {_ms(t, 'empty tf.function step')} |")
+    return lines
 
 
 def cache_off_markdown(rows):
@@ -633,6 +680,7 @@ def markdown(result):
             f"| {r['shape'][0]}×{r['shape'][1]} | {_ms(t, 'fused')} | {_ms(t, 'tf.nn')} | {_ratio(t, 'tf.nn', 'fused')} | "
             f"{100 * r['floor'] / t['fused']:.0f}% |"
         )
+    lines += kernels_alone_markdown(result.get("kernels_alone"))
     lines += cache_off_markdown(result.get("cache_off"))
     lines += lm_head_markdown(result.get("lm_head"))
     lines += segmentation_markdown(result.get("segmentation"))
