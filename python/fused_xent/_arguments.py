@@ -54,3 +54,53 @@ def check_weight_values(values):
     bad = np.flatnonzero(~(np.isfinite(values) & (values >= 0)))
     if bad.size:
         raise ValueError(f"class_weights must be finite and >= 0, got {values[bad[0]]} for class {bad[0]}")
+
+
+# ---------------------------------------------------------------- the Keras classes' arguments
+#
+# Constructor arguments of the Keras 3 and tf_keras losses and metrics, checked when the object
+# is built, with Keras's wording (`name` in backticks, "Received: ...").
+
+
+def keras_axis(axis):
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise ValueError(f"`axis` must be of type `int`. Received: axis={axis!r} of type {type(axis)}")
+    return int(axis)
+
+
+def keras_fraction(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}")
+    return float(value)
+
+
+def keras_z_loss(z_loss):
+    if isinstance(z_loss, bool) or not isinstance(z_loss, numbers.Real) or not 0.0 <= float(z_loss) < np.inf:
+        raise ValueError(f"`z_loss` must be a finite number >= 0. Received: z_loss={z_loss!r}")
+    return float(z_loss)
+
+
+def keras_ignore_class(ignore_class):
+    if ignore_class is None:
+        return None
+    if isinstance(ignore_class, bool) or not isinstance(ignore_class, numbers.Integral):
+        raise ValueError(f"`ignore_class` must be an integer or None. Received: ignore_class={ignore_class!r}")
+    return int(ignore_class)
+
+
+def keras_class_weights(class_weights):
+    """A plain list of floats, which is what get_config must hold."""
+    if class_weights is None:
+        return None
+    try:
+        weights = np.asarray(class_weights, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"`class_weights` must be a vector of numbers: {error}") from None
+    if weights.ndim != 1 or weights.size == 0:
+        raise ValueError(f"`class_weights` must be a non-empty vector (a weight per class), got shape {weights.shape}")
+    bad = np.flatnonzero(~(np.isfinite(weights) & (weights >= 0)))
+    if bad.size:
+        raise ValueError(
+            f"`class_weights` must be finite and >= 0. Received: class_weights[{bad[0]}]={weights[bad[0]]}"
+        )
+    return [float(w) for w in weights]

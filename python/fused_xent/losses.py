@@ -16,10 +16,9 @@ are converted to the loss dtype first, as Keras does). ``import fused_xent``
 registers them, so models saved with them load after that import. docs/keras.md has the details.
 """
 
-import numbers
-import warnings
-
 import numpy as np
+
+from fused_xent import _arguments
 
 try:
     import keras
@@ -33,11 +32,7 @@ _BACKENDS = ("tensorflow", "jax", "torch")
 if _BACKEND in (None, "tensorflow"):
     import tensorflow as tf
 
-    from fused_xent._ops import (
-        refuse_composite,
-        softmax_cross_entropy_with_logits,
-        sparse_softmax_cross_entropy_with_logits,
-    )
+    from fused_xent import _tf_losses
 
 __all__ = ["CategoricalCrossentropy", "SparseCategoricalCrossentropy"]
 
@@ -69,156 +64,12 @@ def _backend_module():
     return importlib.import_module(f"fused_xent.{_BACKEND}")
 
 
-def _checked_axis(axis):
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise ValueError(f"`axis` must be of type `int`. Received: axis={axis!r} of type {type(axis)}")
-    return int(axis)
-
-
-def _checked_fraction(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}")
-    return float(value)
-
-
-def _checked_z_loss(z_loss):
-    if isinstance(z_loss, bool) or not isinstance(z_loss, numbers.Real) or not 0.0 <= float(z_loss) < np.inf:
-        raise ValueError(f"`z_loss` must be a finite number >= 0. Received: z_loss={z_loss!r}")
-    return float(z_loss)
-
-
-def _checked_ignore_class(ignore_class):
-    if ignore_class is None:
-        return None
-    if isinstance(ignore_class, bool) or not isinstance(ignore_class, numbers.Integral):
-        raise ValueError(f"`ignore_class` must be an integer or None. Received: ignore_class={ignore_class!r}")
-    return int(ignore_class)
-
-
-def _checked_class_weights(class_weights):
-    """A plain list of floats, which is what get_config must hold."""
-    if class_weights is None:
-        return None
-    try:
-        weights = np.asarray(class_weights, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"`class_weights` must be a vector of numbers: {error}") from None
-    if weights.ndim != 1 or weights.size == 0:
-        raise ValueError(f"`class_weights` must be a non-empty vector (a weight per class), got shape {weights.shape}")
-    bad = np.flatnonzero(~(np.isfinite(weights) & (weights >= 0)))
-    if bad.size:
-        raise ValueError(
-            f"`class_weights` must be finite and >= 0. Received: class_weights[{bad[0]}]={weights[bad[0]]}"
-        )
-    return [float(w) for w in weights]
-
-
-# ---------------------------------------------------------------- inputs
-
-
-def _refuse_composites(y_true, y_pred):
-    refuse_composite(y_pred, "y_pred")
-    refuse_composite(y_true, "y_true")
-
-
 def _keras_mask(tensor):
     try:  # Keras keeps masks in a private attribute (or a side table for C types)
         from keras.src.backend import get_keras_mask
     except ImportError:
         return getattr(tensor, "_keras_mask", None)
     return get_keras_mask(tensor)
-
-
-def _prediction_tensor(y_pred, loss_dtype):
-    """Float TensorFlow tensors keep their dtype (no copy of half logits);
-    anything else becomes a tensor of the loss dtype, as in Keras."""
-    if isinstance(y_pred, (tf.Tensor, tf.Variable)) and y_pred.dtype.is_floating:
-        return tf.convert_to_tensor(y_pred)
-    y_pred = tf.convert_to_tensor(y_pred)
-    return y_pred if y_pred.dtype == loss_dtype else tf.cast(y_pred, loss_dtype)
-
-
-def _softmax_input(y_pred):
-    """The logits behind a softmax output, as Keras's TensorFlow backend finds them."""
-    logits = getattr(y_pred, "_keras_logits", None)
-    if logits is not None:
-        return logits
-    if isinstance(y_pred, tf.Variable) or tf.executing_eagerly():
-        return None
-    op = getattr(y_pred, "op", None)
-    if op is not None and op.type == "Softmax" and len(op.inputs) == 1:
-        return op.inputs[0]
-    return None
-
-
-def _scores(y_pred, from_logits, loss_name):
-    """(tensor, is_logits): a softmax output is replaced by its logits."""
-    logits = _softmax_input(y_pred)
-    if logits is None:
-        return y_pred, from_logits
-    if from_logits:
-        warnings.warn(
-            f"`{loss_name}` received `from_logits=True`, but `y_pred` was produced by a softmax "
-            "activation and thus does not represent logits; its logits are used. Was this intended?",
-            stacklevel=4,
-        )
-    return tf.convert_to_tensor(logits), True
-
-
-def _clipped_probabilities(y_pred, axis, normalize):
-    """Keras's probability handling, in float32 (float64 stays float64)."""
-    dtype = tf.float64 if y_pred.dtype == tf.float64 else tf.float32
-    p = tf.cast(y_pred, dtype)
-    if normalize:
-        p = p / tf.reduce_sum(p, axis, keepdims=True)
-    eps = keras.backend.epsilon()
-    return tf.clip_by_value(p, eps, 1.0 - eps)
-
-
-def _sparse_labels(y_true, logits, axis):
-    """Integer labels shaped like `logits` without `axis` (a size-1 class axis is dropped)."""
-    labels = tf.convert_to_tensor(y_true)
-    if labels.dtype not in (tf.int32, tf.int64):
-        labels = tf.cast(labels, tf.int64)  # float labels truncate, as in Keras
-    rank = logits.shape.rank
-    if labels.shape.rank == rank and labels.shape[axis] == 1:
-        labels = tf.squeeze(labels, axis)
-    if labels.shape.rank != rank - 1:
-        raise ValueError(
-            "`y_pred` must have rank (ndim) `y_true.ndim + 1` (or `y_true` a size-1 class axis). "
-            f"Received: y_true.shape={tuple(labels.shape)}, y_pred.shape={tuple(logits.shape)}"
-        )
-    expected = logits.shape.as_list()
-    del expected[axis]
-    if not labels.shape.is_compatible_with(expected):
-        raise ValueError(
-            "Arguments `y_true` and `y_pred` must have the same shape except for the class axis "
-            f"(axis={axis}). Received: y_true.shape={tuple(labels.shape)}, y_pred.shape={tuple(logits.shape)}"
-        )
-    return labels
-
-
-def _dense_labels(y_true, y_pred):
-    labels = tf.convert_to_tensor(y_true)
-    if labels.shape.rank != y_pred.shape.rank:
-        raise ValueError(
-            "Arguments `y_true` and `y_pred` must have the same rank (ndim). "
-            f"Received: y_true.shape={tuple(labels.shape)}, y_pred.shape={tuple(y_pred.shape)}"
-        )
-    if not labels.shape.is_compatible_with(y_pred.shape):
-        raise ValueError(
-            "Arguments `y_true` and `y_pred` must have the same shape. "
-            f"Received: y_true.shape={tuple(labels.shape)}, y_pred.shape={tuple(y_pred.shape)}"
-        )
-    return labels
-
-
-def _check_rank(y_pred, axis):
-    rank = y_pred.shape.rank
-    if rank is None or rank < 1:
-        raise ValueError(f"`y_pred` must have a known rank of at least 1. Received: y_pred.shape={y_pred.shape}")
-    if not -rank <= axis < rank:
-        raise ValueError(f"`axis`={axis} is out of range for `y_pred` of rank {rank}")
 
 
 # ---------------------------------------------------------------- reduction (Keras's semantics)
@@ -388,15 +239,15 @@ class _FusedCrossentropy(_LossBase):
         _require_supported_backend(type(self).__name__)
         super().__init__(name=name, reduction=reduction, dtype=dtype)  # checks `reduction`
         self.from_logits = bool(from_logits)
-        self.label_smoothing = _checked_fraction("label_smoothing", label_smoothing)
-        self.axis = _checked_axis(axis)
-        self.z_loss = _checked_z_loss(z_loss)
+        self.label_smoothing = _arguments.keras_fraction("label_smoothing", label_smoothing)
+        self.axis = _arguments.keras_axis(axis)
+        self.z_loss = _arguments.keras_z_loss(z_loss)
         self._dtype_argument = None if dtype is None else self._dtype_policy.name
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         if _BACKEND != "tensorflow":
             return self._keras_ops_call(y_true, y_pred, sample_weight)
-        _refuse_composites(y_true, y_pred)
+        _tf_losses.refuse_composites(y_true, y_pred)
         input_mask = _keras_mask(y_pred)
         with keras.name_scope(self.name):
             losses, loss_mask, extra_weight = self._losses(y_true, y_pred)
@@ -406,13 +257,18 @@ class _FusedCrossentropy(_LossBase):
             return _reduce(losses, sample_weight, mask, self.reduction, self.dtype)
 
     def call(self, y_true, y_pred):
-        """The per-element losses, before masks, weights and reduction."""
+        """The per-element losses, before masks, weights and reduction (elements of
+        ``ignore_class`` are 0 and carry a Keras mask, as Keras's functions give them)."""
         if _BACKEND != "tensorflow":
             return self._keras_ops_per_element(y_true, y_pred)
-        _refuse_composites(y_true, y_pred)
-        losses, _, extra_weight = self._losses(y_true, y_pred)
+        _tf_losses.refuse_composites(y_true, y_pred)
+        losses, mask, extra_weight = self._losses(y_true, y_pred)
         losses = tf.cast(losses, self.dtype)
-        return losses if extra_weight is None else losses * tf.cast(extra_weight, self.dtype)
+        if extra_weight is not None:
+            losses = losses * tf.cast(extra_weight, self.dtype)
+        if mask is not None:
+            _set_keras_mask(losses, mask)
+        return losses
 
     def _losses(self, y_true, y_pred):
         """Returns (per-element losses, mask or None, per-element weight or None)."""
@@ -449,11 +305,17 @@ class _FusedCrossentropy(_LossBase):
         """_losses with keras.ops and the backend's fused function."""
         raise NotImplementedError
 
-    def _scores(self, y_pred):
-        """(logits or probabilities, is_logits) of the same shape as y_pred."""
-        y_pred = _prediction_tensor(y_pred, self.dtype)
-        _check_rank(y_pred, self.axis)
-        return _scores(y_pred, self.from_logits, self.name)
+    def _options(self):
+        """The per-element functions' arguments (fused_xent._tf_losses)."""
+        return dict(
+            from_logits=self.from_logits,
+            label_smoothing=self.label_smoothing,
+            axis=self.axis,
+            z_loss=self.z_loss,
+            epsilon=keras.backend.epsilon(),
+            loss_dtype=self.dtype,
+            name=self.name,
+        )
 
     def get_config(self):
         config = super().get_config()
@@ -509,18 +371,7 @@ class CategoricalCrossentropy(_FusedCrossentropy):
         )
 
     def _losses(self, y_true, y_pred):
-        scores, is_logits = self._scores(y_pred)
-        labels = _dense_labels(y_true, scores)
-        options = dict(axis=self.axis, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
-        if is_logits:
-            return softmax_cross_entropy_with_logits(labels, scores, **options), None, None
-        # Keras sums -q * log(clipped p) without renormalising after the clip; the
-        # op's softmax of log(clipped p) renormalises, so its logsumexp is taken back.
-        clipped = _clipped_probabilities(scores, self.axis, normalize=True)
-        losses = softmax_cross_entropy_with_logits(labels, tf.math.log(clipped), **options)
-        target_mass = (1.0 - self.label_smoothing) * tf.reduce_sum(tf.cast(labels, clipped.dtype), self.axis)
-        target_mass += self.label_smoothing
-        return losses - target_mass * tf.math.log(tf.reduce_sum(clipped, self.axis)), None, None
+        return _tf_losses.categorical(y_true, y_pred, **self._options()), None, None
 
     def _keras_ops_losses(self, y_true, y_pred):
         ops = keras.ops
@@ -591,28 +442,22 @@ class SparseCategoricalCrossentropy(_FusedCrossentropy):
             name=name,
             dtype=dtype,
         )
-        self.ignore_class = _checked_ignore_class(ignore_class)
-        self.class_weights = _checked_class_weights(class_weights)
+        self.ignore_class = _arguments.keras_ignore_class(ignore_class)
+        self.class_weights = _arguments.keras_class_weights(class_weights)
 
     def _losses(self, y_true, y_pred):
-        scores, is_logits = self._scores(y_pred)
-        labels = _sparse_labels(y_true, scores, self.axis)
-        if not is_logits:
-            scores = tf.math.log(_clipped_probabilities(scores, self.axis, normalize=False))
         # The weighted mean divides by the sum of the weights, class weights
         # included, so they go into the sample weights instead of the op.
         weights_as_samples = self.class_weights is not None and self.reduction == "mean_with_sample_weight"
-        losses = sparse_softmax_cross_entropy_with_logits(
-            labels,
-            scores,
-            ignore_index=self.ignore_class,
-            label_smoothing=self.label_smoothing,
+        losses, labels = _tf_losses.sparse(
+            y_true,
+            y_pred,
             class_weights=None if weights_as_samples else self.class_weights,
-            z_loss=self.z_loss,
-            axis=self.axis,
+            ignore_class=self.ignore_class,
+            **self._options(),
         )
-        extra_weight = self._label_weights(labels) if weights_as_samples else None
-        return losses, self._ignore_mask(labels), extra_weight
+        extra_weight = _tf_losses.label_weights(labels, self.class_weights) if weights_as_samples else None
+        return losses, _tf_losses.ignore_mask(labels, self.ignore_class), extra_weight
 
     def _keras_ops_losses(self, y_true, y_pred):
         ops = keras.ops
@@ -638,18 +483,6 @@ class SparseCategoricalCrossentropy(_FusedCrossentropy):
         if self.ignore_class is not None and -(2**31) <= self.ignore_class < 2**31:  # labels are int32
             mask = ops.not_equal(labels, self.ignore_class)
         return losses, mask, extra_weight
-
-    def _ignore_mask(self, labels):
-        # An ignore_class the labels' dtype cannot hold masks nothing (a cast would wrap it).
-        index = self.ignore_class
-        if index is None or not labels.dtype.min <= index <= labels.dtype.max:
-            return None
-        return tf.not_equal(labels, tf.constant(index, labels.dtype))
-
-    def _label_weights(self, labels):
-        # Clipped so that an out-of-range label reaches the op's error, not gather's.
-        in_range = tf.clip_by_value(labels, 0, len(self.class_weights) - 1)
-        return tf.gather(tf.constant(self.class_weights, tf.float32), in_range)
 
     def get_config(self):
         config = super().get_config()
