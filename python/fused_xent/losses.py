@@ -19,6 +19,7 @@ registers them, so models saved with them load after that import. docs/keras.md 
 import numpy as np
 
 from fused_xent import _arguments
+from fused_xent._tf_keras_guard import called_by_tf_keras, tf_keras_refusal
 
 try:
     import keras
@@ -39,16 +40,16 @@ __all__ = ["CategoricalCrossentropy", "SparseCategoricalCrossentropy"]
 # ---------------------------------------------------------------- arguments
 
 
-def _require_supported_backend(class_name):
+def _require_supported_backend(class_name, module="losses"):
     if keras is None:
         raise RuntimeError(
-            f"fused_xent.losses.{class_name} needs Keras, but importing keras failed "
+            f"fused_xent.{module}.{class_name} needs Keras, but importing keras failed "
             f"({type(_keras_import_error).__name__}: {_keras_import_error})."
         )
     backend = keras.backend.backend()
     if backend not in _BACKENDS:
         raise RuntimeError(
-            f"fused_xent.losses.{class_name} runs on Keras's TensorFlow, JAX or PyTorch backend, but Keras "
+            f"fused_xent.{module}.{class_name} runs on Keras's TensorFlow, JAX or PyTorch backend, but Keras "
             f"runs on the {backend!r} backend. Set KERAS_BACKEND before importing keras."
         )
     if backend != _BACKEND:
@@ -70,6 +71,12 @@ def _keras_mask(tensor):
     except ImportError:
         return getattr(tensor, "_keras_mask", None)
     return get_keras_mask(tensor)
+
+
+def _refuse_tf_keras(kind, class_name):
+    """tf_keras takes a Keras 3 object for a plain function and gets wrong numbers from it."""
+    if called_by_tf_keras():
+        raise TypeError(tf_keras_refusal(kind, class_name))
 
 
 # ---------------------------------------------------------------- reduction (Keras's semantics)
@@ -245,6 +252,7 @@ class _FusedCrossentropy(_LossBase):
         self._dtype_argument = None if dtype is None else self._dtype_policy.name
 
     def __call__(self, y_true, y_pred, sample_weight=None):
+        _refuse_tf_keras("losses", type(self).__name__)
         if _BACKEND != "tensorflow":
             return self._keras_ops_call(y_true, y_pred, sample_weight)
         _tf_losses.refuse_composites(y_true, y_pred)
