@@ -1,31 +1,41 @@
 """fused-xent: softmax cross-entropy and its gradient in one fused C++ kernel.
 
 TensorFlow functions mirroring ``tf.nn`` (``sparse_softmax_cross_entropy_with_logits``,
-``softmax_cross_entropy_with_logits``), Keras losses in ``fused_xent.losses``, and
+``softmax_cross_entropy_with_logits``), Keras losses in ``fused_xent.losses`` and
+metrics in ``fused_xent.metrics``, the same for Keras 2 in ``fused_xent.tf_keras``, and
 the same kernels on NumPy arrays in ``fused_xent.numpy`` (which works without
 TensorFlow and never imports it), in JAX in ``fused_xent.jax`` and in PyTorch in
 ``fused_xent.torch`` (neither imported by ``import fused_xent``).
 
-``import fused_xent`` does not import TensorFlow either: the TensorFlow
-functions and ``fused_xent.losses`` are imported on first use. The ops and
-their gradients are registered as soon as TensorFlow is imported (at once if it
-already is), and the Keras losses as soon as Keras with its TensorFlow backend
-is (on Keras's JAX or PyTorch backend: as soon as Keras is, without
-TensorFlow), so ``import fused_xent``, before or after TensorFlow, is all that
-is needed before loading saved models.
+``import fused_xent`` does not import TensorFlow either (nor Keras, JAX, PyTorch
+or tf_keras): the TensorFlow functions, ``fused_xent.losses`` and the others are
+imported on first use. The ops and their gradients are registered as soon as
+TensorFlow is imported (at once if it already is), the Keras losses and metrics
+as soon as Keras with its TensorFlow backend is (on Keras's JAX or PyTorch
+backend: as soon as Keras is, without TensorFlow), and the tf_keras ones as soon
+as tf_keras is, so ``import fused_xent``, before or after the frameworks, is all
+that is needed before loading saved models.
 """
 
 import importlib
 import sys
 import warnings
 
+from typing import TYPE_CHECKING
+
 from fused_xent import _core
 from fused_xent import numpy
+
+if TYPE_CHECKING:  # what editors and type checkers see of the lazy attributes below
+    from fused_xent import layers, losses, metrics
+    from fused_xent._cache import cached_memory_info, release_cached_memory
+    from fused_xent._ops import softmax_cross_entropy_with_logits, sparse_softmax_cross_entropy_with_logits
+    from fused_xent.linear import linear_cross_entropy, linear_logits
 
 __version__ = _core.build_info()["version"]
 
 
-def build_info():
+def build_info() -> dict:
     """What this build contains: TensorFlow version built against, SIMD level, CUDA."""
     return dict(_core.build_info())
 
@@ -36,6 +46,8 @@ __all__ = [
     "layers",
     "linear_cross_entropy",
     "linear_logits",
+    "losses",
+    "metrics",
     "numpy",
     "release_cached_memory",
     "softmax_cross_entropy_with_logits",
@@ -52,8 +64,11 @@ _TENSORFLOW_ATTRIBUTES = {
     "linear_cross_entropy": "fused_xent.linear",
     "linear_logits": "fused_xent.linear",
     "layers": "fused_xent.layers",
+    "metrics": "fused_xent.metrics",
+    "tf_keras": "fused_xent.tf_keras",  # imports tf_keras (Keras 2)
 }
-_MODULES = ("losses", "layers")  # attributes that are modules, not functions
+_MODULES = ("losses", "layers", "metrics", "tf_keras")  # attributes that are modules, not functions
+_KERAS_MODULES = ("losses", "metrics")  # also on Keras's JAX and PyTorch backends, without TensorFlow
 _HAS_OP_LIBRARY = _core.build_info()["tensorflow_version"] is not None
 
 
@@ -67,7 +82,7 @@ def __getattr__(name):
     module = _TENSORFLOW_ATTRIBUTES.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if name == "losses" and _keras_backend() in _OTHER_KERAS_BACKENDS:
+    if name in _KERAS_MODULES and _keras_backend() in _OTHER_KERAS_BACKENDS:
         return importlib.import_module(module)  # no TensorFlow needed
     try:
         import tensorflow  # noqa: F401  (the hook below registers the ops as it finishes)
@@ -134,16 +149,25 @@ def _keras_backend():
 
 
 def _register_losses():
-    """What keras.models.load_model of a model compiled with our losses needs."""
+    """What keras.models.load_model of a model compiled with our losses and metrics needs."""
     import keras
 
     backend = keras.backend.backend()
     if backend == "tensorflow":
         _register_ops()
         importlib.import_module("fused_xent.losses")  # keras.saving.register_keras_serializable
+        importlib.import_module("fused_xent.metrics")  # likewise
         importlib.import_module("fused_xent.layers")  # the fused head's layers (TensorFlow only), likewise
     elif backend in _OTHER_KERAS_BACKENDS:
         importlib.import_module("fused_xent.losses")
+        importlib.import_module("fused_xent.metrics")
+
+
+def _register_tf_keras():
+    """What tf_keras's load_model of a model compiled with our tf_keras losses and metrics needs."""
+    if _HAS_OP_LIBRARY and _imported("tf_keras") and _imported("tensorflow"):
+        _register_ops()
+        importlib.import_module("fused_xent.tf_keras")  # tf_keras.saving.register_keras_serializable
 
 
 def _imported(name):
@@ -155,6 +179,7 @@ def _register():
     # On the JAX and PyTorch backends the losses need Keras only (TensorFlow may never come).
     if _imported("keras") and sys.modules["keras"].backend.backend() in _OTHER_KERAS_BACKENDS:
         _register_losses()
+        _register_tf_keras()
         return
     if not _HAS_OP_LIBRARY:
         return
@@ -165,14 +190,17 @@ def _register():
         _register_ops()
         if _imported("keras"):
             _register_losses()
+        _register_tf_keras()
 
 
 class _RegisterAfterImport:
-    """A sys.meta_path finder that runs _register() right after `tensorflow` or
-    `keras` finishes executing, so that the order of the imports does not matter.
+    """A sys.meta_path finder that runs _register() right after `tensorflow`,
+    `keras` or `tf_keras` finishes executing, so that the order of the imports
+    does not matter.
 
     It finds these modules' specs with the other finders and wraps their
-    loaders; it leaves sys.meta_path once both have been imported.
+    loaders; it leaves sys.meta_path once all of them have been imported (until
+    then it costs a set lookup per import).
     """
 
     def __init__(self, names):
@@ -221,7 +249,7 @@ class _LoaderThenRegister:
 
 _hook = None
 _register()  # at once for what is imported already; raises the loader's ImportError on a mismatch
-_waiting = [name for name in ("tensorflow", "keras") if sys.modules.get(name) is None]
+_waiting = [name for name in ("tensorflow", "keras", "tf_keras") if sys.modules.get(name) is None]
 if _waiting:
     _hook = _RegisterAfterImport(_waiting)
     sys.meta_path.insert(0, _hook)
