@@ -10,12 +10,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 RESULT = "RESULT "
-FRAMEWORKS = ("tensorflow", "keras", "jax", "torch")
+FRAMEWORKS = ("tensorflow", "keras", "jax", "torch", "tf_keras")
 
 
 def run_fresh(source, cwd, timeout=150, **env):
@@ -71,7 +72,9 @@ def test_numpy_api_imports_no_framework(statement, tmp_path):
         np.testing.assert_allclose(result[loss], -(labels * logp).sum(-1), rtol=1e-6)
         np.testing.assert_allclose(result[grad], np.exp(logp) - labels, rtol=1e-5, atol=1e-7)
     assert result["version"]
-    assert {"sparse_softmax_cross_entropy_with_logits", "losses", "cached_memory_info"} <= set(result["names"])
+    assert {"sparse_softmax_cross_entropy_with_logits", "losses", "metrics", "tf_keras", "cached_memory_info"} <= set(
+        result["names"]
+    )
 
 
 # ---------------------------------------------------------------- saved models, in either import order
@@ -175,13 +178,20 @@ def test_tensorflow_attributes_are_imported_on_first_use(tmp_path):
         import json, sys
         import fused_xent
 
-        before = [name for name in ("tensorflow", "fused_xent._ops", "fused_xent.losses") if name in sys.modules]
+        watched = ("tensorflow", "fused_xent._ops", "fused_xent.losses", "fused_xent.metrics", "tf_keras")
+        before = [name for name in watched if name in sys.modules]
         loss = fused_xent.sparse_softmax_cross_entropy_with_logits([1], [[0.0, 0.0]])
         dense = fused_xent.softmax_cross_entropy_with_logits([[0.25, 0.75]], [[0.0, 0.0]])
         info = fused_xent.cached_memory_info()
         released = fused_xent.release_cached_memory()
         from fused_xent import losses, sparse_softmax_cross_entropy_with_logits
         keras_loss = fused_xent.losses.SparseCategoricalCrossentropy(from_logits=True)([1], [[0.0, 0.0]])
+        metric = fused_xent.metrics.SparseCategoricalCrossentropy(from_logits=True)
+        metric.update_state([1], [[0.0, 0.0]])
+        hooks = [f for f in sys.meta_path if type(f).__module__ == "fused_xent"]
+        waiting = sorted(hooks[0].pending) if hooks else None  # tensorflow and keras are in; tf_keras is not
+        tf_keras_imported = "tf_keras" in sys.modules
+        tf_keras_loss = fused_xent.tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)([1], [[0.0, 0.0]])
         try:
             fused_xent.no_such_attribute
             missing = None
@@ -190,25 +200,32 @@ def test_tensorflow_attributes_are_imported_on_first_use(tmp_path):
         print("RESULT " + json.dumps({
             "before": before,
             "loss": float(loss[0]), "dense": float(dense[0]), "keras_loss": float(keras_loss),
+            "metric": float(metric.result()), "tf_keras_loss": float(tf_keras_loss),
+            "waiting": waiting, "tf_keras_imported": tf_keras_imported,
             "info_keys": sorted(info), "released": released,
             "same_function": sparse_softmax_cross_entropy_with_logits is fused_xent.sparse_softmax_cross_entropy_with_logits,
-            "losses_module": losses.__name__,
+            "losses_module": losses.__name__, "metrics_module": fused_xent.metrics.__name__,
+            "tf_keras_module": fused_xent.tf_keras.__name__,
             "missing": missing,
             "hooks_left": [type(f).__name__ for f in sys.meta_path if type(f).__module__ == "fused_xent"],
             "tensorflow_loader": type(sys.modules["tensorflow"].__spec__.loader).__name__,
+            "tf_keras_loader": type(sys.modules["tf_keras"].__spec__.loader).__name__,
         }))
         """,
         tmp_path,
     )
     assert result["before"] == []
-    for key in ("loss", "dense", "keras_loss"):
+    for key in ("loss", "dense", "keras_loss", "metric", "tf_keras_loss"):
         np.testing.assert_allclose(result[key], np.log(2.0), rtol=1e-6)
     assert result["info_keys"] == ["idle_blocks", "idle_bytes", "in_use_blocks", "in_use_bytes", "limit_bytes"]
     assert isinstance(result["released"], int)
     assert result["same_function"] and result["losses_module"] == "fused_xent.losses"
+    assert result["metrics_module"] == "fused_xent.metrics" and result["tf_keras_module"] == "fused_xent.tf_keras"
+    # The Keras 3 losses and metrics do not import tf_keras; the hook waits for it, and leaves once it came.
+    assert result["waiting"] == ["tf_keras"] and not result["tf_keras_imported"], result
     assert "no_such_attribute" in result["missing"]
-    # The hook is gone once tensorflow and keras are imported, and they keep their own loaders.
-    assert result["hooks_left"] == [] and result["tensorflow_loader"] == "SourceFileLoader", result
+    # The hook is gone once tensorflow, keras and tf_keras are imported, and they keep their own loaders.
+    assert result["hooks_left"] == [] and result["tensorflow_loader"] == result["tf_keras_loader"] == "SourceFileLoader"
 
 
 def test_keras_on_another_backend_imports_no_tensorflow(tmp_path):
@@ -228,6 +245,77 @@ def test_keras_on_another_backend_imports_no_tensorflow(tmp_path):
         KERAS_BACKEND="numpy",
     )
     assert result == {"backend": "numpy", "imported": []}
+
+
+def test_keras_modules_on_jax_import_no_tensorflow(tmp_path):
+    """fused_xent.losses and fused_xent.metrics on Keras's JAX backend: first use imports neither
+    TensorFlow nor tf_keras."""
+    pytest.importorskip("keras")
+    pytest.importorskip("jax")
+    result = run_fresh(
+        """
+        import json, sys
+        import fused_xent
+        import keras
+
+        metric = fused_xent.metrics.CategoricalCrossentropy(from_logits=True)
+        metric.update_state([[0.25, 0.75]], [[0.0, 0.0]])
+        print("RESULT " + json.dumps({
+            "metric": float(metric.result()),
+            "losses": fused_xent.losses.__name__,
+            "imported": [name for name in ("tensorflow", "tf_keras") if name in sys.modules],
+        }))
+        """,
+        tmp_path,
+        KERAS_BACKEND="jax",
+    )
+    assert result["imported"] == [] and result["losses"] == "fused_xent.losses", result
+    np.testing.assert_allclose(result["metric"], np.log(2.0), rtol=1e-6)
+
+
+def _called_name(call):
+    function = call.func
+    return function.attr if hasattr(function, "attr") else getattr(function, "id", None)
+
+
+def test_only_fused_xent_tf_keras_imports_tf_keras():
+    """Every import of tf_keras in the package's source is in fused_xent/tf_keras/."""
+    import ast
+
+    import fused_xent
+
+    package = Path(fused_xent.__file__).parent
+    importers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            elif isinstance(node, ast.Call) and _called_name(node) in ("import_module", "__import__"):
+                names = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            if any(name == "tf_keras" or str(name).startswith("tf_keras.") for name in names):
+                importers.add(path.relative_to(package).parts[0])
+    assert importers == {"tf_keras"}, importers  # the subpackage, found (so the scan works), and nothing else
+
+
+def test_fused_xent_tf_keras_without_tf_keras_says_what_to_install(tmp_path):
+    result = run_fresh(
+        """
+        import json, sys
+        sys.modules["tf_keras"] = None  # as if it were not installed
+        try:
+            import fused_xent.tf_keras
+            message = None
+        except ImportError as error:
+            message = str(error)
+        print("RESULT " + json.dumps({"message": message, "tensorflow": "tensorflow" in sys.modules}))
+        """,
+        tmp_path,
+    )
+    assert result["message"] is not None and 'pip install "fused-xent[tf_keras]"' in result["message"], result
+    assert not result["tensorflow"]
 
 
 def test_version_mismatch_is_raised_when_tensorflow_comes_later(tmp_path):
