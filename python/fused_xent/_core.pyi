@@ -1,0 +1,116 @@
+"""Type information for fused_xent._core, the pybind11 module of the C++ kernels (private: use
+fused_xent.numpy, fused_xent.cuda and fused_xent.jax). Names, order and optional parameters are
+those of the bindings (cc/py/module.cc, cc/py/cuda_bindings.cc); tests/test_typing.py checks them
+against the compiled module's signatures."""
+
+from typing import Any, SupportsFloat, SupportsIndex, SupportsInt
+
+import numpy
+import numpy.typing
+
+_Int = SupportsInt | SupportsIndex
+_Float = SupportsFloat | SupportsIndex
+
+# tensorflow_version, cuda, simd, xla, xla_ffi_platforms and version of this build.
+def build_info() -> dict[str, Any]: ...
+
+# The XLA FFI handlers as PyCapsules, by platform ("cpu", "cuda") and target name.
+def ffi_targets() -> dict[str, dict[str, Any]]: ...
+
+# NumPy arrays (C-contiguous): loss and lse are written, and grad_logits when grad_loss is given.
+
+def sparse(
+    dtype: str,
+    logits: numpy.ndarray,
+    labels: numpy.ndarray,
+    outer: _Int,
+    classes: _Int,
+    inner: _Int,
+    label_smoothing: _Float,
+    z_loss: _Float,
+    ignore_index: _Int | None,
+    class_weights: numpy.typing.ArrayLike | None,
+    loss: numpy.ndarray,
+    lse: numpy.ndarray,
+    grad_loss: numpy.ndarray | None,
+    grad_logits: numpy.ndarray | None,
+) -> None: ...
+def dense(
+    dtype: str,
+    logits: numpy.ndarray,
+    labels: numpy.ndarray,
+    outer: _Int,
+    classes: _Int,
+    inner: _Int,
+    label_smoothing: _Float,
+    z_loss: _Float,
+    loss: numpy.ndarray,
+    lse: numpy.ndarray,
+    grad_loss: numpy.ndarray | None,
+    grad_logits: numpy.ndarray | None,
+) -> None: ...
+
+# CUDA builds only (build_info()["cuda"]): arrays with __cuda_array_interface__, and a CUDA
+# stream handle; the kernels are enqueued on it and the calls return without synchronising.
+
+def cuda_device_count() -> int: ...
+def cuda_sparse_forward(
+    dtype: str,
+    logits: object,
+    labels: object,
+    outer: _Int,
+    classes: _Int,
+    inner: _Int,
+    label_smoothing: _Float,
+    z_loss: _Float,
+    ignore_index: _Int | None,
+    class_weights: object | None,
+    loss: object,
+    lse: object,
+    stream: _Int,
+) -> None: ...
+def cuda_sparse_backward(
+    dtype: str,
+    logits: object,
+    labels: object,
+    outer: _Int,
+    classes: _Int,
+    inner: _Int,
+    label_smoothing: _Float,
+    z_loss: _Float,
+    ignore_index: _Int | None,
+    class_weights: object | None,
+    lse: object,
+    grad_loss: object,
+    grad_lse: object | None,
+    grad_logits: object,
+    stream: _Int,
+) -> None: ...
+def cuda_dense_forward(
+    dtype: str,
+    logits: object,
+    labels: object,
+    outer: _Int,
+    classes: _Int,
+    inner: _Int,
+    label_smoothing: _Float,
+    z_loss: _Float,
+    loss: object,
+    lse: object,
+    stream: _Int,
+) -> None: ...
+def cuda_dense_backward(
+    dtype: str,
+    logits: object,
+    labels: object,
+    outer: _Int,
+    classes: _Int,
+    inner: _Int,
+    label_smoothing: _Float,
+    z_loss: _Float,
+    lse: object,
+    grad_loss: object,
+    grad_lse: object | None,
+    grad_logits: object,
+    stream: _Int,
+) -> None: ...
