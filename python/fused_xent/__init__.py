@@ -20,7 +20,6 @@ that is needed before loading saved models.
 import importlib
 import sys
 import warnings
-
 from typing import TYPE_CHECKING
 
 from fused_xent import _core
