@@ -17,8 +17,8 @@ each step): what the step needs beyond inputs, weights and weight gradient.
 The allocators are set to give freed memory back (MEMORY_ENV), so the RSS
 follows the tensors alive, alike for every method.
 
-Time: per shape and dtype, one fresh process builds all methods' steps and
-runs them in turn, --steps rounds; medians. Alternating keeps the load of a
+Time: per shape and dtype, one fresh process (default allocator settings)
+builds all methods' steps and runs them in turn, --steps rounds; medians. Alternating keeps the load of a
 shared machine from favouring one method.
 
   python benchmarks/bench_linear.py                       # both shapes, float32 and bfloat16
@@ -141,7 +141,10 @@ def child_timing(args):
 
 def _child(mode, shape, dtype, args, extra):
     n, h, v = shape
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **MEMORY_ENV)
+    # Memory is measured with allocators that give freed memory back; time with the defaults
+    # users run (there, fresh mmaps for every chunk's logits would add page faults that
+    # TensorFlow's allocator otherwise avoids).
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(MEMORY_ENV if mode == "memory" else {}))
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--n", str(n), "--h", str(h), "--v", str(v),
            "--dtype", dtype, "--steps", str(args.steps), *extra]
     if args.chunk_size:
