@@ -201,7 +201,10 @@ def main():
     if args.markdown and sections:
         with open(args.markdown, "w") as out:
             out.write("Forward + backward of a mean sparse float32 loss on the CPU, median milliseconds of "
-                      "interleaved runs; \"vs\" columns are the other's time over ours.\n"
+                      "interleaved runs; \"vs\" columns are the other's time over ours. In JAX the backward "
+                      "writes the gradient over the logits' buffer: where the logits are an argument of the "
+                      "jitted function (the first table), XLA copies them first; where the program makes "
+                      "them (a model's output), it does not.\n"
                       f"Machine: {machine()}.\n"
                       f"Command: `python benchmarks/bench_backends.py --reps {args.reps} --markdown {args.markdown}`\n\n")
             out.write("\n".join(sections))
