@@ -411,3 +411,45 @@ def test_memory_target_in_a_fresh_process():
     peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_above_mb"]
     logits_mb = n * v * 4 / 1e6
     assert peak <= 0.25 * logits_mb, f"peak {peak:.1f} MB is {100 * peak / logits_mb:.1f}% of the logits"
+
+
+# ---------------------------------------------------------------- the in-place row add (dW accumulation)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
+def test_add_to_rows_matches_numpy(dtype):
+    """AddToRows adds in float (double for float64) and rounds once, like NumPy on the widened
+    values; rows outside the range stay as they were; a NaN stays a NaN."""
+    import ml_dtypes
+
+    from fused_xent._loader import load_op_library
+
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    wide = np.float64 if dtype == "float64" else np.float32
+    rng = np.random.default_rng(21)
+    x = (rng.normal(size=(9, 37)) * 3).astype(np_dtype)
+    values = (rng.normal(size=(4, 37)) * 1e-2).astype(np_dtype)
+    values[1, 5] = np.nan
+    expected = x.copy()
+    expected[3:7] = (x[3:7].astype(wide) + values.astype(wide)).astype(np_dtype)
+    buffer = tf.raw_ops.Empty(shape=[9, 37], dtype=getattr(tf, dtype), init=True)  # a buffer of our own
+    buffer = load_op_library().fused_xent_add_to_rows(buffer, 0, tf.constant(x))
+    got = load_op_library().fused_xent_add_to_rows(buffer, 3, tf.constant(values)).numpy()
+    np.testing.assert_array_equal(got.view(np.uint8), expected.view(np.uint8))  # bitwise; NaN == NaN
+    planted = expected.copy()
+    bits = planted.view(f"u{planted.itemsize}")
+    bits[4, 0] ^= 1  # one unit in the last place
+    with pytest.raises(AssertionError):
+        np.testing.assert_array_equal(got.view(np.uint8), planted.view(np.uint8))
+
+
+@pytest.mark.parametrize("start, rows, width, message", [
+    (5, 2, 3, r"rows \[5, 7\) are outside x's 6 rows"),
+    (-1, 2, 3, r"rows \[-1, 1\) are outside"),
+    (0, 2, 4, r"do not match the rows of x"),
+])
+def test_add_to_rows_refuses_rows_outside(start, rows, width, message):
+    from fused_xent._loader import load_op_library
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        load_op_library().fused_xent_add_to_rows(tf.zeros([6, 3]), start, tf.ones([rows, width]))

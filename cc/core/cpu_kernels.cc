@@ -114,6 +114,11 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
 
 int64_t row_granularity(const Layout& layout) { FX_DISPATCH(row_granularity(layout)) }
 
+template <typename T>
+void add_in_place(T* dst, const T* src, int64_t count) {
+  FX_DISPATCH(add_in_place(dst, src, count))
+}
+
 template <typename Label>
 int64_t find_invalid_label(const Label* labels, int64_t count, int64_t classes, const Options& options) {
   for (int64_t i = 0; i < count; ++i) {

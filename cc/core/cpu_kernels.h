@@ -23,6 +23,11 @@ void dense_forward(const DenseForwardArgs<T>& args, int64_t row_begin, int64_t r
 template <typename T>
 void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t row_end);
 
+// dst[i] += src[i] for i in [0, count), in the accumulator type, rounded once:
+// the fused linear head's weight gradient, added chunk by chunk.
+template <typename T>
+void add_in_place(T* dst, const T* src, int64_t count);
+
 // Index of the first label that is neither in [0, classes) nor ignore_index, or -1.
 template <typename Label>
 int64_t find_invalid_label(const Label* labels, int64_t count, int64_t classes, const Options& options);

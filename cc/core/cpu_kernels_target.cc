@@ -772,6 +772,15 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
   if (stream) v::stream_fence();
 }
 
+template <typename T>
+void add_in_place(T* dst, const T* src, int64_t count) {
+  int64_t i = 0;
+  if constexpr (kVectorized<T>) {
+    for (; i + v::kLanes <= count; i += v::kLanes) v::store(dst + i, v::load(dst + i) + v::load(src + i));
+  }
+  for (; i < count; ++i) dst[i] = store_as<T>(load_acc(dst[i]) + load_acc(src[i]));
+}
+
 FX_INSTANTIATE_KERNELS
 
 }  // namespace FX_TARGET_NS

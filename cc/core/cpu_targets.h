@@ -20,6 +20,8 @@ namespace cpu {
   template <typename T>                                                                           \
   void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t row_end);      \
   int64_t row_granularity(const Layout& layout);                                                  \
+  template <typename T>                                                                           \
+  void add_in_place(T* dst, const T* src, int64_t count);                                         \
   }
 
 FX_DECLARE_TARGET_KERNELS(baseline)
@@ -32,7 +34,7 @@ FX_DECLARE_TARGET_KERNELS(avx512)
 
 #undef FX_DECLARE_TARGET_KERNELS
 
-// Explicit instantiations of the four kernels of a namespace, for every
+// Explicit instantiations of the kernels of a namespace, for every
 // logits type and label type.
 #define FX_INSTANTIATE_KERNELS_FOR(T)                                                                \
   template void sparse_forward<T, int32_t>(const SparseForwardArgs<T, int32_t>&, int64_t, int64_t);   \
@@ -40,7 +42,8 @@ FX_DECLARE_TARGET_KERNELS(avx512)
   template void sparse_backward<T, int32_t>(const SparseBackwardArgs<T, int32_t>&, int64_t, int64_t); \
   template void sparse_backward<T, int64_t>(const SparseBackwardArgs<T, int64_t>&, int64_t, int64_t); \
   template void dense_forward<T>(const DenseForwardArgs<T>&, int64_t, int64_t);                       \
-  template void dense_backward<T>(const DenseBackwardArgs<T>&, int64_t, int64_t);
+  template void dense_backward<T>(const DenseBackwardArgs<T>&, int64_t, int64_t);                     \
+  template void add_in_place<T>(T*, const T*, int64_t);
 #define FX_INSTANTIATE_KERNELS           \
   FX_INSTANTIATE_KERNELS_FOR(float)      \
   FX_INSTANTIATE_KERNELS_FOR(double)     \

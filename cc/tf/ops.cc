@@ -142,4 +142,20 @@ REGISTER_OP("FusedXent>SoftmaxCrossEntropyGrad")
     .SetShapeFn([](InferenceContext* c) { return BackwardShape(c, /*sparse=*/false); })
     .Doc("grad_logits = grad_loss * ((sum(q) + 2 z_loss lse) softmax(logits) - q) + grad_lse * softmax(logits).");
 
+REGISTER_OP("FusedXent>AddToRows")
+    .Input("x: T")
+    .Input("start: int32")
+    .Input("values: T")
+    .Output("y: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle values;
+      TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(2), 1, &values));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 0, &values));
+      c->set_output(0, c->input(0));
+      return absl::OkStatus();
+    })
+    .Doc("y = x with rows [start, start + len(values)) increased by values, written into x's buffer: "
+         "only for a tensor that nothing else reads (the fused linear head's own accumulators).");
+
 }  // namespace fused_xent
