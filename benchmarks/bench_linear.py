@@ -103,11 +103,19 @@ def _inputs(args, tf, np):
     return dtype, h, w, y
 
 
+def _set_slab_fraction(args):
+    if args.slab_fraction:
+        import fused_xent.linear
+
+        fused_xent.linear._SLAB_FRACTION = args.slab_fraction
+
+
 def child_memory(args):
     import numpy as np
     import tensorflow as tf
 
     dtype, h, w, y = _inputs(args, tf, np)
+    _set_slab_fraction(args)
     step = _make_step(args.method, tf, dtype, args.chunk_size)
     float(step(h, w, y)[0])  # warm-up
     base = _rss_kib("VmRSS")
@@ -124,6 +132,7 @@ def child_timing(args):
     import tensorflow as tf
 
     dtype, h, w, y = _inputs(args, tf, np)
+    _set_slab_fraction(args)
     steps = {m: _make_step(m, tf, dtype, args.chunk_size) for m in args.methods.split(",")}
     first_loss = {m: float(step(h, w, y)[0]) for m, step in steps.items()}  # warm-up
     times = {m: [] for m in steps}
@@ -149,6 +158,8 @@ def _child(mode, shape, dtype, args, extra):
            "--dtype", dtype, "--steps", str(args.steps), *extra]
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
+    if args.slab_fraction:
+        cmd += ["--slab-fraction", str(args.slab_fraction)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{mode} {n}x{h}x{v} {dtype} failed:\n{result.stderr[-3000:]}")
@@ -166,7 +177,7 @@ def run_shape(methods, shape, dtype, args):
         times = timing["times"][method]
         results.append({
             "method": method, "n": n, "h": h, "v": v, "dtype": dtype,
-            "peak_above_mb": statistics.median(peaks), "peaks_mb": peaks,
+            "peak_above_mb": statistics.median(peaks) if peaks else float("nan"), "peaks_mb": peaks,
             "logits_mb": n * v * itemsize / 1e6, "weight_mb": h * v * itemsize / 1e6,
             "step_s": statistics.median(times), "times": times, "first_loss": timing["first_loss"][method],
         })
@@ -244,8 +255,11 @@ def main():
     parser.add_argument("--v", type=int)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: the function's)")
+    parser.add_argument("--slab-fraction", type=float, default=None,
+                        help="largest dW slab, as a fraction of a chunk's logits (default: the function's)")
     parser.add_argument("--steps", type=int, default=7, help="timed rounds (every method once per round)")
-    parser.add_argument("--memory-runs", type=int, default=1, help="fresh processes per method for the peak RSS")
+    parser.add_argument("--memory-runs", type=int, default=1,
+                        help="fresh processes per method for the peak RSS (0: time only)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--quick", action="store_true", help="a small shape only")

@@ -46,3 +46,11 @@ def test_bench_cpu_writes_tables(tmp_path):
     text = out_md.read_text()
     assert "cache off" in text and "language-model head" in text
     assert "| sparse | float32 | 64×10 |" in text and "Loss only" in text and "| sparse | 2×8×8×5 |" in text
+
+
+def test_bench_add_rows_prints_its_table():
+    pytest.importorskip("tensorflow")
+    script = BENCH.parent / "bench_add_rows.py"
+    out = subprocess.run([sys.executable, str(script), "--reps", "1"], check=True, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")).stdout
+    assert "| float32 |" in out and "| bfloat16 |" in out

@@ -40,11 +40,10 @@ _HALF = (tf.float16, tf.bfloat16)
 _CHUNK_BYTES = 128 << 20
 _CHUNK_FRACTION = 8
 _ROW_MULTIPLE = 16
-# A slab of dW (see _add_weight_gradient) is at most 1/_SLAB_PARTS of a chunk's
-# logits, and at least _MIN_SLAB_ROWS rows: thinner matmuls run slower (at
-# 1024x256x128256 float32 the step took 1.31x Dense + our loss's time with
-# slabs of 32 rows, 1.19x with 64, 1.21x with 128).
-_SLAB_PARTS = 2
+# A slab of dW (see _add_weight_gradient) is at most _SLAB_FRACTION of a chunk's
+# logits, and at least _MIN_SLAB_ROWS rows: thinner matmuls run slower
+# (docs/linear_head.md, "Targets"). A slab and a chunk stay within 25% of the logits.
+_SLAB_FRACTION = 0.75
 _MIN_SLAB_ROWS = 16
 
 
@@ -73,7 +72,7 @@ class _Config:
     def slab_rows(self):
         """Rows of dW per in-place add."""
         rows, cols = (self.vocab, self.hidden_size) if self.transpose_weight else (self.hidden_size, self.vocab)
-        slab = max(_MIN_SLAB_ROWS, (self.chunk * self.vocab) // (_SLAB_PARTS * cols))
+        slab = max(_MIN_SLAB_ROWS, int(self.chunk * self.vocab * _SLAB_FRACTION) // cols)
         return min(rows, slab)
 
 
@@ -220,8 +219,8 @@ def _add_rows(buffer, start, values):
     if _in_xla():
         return tf.tensor_scatter_nd_add(buffer, _row_indices(start, values)[:, None], values)
     if not tf.config.list_logical_devices("GPU"):
-        # The op library's own add (SIMD, on TensorFlow's threads): InplaceAdd took 3.7x as long
-        # in float32 and bfloat16 (64 x 128256 rows). It has no GPU kernel.
+        # The op library's own add (SIMD, on TensorFlow's threads): InplaceAdd took 2.8x as long
+        # in float32, 7x in bfloat16 (benchmarks/bench_add_rows.py). It has no GPU kernel.
         return load_op_library().fused_xent_add_to_rows(buffer, tf.cast(start, tf.int32), values)
     return tf.raw_ops.InplaceAdd(x=buffer, i=_row_indices(start, values), v=values)
 
