@@ -239,7 +239,7 @@ def _registered(cls):
     return cls if keras is None else keras.saving.register_keras_serializable(package="fused_xent")(cls)
 
 
-class _FusedCrossentropy(_LossBase):
+class _FusedCrossentropy(_arguments.CrossentropyArguments, _LossBase):
     """Shared __call__: like Keras's, but y_pred keeps its float dtype."""
 
     def __init__(self, *, from_logits, label_smoothing, axis, z_loss, reduction, name, dtype):
@@ -314,26 +314,11 @@ class _FusedCrossentropy(_LossBase):
         raise NotImplementedError
 
     def _options(self):
-        """The per-element functions' arguments (fused_xent._tf_losses)."""
-        return dict(
-            from_logits=self.from_logits,
-            label_smoothing=self.label_smoothing,
-            axis=self.axis,
-            z_loss=self.z_loss,
-            epsilon=keras.backend.epsilon(),
-            loss_dtype=self.dtype,
-            name=self.name,
-        )
+        return self._per_element_options(keras.backend.epsilon(), self.dtype)
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            from_logits=self.from_logits,
-            label_smoothing=self.label_smoothing,
-            axis=self.axis,
-            z_loss=self.z_loss,
-            dtype=self._dtype_argument,
-        )
+        config.update(self._argument_config(), dtype=self._dtype_argument)
         return config
 
 

@@ -9,6 +9,7 @@ forward kernel (one pass over the logits), never the gradient. ``import fused_xe
 registers them, so models compiled with them load after that import.
 """
 
+from fused_xent import _arguments
 from fused_xent import losses as _losses
 from fused_xent._tf_keras_guard import called_by_tf_keras, tf_keras_refusal
 
@@ -27,12 +28,15 @@ def _registered(cls):
     return keras.saving.register_keras_serializable(package="fused_xent", name=cls.__name__ + "Metric")(cls)
 
 
-class _FusedCrossentropyMetric(_MetricBase):
+class _FusedCrossentropyMetric(_arguments.CrossentropyArguments, _MetricBase):
     """The mean of a fused loss's per-element values (its ``call``), as Keras's metrics take it."""
+
+    _CONFIG_ARGUMENTS = ("from_logits", "label_smoothing", "axis")
 
     def __init__(self, loss, name, dtype):
         super().__init__(fn=loss.call, name=name, dtype=dtype)
         self._fused_loss = loss
+        self._keep_arguments_of(loss)
         self._direction = "down"  # to be minimised, as Keras's cross-entropy metrics
 
     def _refuse_tf_keras(self):
@@ -47,6 +51,9 @@ class _FusedCrossentropyMetric(_MetricBase):
     def update_state(self, y_true, y_pred, sample_weight=None):
         self._refuse_tf_keras()
         return super().update_state(y_true, y_pred, sample_weight=sample_weight)
+
+    def get_config(self):
+        return {"name": self.name, "dtype": self.dtype, **self._argument_config()}
 
     @classmethod
     def from_config(cls, config):
@@ -70,18 +77,7 @@ class CategoricalCrossentropy(_FusedCrossentropyMetric):
         _losses._require_supported_backend(type(self).__name__, module="metrics")
         loss = _losses.CategoricalCrossentropy(from_logits=from_logits, label_smoothing=label_smoothing, axis=axis)
         super().__init__(loss, name=name, dtype=dtype)
-        self.from_logits = loss.from_logits
-        self.label_smoothing = loss.label_smoothing
-        self.axis = loss.axis
 
-    def get_config(self):
-        return {
-            "name": self.name,
-            "dtype": self.dtype,
-            "from_logits": self.from_logits,
-            "label_smoothing": self.label_smoothing,
-            "axis": self.axis,
-        }
 
 
 @_registered
@@ -100,6 +96,8 @@ class SparseCategoricalCrossentropy(_FusedCrossentropyMetric):
         ``(1 - eps) * onehot + eps / C``, as the loss of the same name.
     """
 
+    _CONFIG_ARGUMENTS = ("from_logits", "ignore_class", "axis", "label_smoothing")
+
     def __init__(
         self,
         name="sparse_categorical_crossentropy",
@@ -115,17 +113,4 @@ class SparseCategoricalCrossentropy(_FusedCrossentropyMetric):
             from_logits=from_logits, ignore_class=ignore_class, axis=axis, label_smoothing=label_smoothing
         )
         super().__init__(loss, name=name, dtype=dtype)
-        self.from_logits = loss.from_logits
-        self.ignore_class = loss.ignore_class
-        self.axis = loss.axis
-        self.label_smoothing = loss.label_smoothing
 
-    def get_config(self):
-        return {
-            "name": self.name,
-            "dtype": self.dtype,
-            "from_logits": self.from_logits,
-            "ignore_class": self.ignore_class,
-            "axis": self.axis,
-            "label_smoothing": self.label_smoothing,
-        }

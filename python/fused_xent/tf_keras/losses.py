@@ -22,7 +22,7 @@ def _registered(cls):
     return tf_keras.saving.register_keras_serializable(package="fused_xent")(cls)
 
 
-class _FusedCrossentropy(tf_keras.losses.Loss):
+class _FusedCrossentropy(_arguments.CrossentropyArguments, tf_keras.losses.Loss):
     """Shared arguments and the per-element ``call``."""
 
     def __init__(self, *, from_logits, label_smoothing, axis, z_loss, reduction, name):
@@ -49,24 +49,11 @@ class _FusedCrossentropy(tf_keras.losses.Loss):
         raise NotImplementedError
 
     def _options(self):
-        return dict(
-            from_logits=self.from_logits,
-            label_smoothing=self.label_smoothing,
-            axis=self.axis,
-            z_loss=self.z_loss,
-            epsilon=tf_keras.backend.epsilon(),
-            loss_dtype=tf_keras.backend.floatx(),
-            name=self.name,
-        )
+        return self._per_element_options(tf_keras.backend.epsilon(), tf_keras.backend.floatx())
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            from_logits=self.from_logits,
-            label_smoothing=self.label_smoothing,
-            axis=self.axis,
-            z_loss=self.z_loss,
-        )
+        config.update(self._argument_config())
         return config
 
 

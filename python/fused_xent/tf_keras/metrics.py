@@ -8,6 +8,7 @@ and give their values: the weighted mean of the per-element losses of
 
 import tf_keras
 
+from fused_xent import _arguments
 from fused_xent.tf_keras import losses as _losses
 
 __all__ = ["CategoricalCrossentropy", "SparseCategoricalCrossentropy"]
@@ -18,12 +19,20 @@ def _registered(cls):
     return tf_keras.saving.register_keras_serializable(package="fused_xent", name=cls.__name__ + "Metric")(cls)
 
 
-class _FusedCrossentropyMetric(tf_keras.metrics.MeanMetricWrapper):
+class _FusedCrossentropyMetric(_arguments.CrossentropyArguments, tf_keras.metrics.MeanMetricWrapper):
     """The mean of a fused loss's per-element values, as tf_keras's metrics take it."""
+
+    _CONFIG_ARGUMENTS = ("from_logits", "label_smoothing", "axis")
 
     def __init__(self, loss, name, dtype):
         super().__init__(loss.call, name, dtype=dtype)
         self._fused_loss = loss
+        self._keep_arguments_of(loss)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self._argument_config())
+        return config
 
 
 @_registered
@@ -41,14 +50,6 @@ class CategoricalCrossentropy(_FusedCrossentropyMetric):
     def __init__(self, name="categorical_crossentropy", dtype=None, from_logits=False, label_smoothing=0.0, axis=-1):
         loss = _losses.CategoricalCrossentropy(from_logits=from_logits, label_smoothing=label_smoothing, axis=axis)
         super().__init__(loss, name=name, dtype=dtype)
-        self.from_logits = loss.from_logits
-        self.label_smoothing = loss.label_smoothing
-        self.axis = loss.axis
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(from_logits=self.from_logits, label_smoothing=self.label_smoothing, axis=self.axis)
-        return config
 
 
 @_registered
@@ -64,6 +65,8 @@ class SparseCategoricalCrossentropy(_FusedCrossentropyMetric):
       label_smoothing: epsilon in [0, 1] (beyond tf_keras).
     """
 
+    _CONFIG_ARGUMENTS = ("from_logits", "ignore_class", "axis", "label_smoothing")
+
     def __init__(
         self,
         name="sparse_categorical_crossentropy",
@@ -78,17 +81,3 @@ class SparseCategoricalCrossentropy(_FusedCrossentropyMetric):
             from_logits=from_logits, ignore_class=ignore_class, axis=axis, label_smoothing=label_smoothing
         )
         super().__init__(loss, name=name, dtype=dtype)
-        self.from_logits = loss.from_logits
-        self.ignore_class = loss.ignore_class
-        self.axis = loss.axis
-        self.label_smoothing = loss.label_smoothing
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            from_logits=self.from_logits,
-            ignore_class=self.ignore_class,
-            axis=self.axis,
-            label_smoothing=self.label_smoothing,
-        )
-        return config
