@@ -3,7 +3,7 @@ pybind11 module, no TensorFlow) into one process and times their forward + backw
 same arrays, interleaved, so that a kernel change is measured against its baseline in one run.
 
     python benchmarks/compare_builds.py --baseline old/_core.cpython-311-x86_64-linux-gnu.so \
-        --candidate build/dev/_core.cpython-311-x86_64-linux-gnu.so --reps 21
+        --candidate build/dev/_core.cpython-311-x86_64-linux-gnu.so --reps 21 [--dtype bfloat16]
 
 Cases include "confident" rows (the label's logit 25 above the others: p_label ~ 1), which
 take the forward's exact re-summation when the max was found mid-row.
@@ -49,16 +49,16 @@ def make_case(rows, classes, dense, confident, rng):
     return z, y.astype(np.int64), t
 
 
-def run(core, z, y, t):
+def run(core, z, y, t, dtype="float32"):
     rows, classes = z.shape
-    loss = np.empty(rows, np.float32)
+    loss = np.empty(rows, z.dtype)
     lse = np.empty(rows, np.float64)
-    grad_loss = np.ones(rows, np.float32)
+    grad_loss = np.ones(rows, z.dtype)
     grad = np.empty_like(z)
     if t is None:
-        core.sparse("float32", z, y, rows, classes, 1, 0.0, 0.0, None, None, loss, lse, grad_loss, grad)
+        core.sparse(dtype, z, y, rows, classes, 1, 0.0, 0.0, None, None, loss, lse, grad_loss, grad)
     else:
-        core.dense("float32", z, t, rows, classes, 1, 0.0, 0.0, loss, lse, grad_loss, grad)
+        core.dense(dtype, z, t, rows, classes, 1, 0.0, 0.0, loss, lse, grad_loss, grad)
 
 
 def main():
@@ -66,18 +66,24 @@ def main():
     parser.add_argument("--baseline", required=True)
     parser.add_argument("--candidate", required=True)
     parser.add_argument("--reps", type=int, default=21)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="the logits' (and dense labels') dtype")
     args = parser.parse_args()
+    import ml_dtypes
+
+    np_dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.dtype(args.dtype)
     cores = {"baseline": load_core(args.baseline, "baseline"), "candidate": load_core(args.candidate, "candidate")}
     rng = np.random.default_rng(0)
     print("| case | baseline ms | candidate ms | candidate / baseline |")
     print("| --- | --- | --- | --- |")
     for rows, classes, dense, confident in CASES:
         z, y, t = make_case(rows, classes, dense, confident, rng)
+        z, t = z.astype(np_dtype), None if t is None else t.astype(np_dtype)
         times = {name: [] for name in cores}
         for _ in range(args.reps):
             for name, core in cores.items():
                 start = time.perf_counter()
-                run(core, z, y, t)
+                run(core, z, y, t, args.dtype)
                 times[name].append(time.perf_counter() - start)
         base, cand = (np.median(times[k]) * 1e3 for k in ("baseline", "candidate"))
         label = f"{'dense' if dense else 'sparse'} {rows}×{classes}{', confident' if confident else ''}"
