@@ -1,4 +1,5 @@
 import os
+import pathlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -167,3 +168,28 @@ def sparse_loss_and_gradient(labels, z, lowering, monkeypatch):
     run = step if lowering is None else tf.function(step, jit_compile=True)
     loss, grad = run(tf.constant(z))
     return loss.numpy(), grad.numpy()
+
+
+def assert_float32_close(ours, theirs, rtol=2e-6, atol=1e-6, what=""):
+    """float32 values computed two ways (ours and Keras's or tf_keras's): equal to a few float32 roundings."""
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    assert ours.shape == theirs.shape, (what, ours.shape, theirs.shape)
+    np.testing.assert_allclose(ours, theirs, rtol=rtol, atol=atol, err_msg=what)
+
+
+def run_keras_backend_script(script, backend, mode, path):
+    """Runs tests/<script> <mode> <path> with KERAS_BACKEND=backend in a fresh process that finds
+    fused_xent where this one did; returns its RESULT line's JSON."""
+    import json
+    import subprocess
+    import sys
+
+    environment = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+    environment["PYTHONPATH"] = os.pathsep.join(sys.path)
+    process = subprocess.run(
+        [sys.executable, str(pathlib.Path(__file__).resolve().parent / script), mode, str(path)],
+        cwd=path.parent, env=environment, capture_output=True, text=True, timeout=300,
+    )
+    lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"exit status {process.returncode}\n{process.stdout[-3000:]}\n{process.stderr[-5000:]}"
+    return json.loads(lines[-1][len("RESULT "):])

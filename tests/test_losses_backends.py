@@ -6,29 +6,16 @@ fresh interpreter after `import fused_xent`, without TensorFlow.
 """
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_keras_backend_script
 
-HERE = Path(__file__).resolve().parent
 BACKENDS = {"jax": "jax", "torch": "torch"}  # backend: the module it needs
 
 
 def run_checks(backend, mode, path):
-    environment = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
-    environment["PYTHONPATH"] = os.pathsep.join(sys.path)  # where this process found fused_xent
-    process = subprocess.run(
-        [sys.executable, str(HERE / "keras_backend_checks.py"), mode, str(path)],
-        cwd=path.parent, env=environment, capture_output=True, text=True, timeout=300,
-    )
-    lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"exit status {process.returncode}\n{process.stdout[-3000:]}\n{process.stderr[-5000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_keras_backend_script("keras_backend_checks.py", backend, mode, path)
 
 
 _results = {}

@@ -4,46 +4,36 @@ interpreters, on Keras's TensorFlow backend here and on JAX and PyTorch in fresh
 (tests/keras_metric_checks.py)."""
 
 import importlib.util
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
+from conftest import assert_float32_close, run_keras_backend_script  # noqa: E402
 
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 import fused_xent  # noqa: E402
 import keras_metric_checks as checks  # noqa: E402  (tests/ is on sys.path, as for conftest's imports)
 
-HERE = Path(__file__).resolve().parent
 CLASSES = 5
 HALF = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 TOLERANCE = {"float32": 1e-5, "mixed_float16": 2e-3, "mixed_bfloat16": 1.6e-2}  # half: per-element rounding
 
 
-def assert_same_as_keras(ours, theirs, rtol=2e-6, atol=1e-6, what=""):
-    """float32 values computed two ways: equal to a few float32 roundings."""
-    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-    assert ours.shape == theirs.shape, (what, ours.shape, theirs.shape)
-    np.testing.assert_allclose(ours, theirs, rtol=rtol, atol=atol, err_msg=what)
-
 
 def test_comparison_rejects_planted_error():
     theirs = np.array([0.5, 1.25, 2.0, 1e-3])
-    assert_same_as_keras(theirs * (1 + 1e-7), theirs)
+    assert_float32_close(theirs * (1 + 1e-7), theirs)
     for planted in (theirs * np.array([1, 1, 1 + 1e-5, 1]), theirs + np.array([0, 0, 0, 2e-5]), theirs[:3]):
         with pytest.raises(AssertionError):
-            assert_same_as_keras(planted, theirs)
+            assert_float32_close(planted, theirs)
 
 
 def assert_values(values):
     for name, (ours, theirs) in values.items():
-        assert_same_as_keras(ours, theirs, what=name)
+        assert_float32_close(ours, theirs, what=name)
 
 
 def assert_training(training):
@@ -56,7 +46,7 @@ def assert_training(training):
             for key in logs:
                 if "ours" in key:
                     their_key = key.replace("ours", "theirs")
-                    assert_same_as_keras(logs[key], logs[their_key], rtol=rtol, what=f"{policy} {key}")
+                    assert_float32_close(logs[key], logs[their_key], rtol=rtol, what=f"{policy} {key}")
         assert abs(evaluation["ours"] - evaluation["ours_w"]) > 1e-4  # the sample weights reached the metric
 
 
@@ -65,19 +55,11 @@ def assert_reloaded(loaded, saved):
     assert loaded["configs"][0] == {"name": "ours", "dtype": "float32", "from_logits": True, "ignore_class": None,
                                     "axis": -1, "label_smoothing": 0.0}
     for key, value in saved.items():
-        assert_same_as_keras(loaded["evaluate"][key], value, what=key)
+        assert_float32_close(loaded["evaluate"][key], value, what=key)
 
 
 def run_checks(backend, mode, path):
-    environment = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
-    environment["PYTHONPATH"] = os.pathsep.join(sys.path)  # where this process found fused_xent
-    process = subprocess.run(
-        [sys.executable, str(HERE / "keras_metric_checks.py"), mode, str(path)],
-        cwd=path.parent, env=environment, capture_output=True, text=True, timeout=300,
-    )
-    lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"exit status {process.returncode}\n{process.stdout[-3000:]}\n{process.stderr[-5000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_keras_backend_script("keras_metric_checks.py", backend, mode, path)
 
 
 # ---------------------------------------------------------------- TensorFlow backend (this process)
@@ -113,7 +95,7 @@ def test_axes_and_label_shapes_equal_keras_metrics():
          keras.metrics.CategoricalCrossentropy(from_logits=True, axis=1), [(np.moveaxis(soft, -1, 1), moved, sw)]),
     ]
     for ours, our_batches, theirs, their_batches in cases:
-        assert_same_as_keras(_results(ours, our_batches), _results(theirs, their_batches), what=ours.name)
+        assert_float32_close(_results(ours, our_batches), _results(theirs, their_batches), what=ours.name)
 
 
 def test_label_smoothing_of_sparse_labels_equals_categorical():
@@ -121,7 +103,7 @@ def test_label_smoothing_of_sparse_labels_equals_categorical():
     ours = fused_xent.metrics.SparseCategoricalCrossentropy(from_logits=True, label_smoothing=0.2)
     theirs = keras.metrics.CategoricalCrossentropy(from_logits=True, label_smoothing=0.2)
     onehot = np.eye(CLASSES, dtype=np.float32)[y]
-    assert_same_as_keras(_results(ours, [(y, z, sw)]), _results(theirs, [(onehot, z, sw)]))
+    assert_float32_close(_results(ours, [(y, z, sw)]), _results(theirs, [(onehot, z, sw)]))
 
 
 def test_softmax_outputs_equal_keras_metrics():
@@ -134,7 +116,7 @@ def test_softmax_outputs_equal_keras_metrics():
                   metrics=[fused_xent.metrics.SparseCategoricalCrossentropy(name="ours"),
                            keras.metrics.SparseCategoricalCrossentropy(name="theirs")])
     evaluation = model.evaluate(x, y, verbose=0, return_dict=True)
-    assert_same_as_keras(evaluation["ours"], evaluation["theirs"])
+    assert_float32_close(evaluation["ours"], evaluation["theirs"])
 
 
 def test_metric_runs_the_forward_op_only():
