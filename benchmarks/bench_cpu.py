@@ -251,6 +251,9 @@ def time_kernels_alone(shapes, reps):
             out = (np.empty(n, dtype), np.empty(n, np.float64), np.full(n, 1.0 / n, dtype), np.empty_like(z))
             calls[name] = lambda z=z, out=out, name=name: _core.sparse(name, z, labels, n, c, 1, 0.0, 0.0, None,
                                                                       None, *out)
+            # The forward alone (no gradient buffers): the backward's share is the difference.
+            calls[f"{name} forward"] = lambda z=z, out=out, name=name: _core.sparse(
+                name, z, labels, n, c, 1, 0.0, 0.0, None, None, out[0], out[1], None, None)
         tensors = (tf.constant(logits), tf.constant(labels))
         calls["empty tf.function step"] = lambda: empty_step(*tensors)
         rows.append({"shape": shape, "times": time_calls(calls, reps)})
@@ -504,6 +507,7 @@ def run(args):
         "tensorflow": tf.__version__,
         "simd": info["simd"],
         "bandwidth": bandwidth,
+        "clock_hz": nominal_clock_hz(),
         "rows": rows,
         "dtype_rows": dtype_rows,
         "loss_only": loss_only,
@@ -582,6 +586,43 @@ def kernels_alone_markdown(rows):
         t = r["times"]
         lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {_ms(t, 'float32')} | {100 * r['floor'] / t['float32']:.0f}% | "
                      f"{_ms(t, 'bfloat16')} | {t['float32'] / t['bfloat16']:.2f}× | {_ms(t, 'empty tf.function step')} |")
+    return lines
+
+
+def nominal_clock_hz():
+    """The CPU's reported clock (/proc/cpuinfo), or None: a scale for cycles per element."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":", 1)[1]) * 1e6
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def time_split_markdown(rows, clock_hz):
+    """Where the kernels' time goes: forward and backward apart, per element and core."""
+    if not rows or "float32 forward" not in rows[0]["times"]:
+        return []
+    cores = os.cpu_count() or 1
+    unit = f"cycles at the reported {clock_hz / 1e9:.2f} GHz" if clock_hz else "ns"
+    lines = ["", f"Where the kernels' time goes, from the same calls: the forward alone, and the backward as the "
+             f"difference, in {unit} per element and core ({cores} cores). Logits that fit in the last-level cache "
+             "are not limited by memory bandwidth: their time is arithmetic and data movement inside the cores. "
+             "The last column is bfloat16's time against its own floor (half of float32's bytes):", "",
+             "| N×C | logits MB (float32) | float32 forward | float32 backward | bfloat16 forward | "
+             "bfloat16 backward | bfloat16, of its floor |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        t, (n, c) = r["times"], r["shape"]
+        scale = cores / (n * c) * (clock_hz if clock_hz else 1e9)
+        cells = []
+        for dtype in ("float32", "bfloat16"):
+            forward = t[f"{dtype} forward"]
+            cells += [f"{forward * scale:.2f}", f"{(t[dtype] - forward) * scale:.2f}"]
+        lines.append(f"| {n}×{c} | {n * c * 4 / 1e6:.1f} | {' | '.join(cells)} | "
+                     f"{100 * (r['floor'] / 2) / t['bfloat16']:.0f}% |")
     return lines
 
 
@@ -681,6 +722,7 @@ def markdown(result):
             f"{100 * r['floor'] / t['fused']:.0f}% |"
         )
     lines += kernels_alone_markdown(result.get("kernels_alone"))
+    lines += time_split_markdown(result.get("kernels_alone"), result.get("clock_hz"))
     lines += cache_off_markdown(result.get("cache_off"))
     lines += lm_head_markdown(result.get("lm_head"))
     lines += segmentation_markdown(result.get("segmentation"))

@@ -41,10 +41,11 @@ def test_bench_cpu_writes_tables(tmp_path):
     for row in result["segmentation"]:
         assert {"fused, axis last", "fused, axis 1", "tf.nn, axis last", "tf.nn, axis 1 (transpose)"} <= set(row["times"])
     assert [tuple(r["shape"]) for r in result["cache_off"]] == [(64, 10), (4, 700)]
-    assert {"float32", "bfloat16", "empty tf.function step"} <= set(result["kernels_alone"][0]["times"])
+    assert {"float32", "bfloat16", "float32 forward", "bfloat16 forward",
+            "empty tf.function step"} <= set(result["kernels_alone"][0]["times"])
     assert {"fused step", "fused loss alone", "tf.nn step", "tf.nn loss alone"} <= set(result["lm_head"]["times"])
     text = out_md.read_text()
-    assert "cache off" in text and "language-model head" in text
+    assert "cache off" in text and "language-model head" in text and "Where the kernels' time goes" in text
     assert "| sparse | float32 | 64×10 |" in text and "Loss only" in text and "| sparse | 2×8×8×5 |" in text
 
 

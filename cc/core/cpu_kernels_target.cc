@@ -479,9 +479,8 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
   const float target_value = target_by_formula ? gradient_at(a, b + u, (target_logit - lse.hi) - lse.lo) : 0.0f;
   auto targets = [&](int64_t j, int64_t n) {  // t for elements [j, j + n), n <= kLanes
     if (labels) return n == v::kLanes ? v::load(labels + j) : v::load_partial(labels + j, n, 0.0f);
-    v::vfloat t = v::splat(0.0f);
-    if (static_cast<uint64_t>(target - j) < static_cast<uint64_t>(n)) t[target - j] = 1.0f;
-    return t;
+    const v::vfloat zero = v::splat(0.0f);
+    return static_cast<uint64_t>(target - j) < static_cast<uint64_t>(n) ? v::with_lane(zero, target - j, 1.0f) : zero;
   };
   auto gradient = [&](v::vfloat z, v::vfloat t) {
     const v::vfloat d = (z - hi) - lo;
@@ -489,7 +488,8 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
   };
   // The target's lane, when elements [j, j + n) hold it and it is written by formula.
   auto set_target = [&](v::vfloat g, int64_t j, int64_t n) {
-    if (target_by_formula && static_cast<uint64_t>(target - j) < static_cast<uint64_t>(n)) g[target - j] = target_value;
+    if (target_by_formula && static_cast<uint64_t>(target - j) < static_cast<uint64_t>(n))
+      return v::with_lane(g, target - j, target_value);
     return g;
   };
   // Up to one vector from j, with plain stores.
@@ -511,17 +511,17 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
       } else if (static_cast<uint64_t>(target - j) < static_cast<uint64_t>(kStep)) {
         slot = v::pair_slot(static_cast<int>(target - j));
         if (slot < v::kLanes) {
-          t0[slot] = 1.0f;
+          t0 = v::with_lane(t0, slot, 1.0f);
         } else {
-          t1[slot - v::kLanes] = 1.0f;
+          t1 = v::with_lane(t1, slot - v::kLanes, 1.0f);
         }
       }
       v::vfloat g0 = gradient(z0, t0), g1 = gradient(z1, t1);
       if (target_by_formula && slot >= 0) {
         if (slot < v::kLanes) {
-          g0[slot] = target_value;
+          g0 = v::with_lane(g0, slot, target_value);
         } else {
-          g1[slot - v::kLanes] = target_value;
+          g1 = v::with_lane(g1, slot - v::kLanes, target_value);
         }
       }
       if (streaming) {

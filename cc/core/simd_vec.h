@@ -5,6 +5,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "core/half_types.h"
 
@@ -45,8 +47,19 @@ FX_ALWAYS_INLINE vfloat load(const float* p) {
 }
 FX_ALWAYS_INLINE void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 
+#if FX_LANES == 16 && defined(__AVX512F__)
+// 16 bfloat16 as floats. The masked forms, as GCC 12 warns of the plain ones'
+// undefined sources once inlined.
+FX_ALWAYS_INLINE vfloat widen_bfloat16(__m256i bits) {
+  return reinterpret_cast<vfloat>(_mm512_maskz_slli_epi32(0xffff, _mm512_maskz_cvtepu16_epi32(0xffff, bits), 16));
+}
+#endif
+
 FX_ALWAYS_INLINE vfloat load(const bfloat16_t* p) {
-#if FX_LANES == 8 && defined(__AVX2__)
+#if FX_LANES == 16 && defined(__AVX512F__)
+  // Spelled out: GCC 12 widens the generic 16 lanes in two halves.
+  return widen_bfloat16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif FX_LANES == 8 && defined(__AVX2__)
   const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return reinterpret_cast<vfloat>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
 #else
@@ -267,7 +280,58 @@ FX_ALWAYS_INLINE void stream_fence() {
 #endif
 }
 
-// The first n < kLanes elements, the rest set to `pad`.
+// 0, 1, ..., kLanes - 1.
+template <int... I>
+FX_ALWAYS_INLINE vint lane_numbers(std::integer_sequence<int, I...>) {
+  return vint{I...};
+}
+FX_ALWAYS_INLINE vint lane_numbers() { return lane_numbers(std::make_integer_sequence<int, kLanes>()); }
+
+// v with lane `lane` set to x. A compare and a blend: v[lane] = x with a
+// variable lane goes through memory, and the next read of v waits for it.
+FX_ALWAYS_INLINE vfloat with_lane(vfloat v, int64_t lane, float x) {
+  return select(lane_numbers() == static_cast<int32_t>(lane), splat(x), v);
+}
+
+// The first n < kLanes elements, the rest set to `pad`. Masked loads and
+// stores where the target has them: a copy through the stack would make the
+// next full-width read wait for the narrower writes.
+#if FX_LANES == 16 && defined(__AVX512BW__)
+FX_ALWAYS_INLINE __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+FX_ALWAYS_INLINE vfloat load_partial(const float* p, int64_t n, float pad) {
+  return reinterpret_cast<vfloat>(_mm512_mask_loadu_ps(_mm512_set1_ps(pad), first_lanes(n), p));
+}
+FX_ALWAYS_INLINE void store_partial(float* p, int64_t n, vfloat v) {
+  _mm512_mask_storeu_ps(p, first_lanes(n), reinterpret_cast<__m512>(v));
+}
+template <typename Half>
+FX_ALWAYS_INLINE vfloat load_partial(const Half* p, int64_t n, float pad) {
+  const __m256i bits = _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(first_lanes(n), p));
+  vfloat v;
+  if constexpr (std::is_same<Half, bfloat16_t>::value) {
+    v = widen_bfloat16(bits);
+  } else {
+    v = reinterpret_cast<vfloat>(_mm512_maskz_cvtph_ps(0xffff, bits));
+  }
+  return select(lane_numbers() < static_cast<int32_t>(n), v, splat(pad));
+}
+template <typename Half>
+FX_ALWAYS_INLINE void store_partial(Half* p, int64_t n, vfloat v) {
+  const vhalf_bits bits = to_bits(v, p);
+  _mm512_mask_storeu_epi16(p, first_lanes(n), _mm512_zextsi256_si512(reinterpret_cast<__m256i>(bits)));
+}
+#else
+#if FX_LANES == 8 && defined(__AVX2__)
+FX_ALWAYS_INLINE vfloat load_partial(const float* p, int64_t n, float pad) {
+  const vint in = lane_numbers() < static_cast<int32_t>(n);
+  const vfloat v = reinterpret_cast<vfloat>(_mm256_maskload_ps(p, reinterpret_cast<__m256i>(in)));
+  return select(in, v, splat(pad));
+}
+FX_ALWAYS_INLINE void store_partial(float* p, int64_t n, vfloat v) {
+  const vint in = lane_numbers() < static_cast<int32_t>(n);
+  _mm256_maskstore_ps(p, reinterpret_cast<__m256i>(in), reinterpret_cast<__m256>(v));
+}
+#endif
 template <typename T>
 FX_ALWAYS_INLINE vfloat load_partial(const T* p, int64_t n, float pad) {
   T tmp[kLanes];
@@ -282,6 +346,7 @@ FX_ALWAYS_INLINE void store_partial(T* p, int64_t n, vfloat v) {
   store(tmp, v);
   std::memcpy(p, tmp, n * sizeof(T));
 }
+#endif
 
 // --- math ------------------------------------------------------------------------
 // max(lo, x) lane-wise, returning x where x is NaN: one instruction on x86
