@@ -177,13 +177,20 @@ def _same_bits(a, b):
     np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
 
 
+# Windows of positions: short ones (any lane, partial tiles), and for inner = 600
+# long ones starting and ending mid-span (the backward's spans are 512 bytes of
+# each class: 128 float32, 256 16-bit positions).
+WINDOWS = {37: [(0, 2), (1, 2), (3, 5), (5, 9), (7, 17), (15, 20), (20, 17), (35, 2)],
+           600: [(0, 600), (1, 599), (100, 300), (255, 345), (0, 512), (130, 17)]}
+
+
+@pytest.mark.parametrize("inner", sorted(WINDOWS))
 @pytest.mark.parametrize("classes", [1, 2, 21, 33])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16] + ([ml_dtypes.bfloat16] if ml_dtypes else []), ids=_name)
-def test_rows_keep_their_bits_in_any_window(classes, dtype):
+def test_rows_keep_their_bits_in_any_window(classes, dtype, inner):
     """Every window of positions (any start, any width, so any lane and any
-    partial tile) gives each of its rows the bits the whole batch gives it."""
+    partial tile or span) gives each of its rows the bits the whole batch gives it."""
     rng = np.random.default_rng(classes)
-    inner = 37
     z = _hard_logits(rng, classes, inner).astype(dtype)
     labels = rng.integers(0, classes, size=(2, inner))
     labels[0, ::7] = 1  # ignore_index
@@ -193,7 +200,7 @@ def test_rows_keep_their_bits_in_any_window(classes, dtype):
     sparse = dict(options, ignore_index=1)
     loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(labels, z, axis=1, grad_loss=grad_loss, **sparse)
     dloss, dgrad = fxnp.softmax_cross_entropy_with_logits(t, z, axis=1, grad_loss=grad_loss, **options)
-    for start, width in [(0, 2), (1, 2), (3, 5), (5, 9), (7, 17), (15, 20), (20, 17), (35, 2)]:
+    for start, width in WINDOWS[inner]:
         w = slice(start, start + width)
         zw = np.ascontiguousarray(z[:, :, w])
         one_loss, one_grad = fxnp.sparse_softmax_cross_entropy_with_logits(
