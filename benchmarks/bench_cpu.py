@@ -626,6 +626,85 @@ def time_split_markdown(rows, clock_hz):
     return lines
 
 
+def _find(rows, **keys):
+    """The first row whose fields equal `keys` (shapes compared as tuples), or None."""
+    for row in rows or []:
+        if all((tuple(row[k]) if k == "shape" else row[k]) == v for k, v in keys.items()):
+            return row
+    return None
+
+
+def _span(values, fmt="{:.2f}", unit="×"):
+    """'low–high' (or the one value) of `values`, formatted."""
+    low, high = fmt.format(min(values)), fmt.format(max(values))
+    return f"{low}{unit}" if low == high else f"{low}–{high}{unit}"
+
+
+def _verdict(ok):
+    return "met" if ok else "**not met**"
+
+
+def targets_markdown(result):
+    """The CPU speed targets, each judged on this run's figures, with what limits the ones not met."""
+    rows, lines = result.get("rows"), []
+
+    def fraction(kind, shape):
+        row = _find(rows, kind=kind, dtype="float32", shape=shape)
+        return None if row is None else row["floor"] / row["times"]["fused"]
+
+    for shape, goal in (((8192, 1000), 0.70), ((65536, 10), 0.40)):
+        got = {kind: fraction(kind, shape) for kind in ("sparse", "dense")}
+        if None in got.values():
+            continue
+        text = f"sparse {100 * got['sparse']:.0f}%, dense {100 * got['dense']:.0f}%"
+        limit = ""
+        alone = _find(result.get("kernels_alone"), shape=shape)
+        if min(got.values()) < goal and alone:
+            t = alone["times"]
+            fixed, kernels = t["empty tf.function step"], t["float32"]
+            limit = (f"the floor is {alone['floor'] * 1e3:.2f} ms; an empty `tf.function` step takes {fixed * 1e3:.2f} ms "
+                     f"and the kernels alone {kernels * 1e3:.2f} ms ({100 * alone['floor'] / kernels:.0f}% of the "
+                     f"floor): the two together allow at most {100 * alone['floor'] / (fixed + kernels):.0f}% (sparse)")
+        lines.append(f"| float32 at {shape[0]}×{shape[1]}: ≥ {100 * goal:.0f}% of the floor | {text} | "
+                     f"{_verdict(min(got.values()) >= goal)} | {limit} |")
+    dtype_rows = [r for r in result.get("dtype_rows") or []]
+    big = [r for r in dtype_rows if r["shape"][1] >= 1000]
+    if big:
+        ratios = [r["times"]["float32"] / r["times"]["bfloat16"] for r in big]
+        alone = [r for r in result.get("kernels_alone") or [] if r["shape"][1] >= 1000]
+        limit = ""
+        if min(ratios) < 1.5 and alone:
+            kernel_ratios = [r["times"]["float32"] / r["times"]["bfloat16"] for r in alone]
+            own_floor = [100 * r["floor"] / 2 / r["times"]["bfloat16"] for r in alone]
+            limit = (f"the kernels alone: bfloat16 {_span(kernel_ratios)} float32, at "
+                     f"{_span(own_floor, '{:.0f}', '%')} of its own floor: "
+                     "its time is arithmetic (the same float32 arithmetic per element, plus conversions: see the "
+                     "cycles per element above), not bytes")
+        lines.append(f"| bfloat16 ≥ 1.5× as fast as float32 at C ≥ 1000 | {_span(ratios)} | "
+                     f"{_verdict(min(ratios) >= 1.5)} | {limit} |")
+    if dtype_rows:
+        ratios = {f"{r['kind']} {r['shape'][0]}×{r['shape'][1]}": r["times"]["float32"] / r["times"]["bfloat16"]
+                  for r in dtype_rows}
+        worst = min(ratios, key=ratios.get)
+        limit = ""
+        if ratios[worst] < 1:
+            limit = (f"slowest: {worst}, {ratios[worst]:.2f}×; logits that fit in the caches gain nothing from half "
+                     "the bytes and pay the conversions")
+        lines.append(f"| bfloat16 never slower than float32 | {_span(ratios.values())} | "
+                     f"{_verdict(ratios[worst] >= 1)} | {limit} |")
+    for row in result.get("segmentation") or []:
+        t = row["times"]
+        if "fused, axis 1" in t and "fused, axis last" in t:
+            slowdown = t["fused, axis 1"] / t["fused, axis last"]
+            n, h, w, c = row["shape"]
+            lines.append(f"| {row['kind']} {n}×{h}×{w}×{c}, `axis=1` within 1.3× of the axis last | {slowdown:.2f}× | "
+                         f"{_verdict(slowdown <= 1.3)} | |")
+    if not lines:
+        return []
+    return ["", "Speed targets, judged on this run (float32 unless named; the TensorFlow step as in the first table):",
+            "", "| target | this run | | what limits it |", "| --- | --- | --- | --- |"] + lines
+
+
 def cache_off_markdown(rows):
     if not rows:
         return []
@@ -726,6 +805,7 @@ def markdown(result):
     lines += cache_off_markdown(result.get("cache_off"))
     lines += lm_head_markdown(result.get("lm_head"))
     lines += segmentation_markdown(result.get("segmentation"))
+    lines += targets_markdown(result)
     lines += ["", "NumPy binding (sparse float32, forward + backward), median milliseconds:", ""]
     lines += ["| N×C | fused_xent.numpy | NumPy | speedup |", "| --- | --- | --- | --- |"]
     for r in result["numpy"]:
