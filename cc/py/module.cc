@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <functional>
 #include <limits>
 #include <optional>
 #include <string>
@@ -17,6 +18,7 @@
 #include "core/cpu_kernels.h"
 #include "core/label_check.h"
 #include "core/simd_level.h"
+#include "py/worker_pool.h"
 #if defined(FUSED_XENT_WITH_XLA_FFI)
 #include "ffi/handlers.h"
 #endif
@@ -32,8 +34,10 @@ void register_cuda_bindings(py::module_& m);
 namespace {
 
 // Runs fn(begin, end) over the layout's rows on up to hardware_concurrency
-// threads, in shards of whole cpu::row_units: each row belongs to exactly one
-// call and short rows keep their groups, so the split does not change the results.
+// threads (the module's worker pool, or threads of its own while another call
+// holds the pool), in shards of whole cpu::row_units: each row belongs to
+// exactly one call and short rows keep their groups, so the split does not
+// change the results.
 template <typename Fn>
 void parallel_rows(const fx::Layout& layout, const Fn& fn) {
   const fx::cpu::RowUnits units = fx::cpu::row_units(layout);
@@ -44,11 +48,13 @@ void parallel_rows(const fx::Layout& layout, const Fn& fn) {
     fn(0, layout.rows());
     return;
   }
-  std::vector<std::thread> pool;
   const int64_t chunk = (units.count() + threads - 1) / threads;
-  for (int64_t begin = chunk; begin < units.count(); begin += chunk)
-    pool.emplace_back([&fn, &units, begin, chunk] { fn(units.row(begin), units.row(begin + chunk)); });
-  fn(0, units.row(chunk));
+  const int64_t shards = (units.count() + chunk - 1) / chunk;
+  const std::function<void(int64_t)> shard = [&](int64_t i) { fn(units.row(i * chunk), units.row((i + 1) * chunk)); };
+  if (fx::py_support::worker_pool(static_cast<int>(max_threads - 1))->try_run(shards, shard)) return;
+  std::vector<std::thread> pool;
+  for (int64_t i = 1; i < shards; ++i) pool.emplace_back([&shard, i] { shard(i); });
+  shard(0);
   for (auto& t : pool) t.join();
 }
 
