@@ -1,6 +1,6 @@
-// Worker threads kept for the module's calls. Starting a thread and joining it
-// costs about 45 us on a 2-core x86 VM, as much as a whole pass over 65536x10
-// logits, and the NumPy and PyTorch paths make two passes per call.
+// Worker threads kept for the module's calls: starting and joining a thread per
+// pass cost about as much as a whole pass over 65536x10 logits on a 2-core VM,
+// and the NumPy and PyTorch paths make two passes per call.
 #pragma once
 
 #include <atomic>
