@@ -20,7 +20,7 @@ ROWS, COLUMNS, SLAB = 256, 128256, 64
 
 def time_adds(dtype, reps):
     import tensorflow as tf
-    from fused_xent._loader import load_op_library
+    from fused_xent._tf.loader import load_op_library
 
     library = load_op_library()
     part = tf.cast(np.random.default_rng(0).normal(size=(SLAB, COLUMNS)).astype(np.float32), dtype)

@@ -66,8 +66,8 @@ def fused_step(logits, labels, loss, lse, grad_loss, grad):
 
     def step():
         _core.cuda_sparse_forward(loss=as_bits(loss), lse=lse, stream=stream, **common)
-        _core.cuda_sparse_backward(lse=lse, grad_loss=as_bits(grad_loss), grad_lse=None, grad_logits=as_bits(grad),
-                                   stream=stream, **common)
+        _core.cuda_sparse_backward(lse=lse, grad_loss=as_bits(grad_loss), grad_logits=as_bits(grad), stream=stream,
+                                   **common)
 
     return step
 

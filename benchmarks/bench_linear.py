@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("fused", "recompute", "dense_ours", "dense_keras")
+METHODS = ("fused", "recompute", "dense_tf", "dense_ours", "dense_keras")
 SHAPES = ((2048, 256, 32000), (1024, 256, 128256))
 QUICK_SHAPES = ((512, 64, 8000),)
 DTYPES = ("float32", "bfloat16")
@@ -63,10 +63,27 @@ def _reset_peak():
         clear.write("5")
 
 
-def _make_step(method, tf, dtype, chunk_size):
+def _method_chunk(method, chunk_size, shape=None):
+    """("fused", 128, 0.5) for "fused:128:0.5" (rows per chunk; largest dW slab as a fraction of
+    a chunk's logits), ("fused", 128, None) for "fused:128", else (method, chunk_size, None).
+    "fused:/8" is the default rule with chunks of at most 1/8 of the rows (shape: (N, V, dtype))."""
+    name, rows, slab = (method.split(":") + ["", ""])[:3]
+    if rows.startswith("/"):
+        import fused_xent._tf.linear as module
+
+        default_fraction, module._CHUNK_FRACTION = module._CHUNK_FRACTION, int(rows[1:])
+        try:
+            rows = module._checked_chunk(None, shape[0], shape[1], shape[2])
+        finally:
+            module._CHUNK_FRACTION = default_fraction
+    return name, int(rows) if rows else chunk_size, float(slab) if slab else None
+
+
+def _make_step(method, tf, dtype, chunk_size, n, v):
     import fused_xent
     from fused_xent.linear import linear_cross_entropy
 
+    method, chunk_size, slab_fraction = _method_chunk(method, chunk_size, (n, v, dtype))
     keras_loss = None
     if method == "dense_keras":
         import keras
@@ -80,14 +97,23 @@ def _make_step(method, tf, dtype, chunk_size):
         logits = tf.matmul(h, w)
         if method == "dense_ours":
             return tf.reduce_mean(tf.cast(fused_xent.sparse_softmax_cross_entropy_with_logits(y, logits), tf.float32))
+        if method == "dense_tf":
+            return tf.reduce_mean(tf.cast(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits), tf.float32))
         return keras_loss(y, logits)
 
     @tf.function
     def step(h, w, y):
-        with tf.GradientTape() as tape:
-            tape.watch(h)
-            loss = mean_loss(h, w, y)
-        dh, dw = tape.gradient(loss, [h, w])
+        import fused_xent._tf.linear as module
+
+        default_slab = module._SLAB_FRACTION
+        module._SLAB_FRACTION = slab_fraction or default_slab  # read while tracing only
+        try:
+            with tf.GradientTape() as tape:
+                tape.watch(h)
+                loss = mean_loss(h, w, y)
+            dh, dw = tape.gradient(loss, [h, w])
+        finally:
+            module._SLAB_FRACTION = default_slab
         w.assign_sub(tf.cast(1e-3, dtype) * dw)
         return loss, tf.reduce_sum(tf.cast(dh, tf.float32))
 
@@ -103,11 +129,39 @@ def _inputs(args, tf, np):
     return dtype, h, w, y
 
 
-def _set_slab_fraction(args):
-    if args.slab_fraction:
-        import fused_xent.linear
+def _set_overrides(args):
+    """Chunking parameters other than the module's defaults (to choose them)."""
+    import fused_xent._tf.linear as module
 
-        fused_xent.linear._SLAB_FRACTION = args.slab_fraction
+    for name, value in (("_SLAB_FRACTION", args.slab_fraction), ("_CHUNK_BYTES", args.chunk_bytes),
+                        ("_CHUNK_FRACTION", args.chunk_fraction)):
+        if value:
+            setattr(module, name, value)
+
+
+def child_first_step(args):
+    """Peak RSS of the first call of the training step (tracing included) above the RSS
+    before it, with the allocators' default settings: what the user's process holds."""
+    import gc
+
+    import numpy as np
+    import tensorflow as tf
+
+    dtype, h, w, y = _inputs(args, tf, np)
+    _set_overrides(args)
+    step = _make_step(args.method, tf, dtype, args.chunk_size, args.n, args.v)
+    if _method_chunk(args.method, None)[0] in ("fused", "recompute", "dense_ours"):
+        from fused_xent._tf.loader import load_op_library
+
+        load_op_library()  # once per process, not per step (a few MB of code)
+    gc.collect()
+    base = _rss_kib("VmRSS")
+    _reset_peak()
+    float(step(h, w, y)[0])
+    peak = _rss_kib("VmHWM")
+    weight_bytes = args.h * args.v * dtype.size
+    print(json.dumps({"first_step_above_mb": (peak - base) * 1024 / 1e6 - weight_bytes / 1e6,
+                      "base_mb": base * 1024 / 1e6}))
 
 
 def child_memory(args):
@@ -115,8 +169,8 @@ def child_memory(args):
     import tensorflow as tf
 
     dtype, h, w, y = _inputs(args, tf, np)
-    _set_slab_fraction(args)
-    step = _make_step(args.method, tf, dtype, args.chunk_size)
+    _set_overrides(args)
+    step = _make_step(args.method, tf, dtype, args.chunk_size, args.n, args.v)
     float(step(h, w, y)[0])  # warm-up
     base = _rss_kib("VmRSS")
     _reset_peak()
@@ -132,8 +186,8 @@ def child_timing(args):
     import tensorflow as tf
 
     dtype, h, w, y = _inputs(args, tf, np)
-    _set_slab_fraction(args)
-    steps = {m: _make_step(m, tf, dtype, args.chunk_size) for m in args.methods.split(",")}
+    _set_overrides(args)
+    steps = {m: _make_step(m, tf, dtype, args.chunk_size, args.n, args.v) for m in args.methods.split(",")}
     first_loss = {m: float(step(h, w, y)[0]) for m, step in steps.items()}  # warm-up
     times = {m: [] for m in steps}
     for _ in range(args.steps):
@@ -150,72 +204,103 @@ def child_timing(args):
 
 def _child(mode, shape, dtype, args, extra):
     n, h, v = shape
-    # Memory is measured with allocators that give freed memory back; time with the defaults
-    # users run (there, fresh mmaps for every chunk's logits would add page faults that
-    # TensorFlow's allocator otherwise avoids).
+    # The steady-state memory mode runs with allocators that give freed memory back; the
+    # first-step mode and the timing with the defaults users run (there, fresh mmaps for
+    # every chunk's logits would add page faults that TensorFlow's allocator otherwise avoids).
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(MEMORY_ENV if mode == "memory" else {}))
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--n", str(n), "--h", str(h), "--v", str(v),
            "--dtype", dtype, "--steps", str(args.steps), *extra]
-    if args.chunk_size:
-        cmd += ["--chunk-size", str(args.chunk_size)]
-    if args.slab_fraction:
-        cmd += ["--slab-fraction", str(args.slab_fraction)]
+    for flag, value in (("--chunk-size", args.chunk_size), ("--slab-fraction", args.slab_fraction),
+                        ("--chunk-bytes", args.chunk_bytes), ("--chunk-fraction", args.chunk_fraction)):
+        if value:
+            cmd += [flag, str(value)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{mode} {n}x{h}x{v} {dtype} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _median(values):
+    return statistics.median(values) if values else float("nan")
+
+
 def run_shape(methods, shape, dtype, args):
     n, h, v = shape
-    timing = _child("timing", shape, dtype, args, ["--methods", ",".join(methods)])
+    timing = _child("timing", shape, dtype, args, ["--methods", ",".join(methods)]) if args.steps else None
     itemsize = 2 if dtype in ("bfloat16", "float16") else 4
+    first = {m: [] for m in methods}
+    steady = {m: [] for m in methods}
+    for _ in range(args.memory_runs):  # fresh processes, the methods in turn
+        for method in methods:
+            first[method].append(_child("first_step", shape, dtype, args, ["--method", method])["first_step_above_mb"])
+            if args.steady_memory:
+                steady[method].append(_child("memory", shape, dtype, args, ["--method", method])["peak_above_mb"])
     results = []
     for method in methods:
-        peaks = [_child("memory", shape, dtype, args, ["--method", method])["peak_above_mb"]
-                 for _ in range(args.memory_runs)]
-        times = timing["times"][method]
+        times = timing["times"][method] if timing else []
         results.append({
             "method": method, "n": n, "h": h, "v": v, "dtype": dtype,
-            "peak_above_mb": statistics.median(peaks) if peaks else float("nan"), "peaks_mb": peaks,
+            "first_step_above_mb": _median(first[method]), "first_steps_mb": first[method],
+            "peak_above_mb": _median(steady[method]), "peaks_mb": steady[method],
             "logits_mb": n * v * itemsize / 1e6, "weight_mb": h * v * itemsize / 1e6,
-            "step_s": statistics.median(times), "times": times, "first_loss": timing["first_loss"][method],
+            "step_s": _median(times), "times": times,
+            "first_loss": timing["first_loss"][method] if timing else float("nan"),
         })
     return results
 
 
 def hardware():
-    cpu = "unknown CPU"
+    cpu, flags = "unknown CPU", set()
     try:
         with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+            lines = info.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1] for line in lines if line.startswith("flags")).split())
     except (OSError, StopIteration):
         pass
+    avx = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags),
+               "no AVX")
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores of {cpu}, {memory_gib:.0f} GiB, {platform.system()}"
+    try:
+        from importlib.metadata import version
+
+        tf_version = "TensorFlow " + version("tensorflow")
+    except Exception:  # noqa: BLE001 - only a label
+        tf_version = "TensorFlow ?"
+    return f"{os.cpu_count()} cores of {cpu} ({avx}), {memory_gib:.0f} GiB, {platform.system()}; {tf_version}"
 
 
 def _ratio(r, results, other):
     base = next((m for m in results if m["method"] == other and (m["n"], m["h"], m["v"], m["dtype"]) ==
                  (r["n"], r["h"], r["v"], r["dtype"])), None)
-    return f"{r['step_s'] / base['step_s']:.2f}×" if base else ""
+    if not base or not r["step_s"] == r["step_s"]:
+        return ""
+    return f"{r['step_s'] / base['step_s']:.2f}×"
+
+
+def _mb_and_share(mb, r):
+    return ("", "") if mb != mb else (f"{mb:.0f} MB", f"{100 * mb / r['logits_mb']:.1f}%")
 
 
 def markdown(results, command):
+    steady = any(r["peaks_mb"] for r in results)
     lines = [
         f"Command: `{command}`  ",
         f"Hardware: {hardware()}",
         "",
-        "| N × H × V | dtype | method | peak above inputs, W, dW | % of N×V logits | step (median) "
-        "| ÷ dense_ours | ÷ dense_keras |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| N × H × V | dtype | method | first step: peak − base − dW | % of N×V logits |"
+        + (" steady: peak − base − dW | % |" if steady else "")
+        + " step (median) | ÷ dense_tf | ÷ dense_ours | ÷ dense_keras |",
+        "| --- | --- | --- | ---: | ---: |" + (" ---: | ---: |" if steady else "") + " ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        lines.append(
-            f"| {r['n']}×{r['h']}×{r['v']} | {r['dtype']} | {r['method']} | {r['peak_above_mb']:.0f} MB | "
-            f"{100 * r['peak_above_mb'] / r['logits_mb']:.1f}% | {r['step_s']:.2f} s | "
-            f"{_ratio(r, results, 'dense_ours')} | {_ratio(r, results, 'dense_keras')} |"
-        )
+        first = _mb_and_share(r["first_step_above_mb"], r)
+        cells = [f"{r['n']}×{r['h']}×{r['v']}", r["dtype"], r["method"], *first]
+        if steady:
+            cells += _mb_and_share(r["peak_above_mb"], r)
+        cells += [f"{r['step_s']:.3f} s" if r["step_s"] == r["step_s"] else "",
+                  _ratio(r, results, "dense_tf"), _ratio(r, results, "dense_ours"), _ratio(r, results, "dense_keras")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -226,20 +311,20 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     configs = sorted({(r["n"], r["h"], r["v"], r["dtype"]) for r in results}, key=lambda c: (c[2], c[3]))
-    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+    methods = list(dict.fromkeys(r["method"] for r in results))
     fig, (mem_ax, time_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(methods)
     for k, method in enumerate(methods):
         rows = [next(r for r in results if (r["n"], r["h"], r["v"], r["dtype"]) == c and r["method"] == method)
                 for c in configs]
         xs = [i + k * width for i in range(len(configs))]
-        mem_ax.bar(xs, [100 * r["peak_above_mb"] / r["logits_mb"] for r in rows], width, label=method)
+        mem_ax.bar(xs, [100 * r["first_step_above_mb"] / r["logits_mb"] for r in rows], width, label=method)
         time_ax.bar(xs, [r["step_s"] for r in rows], width, label=method)
     for ax in (mem_ax, time_ax):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))],
                       [f"{n}×{h}×{v}\n{d}" for n, h, v, d in configs], fontsize=8)
     mem_ax.axhline(25, color="k", ls="--", lw=1)
-    mem_ax.set_ylabel("peak RSS above inputs, W, dW (% of N×V logits)")
+    mem_ax.set_ylabel("first step: peak RSS − base − dW (% of N×V logits)")
     time_ax.set_ylabel("training step, median (s)")
     mem_ax.legend(fontsize=8)
     fig.tight_layout()
@@ -248,7 +333,7 @@ def plot(results, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--child", choices=("memory", "timing"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("memory", "first_step", "timing"), help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int)
     parser.add_argument("--h", type=int)
@@ -257,9 +342,15 @@ def main():
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: the function's)")
     parser.add_argument("--slab-fraction", type=float, default=None,
                         help="largest dW slab, as a fraction of a chunk's logits (default: the function's)")
+    parser.add_argument("--chunk-bytes", type=int, default=None,
+                        help="default chunk's largest logits in bytes (default: the function's _CHUNK_BYTES)")
+    parser.add_argument("--chunk-fraction", type=int, default=None,
+                        help="default chunk is at most 1/F of the rows (default: the function's _CHUNK_FRACTION)")
     parser.add_argument("--steps", type=int, default=7, help="timed rounds (every method once per round)")
     parser.add_argument("--memory-runs", type=int, default=1,
-                        help="fresh processes per method for the peak RSS (0: time only)")
+                        help="fresh processes per method for the first step's peak RSS (0: time only)")
+    parser.add_argument("--steady-memory", action="store_true",
+                        help="also the steady-state peak (later steps, allocators returning freed memory)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--quick", action="store_true", help="a small shape only")
@@ -268,7 +359,7 @@ def main():
     parser.add_argument("--json", help="write the raw results here")
     args = parser.parse_args()
     if args.child:
-        return child_memory(args) if args.child == "memory" else child_timing(args)
+        return {"memory": child_memory, "first_step": child_first_step, "timing": child_timing}[args.child](args)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.n:
         shapes = ((args.n, args.h, args.v),)
@@ -277,9 +368,9 @@ def main():
     for shape in shapes:
         for dtype in args.dtypes.split(","):
             for r in run_shape(methods, shape, dtype, args):
-                print(f"{r['method']:12s} {r['n']}x{r['h']}x{r['v']} {dtype:9s} peak above {r['peak_above_mb']:7.1f} MB "
-                      f"({100 * r['peak_above_mb'] / r['logits_mb']:5.1f}% of logits)  step {r['step_s']:.3f} s",
-                      flush=True)
+                print(f"{r['method']:12s} {r['n']}x{r['h']}x{r['v']} {dtype:9s} first step {r['first_step_above_mb']:7.1f} MB "
+                      f"({100 * r['first_step_above_mb'] / r['logits_mb']:5.1f}% of logits)  "
+                      f"steady {100 * r['peak_above_mb'] / r['logits_mb']:5.1f}%  step {r['step_s']:.3f} s", flush=True)
                 results.append(r)
     command = " ".join(["python", "benchmarks/bench_linear.py", *sys.argv[1:]])
     if args.markdown:

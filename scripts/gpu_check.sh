@@ -2,8 +2,8 @@
 # One prepared check for a machine with an NVIDIA GPU, PyTorch, CuPy, JAX,
 # nvcc, CMake and pybind11 (no TensorFlow, no network needed): builds the core,
 # the CUDA kernels and the XLA FFI handlers (FFI header from JAX) without
-# TensorFlow, then runs tests/test_cuda.py, the CUDA FFI handlers under JAX
-# (tests/test_xla_ffi_jax.py with FUSED_XENT_JAX_PLATFORM=cuda), fused_xent.jax
+# TensorFlow, then runs tests/cuda/test_cuda.py, the CUDA FFI handlers under JAX
+# (tests/jax/test_xla_ffi_jax.py with FUSED_XENT_JAX_PLATFORM=cuda), fused_xent.jax
 # and fused_xent.torch on the GPU against their CPU results, and
 # benchmarks/bench_cuda.py. Writes its logs and results under $OUT when set.
 # Meant to finish in under 8 minutes.
@@ -56,13 +56,13 @@ cp "$BUILD"/_core*.so "$stage/fused_xent/"
 export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" -c 'import fused_xent; print(fused_xent.build_info()); from fused_xent import cuda; print("CUDA usable:", cuda.is_available())'
 
-log "tests/test_cuda.py"
-timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+log "tests/cuda/test_cuda.py"
+timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/cuda/test_cuda.py \
   --junitxml="$OUT_DIR/test_cuda.xml" 2>&1 | tee "$OUT_DIR/test_cuda.log" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-log "tests/test_xla_ffi_jax.py on CUDA (the FFI handlers under jax.jit)"
-FUSED_XENT_JAX_PLATFORM=cuda timeout 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_xla_ffi_jax.py \
+log "tests/jax/test_xla_ffi_jax.py on CUDA (the FFI handlers under jax.jit)"
+FUSED_XENT_JAX_PLATFORM=cuda timeout 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests/jax/test_xla_ffi_jax.py \
   --junitxml="$OUT_DIR/test_xla_ffi_jax.xml" 2>&1 | tee "$OUT_DIR/test_xla_ffi_jax.log" | tail -20
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

@@ -675,25 +675,19 @@ void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin
     const T* logits = args.logits + offset;
     T* out = args.grad_logits + offset;
     const LabelKind kind = classify_label(args.labels[r], classes, args.options);
-    const double grad_lse = args.grad_lse ? args.grad_lse[r] : 0.0;
     if (kind == LabelKind::kOutOfRange) {
       fill_row(out, classes, stride, quiet_nan<A>());
       continue;
     }
-    const double lse = args.lse[r];
-    const SplitLse<A> split = backward_lse(row_of(args.logits, layout, r), lse);
-    if (kind == LabelKind::kIgnored) {  // weight 0: only an lse gradient remains
-      if (grad_lse == 0) {
-        fill_row(out, classes, stride, A(0));
-      } else {
-        const auto c = backward_coefficients<A>(A(0), A(0), lse, A(1), grad_lse, classes, args.options);
-        write_softmax_gradient(logits, out, stride, 0, classes, split, c);
-      }
+    if (kind == LabelKind::kIgnored) {  // weight 0
+      fill_row(out, classes, stride, A(0));
       continue;
     }
+    const double lse = args.lse[r];
+    const SplitLse<A> split = backward_lse(row_of(args.logits, layout, r), lse);
     const int64_t y = static_cast<int64_t>(args.labels[r]);
     const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), label_weight(y, args.options),
-                                            lse, A(1), grad_lse, classes, args.options);
+                                            lse, A(1), classes, args.options);
     if constexpr (kVectorized<T>) {
       if (stride == 1) {
         write_gradient_vectorized<T>(logits, nullptr, out, 0, classes, split, c.softmax_scale, c.target_scale,
@@ -751,9 +745,8 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
     const double lse = args.lse[r];
     const SplitLse<A> split = backward_lse(row_of(args.logits, layout, r), lse);
     const A target_sum = dense_target_sum(label_sum_of(labels), args.options);
-    const double grad_lse = args.grad_lse ? args.grad_lse[r] : 0.0;
-    const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), A(1), lse, target_sum, grad_lse,
-                                            layout.classes, args.options);
+    const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), A(1), lse, target_sum, layout.classes,
+                                            args.options);
     if constexpr (kVectorized<T>) {
       if (stride == 1) {
         // The next row's labels are summed before its gradient is written: ask for

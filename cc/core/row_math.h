@@ -187,24 +187,21 @@ FX_HOST_DEVICE A dense_row_loss(const RowSums<A>& sums, A log_sum, double lse, c
 }
 
 // The backward of a row is dz_j = softmax_scale * p_j - target_scale * t_j - uniform,
-// with t the one-hot (sparse) or dense label and p_j = exp(z_j - lse). An upstream
-// gradient of lse itself (second-order paths) adds grad_lse * p_j.
+// with t the one-hot (sparse) or dense label and p_j = exp(z_j - lse).
 template <typename A>
 struct BackwardCoefficients {
-  A softmax_scale;  // g * w * (sum(q) + 2 lambda lse) + grad_lse
+  A softmax_scale;  // g * w * (sum(q) + 2 lambda lse)
   A target_scale;   // g * w * (1 - eps)
   A uniform;        // g * w * eps / C
 };
 
 template <typename A>
 FX_HOST_DEVICE BackwardCoefficients<A> backward_coefficients(A grad, A weight, double lse, A target_sum,
-                                                            double grad_lse, int64_t classes,
-                                                            const Options& options) {
+                                                            int64_t classes, const Options& options) {
   const A eps = options.label_smoothing;
   const A scale = grad * weight;
   BackwardCoefficients<A> c;
   c.softmax_scale = scale * (target_sum + (options.z_loss > 0 ? static_cast<A>(2.0 * options.z_loss * lse) : A(0)));
-  if (grad_lse != 0) c.softmax_scale += static_cast<A>(grad_lse);
   c.target_scale = scale * (1 - eps);
   c.uniform = scale * eps / static_cast<A>(classes);
   return c;

@@ -50,7 +50,6 @@ struct SparseBackwardArgs {
   const Label* labels = nullptr;
   const double* lse = nullptr;
   const T* grad_loss = nullptr;  // upstream gradient, one per row
-  const double* grad_lse = nullptr;  // upstream gradient of lse, one per row, or null for zeros
   T* grad_logits = nullptr;      // may alias `logits`: each element is read before it is written
 };
 
@@ -72,7 +71,6 @@ struct DenseBackwardArgs {
   const T* labels = nullptr;
   const double* lse = nullptr;
   const T* grad_loss = nullptr;
-  const double* grad_lse = nullptr;  // or null for zeros
   T* grad_logits = nullptr;  // may alias `logits`
 };
 

@@ -68,10 +68,9 @@ __global__ void __launch_bounds__(kThreads)
   A label_sum = 0;
   for (int c = 0; c < plan.splits; ++c) label_sum += label_sums[s.row * plan.splits + c];
   const double lse = args.lse[s.row];
-  const double grad_lse = args.grad_lse ? args.grad_lse[s.row] : 0.0;
   GradientVisitor<A, true> visit{
       backward_coefficients<A>(to_acc(args.grad_loss[s.row]), A(1), lse, dense_target_sum(label_sum, args.options),
-                               grad_lse, args.layout.classes, args.options),
+                               args.layout.classes, args.options),
       split_lse<A>(lse), -1};
   const int64_t offset = args.layout.row_offset(s.row);
   const RowPointers<T> row{args.logits + offset, args.labels + offset, args.grad_logits + offset, args.layout.inner};

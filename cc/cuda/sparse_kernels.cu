@@ -82,20 +82,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>) backward_kernel(con
   const RowPointers<T> row{args.logits + offset, nullptr, args.grad_logits + offset, args.layout.inner};
   const int64_t classes = args.layout.classes;
   const LabelKind kind = classify_label(args.labels[s.row], classes, args.options);
-  const double grad_lse = args.grad_lse ? args.grad_lse[s.row] : 0.0;
-  if (kind == LabelKind::kOutOfRange || (kind == LabelKind::kIgnored && grad_lse == 0)) {
+  if (kind != LabelKind::kValid) {  // out of range: NaN; ignored: weight 0
     FillVisitor<A> fill{kind == LabelKind::kOutOfRange ? quiet_nan<A>() : A(0)};
     walk_slice<false, true>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, fill);
     return;
   }
-  // An ignored row keeps only the lse gradient: weight 0.
-  const bool valid = kind == LabelKind::kValid;
-  const int64_t y = valid ? static_cast<int64_t>(args.labels[s.row]) : -1;
-  const A grad = valid ? to_acc(args.grad_loss[s.row]) : A(0);
-  const A weight = valid ? A(label_weight(y, args.options)) : A(0);
+  const int64_t y = static_cast<int64_t>(args.labels[s.row]);
   const double lse = args.lse[s.row];
   GradientVisitor<A, false> visit{
-      backward_coefficients<A>(grad, weight, lse, A(1), grad_lse, classes, args.options), split_lse<A>(lse), y};
+      backward_coefficients<A>(to_acc(args.grad_loss[s.row]), A(label_weight(y, args.options)), lse, A(1), classes,
+                               args.options),
+      split_lse<A>(lse), y};
   walk_slice<false, true>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, visit);
 }
 

@@ -3,9 +3,9 @@
 // platform; docs/xla.md lists them.
 //
 //   sparse_forward (logits, labels, class_weights) -> (loss, lse)
-//   sparse_backward(logits, labels, class_weights, lse, grad_loss, grad_lse) -> grad_logits
+//   sparse_backward(logits, labels, class_weights, lse, grad_loss) -> grad_logits
 //   dense_forward  (logits, labels) -> (loss, lse)
-//   dense_backward (logits, labels, lse, grad_loss, grad_lse) -> grad_logits
+//   dense_backward (logits, labels, lse, grad_loss) -> grad_logits
 //
 // Attributes: axis (i64), label_smoothing (f32), z_loss (f32) and, for the
 // sparse targets, ignore_index (i64) and has_ignore_index (i1).

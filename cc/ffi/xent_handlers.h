@@ -124,15 +124,6 @@ inline ffi::Error CheckLse(const AnyBuffer& lse, const Call& call, const char* n
   return CheckRows(lse, call, name);
 }
 
-// The optional upstream gradient of lse: no elements (zeros) or one float64 per row.
-inline ffi::Error ReadGradLse(const AnyBuffer& grad_lse, const Call& call, const double** out) {
-  *out = nullptr;
-  if (grad_lse.element_count() == 0) return ffi::Error::Success();
-  FX_FFI_RETURN_IF_ERROR(CheckLse(grad_lse, call, "grad_lse"));
-  *out = static_cast<const double*>(grad_lse.untyped_data());
-  return ffi::Error::Success();
-}
-
 // Labels (int32/int64, one per row), class weights (float32, none or one per
 // class) and ignore_index. Only shapes and dtypes: the buffers may be device
 // memory (CUDA), so the CPU runner checks the weights' values itself.
@@ -183,13 +174,11 @@ inline ffi::Error CheckForwardOutputs(const Call& call, const AnyBuffer& logits,
   return CheckLse(lse, call);
 }
 
-// lse, grad_loss, grad_lse (optional) and the grad_logits result.
+// lse, grad_loss and the grad_logits result.
 inline ffi::Error CheckBackwardBuffers(const Call& call, const AnyBuffer& logits, const AnyBuffer& lse,
-                                       const AnyBuffer& grad_loss, const AnyBuffer& grad_lse,
-                                       const AnyBuffer& grad_logits, const double** grad_lse_data) {
+                                       const AnyBuffer& grad_loss, const AnyBuffer& grad_logits) {
   FX_FFI_RETURN_IF_ERROR(CheckLse(lse, call));
   FX_FFI_RETURN_IF_ERROR(CheckRowsOfLogitsType(grad_loss, logits, call, "grad_loss"));
-  FX_FFI_RETURN_IF_ERROR(ReadGradLse(grad_lse, call, grad_lse_data));
   return CheckLikeLogits(grad_logits, logits, "grad_logits");
 }
 
@@ -207,13 +196,12 @@ void FillForward(const Call& call, const AnyBuffer& logits, const AnyBuffer& los
 // The fields of every backward argument struct but the labels.
 template <typename T, typename Args>
 void FillBackward(const Call& call, const AnyBuffer& logits, const AnyBuffer& lse, const AnyBuffer& grad_loss,
-                  const double* grad_lse, const AnyBuffer& grad_logits, Args* args) {
+                  const AnyBuffer& grad_logits, Args* args) {
   args->layout = call.layout;
   args->options = call.options;
   args->logits = In<T>(logits);
   args->lse = In<double>(lse);
   args->grad_loss = In<T>(grad_loss);
-  args->grad_lse = grad_lse;
   args->grad_logits = Out<T>(grad_logits);
 }
 
@@ -239,19 +227,18 @@ ffi::Error SparseForward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_wei
 
 template <typename Runner, typename... Ctx>
 ffi::Error SparseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_weights, AnyBuffer lse,
-                          AnyBuffer grad_loss, AnyBuffer grad_lse, Result<AnyBuffer> grad_logits, int64_t axis,
+                          AnyBuffer grad_loss, Result<AnyBuffer> grad_logits, int64_t axis,
                           float label_smoothing, float z_loss, int64_t ignore_index, bool has_ignore_index,
                           Ctx... ctx) {
   Call call;
-  const double* grad_lse_data;
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
   FX_FFI_RETURN_IF_ERROR(ReadSparseInputs(labels, class_weights, ignore_index, has_ignore_index, &call));
-  FX_FFI_RETURN_IF_ERROR(CheckBackwardBuffers(call, logits, lse, grad_loss, grad_lse, *grad_logits, &grad_lse_data));
+  FX_FFI_RETURN_IF_ERROR(CheckBackwardBuffers(call, logits, lse, grad_loss, *grad_logits));
   if (call.layout.rows() == 0) return ffi::Error::Success();
   Runner runner(std::move(ctx)...);
   return WithSparseTypes(logits.element_type(), labels.element_type(), [&](auto t, auto l) {
     SparseBackwardArgs<decltype(t), decltype(l)> args;
-    FillBackward<decltype(t)>(call, logits, lse, grad_loss, grad_lse_data, *grad_logits, &args);
+    FillBackward<decltype(t)>(call, logits, lse, grad_loss, *grad_logits, &args);
     args.labels = In<decltype(l)>(labels);
     return runner.Run(args);
   });
@@ -275,19 +262,17 @@ ffi::Error DenseForward(AnyBuffer logits, AnyBuffer labels, Result<AnyBuffer> lo
 }
 
 template <typename Runner, typename... Ctx>
-ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyBuffer grad_loss, AnyBuffer grad_lse,
-                         Result<AnyBuffer> grad_logits, int64_t axis, float label_smoothing, float z_loss,
-                         Ctx... ctx) {
+ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyBuffer grad_loss,
+                         Result<AnyBuffer> grad_logits, int64_t axis, float label_smoothing, float z_loss, Ctx... ctx) {
   Call call;
-  const double* grad_lse_data;
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
   FX_FFI_RETURN_IF_ERROR(CheckLikeLogits(labels, logits, "labels"));
-  FX_FFI_RETURN_IF_ERROR(CheckBackwardBuffers(call, logits, lse, grad_loss, grad_lse, *grad_logits, &grad_lse_data));
+  FX_FFI_RETURN_IF_ERROR(CheckBackwardBuffers(call, logits, lse, grad_loss, *grad_logits));
   if (call.layout.rows() == 0) return ffi::Error::Success();
   Runner runner(std::move(ctx)...);
   return WithFloatType(logits.element_type(), [&](auto t) {
     DenseBackwardArgs<decltype(t)> args;
-    FillBackward<decltype(t)>(call, logits, lse, grad_loss, grad_lse_data, *grad_logits, &args);
+    FillBackward<decltype(t)>(call, logits, lse, grad_loss, *grad_logits, &args);
     args.labels = In<decltype(t)>(labels);
     return runner.Run(args);
   });
@@ -307,11 +292,11 @@ ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyB
 #define FX_FFI_BIND_SPARSE_FORWARD(...) \
   ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_RET FX_FFI_RET FX_FFI_SPARSE_ATTRS __VA_ARGS__
 #define FX_FFI_BIND_SPARSE_BACKWARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS3 FX_FFI_RET FX_FFI_SPARSE_ATTRS __VA_ARGS__
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_SPARSE_ATTRS __VA_ARGS__
 #define FX_FFI_BIND_DENSE_FORWARD(...) \
   ::xla::ffi::Ffi::Bind() FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_COMMON_ATTRS __VA_ARGS__
 #define FX_FFI_BIND_DENSE_BACKWARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_COMMON_ATTRS __VA_ARGS__
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS2 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_COMMON_ATTRS __VA_ARGS__
 
 // Defines the four handlers over Runner, whose contexts are bound by
 // CONTEXTS (e.g. .Ctx<ffi::ThreadPool>()) and arrive as the types listed after

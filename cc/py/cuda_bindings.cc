@@ -228,22 +228,18 @@ void sparse_forward(const std::string& dtype, py::object logits, py::object labe
 void sparse_backward(const std::string& dtype, py::object logits, py::object labels, int64_t outer, int64_t classes,
                      int64_t inner, double label_smoothing, double z_loss, std::optional<int64_t> ignore_index,
                      std::optional<py::object> class_weights, py::object lse, py::object grad_loss,
-                     std::optional<py::object> grad_lse, py::object grad_logits, uintptr_t stream) {
+                     py::object grad_logits, uintptr_t stream) {
   const SparseCall call = sparse_call(logits, labels, outer, classes, inner, label_smoothing, z_loss,
                                       ignore_index, class_weights);
   const int64_t rows = call.layout.rows();
   const DeviceArray lse_array = device_array(lse, "lse"), grad_loss_array = device_array(grad_loss, "grad_loss");
   const DeviceArray grad_array = device_array(grad_logits, "grad_logits");
-  DeviceArray grad_lse_array;
-  const bool has_grad_lse = grad_lse && !grad_lse->is_none();
-  if (has_grad_lse) grad_lse_array = device_array(*grad_lse, "grad_lse");
   dispatch_float(dtype, [&](auto tag, const char* kinds) {
     using T = decltype(tag);
     check_array(call.logits, rows * classes, sizeof(T), kinds, "logits", call.device);
     check_array(lse_array, rows, 8, "f", "lse", call.device);
     check_array(grad_loss_array, rows, sizeof(T), kinds, "grad_loss", call.device);
     check_array(grad_array, rows * classes, sizeof(T), kinds, "grad_logits", call.device, true);
-    if (has_grad_lse) check_array(grad_lse_array, rows, 8, "f", "grad_lse", call.device);
     auto run = [&](auto label_tag) {
       using Label = decltype(label_tag);
       fx::SparseBackwardArgs<T, Label> args;
@@ -253,7 +249,6 @@ void sparse_backward(const std::string& dtype, py::object logits, py::object lab
       args.labels = static_cast<const Label*>(call.labels.data);
       args.lse = static_cast<const double*>(lse_array.data);
       args.grad_loss = static_cast<const T*>(grad_loss_array.data);
-      args.grad_lse = has_grad_lse ? static_cast<const double*>(grad_lse_array.data) : nullptr;
       args.grad_logits = static_cast<T*>(grad_array.data);
       check_launch(fx::cuda::sparse_backward(args, as_stream(stream)));
     };
@@ -290,15 +285,12 @@ void dense_forward(const std::string& dtype, py::object logits, py::object label
 
 void dense_backward(const std::string& dtype, py::object logits, py::object labels, int64_t outer, int64_t classes,
                     int64_t inner, double label_smoothing, double z_loss, py::object lse, py::object grad_loss,
-                    std::optional<py::object> grad_lse, py::object grad_logits, uintptr_t stream) {
+                    py::object grad_logits, uintptr_t stream) {
   const fx::Layout layout = make_layout(outer, classes, inner);
   const fx::Options options = make_options(label_smoothing, z_loss, std::nullopt);
   const DeviceArray z = device_array(logits, "logits"), t = device_array(labels, "labels");
   const DeviceArray lse_array = device_array(lse, "lse"), grad_loss_array = device_array(grad_loss, "grad_loss");
   const DeviceArray grad_array = device_array(grad_logits, "grad_logits");
-  DeviceArray grad_lse_array;
-  const bool has_grad_lse = grad_lse && !grad_lse->is_none();
-  if (has_grad_lse) grad_lse_array = device_array(*grad_lse, "grad_lse");
   const int device = use_device_of(z);
   const int64_t rows = layout.rows();
   dispatch_float(dtype, [&](auto tag, const char* kinds) {
@@ -308,7 +300,6 @@ void dense_backward(const std::string& dtype, py::object logits, py::object labe
     check_array(lse_array, rows, 8, "f", "lse", device);
     check_array(grad_loss_array, rows, sizeof(T), kinds, "grad_loss", device);
     check_array(grad_array, rows * classes, sizeof(T), kinds, "grad_logits", device, true);
-    if (has_grad_lse) check_array(grad_lse_array, rows, 8, "f", "grad_lse", device);
     Workspace workspace(fx::cuda::dense_backward_workspace_bytes(layout, sizeof(T)), as_stream(stream));
     fx::DenseBackwardArgs<T> args;
     args.layout = layout;
@@ -317,7 +308,6 @@ void dense_backward(const std::string& dtype, py::object logits, py::object labe
     args.labels = static_cast<const T*>(t.data);
     args.lse = static_cast<const double*>(lse_array.data);
     args.grad_loss = static_cast<const T*>(grad_loss_array.data);
-    args.grad_lse = has_grad_lse ? static_cast<const double*>(grad_lse_array.data) : nullptr;
     args.grad_logits = static_cast<T*>(grad_array.data);
     check_launch(fx::cuda::dense_backward(args, workspace.data(), as_stream(stream)));
   });
@@ -342,12 +332,12 @@ void register_cuda_bindings(py::module_& m) {
         py::arg("ignore_index"), py::arg("class_weights"), py::arg("loss"), py::arg("lse"), py::arg("stream"));
   m.def("cuda_sparse_backward", &sparse_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
-        py::arg("ignore_index"), py::arg("class_weights"), py::arg("lse"), py::arg("grad_loss"), py::arg("grad_lse"),
-        py::arg("grad_logits"), py::arg("stream"));
+        py::arg("ignore_index"), py::arg("class_weights"), py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"),
+        py::arg("stream"));
   m.def("cuda_dense_forward", &dense_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("loss"), py::arg("lse"), py::arg("stream"));
   m.def("cuda_dense_backward", &dense_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
-        py::arg("lse"), py::arg("grad_loss"), py::arg("grad_lse"), py::arg("grad_logits"), py::arg("stream"));
+        py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"), py::arg("stream"));
 }

@@ -62,15 +62,21 @@ void require(bool ok, const std::string& message) {
   if (!ok) throw py::value_error(message);
 }
 
-void require_buffer(const py::array& a, int64_t count, int64_t itemsize, const char* what) {
+// Checks a buffer's element type (NumPy kind among `kinds`, and item size), element count,
+// C-contiguity and, for outputs, writability.
+void require_buffer(const py::array& a, int64_t count, int64_t itemsize, const char* kinds, const char* what,
+                    bool writable = false) {
   require(a.flags() & py::array::c_style, std::string(what) + " must be C-contiguous");
-  require(a.itemsize() == itemsize, std::string(what) + " has the wrong item size");
+  require(a.itemsize() == itemsize && std::string(kinds).find(a.dtype().kind()) != std::string::npos,
+          std::string(what) + " has the wrong element type");
   require(a.size() == count, std::string(what) + " has " + std::to_string(a.size()) + " elements, expected " +
                                  std::to_string(count));
+  require(!writable || a.writeable(), std::string(what) + " must be writable");
 }
 
-void require_writable(const py::array& a, const char* what) {
-  require(a.writeable(), std::string(what) + " must be writable");
+// The float64 row logsumexp: written by a forward, read by a backward.
+void require_lse(const py::array& a, int64_t rows, const char* what, bool writable = false) {
+  require_buffer(a, rows, sizeof(double), "f", what, writable);
 }
 
 // a * b for a, b >= 0, or -1 when it does not fit in int64.
@@ -90,9 +96,10 @@ fx::Layout make_layout(int64_t outer, int64_t classes, int64_t inner) {
   return layout;
 }
 
+using ClassWeights = std::optional<py::array_t<float, py::array::c_style>>;
+
 fx::Options make_options(double label_smoothing, double z_loss, std::optional<int64_t> ignore_index,
-                         const std::optional<py::array_t<float, py::array::c_style>>& class_weights,
-                         int64_t classes) {
+                         const ClassWeights& class_weights, int64_t classes) {
   require(label_smoothing >= 0.0 && label_smoothing <= 1.0, "label_smoothing must lie in [0, 1]");
   fx::Options options;
   options.label_smoothing = static_cast<float>(label_smoothing);
@@ -109,129 +116,232 @@ fx::Options make_options(double label_smoothing, double z_loss, std::optional<in
   return options;
 }
 
-template <typename T, typename Label>
-void run_sparse(const fx::Layout& layout, const fx::Options& options, const py::array& logits,
-                const py::array& labels, py::array& loss, py::array& lse, const py::array* grad_loss,
-                py::array* grad_logits) {
-  const int64_t rows = layout.rows();
-  require_buffer(logits, rows * layout.classes, sizeof(T), "logits");
-  require_buffer(labels, rows, sizeof(Label), "labels");
-  require_buffer(loss, rows, sizeof(T), "loss");
-  require_buffer(lse, rows, sizeof(double), "lse");
-  require_writable(loss, "loss");
-  require_writable(lse, "lse");
-  const Label* label_data = static_cast<const Label*>(labels.data());
-  const int64_t bad = fx::cpu::find_invalid_label(label_data, rows, layout.classes, options);
-  if (bad >= 0) {
-    throw py::value_error(fx::invalid_label_message(static_cast<int64_t>(label_data[bad]), layout.classes, options));
-  }
-  fx::SparseForwardArgs<T, Label> fwd;
-  fwd.layout = layout;
-  fwd.options = options;
-  fwd.logits = static_cast<const T*>(logits.data());
-  fwd.labels = label_data;
-  fwd.loss = static_cast<T*>(loss.mutable_data());
-  fwd.lse = static_cast<double*>(lse.mutable_data());
-  if (grad_logits) {
-    require_buffer(*grad_loss, rows, sizeof(T), "grad_loss");
-    require_buffer(*grad_logits, rows * layout.classes, sizeof(T), "grad_logits");
-    require_writable(*grad_logits, "grad_logits");
-  }
-  if (rows == 0) return;
-  py::gil_scoped_release release;
-  parallel_rows(layout, [&](int64_t b, int64_t e) { fx::cpu::sparse_forward(fwd, b, e); });
-  if (!grad_logits) return;
-  fx::SparseBackwardArgs<T, Label> bwd;
-  bwd.layout = layout;
-  bwd.options = options;
-  bwd.logits = fwd.logits;
-  bwd.labels = label_data;
-  bwd.lse = fwd.lse;
-  bwd.grad_loss = static_cast<const T*>(grad_loss->data());
-  bwd.grad_logits = static_cast<T*>(grad_logits->mutable_data());
-  parallel_rows(layout, [&](int64_t b, int64_t e) { fx::cpu::sparse_backward(bwd, b, e); });
-}
-
-template <typename T>
-void run_dense(const fx::Layout& layout, const fx::Options& options, const py::array& logits,
-               const py::array& labels, py::array& loss, py::array& lse, const py::array* grad_loss,
-               py::array* grad_logits) {
-  const int64_t rows = layout.rows();
-  const int64_t elements = rows * layout.classes;
-  require_buffer(logits, elements, sizeof(T), "logits");
-  require_buffer(labels, elements, sizeof(T), "labels");
-  require_buffer(loss, rows, sizeof(T), "loss");
-  require_buffer(lse, rows, sizeof(double), "lse");
-  require_writable(loss, "loss");
-  require_writable(lse, "lse");
-  fx::DenseForwardArgs<T> fwd;
-  fwd.layout = layout;
-  fwd.options = options;
-  fwd.logits = static_cast<const T*>(logits.data());
-  fwd.labels = static_cast<const T*>(labels.data());
-  fwd.loss = static_cast<T*>(loss.mutable_data());
-  fwd.lse = static_cast<double*>(lse.mutable_data());
-  if (grad_logits) {
-    require_buffer(*grad_loss, rows, sizeof(T), "grad_loss");
-    require_buffer(*grad_logits, elements, sizeof(T), "grad_logits");
-    require_writable(*grad_logits, "grad_logits");
-  }
-  if (rows == 0) return;
-  py::gil_scoped_release release;
-  parallel_rows(layout, [&](int64_t b, int64_t e) { fx::cpu::dense_forward(fwd, b, e); });
-  if (!grad_logits) return;
-  fx::DenseBackwardArgs<T> bwd;
-  bwd.layout = layout;
-  bwd.options = options;
-  bwd.logits = fwd.logits;
-  bwd.labels = fwd.labels;
-  bwd.lse = fwd.lse;
-  bwd.grad_loss = static_cast<const T*>(grad_loss->data());
-  bwd.grad_logits = static_cast<T*>(grad_logits->mutable_data());
-  parallel_rows(layout, [&](int64_t b, int64_t e) { fx::cpu::dense_backward(bwd, b, e); });
-}
-
-// Calls fn.template operator()<CoreType>() for the logits dtype name given by Python.
+// Calls fn(tag, kinds) with a value of the core type named by `dtype` and the NumPy kinds its
+// buffers may have: bfloat16 comes as ml_dtypes.bfloat16 (kind 'V') or as its 16-bit pattern
+// (PyTorch's CPU tensors, viewed as int16).
 template <typename Fn>
 void dispatch_float(const std::string& dtype, const Fn& fn) {
-  if (dtype == "float32") return fn(float{});
-  if (dtype == "float64") return fn(double{});
-  if (dtype == "float16") return fn(fx::float16_t{});
-  if (dtype == "bfloat16") return fn(fx::bfloat16_t{});
+  if (dtype == "float32") return fn(float{}, "f");
+  if (dtype == "float64") return fn(double{}, "f");
+  if (dtype == "float16") return fn(fx::float16_t{}, "f");
+  if (dtype == "bfloat16") return fn(fx::bfloat16_t{}, "iuV");
   throw py::type_error("logits must be float16, bfloat16, float32 or float64, got " + dtype);
 }
 
+// What every call of a kind shares: its layout and options, checked.
+struct Call {
+  fx::Layout layout;
+  fx::Options options;
+  int64_t rows() const { return layout.rows(); }
+  int64_t elements() const { return layout.rows() * layout.classes; }
+};
+
+Call sparse_call(const py::array& labels, int64_t outer, int64_t classes, int64_t inner, double label_smoothing,
+                 double z_loss, std::optional<int64_t> ignore_index, const ClassWeights& class_weights) {
+  Call call{make_layout(outer, classes, inner),
+            make_options(label_smoothing, z_loss, ignore_index, class_weights, classes)};
+  require(labels.dtype().kind() == 'i' && (labels.itemsize() == 4 || labels.itemsize() == 8),
+          "labels must be int32 or int64");
+  return call;
+}
+
+Call dense_call(int64_t outer, int64_t classes, int64_t inner, double label_smoothing, double z_loss) {
+  return Call{make_layout(outer, classes, inner),
+              make_options(label_smoothing, z_loss, std::nullopt, std::nullopt, classes)};
+}
+
+// Calls fn(tag, label_tag, kinds) for the logits' and the (int32 or int64) labels' types.
+template <typename Fn>
+void dispatch_sparse(const std::string& dtype, const py::array& labels, const Fn& fn) {
+  dispatch_float(dtype, [&](auto tag, const char* kinds) {
+    if (labels.itemsize() == 8)
+      fn(tag, int64_t{}, kinds);
+    else
+      fn(tag, int32_t{}, kinds);
+  });
+}
+
+// The inputs of a sparse forward and backward: logits, and labels in [0, classes) or ignore_index
+// (checked here: the kernels index rows and class weights with them).
+template <typename T, typename Label>
+void check_sparse_inputs(const Call& call, const py::array& logits, const py::array& labels, const char* kinds) {
+  require_buffer(logits, call.elements(), sizeof(T), kinds, "logits");
+  require_buffer(labels, call.rows(), sizeof(Label), "i", "labels");
+  const Label* data = static_cast<const Label*>(labels.data());
+  const int64_t bad = fx::cpu::find_invalid_label(data, call.rows(), call.layout.classes, call.options);
+  if (bad >= 0) {
+    throw py::value_error(fx::invalid_label_message(static_cast<int64_t>(data[bad]), call.layout.classes,
+                                                    call.options));
+  }
+}
+
+template <typename T>
+void check_dense_inputs(const Call& call, const py::array& logits, const py::array& labels, const char* kinds) {
+  require_buffer(logits, call.elements(), sizeof(T), kinds, "logits");
+  require_buffer(labels, call.elements(), sizeof(T), kinds, "labels");
+}
+
+template <typename T>
+void check_forward_outputs(const Call& call, const py::array& loss, const py::array& lse, const char* kinds) {
+  require_buffer(loss, call.rows(), sizeof(T), kinds, "loss", true);
+  require_lse(lse, call.rows(), "lse", true);
+}
+
+template <typename T>
+void check_backward_buffers(const Call& call, const py::array& lse, const py::array& grad_loss,
+                            const py::array& grad_logits, const char* kinds) {
+  require_lse(lse, call.rows(), "lse");
+  require_buffer(grad_loss, call.rows(), sizeof(T), kinds, "grad_loss");
+  require_buffer(grad_logits, call.elements(), sizeof(T), kinds, "grad_logits", true);
+}
+
+// The kernels, on checked buffers, without the GIL.
+template <typename Args, typename Kernel>
+void run_rows(const Args& args, const Kernel& kernel) {
+  if (args.layout.rows() == 0) return;
+  py::gil_scoped_release release;
+  parallel_rows(args.layout, [&](int64_t b, int64_t e) { kernel(args, b, e); });
+}
+
+template <typename T, typename Label>
+void run_sparse_forward(const Call& call, const py::array& logits, const py::array& labels, py::array& loss,
+                        py::array& lse) {
+  fx::SparseForwardArgs<T, Label> args;
+  args.layout = call.layout;
+  args.options = call.options;
+  args.logits = static_cast<const T*>(logits.data());
+  args.labels = static_cast<const Label*>(labels.data());
+  args.loss = static_cast<T*>(loss.mutable_data());
+  args.lse = static_cast<double*>(lse.mutable_data());
+  run_rows(args, [](const auto& a, int64_t b, int64_t e) { fx::cpu::sparse_forward(a, b, e); });
+}
+
+template <typename T, typename Label>
+void run_sparse_backward(const Call& call, const py::array& logits, const py::array& labels, const py::array& lse,
+                         const py::array& grad_loss, py::array& grad_logits) {
+  fx::SparseBackwardArgs<T, Label> args;
+  args.layout = call.layout;
+  args.options = call.options;
+  args.logits = static_cast<const T*>(logits.data());
+  args.labels = static_cast<const Label*>(labels.data());
+  args.lse = static_cast<const double*>(lse.data());
+  args.grad_loss = static_cast<const T*>(grad_loss.data());
+  args.grad_logits = static_cast<T*>(grad_logits.mutable_data());
+  run_rows(args, [](const auto& a, int64_t b, int64_t e) { fx::cpu::sparse_backward(a, b, e); });
+}
+
+template <typename T>
+void run_dense_forward(const Call& call, const py::array& logits, const py::array& labels, py::array& loss,
+                       py::array& lse) {
+  fx::DenseForwardArgs<T> args;
+  args.layout = call.layout;
+  args.options = call.options;
+  args.logits = static_cast<const T*>(logits.data());
+  args.labels = static_cast<const T*>(labels.data());
+  args.loss = static_cast<T*>(loss.mutable_data());
+  args.lse = static_cast<double*>(lse.mutable_data());
+  run_rows(args, [](const auto& a, int64_t b, int64_t e) { fx::cpu::dense_forward(a, b, e); });
+}
+
+template <typename T>
+void run_dense_backward(const Call& call, const py::array& logits, const py::array& labels, const py::array& lse,
+                        const py::array& grad_loss, py::array& grad_logits) {
+  fx::DenseBackwardArgs<T> args;
+  args.layout = call.layout;
+  args.options = call.options;
+  args.logits = static_cast<const T*>(logits.data());
+  args.labels = static_cast<const T*>(labels.data());
+  args.lse = static_cast<const double*>(lse.data());
+  args.grad_loss = static_cast<const T*>(grad_loss.data());
+  args.grad_logits = static_cast<T*>(grad_logits.mutable_data());
+  run_rows(args, [](const auto& a, int64_t b, int64_t e) { fx::cpu::dense_backward(a, b, e); });
+}
+
+// ---- the bindings: the CUDA bindings' names and arguments (cc/py/cuda_bindings.cc), minus the stream.
+
+// Writes loss and the float64 row logsumexp lse.
+void sparse_forward(const std::string& dtype, py::array logits, py::array labels, int64_t outer, int64_t classes,
+                    int64_t inner, double label_smoothing, double z_loss, std::optional<int64_t> ignore_index,
+                    ClassWeights class_weights, py::array loss, py::array lse) {
+  const Call call = sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index, class_weights);
+  dispatch_sparse(dtype, labels, [&](auto tag, auto label_tag, const char* kinds) {
+    using T = decltype(tag);
+    using Label = decltype(label_tag);
+    check_sparse_inputs<T, Label>(call, logits, labels, kinds);
+    check_forward_outputs<T>(call, loss, lse, kinds);
+    run_sparse_forward<T, Label>(call, logits, labels, loss, lse);
+  });
+}
+
+// Writes grad_logits (which may be logits itself) from the forward's lse.
+void sparse_backward(const std::string& dtype, py::array logits, py::array labels, int64_t outer, int64_t classes,
+                     int64_t inner, double label_smoothing, double z_loss, std::optional<int64_t> ignore_index,
+                     ClassWeights class_weights, py::array lse, py::array grad_loss, py::array grad_logits) {
+  const Call call = sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index, class_weights);
+  dispatch_sparse(dtype, labels, [&](auto tag, auto label_tag, const char* kinds) {
+    using T = decltype(tag);
+    using Label = decltype(label_tag);
+    check_sparse_inputs<T, Label>(call, logits, labels, kinds);
+    check_backward_buffers<T>(call, lse, grad_loss, grad_logits, kinds);
+    run_sparse_backward<T, Label>(call, logits, labels, lse, grad_loss, grad_logits);
+  });
+}
+
+void dense_forward(const std::string& dtype, py::array logits, py::array labels, int64_t outer, int64_t classes,
+                   int64_t inner, double label_smoothing, double z_loss, py::array loss, py::array lse) {
+  const Call call = dense_call(outer, classes, inner, label_smoothing, z_loss);
+  dispatch_float(dtype, [&](auto tag, const char* kinds) {
+    using T = decltype(tag);
+    check_dense_inputs<T>(call, logits, labels, kinds);
+    check_forward_outputs<T>(call, loss, lse, kinds);
+    run_dense_forward<T>(call, logits, labels, loss, lse);
+  });
+}
+
+void dense_backward(const std::string& dtype, py::array logits, py::array labels, int64_t outer, int64_t classes,
+                    int64_t inner, double label_smoothing, double z_loss, py::array lse, py::array grad_loss,
+                    py::array grad_logits) {
+  const Call call = dense_call(outer, classes, inner, label_smoothing, z_loss);
+  dispatch_float(dtype, [&](auto tag, const char* kinds) {
+    using T = decltype(tag);
+    check_dense_inputs<T>(call, logits, labels, kinds);
+    check_backward_buffers<T>(call, lse, grad_loss, grad_logits, kinds);
+    run_dense_backward<T>(call, logits, labels, lse, grad_loss, grad_logits);
+  });
+}
+
+// The combined calls (benchmarks/bench_cpu.py, benchmarks/compare_builds.py and tests call them):
+// the forward and, given grad_loss and grad_logits, the backward on its lse; every buffer is
+// checked before either runs.
 void sparse(const std::string& dtype, py::array logits, py::array labels, int64_t outer, int64_t classes,
             int64_t inner, double label_smoothing, double z_loss, std::optional<int64_t> ignore_index,
-            std::optional<py::array_t<float, py::array::c_style>> class_weights, py::array loss, py::array lse,
-            std::optional<py::array> grad_loss, std::optional<py::array> grad_logits) {
-  const fx::Layout layout = make_layout(outer, classes, inner);
-  const fx::Options options = make_options(label_smoothing, z_loss, ignore_index, class_weights, classes);
+            ClassWeights class_weights, py::array loss, py::array lse, std::optional<py::array> grad_loss,
+            std::optional<py::array> grad_logits) {
+  const Call call = sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index, class_weights);
   require(grad_loss.has_value() == grad_logits.has_value(), "grad_loss and grad_logits go together");
-  const py::array* g = grad_loss ? &*grad_loss : nullptr;
-  py::array* d = grad_logits ? &*grad_logits : nullptr;
-  const bool labels_int64 = labels.itemsize() == 8;
-  require(labels.dtype().kind() == 'i' && (labels.itemsize() == 4 || labels_int64), "labels must be int32 or int64");
-  dispatch_float(dtype, [&](auto tag) {
+  dispatch_sparse(dtype, labels, [&](auto tag, auto label_tag, const char* kinds) {
     using T = decltype(tag);
-    if (labels_int64)
-      run_sparse<T, int64_t>(layout, options, logits, labels, loss, lse, g, d);
-    else
-      run_sparse<T, int32_t>(layout, options, logits, labels, loss, lse, g, d);
+    using Label = decltype(label_tag);
+    check_sparse_inputs<T, Label>(call, logits, labels, kinds);
+    check_forward_outputs<T>(call, loss, lse, kinds);
+    if (grad_logits) check_backward_buffers<T>(call, lse, *grad_loss, *grad_logits, kinds);
+    run_sparse_forward<T, Label>(call, logits, labels, loss, lse);
+    if (grad_logits) run_sparse_backward<T, Label>(call, logits, labels, lse, *grad_loss, *grad_logits);
   });
 }
 
 void dense(const std::string& dtype, py::array logits, py::array labels, int64_t outer, int64_t classes,
            int64_t inner, double label_smoothing, double z_loss, py::array loss, py::array lse,
            std::optional<py::array> grad_loss, std::optional<py::array> grad_logits) {
-  const fx::Layout layout = make_layout(outer, classes, inner);
-  const fx::Options options = make_options(label_smoothing, z_loss, std::nullopt, std::nullopt, classes);
+  const Call call = dense_call(outer, classes, inner, label_smoothing, z_loss);
   require(grad_loss.has_value() == grad_logits.has_value(), "grad_loss and grad_logits go together");
-  const py::array* g = grad_loss ? &*grad_loss : nullptr;
-  py::array* d = grad_logits ? &*grad_logits : nullptr;
-  dispatch_float(dtype, [&](auto tag) {
+  dispatch_float(dtype, [&](auto tag, const char* kinds) {
     using T = decltype(tag);
-    run_dense<T>(layout, options, logits, labels, loss, lse, g, d);
+    check_dense_inputs<T>(call, logits, labels, kinds);
+    check_forward_outputs<T>(call, loss, lse, kinds);
+    if (grad_logits) check_backward_buffers<T>(call, lse, *grad_loss, *grad_logits, kinds);
+    run_dense_forward<T>(call, logits, labels, loss, lse);
+    if (grad_logits) run_dense_backward<T>(call, logits, labels, lse, *grad_loss, *grad_logits);
   });
 }
 
@@ -292,6 +402,19 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "Fused softmax cross-entropy kernels over NumPy buffers (private; use fused_xent.numpy).";
+  m.def("sparse_forward", &sparse_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"), py::arg("outer"),
+        py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"), py::arg("ignore_index"),
+        py::arg("class_weights"), py::arg("loss"), py::arg("lse"));
+  m.def("sparse_backward", &sparse_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
+        py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
+        py::arg("ignore_index"), py::arg("class_weights"), py::arg("lse"), py::arg("grad_loss"),
+        py::arg("grad_logits"));
+  m.def("dense_forward", &dense_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"), py::arg("outer"),
+        py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"), py::arg("loss"),
+        py::arg("lse"));
+  m.def("dense_backward", &dense_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"), py::arg("outer"),
+        py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"), py::arg("lse"),
+        py::arg("grad_loss"), py::arg("grad_logits"));
   m.def("sparse", &sparse, py::arg("dtype"), py::arg("logits"), py::arg("labels"), py::arg("outer"),
         py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("ignore_index"), py::arg("class_weights"), py::arg("loss"), py::arg("lse"),

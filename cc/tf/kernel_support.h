@@ -101,16 +101,16 @@ inline absl::Status CheckClassWeightValues(const Options& options, int64_t class
   return absl::InvalidArgumentError(bad_class_weight_message(options.class_weights, bad));
 }
 
-// The optional upstream gradient of lse: empty (zeros) or one value per row.
-inline absl::Status GradLseOf(const tensorflow::Tensor& grad_lse, const tensorflow::TensorShape& rows,
-                              const double** out) {
-  if (grad_lse.NumElements() == 0) {
-    *out = nullptr;
-    return absl::OkStatus();
-  }
-  TF_RETURN_IF_ERROR(CheckSameShape(grad_lse, rows, "grad_lse", "lse"));
-  *out = grad_lse.flat<double>().data();
-  return absl::OkStatus();
+// The Grad ops' last input, grad_lse, is kept only for graphs saved by earlier
+// versions (cc/tf/ops.cc): new graphs pass it empty. An old graph's second-order
+// gradient fed lse's gradient there, which the kernels no longer add: refuse it
+// rather than return a silently different gradient. (The XLA lowering too.)
+inline absl::Status CheckGradLseEmpty(int64_t elements) {
+  if (elements == 0) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "grad_lse must be empty, got ", elements,
+      " elements: a non-empty grad_lse comes from a graph saved by an earlier fused-xent version with a "
+      "second-order gradient; re-export it"));
 }
 
 // --- Argument builders shared by the CPU and GPU kernels: shape checks, outputs,
@@ -165,13 +165,13 @@ inline absl::Status ForwardOrAllocateGradient(tensorflow::OpKernelContext* ctx, 
   return ctx->forward_input_or_allocate_output({0}, 0, ctx->input(0).shape(), grad);
 }
 
-// Backward inputs from `first` on are lse, grad_loss, grad_lse.
+// Backward inputs from `first` on are lse, grad_loss and the legacy grad_lse (empty).
 template <typename T, typename Args>
 absl::Status FillBackward(tensorflow::OpKernelContext* ctx, const tensorflow::TensorShape& reduced, int first,
                           GradientOutputFn grad_output, Args* args) {
   TF_RETURN_IF_ERROR(CheckSameShape(ctx->input(first), reduced, "lse", "logits without the class axis"));
   TF_RETURN_IF_ERROR(CheckSameShape(ctx->input(first + 1), reduced, "grad_loss", "logits without the class axis"));
-  TF_RETURN_IF_ERROR(GradLseOf(ctx->input(first + 2), reduced, &args->grad_lse));
+  TF_RETURN_IF_ERROR(CheckGradLseEmpty(ctx->input(first + 2).NumElements()));
   args->logits = core_ptr<T>(ctx->input(0));
   args->lse = ctx->input(first).flat<double>().data();
   args->grad_loss = core_ptr<T>(ctx->input(first + 1));

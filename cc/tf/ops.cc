@@ -70,7 +70,10 @@ absl::Status DenseForwardShape(InferenceContext* c) {
 }
 
 // Backward ops: inputs are logits, labels, [class_weights,] lse, grad_loss, grad_lse.
-// grad_lse may be empty (no gradient flows into lse), so its shape is checked by the kernel.
+// grad_lse is kept for graphs saved by earlier versions; must be empty. It is
+// checked by the kernels, not here: an old SavedModel must still load (and serve
+// its forward); only running such a second-order gradient fails, asking for a
+// re-export. Earlier versions added grad_lse * softmax(logits) to the gradient.
 absl::Status BackwardShape(InferenceContext* c, bool sparse) {
   ShapeHandle logits = c->input(0), reduced, per_row;
   DimensionHandle classes;
@@ -116,11 +119,12 @@ REGISTER_OP("FusedXent>SparseSoftmaxCrossEntropyGrad")
     .Input("class_weights: float")
     .Input("lse: double")
     .Input("grad_loss: T")
-    .Input("grad_lse: double")
+    .Input("grad_lse: double")  // kept for graphs saved by earlier versions; must be empty
     .Output("grad_logits: T")
     .FX_SPARSE_ATTRS
     .SetShapeFn([](InferenceContext* c) { return BackwardShape(c, /*sparse=*/true); })
-    .Doc("grad_logits = grad_loss * w * ((1 + 2 z_loss lse) softmax(logits) - target) + grad_lse * softmax(logits).");
+    .Doc("grad_logits = grad_loss * w * ((1 + 2 z_loss lse) softmax(logits) - target). grad_lse is kept for graphs "
+         "saved by earlier versions; must be empty.");
 
 REGISTER_OP("FusedXent>SoftmaxCrossEntropy")
     .Input("logits: T")
@@ -136,11 +140,12 @@ REGISTER_OP("FusedXent>SoftmaxCrossEntropyGrad")
     .Input("labels: T")
     .Input("lse: double")
     .Input("grad_loss: T")
-    .Input("grad_lse: double")
+    .Input("grad_lse: double")  // kept for graphs saved by earlier versions; must be empty
     .Output("grad_logits: T")
     .FX_COMMON_ATTRS
     .SetShapeFn([](InferenceContext* c) { return BackwardShape(c, /*sparse=*/false); })
-    .Doc("grad_logits = grad_loss * ((sum(q) + 2 z_loss lse) softmax(logits) - q) + grad_lse * softmax(logits).");
+    .Doc("grad_logits = grad_loss * ((sum(q) + 2 z_loss lse) softmax(logits) - q). grad_lse is kept for graphs "
+         "saved by earlier versions; must be empty.");
 
 REGISTER_OP("FusedXent>AddToRows")
     .Input("x: T")

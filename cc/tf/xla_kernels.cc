@@ -182,13 +182,12 @@ XlaOp Gradient(const Rows& rows, XlaOp softmax_scale, XlaOp target, XlaOp log_p)
 
 // dz_j = softmax_scale * p_j - target_scale * t_j - uniform, per row.
 struct Coefficients {
-  XlaOp softmax_scale;  // g w (sum(q) + 2 lambda lse) + grad_lse
+  XlaOp softmax_scale;  // g w (sum(q) + 2 lambda lse)
   XlaOp target_scale;   // g w (1 - eps)
   XlaOp uniform;        // g w eps / C
 };
 
-Coefficients BackwardCoefficients(const Rows& rows, XlaOp scale, XlaOp lse, XlaOp target_sum,
-                                  const XlaOp* grad_lse, const Options& o) {
+Coefficients BackwardCoefficients(const Rows& rows, XlaOp scale, XlaOp lse, XlaOp target_sum, const Options& o) {
   XlaOp factor = target_sum;
   if (o.z_loss > 0) {
     const XlaOp two_lambda = xla::ConstantR0<double>(rows.builder(), 2.0 * o.z_loss);
@@ -196,7 +195,6 @@ Coefficients BackwardCoefficients(const Rows& rows, XlaOp scale, XlaOp lse, XlaO
   }
   Coefficients c;
   c.softmax_scale = xla::Mul(scale, factor);
-  if (grad_lse) c.softmax_scale = xla::Add(c.softmax_scale, rows.ToAcc(*grad_lse));
   const double eps = o.label_smoothing;
   c.target_scale = xla::Mul(scale, rows.Const(1.0 - eps));
   c.uniform = xla::Div(xla::Mul(scale, rows.Const(eps)), rows.Const(static_cast<double>(rows.classes())));
@@ -260,12 +258,6 @@ absl::Status CheckClassWeights(const TensorShape& weights, int64_t classes) {
   }
   return absl::InvalidArgumentError(absl::StrCat("class_weights must be a vector of ", classes,
                                                  " weights (one per class), got shape ", weights.DebugString()));
-}
-
-// grad_lse is empty (no gradient flows into lse) or one value per row.
-absl::Status CheckGradLse(const TensorShape& grad_lse, const TensorShape& row_shape, bool* present) {
-  *present = grad_lse.num_elements() != 0;
-  return *present ? CheckShape(grad_lse, row_shape, "grad_lse", "lse") : absl::OkStatus();
 }
 
 // Shapes, the accumulation type and the row geometry shared by every kernel.
@@ -342,13 +334,15 @@ xla::Shape RowMajor(PrimitiveType type, absl::Span<const int64_t> dims) {
   return xla::ShapeUtil::MakeShapeWithDescendingLayout(type, dims);
 }
 
-// A typed-FFI custom call on all the op's inputs, every buffer row-major (the
-// handlers' layout). Forward ops return (loss, lse), backward ops grad_logits.
+// A typed-FFI custom call on the op's inputs, every buffer row-major (the
+// handlers' layout); a backward op's last input, the legacy grad_lse (checked
+// empty), is not passed. Forward ops return (loss, lse), backward ops grad_logits.
 void EmitCustomCall(XlaOpKernelContext* ctx, const char* target, const std::string& attributes,
                     const TensorShape& logits_shape, const TensorShape& row_shape, bool forward) {
   std::vector<XlaOp> operands;
   std::vector<xla::Shape> operand_shapes;
-  for (int i = 0; i < ctx->num_inputs(); ++i) {
+  const int count = forward ? ctx->num_inputs() : ctx->num_inputs() - 1;
+  for (int i = 0; i < count; ++i) {
     auto shape = ctx->InputXlaShape(i);
     OP_REQUIRES_OK(ctx, shape.status());
     operands.push_back(ctx->Input(i));
@@ -412,16 +406,13 @@ class XlaKernelBase : public XlaOpKernel {
   bool gpu_ = false;
 };
 
-// Backward ops' per-row inputs from `first` on: lse, grad_loss, grad_lse.
+// Backward ops' per-row inputs from `first` on: lse, grad_loss and the legacy grad_lse,
+// which must be empty (tf/kernel_support.h).
 absl::Status CheckBackwardRows(XlaOpKernelContext* ctx, int first, const TensorShape& row_shape) {
   TF_RETURN_IF_ERROR(CheckShape(InputShape(ctx, first), row_shape, "lse", "logits without the class axis"));
   TF_RETURN_IF_ERROR(CheckShape(InputShape(ctx, first + 1), row_shape, "grad_loss", "logits without the class axis"));
-  bool has_grad_lse;
-  return CheckGradLse(InputShape(ctx, first + 2), row_shape, &has_grad_lse);
+  return CheckGradLseEmpty(InputShape(ctx, first + 2).num_elements());
 }
-
-// grad_lse (a backward op's input `index`) is empty when no gradient flows into lse.
-bool HasGradLse(XlaOpKernelContext* ctx, int index) { return InputShape(ctx, index).num_elements() != 0; }
 
 // The sparse ops: labels (input 1) and class weights (input 2) checked, and
 // classified per row for the HLO lowering.
@@ -468,7 +459,7 @@ class SparseForwardXla : public SparseXlaKernel {
   }
 };
 
-// Inputs: logits, labels, class_weights, lse, grad_loss, grad_lse. Output: grad_logits.
+// Inputs: logits, labels, class_weights, lse, grad_loss, grad_lse (empty). Output: grad_logits.
 class SparseBackwardXla : public SparseXlaKernel {
  public:
   explicit SparseBackwardXla(OpKernelConstruction* ctx)
@@ -484,20 +475,14 @@ class SparseBackwardXla : public SparseXlaKernel {
   void CompileSparse(XlaOpKernelContext* ctx, const Rows& rows, const TensorShape& row_shape,
                      const SparseLabels& labels) override {
     const PrimitiveType acc = rows.acc();
-    const bool has_grad_lse = HasGradLse(ctx, 5);
     const XlaOp lse = ctx->Input(3);
-    const XlaOp grad_lse = ctx->Input(5);
     XlaOp scale = xla::Mul(rows.ToAcc(ctx->Input(4)), labels.weight);
     scale = xla::Select(labels.ignored, xla::ZerosLike(scale), scale);  // as the CPU: grad and weight 0
-    const Coefficients c =
-        BackwardCoefficients(rows, scale, lse, rows.Const(1), has_grad_lse ? &grad_lse : nullptr, options_);
+    const Coefficients c = BackwardCoefficients(rows, scale, lse, rows.Const(1), options_);
     const XlaOp uniform = rows.Expand(c.uniform);
     const XlaOp target = xla::Select(labels.onehot, xla::Add(uniform, rows.Expand(c.target_scale)), uniform);
     XlaOp dz = Gradient(rows, c.softmax_scale, target, LogSoftmax(rows, rows.ToAcc(ctx->Input(0)), lse));
-    // Ignored rows keep only the lse gradient: exactly 0 without one.
-    XlaOp zero_rows = labels.ignored;
-    if (has_grad_lse) zero_rows = xla::And(zero_rows, xla::Eq(grad_lse, xla::ZerosLike(grad_lse)));
-    dz = FillRows(rows, dz, zero_rows, rows.Const(0));
+    dz = FillRows(rows, dz, labels.ignored, rows.Const(0));  // exactly 0, whatever the logits
     dz = FillRows(rows, dz, labels.invalid, xla::NanValue(ctx->builder(), acc));
     ctx->SetOutput(0, xla::ConvertElementType(dz, ctx->input_xla_type(0)));
   }
@@ -558,7 +543,7 @@ class DenseForwardXla : public DenseXlaKernel {
   }
 };
 
-// Inputs: logits, labels, lse, grad_loss, grad_lse. Output: grad_logits.
+// Inputs: logits, labels, lse, grad_loss, grad_lse (empty). Output: grad_logits.
 class DenseBackwardXla : public DenseXlaKernel {
  public:
   explicit DenseBackwardXla(OpKernelConstruction* ctx)
@@ -574,10 +559,8 @@ class DenseBackwardXla : public DenseXlaKernel {
   void CompileHlo(XlaOpKernelContext* ctx, const Rows& rows, const TensorShape&) override {
     const DenseLabelSums d = SumDenseLabels(rows, ctx->Input(1), nullptr);
     const XlaOp lse = ctx->Input(2);
-    const XlaOp grad_lse = ctx->Input(4);
     const Coefficients c = BackwardCoefficients(rows, rows.ToAcc(ctx->Input(3)), lse,
-                                                DenseTargetSum(rows, d.label_sum, options_),
-                                                HasGradLse(ctx, 4) ? &grad_lse : nullptr, options_);
+                                                DenseTargetSum(rows, d.label_sum, options_), options_);
     const XlaOp target = xla::Add(xla::Mul(rows.Expand(c.target_scale), d.t), rows.Expand(c.uniform));
     const XlaOp dz = Gradient(rows, c.softmax_scale, target, LogSoftmax(rows, rows.ToAcc(ctx->Input(0)), lse));
     ctx->SetOutput(0, xla::ConvertElementType(dz, ctx->input_xla_type(0)));

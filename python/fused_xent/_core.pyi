@@ -17,7 +17,68 @@ def build_info() -> dict[str, Any]: ...
 # The XLA FFI handlers as PyCapsules, by platform ("cpu", "cuda") and target name.
 def ffi_targets() -> dict[str, dict[str, Any]]: ...
 
-# NumPy arrays (C-contiguous): loss and lse are written, and grad_logits when grad_loss is given.
+# NumPy arrays (C-contiguous), with the arguments of the CUDA bindings below minus the stream:
+# a forward writes loss and lse (the float64 row logsumexp); a backward reads that lse and writes
+# grad_logits (which may be logits itself).
+
+_ClassWeights = numpy.typing.ArrayLike  # float32 vector, one weight per class
+
+def sparse_forward(
+    dtype: str,
+    logits: numpy.ndarray,
+    labels: numpy.ndarray,
+    outer: _Int,
+    classes: _Int,
+    inner: _Int,
+    label_smoothing: _Float,
+    z_loss: _Float,
+    ignore_index: _Int | None,
+    class_weights: _ClassWeights | None,
+    loss: numpy.ndarray,
+    lse: numpy.ndarray,
+) -> None: ...
+def sparse_backward(
+    dtype: str,
+    logits: numpy.ndarray,
+    labels: numpy.ndarray,
+    outer: _Int,
+    classes: _Int,
+    inner: _Int,
+    label_smoothing: _Float,
+    z_loss: _Float,
+    ignore_index: _Int | None,
+    class_weights: _ClassWeights | None,
+    lse: numpy.ndarray,
+    grad_loss: numpy.ndarray,
+    grad_logits: numpy.ndarray,
+) -> None: ...
+def dense_forward(
+    dtype: str,
+    logits: numpy.ndarray,
+    labels: numpy.ndarray,
+    outer: _Int,
+    classes: _Int,
+    inner: _Int,
+    label_smoothing: _Float,
+    z_loss: _Float,
+    loss: numpy.ndarray,
+    lse: numpy.ndarray,
+) -> None: ...
+def dense_backward(
+    dtype: str,
+    logits: numpy.ndarray,
+    labels: numpy.ndarray,
+    outer: _Int,
+    classes: _Int,
+    inner: _Int,
+    label_smoothing: _Float,
+    z_loss: _Float,
+    lse: numpy.ndarray,
+    grad_loss: numpy.ndarray,
+    grad_logits: numpy.ndarray,
+) -> None: ...
+
+# Forward and, when grad_loss and grad_logits are given, backward in one call (the benchmarks use it).
 
 def sparse(
     dtype: str,
@@ -82,7 +143,6 @@ def cuda_sparse_backward(
     class_weights: object | None,
     lse: object,
     grad_loss: object,
-    grad_lse: object | None,
     grad_logits: object,
     stream: _Int,
 ) -> None: ...
@@ -110,7 +170,6 @@ def cuda_dense_backward(
     z_loss: _Float,
     lse: object,
     grad_loss: object,
-    grad_lse: object | None,
     grad_logits: object,
     stream: _Int,
 ) -> None: ...

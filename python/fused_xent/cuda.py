@@ -4,6 +4,10 @@ Works without TensorFlow, in a build with CUDA (``fused_xent.build_info()["cuda"
 Same functions as ``fused_xent.numpy``: each returns ``(loss, grad_logits)``, where
 ``grad_logits`` is the gradient of ``sum(loss * grad_loss)`` with respect to the
 logits (``grad_loss`` defaults to ones), or None when ``compute_gradient=False``.
+Their two halves are also here, for front ends that keep the forward's row
+logsumexp until the backward (fused_xent.torch): ``sparse_forward`` and
+``dense_forward`` return ``(loss, lse)``, lse the float64 logsumexp of each row,
+and ``sparse_backward`` and ``dense_backward`` return ``grad_logits`` from it.
 
 Outputs are allocated by the library of ``logits`` on its device, and the kernels
 run on that library's current stream without synchronising the host. Labels are
@@ -12,12 +16,7 @@ a row whose label is out of range, and is not ``ignore_index``, gets a NaN loss
 and NaN gradients.
 """
 
-import numbers
-
-from fused_xent import _core
-from fused_xent.numpy import _check_options, _layout
-
-_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+from fused_xent import _checks, _core
 
 
 def is_available():
@@ -121,17 +120,117 @@ def _backend(logits):
 
 def _prepare_logits(backend, logits):
     name = backend.dtype_name(logits)
-    if name not in _FLOAT_NAMES:
-        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {name}")
-    if len(logits.shape) == 0:
-        raise ValueError("logits cannot be a scalar")
+    _checks.logits_dtype(name)
+    _checks.logits_rank(len(logits.shape), logits)
     return backend.contiguous(logits), name
 
 
 def _grad_loss(backend, grad_loss, reduced, name):
     if grad_loss is None:
         return backend.ones(reduced, name)
-    return backend.broadcast(backend.as_array(grad_loss, name), reduced)
+    grad_loss = backend.as_array(grad_loss, name)
+    _checks.grad_loss_shape(tuple(grad_loss.shape), reduced)
+    return backend.broadcast(grad_loss, reduced)
+
+
+class _Call:
+    """One call's checked arguments: its backend and stream, the logits' dtype name, shape and
+    reduced shape, and the keyword arguments every binding of its kind takes."""
+
+    def __init__(self, backend, logits, name, reduced, common):
+        self.backend, self.name, self.shape, self.reduced = backend, name, tuple(logits.shape), reduced
+        self.common = common
+        self.stream = backend.stream()
+
+
+def _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weights, z_loss):
+    backend = _backend(logits)
+    logits, name = _prepare_logits(backend, logits)
+    labels = backend.as_array(labels)
+    label_name = backend.dtype_name(labels)
+    if not label_name.startswith(("int", "uint")):
+        raise TypeError(f"labels must be integer class indices, got {label_name}")
+    if label_name not in ("int32", "int64"):
+        labels = backend.as_array(labels, "int32" if label_name in ("int8", "int16", "uint8", "uint16") else "int64")
+    labels = backend.contiguous(labels)
+    outer, classes, inner, reduced = _checks.layout(tuple(logits.shape), axis)
+    _checks.sparse_shapes(tuple(labels.shape), tuple(logits.shape), _checks.axis(axis, len(logits.shape)))
+    label_smoothing, z_loss = _checks.kernel_options(label_smoothing, z_loss)
+    ignore_index = _checks.ignore_index(ignore_index)
+    weights = None
+    if class_weights is not None:
+        weights = backend.contiguous(backend.as_array(class_weights, "float32"))
+        _checks.class_weight_shape(tuple(weights.shape), classes)
+    common = dict(
+        dtype=name, logits=backend.interface(logits), labels=labels, outer=outer, classes=classes, inner=inner,
+        label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index, class_weights=weights,
+    )
+    return _Call(backend, logits, name, reduced, common)
+
+
+def _dense_call(labels, logits, axis, label_smoothing, z_loss):
+    backend = _backend(logits)
+    logits, name = _prepare_logits(backend, logits)
+    labels = backend.as_array(labels, name)
+    _checks.dense_label_shape(tuple(labels.shape), tuple(logits.shape))
+    labels = backend.broadcast(labels, tuple(logits.shape))
+    outer, classes, inner, reduced = _checks.layout(tuple(logits.shape), axis)
+    label_smoothing, z_loss = _checks.kernel_options(label_smoothing, z_loss)
+    common = dict(
+        dtype=name, logits=backend.interface(logits), labels=backend.interface(labels), outer=outer,
+        classes=classes, inner=inner, label_smoothing=label_smoothing, z_loss=z_loss,
+    )
+    return _Call(backend, logits, name, reduced, common)
+
+
+def _forward(binding, call):
+    backend = call.backend
+    loss, lse = backend.empty(call.reduced, call.name), backend.empty(call.reduced, "float64")
+    binding(loss=backend.interface(loss), lse=backend.interface(lse), stream=call.stream, **call.common)
+    return loss, lse
+
+
+def _backward(binding, call, lse, grad_loss):
+    backend = call.backend
+    lse = backend.contiguous(backend.as_array(lse))  # its float64 dtype is the binding's to check
+    if tuple(lse.shape) != call.reduced:
+        raise ValueError(f"lse must have the loss's shape {call.reduced}, got {tuple(lse.shape)}")
+    grad_loss = _grad_loss(backend, grad_loss, call.reduced, call.name)
+    grad = backend.empty(call.shape, call.name)
+    binding(
+        lse=backend.interface(lse), grad_loss=backend.interface(grad_loss), grad_logits=backend.interface(grad),
+        stream=call.stream, **call.common,
+    )
+    return grad
+
+
+def sparse_forward(
+    labels, logits, *, axis=-1, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0
+):
+    """The sparse forward alone: ``(loss, lse)``, lse the float64 logsumexp of each row."""
+    call = _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weights, z_loss)
+    return _forward(_core.cuda_sparse_forward, call)
+
+
+def sparse_backward(
+    labels, logits, lse, grad_loss=None, *, axis=-1, ignore_index=None, label_smoothing=0.0, class_weights=None,
+    z_loss=0.0,
+):
+    """The sparse backward alone: ``grad_logits``, the gradient of ``sum(loss * grad_loss)``, from the
+    forward's ``lse`` (float64, shaped like the loss)."""
+    call = _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weights, z_loss)
+    return _backward(_core.cuda_sparse_backward, call, lse, grad_loss)
+
+
+def dense_forward(labels, logits, axis=-1, *, label_smoothing=0.0, z_loss=0.0):
+    """The dense forward alone: ``(loss, lse)``, lse the float64 logsumexp of each row."""
+    return _forward(_core.cuda_dense_forward, _dense_call(labels, logits, axis, label_smoothing, z_loss))
+
+
+def dense_backward(labels, logits, lse, grad_loss=None, axis=-1, *, label_smoothing=0.0, z_loss=0.0):
+    """The dense backward alone: ``grad_logits`` from the forward's ``lse``, as ``sparse_backward``."""
+    call = _dense_call(labels, logits, axis, label_smoothing, z_loss)
+    return _backward(_core.cuda_dense_backward, call, lse, grad_loss)
 
 
 def sparse_softmax_cross_entropy_with_logits(
@@ -147,42 +246,11 @@ def sparse_softmax_cross_entropy_with_logits(
     compute_gradient=True,
 ):
     """Sparse softmax cross-entropy on CUDA arrays: returns ``(loss, grad_logits)``."""
-    backend = _backend(logits)
-    logits, name = _prepare_logits(backend, logits)
-    labels = backend.as_array(labels)
-    label_name = backend.dtype_name(labels)
-    if not label_name.startswith(("int", "uint")):
-        raise TypeError(f"labels must be integer class indices, got {label_name}")
-    if label_name not in ("int32", "int64"):
-        labels = backend.as_array(labels, "int32" if label_name in ("int8", "int16", "uint8", "uint16") else "int64")
-    labels = backend.contiguous(labels)
-    outer, classes, inner, reduced = _layout(tuple(logits.shape), axis)
-    if tuple(labels.shape) != reduced:
-        raise ValueError(f"labels shape {tuple(labels.shape)} must equal logits shape {tuple(logits.shape)} without axis {axis}")
-    _check_options(label_smoothing, z_loss)
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
-        raise TypeError(f"ignore_index must be an integer or None, got {ignore_index!r}")
-    weights = None
-    if class_weights is not None:
-        weights = backend.contiguous(backend.as_array(class_weights, "float32"))
-        if tuple(weights.shape) != (classes,):
-            raise ValueError(f"class_weights must have shape ({classes},), got {tuple(weights.shape)}")
-    common = dict(
-        dtype=name, logits=backend.interface(logits), labels=labels, outer=outer, classes=classes, inner=inner,
-        label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-        ignore_index=None if ignore_index is None else int(ignore_index), class_weights=weights,
-    )
-    stream = backend.stream()
-    loss, lse = backend.empty(reduced, name), backend.empty(reduced, "float64")
-    _core.cuda_sparse_forward(loss=backend.interface(loss), lse=lse, stream=stream, **common)
+    call = _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weights, z_loss)
+    loss, lse = _forward(_core.cuda_sparse_forward, call)
     if not compute_gradient:
         return loss, None
-    grad = backend.empty(tuple(logits.shape), name)
-    _core.cuda_sparse_backward(
-        lse=lse, grad_loss=backend.interface(_grad_loss(backend, grad_loss, reduced, name)), grad_lse=None,
-        grad_logits=backend.interface(grad), stream=stream, **common,
-    )
-    return loss, grad
+    return loss, _backward(_core.cuda_sparse_backward, call, lse, grad_loss)
 
 
 def softmax_cross_entropy_with_logits(
@@ -192,23 +260,8 @@ def softmax_cross_entropy_with_logits(
 
     ``labels`` are cast to the logits' dtype and broadcast to their shape.
     """
-    backend = _backend(logits)
-    logits, name = _prepare_logits(backend, logits)
-    labels = backend.broadcast(backend.as_array(labels, name), tuple(logits.shape))
-    outer, classes, inner, reduced = _layout(tuple(logits.shape), axis)
-    _check_options(label_smoothing, z_loss)
-    common = dict(
-        dtype=name, logits=backend.interface(logits), labels=backend.interface(labels), outer=outer,
-        classes=classes, inner=inner, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-    )
-    stream = backend.stream()
-    loss, lse = backend.empty(reduced, name), backend.empty(reduced, "float64")
-    _core.cuda_dense_forward(loss=backend.interface(loss), lse=lse, stream=stream, **common)
+    call = _dense_call(labels, logits, axis, label_smoothing, z_loss)
+    loss, lse = _forward(_core.cuda_dense_forward, call)
     if not compute_gradient:
         return loss, None
-    grad = backend.empty(tuple(logits.shape), name)
-    _core.cuda_dense_backward(
-        lse=lse, grad_loss=backend.interface(_grad_loss(backend, grad_loss, reduced, name)), grad_lse=None,
-        grad_logits=backend.interface(grad), stream=stream, **common,
-    )
-    return loss, grad
+    return loss, _backward(_core.cuda_dense_backward, call, lse, grad_loss)

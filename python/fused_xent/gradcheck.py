@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 import fused_xent
+from fused_xent import _registration
 
 STEP = 1e-5             # central differences in float64: truncation ~h^2, rounding ~1e-16/h
 TOLERANCE = 1e-6        # on max |analytic - numeric|, times max(1, max |numeric|)
@@ -315,3 +316,5 @@ def main(argv=None, *, loss=case_loss):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+_registration.register(finishing=__name__)  # this module may have been the first import of a framework

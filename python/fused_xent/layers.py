@@ -19,8 +19,6 @@ built as ``keras.Model([tokens, labels], loss)`` trains with
 no ``y``. docs/linear_head.md shows both layers in a model.
 """
 
-import numbers
-
 import tensorflow as tf
 
 try:
@@ -28,22 +26,20 @@ try:
 except ImportError as error:  # pragma: no cover
     raise ImportError(f"fused_xent.layers needs Keras: {error}") from None
 
-from fused_xent.linear import linear_cross_entropy, linear_logits
+from fused_xent import _checks, _registration
+from fused_xent._keras.backend_check import require_tensorflow_backend
+from fused_xent._tf.linear import linear_cross_entropy, linear_logits
 
 __all__ = ["LinearCrossEntropy", "TiedEmbedding"]
 
 
 def _loss_options(ignore_index, label_smoothing, class_weights, z_loss, chunk_size):
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
-        raise ValueError(f"`ignore_index` must be an integer or None. Received: {ignore_index!r}")
-    if class_weights is not None:
-        class_weights = [float(v) for v in class_weights]
     return {
-        "ignore_index": None if ignore_index is None else int(ignore_index),
-        "label_smoothing": float(label_smoothing),
-        "class_weights": class_weights,
-        "z_loss": float(z_loss),
-        "chunk_size": chunk_size,
+        "ignore_index": _checks.keras_ignore_class(ignore_index, name="ignore_index"),
+        "label_smoothing": _checks.keras_fraction("label_smoothing", label_smoothing),
+        "class_weights": _checks.keras_class_weights(class_weights),
+        "z_loss": _checks.keras_z_loss(z_loss),
+        "chunk_size": _checks.chunk_size(chunk_size),
     }
 
 
@@ -93,10 +89,9 @@ class LinearCrossEntropy(_FusedHead, keras.layers.Layer):
     def __init__(self, vocab_size, use_bias=False, kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  kernel_regularizer=None, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0,
                  chunk_size=None, add_loss=True, **kwargs):
+        require_tensorflow_backend(type(self).__name__, "layers")
         super().__init__(**kwargs)
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size < 1:
-            raise ValueError(f"`vocab_size` must be a positive integer. Received: {vocab_size!r}")
-        self.vocab_size = int(vocab_size)
+        self.vocab_size = _checks.keras_positive_integer("vocab_size", vocab_size)
         self.use_bias = bool(use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
@@ -151,6 +146,7 @@ class TiedEmbedding(_FusedHead, keras.layers.Embedding):
 
     def __init__(self, input_dim, output_dim, ignore_index=None, label_smoothing=0.0, class_weights=None,
                  z_loss=0.0, chunk_size=None, add_loss=True, **kwargs):
+        require_tensorflow_backend(type(self).__name__, "layers")
         super().__init__(input_dim, output_dim, **kwargs)
         self._init_head(ignore_index, label_smoothing, class_weights, z_loss, chunk_size, add_loss)
 
@@ -181,3 +177,5 @@ class TiedEmbedding(_FusedHead, keras.layers.Embedding):
 
 def _loss_dtype(compute_dtype):
     return "float32" if compute_dtype in ("float16", "bfloat16") else compute_dtype
+
+_registration.register(finishing=__name__)  # this module may have been the first import of a framework

@@ -6,14 +6,9 @@ logits (``grad_loss`` defaults to ones), or None when ``compute_gradient=False``
 bfloat16 arrays (``ml_dtypes.bfloat16``) are accepted like float16/32/64.
 """
 
-import numbers
-
 import numpy as np
 
-from fused_xent import _core
-from fused_xent._arguments import check_weight_values
-
-_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+from fused_xent import _checks, _core
 
 
 def _contiguous(array, dtype=None):
@@ -23,63 +18,33 @@ def _contiguous(array, dtype=None):
 
 def _logits_array(logits):
     logits = np.asarray(logits)
-    if logits.dtype.name not in _FLOAT_NAMES:
-        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-    if logits.ndim == 0:
-        raise ValueError("logits cannot be a scalar")
+    _checks.logits_dtype(logits.dtype.name)
+    _checks.logits_rank(logits.ndim, logits)
     return _contiguous(logits)
 
 
-def _layout(shape, axis):
-    if not isinstance(axis, numbers.Integral):
-        raise TypeError(f"axis must be an integer, got {axis!r}")
-    rank = len(shape)
-    if not -rank <= axis < rank:
-        raise ValueError(f"axis {axis} is out of range for logits of rank {rank}")
-    axis %= rank
-    classes = shape[axis]
-    if classes == 0:
-        raise ValueError(f"Must have at least one class, but got logits shape {tuple(shape)}")
-    outer = int(np.prod(shape[:axis], dtype=np.int64))
-    inner = int(np.prod(shape[axis + 1 :], dtype=np.int64))
-    reduced = tuple(shape[:axis]) + tuple(shape[axis + 1 :])
-    return outer, classes, inner, reduced
-
-
-def _check_options(label_smoothing, z_loss):
-    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    if not isinstance(z_loss, numbers.Real) or not 0.0 <= z_loss < float("inf"):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
-
-
-def _outputs(logits, reduced, grad_loss, compute_gradient):
-    loss = np.empty(reduced, logits.dtype)
-    lse = np.empty(reduced, np.float64)
-    if not compute_gradient:
-        return loss, lse, None, None
+def _grad_loss(logits, reduced, grad_loss):
+    """The backward's grad_loss in the logits' dtype, broadcast to the loss's shape (ones by default)."""
     if grad_loss is None:
-        grad_loss = np.ones(reduced, logits.dtype)
-    else:
-        grad_loss = _contiguous(np.broadcast_to(np.asarray(grad_loss).astype(logits.dtype), reduced))
-    return loss, lse, grad_loss, np.empty_like(logits)
+        return np.ones(reduced, logits.dtype)
+    grad_loss = np.asarray(grad_loss)
+    _checks.grad_loss_shape(grad_loss.shape, reduced)
+    return _contiguous(np.broadcast_to(grad_loss.astype(logits.dtype), reduced))
 
 
-def _checked_ignore_index(ignore_index, label_dtype):
-    """ignore_index, or None when no label of `label_dtype` can equal it (it then ignores nothing)."""
-    if ignore_index is None:
-        return None
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an integer or None, got {ignore_index!r}")
-    limits = np.iinfo(label_dtype)
-    return int(ignore_index) if limits.min <= ignore_index <= limits.max else None
-
-
-def _bad_label_error(value, classes, ignore_index):
-    message = f"Received a label value of {value} which is outside the valid range of [0, {classes})"
-    if ignore_index is not None:
-        message += f" and is not ignore_index ({ignore_index})"
-    return ValueError(message)
+def _run(forward, backward, logits, reduced, grad_loss, compute_gradient, **arguments):
+    """The forward binding (loss and the float64 row logsumexp), then, for a gradient, the backward
+    binding on that logsumexp. grad_loss is checked first, so a bad one raises before any work."""
+    grad_loss = _grad_loss(logits, reduced, grad_loss) if compute_gradient else None
+    loss, lse = np.empty(reduced, logits.dtype), np.empty(reduced, np.float64)
+    forward(dtype=logits.dtype.name, logits=logits, loss=loss, lse=lse, **arguments)
+    if not compute_gradient:
+        return loss, None
+    grad_logits = np.empty_like(logits)
+    backward(
+        dtype=logits.dtype.name, logits=logits, lse=lse, grad_loss=grad_loss, grad_logits=grad_logits, **arguments,
+    )
+    return loss, grad_logits
 
 
 def _unsigned_labels(labels, classes, ignore_index, user_ignore_index):
@@ -89,7 +54,7 @@ def _unsigned_labels(labels, classes, ignore_index, user_ignore_index):
     too_large = labels >= classes if classes <= np.iinfo(labels.dtype).max else np.zeros(labels.shape, bool)
     bad = np.flatnonzero(too_large & ~ignored)
     if bad.size:
-        raise _bad_label_error(int(labels.reshape(-1)[bad[0]]), classes, user_ignore_index)
+        raise _checks.bad_label_error(int(labels.reshape(-1)[bad[0]]), classes, user_ignore_index)
     signed = _contiguous(labels, np.int64)
     if ignore_index is None:
         return signed, None
@@ -99,7 +64,7 @@ def _unsigned_labels(labels, classes, ignore_index, user_ignore_index):
 
 def _label_array(labels, classes, ignore_index):
     """(integer labels as int32 or int64, the ignore_index to pass with them)."""
-    checked = _checked_ignore_index(ignore_index, labels.dtype)
+    checked = _checks.ignore_index_for(ignore_index, labels.dtype.name)
     if labels.dtype.kind == "u":
         return _unsigned_labels(labels, classes, checked, ignore_index)
     return _contiguous(labels, np.int64 if labels.dtype.itemsize > 4 else np.int32), checked
@@ -112,9 +77,8 @@ def _class_weights(class_weights, classes):
     if class_weights.dtype.kind not in "fiu":
         raise TypeError(f"class_weights must be numbers, got {class_weights.dtype}")
     class_weights = _contiguous(class_weights, np.float32)
-    if class_weights.shape != (classes,):
-        raise ValueError(f"class_weights must have shape ({classes},), got {class_weights.shape}")
-    check_weight_values(class_weights)
+    _checks.class_weight_shape(class_weights.shape, classes)
+    _checks.class_weight_values(class_weights)
     return class_weights
 
 
@@ -137,21 +101,19 @@ def sparse_softmax_cross_entropy_with_logits(
     before they are converted, so a large value cannot wrap into range.
     """
     logits = _logits_array(logits)
-    outer, classes, inner, reduced = _layout(logits.shape, axis)
+    outer, classes, inner, reduced = _checks.layout(logits.shape, axis)
     labels = np.asarray(labels)
     if labels.dtype.kind not in "iu":
         raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
-    if labels.shape != reduced:
-        raise ValueError(f"labels shape {labels.shape} must equal logits shape {logits.shape} without axis {axis}")
+    _checks.sparse_shapes(labels.shape, logits.shape, _checks.axis(axis, logits.ndim))
     labels, ignore_index = _label_array(labels, classes, ignore_index)
-    _check_options(label_smoothing, z_loss)
+    label_smoothing, z_loss = _checks.kernel_options(label_smoothing, z_loss)
     class_weights = _class_weights(class_weights, classes)
-    loss, lse, grad_loss, grad_logits = _outputs(logits, reduced, grad_loss, compute_gradient)
-    _core.sparse(
-        logits.dtype.name, logits, labels, outer, classes, inner, float(label_smoothing), float(z_loss),
-        ignore_index, class_weights, loss, lse, grad_loss, grad_logits,
+    return _run(
+        _core.sparse_forward, _core.sparse_backward, logits, reduced, grad_loss, compute_gradient,
+        labels=labels, outer=outer, classes=classes, inner=inner, label_smoothing=label_smoothing, z_loss=z_loss,
+        ignore_index=ignore_index, class_weights=class_weights,
     )
-    return loss, grad_logits
 
 
 def softmax_cross_entropy_with_logits(
@@ -162,12 +124,12 @@ def softmax_cross_entropy_with_logits(
     ``labels`` are cast to the logits' dtype and broadcast to their shape.
     """
     logits = _logits_array(logits)
-    labels = np.ascontiguousarray(np.broadcast_to(np.asarray(labels).astype(logits.dtype), logits.shape))
-    outer, classes, inner, reduced = _layout(logits.shape, axis)
-    _check_options(label_smoothing, z_loss)
-    loss, lse, grad_loss, grad_logits = _outputs(logits, reduced, grad_loss, compute_gradient)
-    _core.dense(
-        logits.dtype.name, logits, labels, outer, classes, inner, float(label_smoothing), float(z_loss),
-        loss, lse, grad_loss, grad_logits,
+    outer, classes, inner, reduced = _checks.layout(logits.shape, axis)
+    labels = np.asarray(labels)
+    _checks.dense_label_shape(labels.shape, logits.shape)
+    labels = np.ascontiguousarray(np.broadcast_to(labels.astype(logits.dtype), logits.shape))
+    label_smoothing, z_loss = _checks.kernel_options(label_smoothing, z_loss)
+    return _run(
+        _core.dense_forward, _core.dense_backward, logits, reduced, grad_loss, compute_gradient,
+        labels=labels, outer=outer, classes=classes, inner=inner, label_smoothing=label_smoothing, z_loss=z_loss,
     )
-    return loss, grad_logits

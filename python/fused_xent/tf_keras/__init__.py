@@ -24,5 +24,8 @@ except ImportError as error:
     ) from error
 
 from fused_xent.tf_keras import losses, metrics
+from fused_xent import _registration
 
 __all__ = ["losses", "metrics"]
+
+_registration.register(finishing=__name__)  # this module may have been the first import of a framework

@@ -11,7 +11,9 @@ same order, plus keyword-only ``axis`` (sparse), ``label_smoothing`` (sparse),
 import tensorflow as tf
 import tf_keras
 
-from fused_xent import _arguments, _tf_losses
+from fused_xent import _checks
+from fused_xent._keras import arguments as _arguments
+from fused_xent._tf import keras_elementwise as _tf_losses
 
 __all__ = ["CategoricalCrossentropy", "SparseCategoricalCrossentropy"]
 
@@ -28,9 +30,9 @@ class _FusedCrossentropy(_arguments.CrossentropyArguments, tf_keras.losses.Loss)
     def __init__(self, *, from_logits, label_smoothing, axis, z_loss, reduction, name):
         super().__init__(reduction=reduction, name=name)  # checks `reduction`
         self.from_logits = bool(from_logits)
-        self.label_smoothing = _arguments.keras_fraction("label_smoothing", label_smoothing)
-        self.axis = _arguments.keras_axis(axis)
-        self.z_loss = _arguments.keras_z_loss(z_loss)
+        self.label_smoothing = _checks.keras_fraction("label_smoothing", label_smoothing)
+        self.axis = _checks.keras_axis(axis)
+        self.z_loss = _checks.keras_z_loss(z_loss)
 
     # No Python control flow on tensors: AutoGraph (tf_keras converts `call`) would only cost.
     @tf.autograph.experimental.do_not_convert
@@ -137,8 +139,8 @@ class SparseCategoricalCrossentropy(_FusedCrossentropy):
             reduction=reduction,
             name=name,
         )
-        self.ignore_class = _arguments.keras_ignore_class(ignore_class)
-        self.class_weights = _arguments.keras_class_weights(class_weights)
+        self.ignore_class = _checks.keras_ignore_class(ignore_class)
+        self.class_weights = _checks.keras_class_weights(class_weights)
 
     def _losses(self, y_true, y_pred):
         losses, labels = _tf_losses.sparse(

@@ -8,7 +8,7 @@ and give their values: the weighted mean of the per-element losses of
 
 import tf_keras
 
-from fused_xent import _arguments
+from fused_xent._keras import arguments as _arguments
 from fused_xent.tf_keras import losses as _losses
 
 __all__ = ["CategoricalCrossentropy", "SparseCategoricalCrossentropy"]

@@ -1,0 +1,95 @@
+"""The fused kernels in JAX: the XLA FFI handlers called with ``jax.ffi.ffi_call``.
+
+``sparse_softmax_cross_entropy_with_logits`` and ``softmax_cross_entropy_with_logits``
+take the arguments of the TensorFlow functions of the same names and return the
+per-example loss. They work eagerly and under ``jax.jit``, ``jax.grad`` and
+``jax.vmap`` (which runs the kernels once per batch element), on the CPU and,
+in CUDA builds, on the GPU.
+
+The first derivative is the fused backward kernel (a ``jax.custom_vjp``).
+Higher derivatives (``jax.hessian``, gradient penalties) use a composite of
+jax.numpy ops for the derivative of that kernel: exact, but not fused.
+
+A label outside ``[0, C)`` that is not ``ignore_index`` raises the handler's
+``INVALID_ARGUMENT`` error on the CPU (a ``JaxRuntimeError``); on a GPU it gives
+NaN for its row. Gradients with respect to ``class_weights`` are zero.
+
+Importing this module imports neither TensorFlow nor Keras.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fused_xent import _checks
+from fused_xent.jax import _ffi
+
+__all__ = ["softmax_cross_entropy_with_logits", "sparse_softmax_cross_entropy_with_logits"]
+
+
+def _float_logits(logits):
+    logits = jnp.asarray(logits)
+    _checks.logits_dtype(logits.dtype.name)
+    _checks.logits_rank(logits.ndim, logits)
+    return logits
+
+
+def _negative_axis(axis, rank):
+    """axis counted from the end, so that it stays right when vmap adds leading axes."""
+    axis = _checks.axis(axis, rank)
+    return axis - rank if axis >= 0 else axis
+
+
+def _class_weights(class_weights, classes):
+    if class_weights is None:
+        return jnp.zeros([0], jnp.float32)
+    dtype = getattr(class_weights, "dtype", None)
+    if dtype is not None:
+        _checks.class_weight_dtype(jnp.dtype(dtype).name)
+    try:
+        weights = jnp.asarray(class_weights, jnp.float32)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"class_weights must be a vector of floats: {error}") from None
+    _checks.class_weight_shape(weights.shape, classes)
+    if not isinstance(weights, jax.core.Tracer):  # known values are checked now, others by the CPU kernels
+        _checks.class_weight_values(np.asarray(weights))
+    return weights
+
+
+def sparse_softmax_cross_entropy_with_logits(
+    labels, logits, *, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0, axis=-1
+):
+    """Per-example softmax cross-entropy with integer class labels, fused.
+
+    The JAX twin of ``fused_xent.sparse_softmax_cross_entropy_with_logits``: the
+    same arguments (labels int32/int64 shaped like ``logits`` without ``axis``;
+    ``ignore_index``, ``label_smoothing``, ``class_weights``, ``z_loss``) and the
+    same values. Returns the loss, shaped like ``labels``, in the logits' dtype.
+    """
+    _ffi.register_targets()
+    logits = _float_logits(logits)
+    labels = jnp.asarray(labels)
+    _checks.sparse_label_dtype(labels.dtype.name)
+    axis = _negative_axis(axis, logits.ndim)
+    _checks.sparse_shapes(labels.shape, logits.shape, axis)
+    weights = _class_weights(class_weights, logits.shape[axis])
+    smoothing, z_loss = _checks.kernel_options(label_smoothing, z_loss)
+    opts = (axis, smoothing, z_loss, _checks.ignore_index_for(ignore_index, labels.dtype.name))
+    return _ffi.sparse(opts, logits, labels, weights)
+
+
+def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothing=0.0, z_loss=0.0):
+    """Per-example softmax cross-entropy with a distribution as labels, fused.
+
+    The JAX twin of ``fused_xent.softmax_cross_entropy_with_logits``: ``labels``
+    are cast to the logits' dtype and broadcast to their shape; the gradient
+    flows to both ``logits`` and ``labels``.
+    """
+    _ffi.register_targets()
+    logits = _float_logits(logits)
+    axis = _negative_axis(axis, logits.ndim)
+    labels = jnp.asarray(labels).astype(logits.dtype)
+    _checks.dense_label_shape(labels.shape, logits.shape)
+    labels = jnp.broadcast_to(labels, logits.shape)
+    opts = (axis, *_checks.kernel_options(label_smoothing, z_loss))
+    return _ffi.dense(opts, logits, labels)

@@ -1,0 +1,231 @@
+"""The XLA FFI calls behind fused_xent.jax, and their derivative rules.
+
+``sparse(opts, logits, labels, weights)`` and ``dense(opts, logits, labels)`` give the
+per-example loss; their first derivative is the fused backward kernel (a
+``jax.custom_vjp``), higher ones differentiate a composite of jax.numpy ops for that
+kernel's output (exact, not fused). The forward keeps each row's logsumexp in float64
+for the backward: an internal value, so ``jax_enable_x64`` may stay off.
+"""
+
+
+import functools
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fused_xent import _core
+
+_JAX_PLATFORMS = {"cpu": "cpu", "cuda": "CUDA"}
+_lock = threading.Lock()
+_registered = False
+
+
+def register_targets():
+    """Registers the build's FFI targets in JAX, once, for every platform it has."""
+    global _registered
+    if _registered:
+        return
+    with _lock:
+        if _registered:
+            return
+        for platform, targets in _core.ffi_targets().items():
+            for name, capsule in targets.items():
+                try:
+                    jax.ffi.register_ffi_target(name, capsule, platform=_JAX_PLATFORMS.get(platform, platform))
+                except Exception:  # noqa: BLE001  (a jaxlib without that platform: its calls never run there)
+                    if platform == "cpu":
+                        raise
+        _registered = True
+
+
+# ---------------------------------------------------------------- the FFI calls
+#
+# `opts` is a hashable tuple of the static options (jax.custom_* nondiff argument):
+# sparse: (axis, label_smoothing, z_loss, ignore_index or None); dense: (axis, label_smoothing, z_loss).
+# axis is negative; the floats are what the kernel sees (float32).
+
+
+def _attrs(opts):
+    attrs = dict(axis=np.int64(opts[0]), label_smoothing=np.float32(opts[1]), z_loss=np.float32(opts[2]))
+    if len(opts) == 4:
+        attrs.update(ignore_index=np.int64(0 if opts[3] is None else opts[3]), has_ignore_index=opts[3] is not None)
+    return attrs
+
+
+def _rows(z, axis):
+    return jax.ShapeDtypeStruct(tuple(d for i, d in enumerate(z.shape) if i != axis % z.ndim), z.dtype)
+
+
+def _forward_ffi(name, opts, z, *operands):
+    row = _rows(z, opts[0])
+    lse = jax.ShapeDtypeStruct(row.shape, np.float64)  # float64 even without x64: the call returns it as asked
+    return jax.ffi.ffi_call(name, (row, lse), vmap_method="sequential")(z, *operands, **_attrs(opts))
+
+
+def _backward_ffi(name, opts, z, *operands):
+    out = jax.ShapeDtypeStruct(z.shape, z.dtype)
+    # The gradient goes over the logits' buffer (the kernels read each element before writing
+    # it): a fresh N x C output costs XLA's CPU runtime page faults that took longer than the
+    # kernel (docs/benchmarks_backends.md). XLA copies z first only where z is still needed.
+    call = jax.ffi.ffi_call(name, out, vmap_method="sequential", input_output_aliases={0: 0})
+    return call(z, *operands, **_attrs(opts))
+
+
+def _acc(dtype):
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def _softmax_parts(z, axis):
+    z = z.astype(_acc(z.dtype))
+    lse = jax.nn.logsumexp(z, axis=axis, keepdims=True)
+    return z, lse, jnp.exp(z - lse)
+
+
+# Composite gradients (dz = g*w*((sum q + 2 lambda lse) p - q), docs/derivation.md): only
+# differentiated, for the second derivative; the first is the fused kernel.
+
+
+def _sparse_gradient_composite(opts, z, labels, weights, g):
+    axis, eps, lam, ignore_index = opts
+    z, lse, p = _softmax_parts(z, axis)
+    acc = z.dtype
+    classes = z.shape[axis]
+    valid = labels != ignore_index if ignore_index is not None else jnp.ones(labels.shape, bool)
+    safe = jnp.where(valid, labels, 0)
+    q = (1.0 - eps) * jax.nn.one_hot(safe, classes, axis=axis, dtype=acc) + eps / classes
+    w = weights[safe].astype(acc) if weights.shape[0] else jnp.ones(labels.shape, acc)
+    scale = jnp.expand_dims(g.astype(acc) * jnp.where(valid, w, 0.0), axis)
+    return scale * ((1.0 + 2.0 * lam * lse) * p - q)
+
+
+def _dense_gradient_composite(opts, z, t, g):
+    axis, eps, lam = opts
+    z, lse, p = _softmax_parts(z, axis)
+    q = (1.0 - eps) * t.astype(z.dtype) + eps / z.shape[axis]
+    a = jnp.sum(q, axis, keepdims=True) + 2.0 * lam * lse
+    return jnp.expand_dims(g.astype(z.dtype), axis) * (a * p - q)
+
+
+def _row_dot(a, b, axis, dtype):
+    return jnp.sum(a.astype(_acc(dtype)) * b.astype(_acc(dtype)), axis).astype(dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _sparse_forward(opts, z, labels, weights):
+    return _forward_ffi("fused_xent_sparse_forward", opts, z, labels, weights)
+
+
+@_sparse_forward.defjvp
+def _sparse_forward_jvp(opts, primals, tangents):
+    z, labels, weights = primals
+    loss, lse = _sparse_forward(opts, z, labels, weights)
+    grad = _sparse_backward(opts, z, labels, weights, lse, jnp.ones_like(loss))
+    # lse is internal: its consumers (_sparse_backward) differentiate through z instead.
+    return (loss, lse), (_row_dot(grad, tangents[0], opts[0], loss.dtype), jnp.zeros_like(lse))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _sparse_backward(opts, z, labels, weights, lse, g):
+    return _backward_ffi("fused_xent_sparse_backward", opts, z, labels, weights, lse, g)
+
+
+@_sparse_backward.defjvp
+def _sparse_backward_jvp(opts, primals, tangents):
+    z, labels, weights, lse, g = primals
+    dz, dg = tangents[0], tangents[4]
+    out = _sparse_backward(opts, z, labels, weights, lse, g)
+    _, dout = jax.jvp(lambda z, g: _sparse_gradient_composite(opts, z, labels, weights, g), (z, g), (dz, dg))
+    return out, dout.astype(out.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def sparse(opts, z, labels, weights):
+    return _sparse_forward(opts, z, labels, weights)[0]
+
+
+def _sparse_vjp_forward(opts, z, labels, weights):
+    loss, lse = _sparse_forward(opts, z, labels, weights)
+    return loss, (z, labels, weights, lse)
+
+
+def _sparse_vjp_backward(opts, residuals, g):
+    z, labels, weights, lse = residuals
+    return _sparse_backward(opts, z, labels, weights, lse, g), None, None
+
+
+sparse.defvjp(_sparse_vjp_forward, _sparse_vjp_backward)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _neg_log_softmax(axis, z, lse):
+    """lse - z from the kernel's lse; its derivative recomputes the softmax from z."""
+    return jnp.expand_dims(lse.astype(_acc(z.dtype)), axis) - z.astype(_acc(z.dtype))
+
+
+@_neg_log_softmax.defjvp
+def _neg_log_softmax_jvp(axis, primals, tangents):
+    z, lse = primals
+    out = _neg_log_softmax(axis, z, lse)
+    _, _, p = _softmax_parts(z, axis)
+    dz = tangents[0].astype(p.dtype)
+    return out, jnp.sum(p * dz, axis, keepdims=True) - dz
+
+
+def _dense_label_gradient(opts, z, lse, g, t_dtype):
+    """d loss / d t = -(1 - eps) * log_softmax(z), times g."""
+    axis, eps, _ = opts
+    scale = jnp.expand_dims(g.astype(_acc(z.dtype)) * (1.0 - eps), axis)
+    return (scale * _neg_log_softmax(axis, z, lse)).astype(t_dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _dense_forward(opts, z, t):
+    return _forward_ffi("fused_xent_dense_forward", opts, z, t)
+
+
+@_dense_forward.defjvp
+def _dense_forward_jvp(opts, primals, tangents):
+    z, t = primals
+    dz, dt = tangents
+    loss, lse = _dense_forward(opts, z, t)
+    ones = jnp.ones_like(loss)
+    grad_z = _dense_backward(opts, z, t, lse, ones)
+    grad_t = _dense_label_gradient(opts, z, lse, ones, t.dtype)
+    dloss = _row_dot(grad_z, dz, opts[0], loss.dtype) + _row_dot(grad_t, dt, opts[0], loss.dtype)
+    return (loss, lse), (dloss, jnp.zeros_like(lse))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _dense_backward(opts, z, t, lse, g):
+    return _backward_ffi("fused_xent_dense_backward", opts, z, t, lse, g)
+
+
+@_dense_backward.defjvp
+def _dense_backward_jvp(opts, primals, tangents):
+    z, t, lse, g = primals
+    dz, dt, _, dg = tangents
+    out = _dense_backward(opts, z, t, lse, g)
+    _, dout = jax.jvp(functools.partial(_dense_gradient_composite, opts), (z, t, g), (dz, dt, dg))
+    return out, dout.astype(out.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def dense(opts, z, t):
+    return _dense_forward(opts, z, t)[0]
+
+
+def _dense_vjp_forward(opts, z, t):
+    loss, lse = _dense_forward(opts, z, t)
+    return loss, (z, t, lse)
+
+
+def _dense_vjp_backward(opts, residuals, g):
+    z, t, lse = residuals
+    return _dense_backward(opts, z, t, lse, g), _dense_label_gradient(opts, z, lse, g, t.dtype)
+
+
+dense.defvjp(_dense_vjp_forward, _dense_vjp_backward)
+
+

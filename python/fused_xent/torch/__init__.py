@@ -1,0 +1,87 @@
+"""The fused kernels in PyTorch: ``torch.library`` custom ops with registered autograd.
+
+``sparse_softmax_cross_entropy_with_logits`` and ``softmax_cross_entropy_with_logits``
+take the arguments of the TensorFlow functions of the same names and return the
+per-example loss. They work eagerly, under ``torch.autograd`` and under
+``torch.compile`` (the ops have fake implementations, so they stay whole in the
+graph), on CPU tensors and, in builds with CUDA, on CUDA tensors.
+
+The first derivative with respect to the logits is the fused backward kernel.
+Higher derivatives (``create_graph=True``: Hessians, gradient penalties)
+differentiate a composite of torch ops for that gradient: exact, but not fused.
+The gradient with respect to dense labels is ``g * (1 - eps) * (logsumexp(z) - z)``,
+computed with torch ops.
+
+A label outside ``[0, C)`` that is not ``ignore_index`` raises ``ValueError``
+on the CPU; on a GPU it gives NaN for its row. Gradients with respect to
+``class_weights`` are not computed (they are constants).
+"""
+
+import numpy as np
+import torch
+
+from fused_xent import _checks
+from fused_xent.torch import _ops
+
+__all__ = ["softmax_cross_entropy_with_logits", "sparse_softmax_cross_entropy_with_logits"]
+
+
+def _float_logits(logits):
+    logits = torch.as_tensor(logits)
+    _checks.logits_dtype(_ops.dtype_name(logits.dtype))
+    _checks.logits_rank(logits.ndim, logits)
+    return logits
+
+
+def _class_weights(class_weights, classes, device):
+    if class_weights is None:
+        return None
+    dtype = getattr(class_weights, "dtype", None)
+    if dtype is not None:
+        _checks.class_weight_dtype(_ops.dtype_name(dtype) if isinstance(dtype, torch.dtype) else np.dtype(dtype).name)
+    try:
+        weights = torch.as_tensor(class_weights, dtype=torch.float32, device=device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"class_weights must be a vector of floats: {error}") from None
+    _checks.class_weight_shape(weights.shape, classes)
+    if not torch.compiler.is_compiling():  # traced values are checked by the CPU kernels
+        _checks.class_weight_values(weights.detach().cpu().numpy())
+    return weights.detach().contiguous()
+
+
+def sparse_softmax_cross_entropy_with_logits(
+    labels, logits, *, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0, axis=-1
+):
+    """Per-example softmax cross-entropy with integer class labels, fused.
+
+    The PyTorch twin of ``fused_xent.sparse_softmax_cross_entropy_with_logits``:
+    the same arguments (labels int32/int64 shaped like ``logits`` without
+    ``axis``; ``ignore_index``, ``label_smoothing``, ``class_weights``,
+    ``z_loss``) and the same values. Returns the loss, shaped like ``labels``,
+    in the logits' dtype, on their device.
+    """
+    logits = _float_logits(logits)
+    labels = torch.as_tensor(labels, device=logits.device)
+    _checks.sparse_label_dtype(_ops.dtype_name(labels.dtype))
+    axis = _checks.axis(axis, logits.ndim) % logits.ndim
+    _checks.sparse_shapes(labels.shape, logits.shape, axis)
+    weights = _class_weights(class_weights, logits.shape[axis], logits.device)
+    smoothing, z_loss = _checks.kernel_options(label_smoothing, z_loss)
+    ignore_index = _checks.ignore_index_for(ignore_index, _ops.dtype_name(labels.dtype))
+    return _ops.sparse_forward(logits, labels, weights, axis, smoothing, z_loss, ignore_index)[0]  # (loss, lse)
+
+
+def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothing=0.0, z_loss=0.0):
+    """Per-example softmax cross-entropy with a distribution as labels, fused.
+
+    The PyTorch twin of ``fused_xent.softmax_cross_entropy_with_logits``:
+    ``labels`` are cast to the logits' dtype and broadcast to their shape; the
+    gradient flows to both ``logits`` and ``labels``.
+    """
+    logits = _float_logits(logits)
+    axis = _checks.axis(axis, logits.ndim) % logits.ndim
+    labels = torch.as_tensor(labels, device=logits.device).to(logits.dtype)
+    _checks.dense_label_shape(labels.shape, logits.shape)
+    labels = labels.expand(logits.shape)
+    smoothing, z_loss = _checks.kernel_options(label_smoothing, z_loss)
+    return _ops.dense_forward(logits, labels, axis, smoothing, z_loss)[0]  # (loss, lse)
