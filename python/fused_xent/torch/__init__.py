@@ -6,11 +6,15 @@ per-example loss. They work eagerly, under ``torch.autograd`` and under
 ``torch.compile`` (the ops have fake implementations, so they stay whole in the
 graph), on CPU tensors and, in builds with CUDA, on CUDA tensors.
 
-The first derivative with respect to the logits is the fused backward kernel.
-Higher derivatives (``create_graph=True``: Hessians, gradient penalties)
-differentiate a composite of torch ops for that gradient: exact, but not fused.
-The gradient with respect to dense labels is ``g * (1 - eps) * (logsumexp(z) - z)``,
-computed with torch ops.
+The first derivative with respect to the logits is the fused backward kernel, in
+reverse mode (``backward()``, ``torch.func.grad``, ``jacrev``) and forward mode
+(``torch.autograd.forward_ad``, ``torch.func.jvp``, ``jacfwd``). Higher derivatives
+(``create_graph=True``, Hessians, Hessian-vector products forward over reverse) use
+closed forms in torch ops for that kernel's derivative: exact, but not fused. Any
+number of reverse-mode transforms with at most one forward-mode transform among
+them is supported; forward over forward raises ``NotImplementedError``. The gradient
+with respect to dense labels is ``g * (1 - eps) * (logsumexp(z) - z)``, computed with
+torch ops. Under ``torch.compile`` only reverse mode is available.
 
 A label outside ``[0, C)`` that is not ``ignore_index`` raises ``ValueError``
 on the CPU; on a GPU it gives NaN for its row. Gradients with respect to
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 
 from fused_xent import _checks
-from fused_xent.torch import _ops
+from fused_xent.torch import _autograd, _ops
 
 __all__ = ["softmax_cross_entropy_with_logits", "sparse_softmax_cross_entropy_with_logits"]
 
@@ -45,7 +49,11 @@ def _class_weights(class_weights, classes, device):
         raise TypeError(f"class_weights must be a vector of floats: {error}") from None
     _checks.class_weight_shape(weights.shape, classes)
     if not torch.compiler.is_compiling():  # traced values are checked by the CPU kernels
-        _checks.class_weight_values(weights.detach().cpu().numpy())
+        try:
+            values = weights.detach().cpu().numpy()
+        except RuntimeError:  # a tensor of a torch.func transform: no values to read here
+            values = None
+        _checks.class_weight_values(values)
     return weights.detach().contiguous()
 
 
@@ -68,7 +76,10 @@ def sparse_softmax_cross_entropy_with_logits(
     weights = _class_weights(class_weights, logits.shape[axis], logits.device)
     smoothing, z_loss = _checks.kernel_options(label_smoothing, z_loss)
     ignore_index = _checks.ignore_index_for(ignore_index, _ops.dtype_name(labels.dtype))
-    return _ops.sparse_forward(logits, labels, weights, axis, smoothing, z_loss, ignore_index)[0]  # (loss, lse)
+    if torch.compiler.is_compiling():  # Dynamo traces the custom ops (reverse mode), not Functions with a jvp
+        return _ops.sparse_forward(logits, labels, weights, axis, smoothing, z_loss, ignore_index)[0]
+    options = _autograd.Options(axis, smoothing, z_loss, ignore_index)
+    return _autograd.SparseLoss.apply(logits, labels, weights, options)[0]  # (loss, lse)
 
 
 def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothing=0.0, z_loss=0.0):
@@ -84,4 +95,6 @@ def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothin
     _checks.dense_label_shape(labels.shape, logits.shape)
     labels = labels.expand(logits.shape)
     smoothing, z_loss = _checks.kernel_options(label_smoothing, z_loss)
-    return _ops.dense_forward(logits, labels, axis, smoothing, z_loss)[0]  # (loss, lse)
+    if torch.compiler.is_compiling():
+        return _ops.dense_forward(logits, labels, axis, smoothing, z_loss)[0]
+    return _autograd.DenseLoss.apply(logits, labels, _autograd.Options(axis, smoothing, z_loss))[0]  # (loss, lse)
