@@ -3,19 +3,28 @@
 Compared, on the same inputs (no bias):
   fused         fused_xent.linear_cross_entropy (gradients computed in the forward)
   recompute     the same, logits recomputed in the backward instead
+  dense_tf      logits = h @ W, then tf.nn.sparse_softmax_cross_entropy_with_logits
   dense_ours    logits = h @ W, then fused_xent.sparse_softmax_cross_entropy_with_logits
   dense_keras   logits = h @ W, then keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+"fused:128" is fused with 128-row chunks, "fused:128:0.5" also with dW slabs of at most half a
+chunk's logits, "fused:/8" with the default rule at chunks of at most 1/8 of the rows (the
+default before 1/16): to compare chunkings side by side.
 
 A step (one tf.function) takes the mean loss, the gradients to the hidden
 states and to W, and applies W -= lr * dW.
 
-Memory: each (method, shape, dtype) runs in a fresh process, which builds the
-inputs and W, runs one warm-up step (tracing, one-time allocations), records
-its RSS, resets the kernel's peak-RSS counter (/proc/self/clear_refs) and runs
-two steps. "Peak above" = peak RSS - that RSS - size of dW (made and freed by
-each step): what the step needs beyond inputs, weights and weight gradient.
-The allocators are set to give freed memory back (MEMORY_ENV), so the RSS
-follows the tensors alive, alike for every method.
+Memory, what the user's process holds ("first step"): each (method, shape, dtype)
+runs in a fresh process with the allocators' default settings, which builds the
+inputs and W (and loads the op library), records its RSS (the base), resets the
+kernel's peak-RSS counter (/proc/self/clear_refs) and calls the step once:
+tracing, graph optimization and the first run, whose allocations TensorFlow's
+allocator then keeps. "First step" = peak RSS (VmHWM) - base - size of dW.
+--memory-runs fresh processes per method, the methods in turn; medians.
+
+--steady-memory adds the earlier measure: later steps (after a warm-up step) with
+allocators set to give freed memory back (MEMORY_ENV), peak RSS above the RSS
+after the warm-up, less dW: what the step's live tensors need, without what
+the allocators keep.
 
 Time: per shape and dtype, one fresh process (default allocator settings)
 builds all methods' steps and runs them in turn, --steps rounds; medians. Alternating keeps the load of a
@@ -23,6 +32,7 @@ shared machine from favouring one method.
 
   python benchmarks/bench_linear.py                       # both shapes, float32 and bfloat16
   python benchmarks/bench_linear.py --quick               # a small shape
+  python benchmarks/bench_linear.py --n 2048 --h 256 --v 32000 --dtypes float32 --methods fused,fused:/8,dense_tf
   python benchmarks/bench_linear.py --markdown out.md --plot out.png --json out.json
 """
 
@@ -150,7 +160,7 @@ def child_first_step(args):
     dtype, h, w, y = _inputs(args, tf, np)
     _set_overrides(args)
     step = _make_step(args.method, tf, dtype, args.chunk_size, args.n, args.v)
-    if _method_chunk(args.method, None)[0] in ("fused", "recompute", "dense_ours"):
+    if args.method.split(":")[0] in ("fused", "recompute", "dense_ours"):
         from fused_xent._tf.loader import load_op_library
 
         load_op_library()  # once per process, not per step (a few MB of code)

@@ -27,8 +27,8 @@ from tensorflow.python.eager import record
 from tensorflow.python.ops import control_flow_util
 
 from fused_xent import _checks
-from fused_xent._tf.ops import class_weights_tensor, ignore_index_attrs, option_attrs, refuse_composite
 from fused_xent._tf.loader import load_op_library
+from fused_xent._tf.ops import class_weights_tensor, ignore_index_attrs, option_attrs, refuse_composite
 
 __all__ = ["linear_cross_entropy", "linear_logits"]
 
@@ -37,7 +37,8 @@ _HALF = (tf.float16, tf.bfloat16)
 # Default chunk: at most 1/16 of the rows (so a chunk's logits are at most 1/16
 # of all N x V), at most this many bytes of logits, a multiple of 16 rows and at least 16.
 # 1/16, not 1/8: a training step's first call then peaks at 23% of the logits above the
-# process's base (less dW) at 2048 x 256 x 32000 float32, not 35% (docs/linear_head.md, "Memory").
+# process's base (less dW) at 2048 x 256 x 32000 float32, not 35% (docs/linear_head.md,
+# "Targets"); at large V the extra chunks cost time (1.27x at V = 128256 float32, same place).
 _CHUNK_BYTES = 128 << 20
 _CHUNK_FRACTION = 16
 _ROW_MULTIPLE = 16
