@@ -240,7 +240,7 @@ BAD = {
     "hidden rank 1": (_bad(hidden=tf.zeros([12])), ValueError, "hidden must have rank"),
     "hidden size": (_bad(hidden=tf.zeros([37, 11])), ValueError, "must equal H=12"),
     "weight rank": (_bad(weight=tf.zeros([12, 53, 1])), ValueError, "weight must be a matrix"),
-    "labels shape": (_bad(labels=tf.zeros([36], tf.int32)), ValueError, "labels must have hidden's shape"),
+    "labels shape": (_bad(labels=tf.zeros([36], tf.int32)), ValueError, "labels must have the shape of hidden"),
     "labels dtype": (_bad(labels=tf.zeros([37])), TypeError, "int32 or int64"),
     "weight dtype": (_bad(weight=tf.zeros([12, 53], tf.float64)), TypeError, "must have hidden's dtype"),
     "integer hidden": (_bad(hidden=tf.zeros([37, 12], tf.int32)), TypeError, "hidden must be float"),

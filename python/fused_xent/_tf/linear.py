@@ -21,6 +21,8 @@ Two ways of computing the gradient:
   the per-row log-sum-exp, and the backward recomputes the logits.
 """
 
+import collections
+
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import record
@@ -35,7 +37,7 @@ __all__ = ["linear_cross_entropy", "linear_logits"]
 _FLOATS = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 _HALF = (tf.float16, tf.bfloat16)
 # Default chunk: at most 1/16 of the rows (so a chunk's logits are at most 1/16
-# of all N x V), at most this many bytes of logits, a multiple of 16 rows and at least 16.
+# of all N x V), at most this many bytes of logits, rounded down to a power of two, at least 16 rows.
 # 1/16, not 1/8: a training step's first call then peaks at 23% of the logits above the
 # process's base (less dW) at 2048 x 256 x 32000 float32, not 35% (docs/linear_head.md,
 # "Targets"); at large V the extra chunks cost time (1.27x at V = 128256 float32, same place).
@@ -90,11 +92,14 @@ def _float_tensor(value, name):
 
 
 def _checked_chunk(chunk_size, rows, vocab, dtype):
+    """The rows per chunk. The default is a power of two (>= _ROW_MULTIPLE): calls whose row
+    counts vary (a last partial batch, sequences of varying length) then share a few chunk sizes,
+    hence a few traced functions, and the chunks divide power-of-two batches evenly."""
     if chunk_size is None:
         chunk = _CHUNK_BYTES // (vocab * dtype.size)
         if rows is not None:
             chunk = min(chunk, rows // _CHUNK_FRACTION)
-        return max(_ROW_MULTIPLE, chunk - chunk % _ROW_MULTIPLE)
+        return max(_ROW_MULTIPLE, 1 << max(0, chunk.bit_length() - 1))
     return _checks.chunk_size(chunk_size)
 
 
@@ -113,7 +118,7 @@ def _checked_shapes(hidden, weight, labels, bias, transpose_weight):
             f"hidden's last dimension ({hidden.shape[-1]}) must equal H={hidden_size} of weight {weight.shape} ({layout})"
         )
     if labels.shape.rank is not None and not labels.shape.is_compatible_with(hidden.shape[:-1]):
-        raise ValueError(f"labels must have hidden's shape without its last axis: labels {labels.shape}, hidden {hidden.shape}")
+        raise ValueError(f"labels must have the shape of hidden without its last axis: labels {labels.shape}, hidden {hidden.shape}")
     if bias is not None and (bias.shape.rank != 1 or not bias.shape.is_compatible_with([vocab])):
         raise ValueError(f"bias must be a vector of V={vocab} entries, got shape {bias.shape}")
     return hidden_size, vocab
@@ -126,6 +131,26 @@ def _checked_dtypes(hidden, weight, labels, bias):
         raise TypeError(f"bias ({bias.dtype.name}) must have hidden's dtype ({hidden.dtype.name})")
     if labels.dtype not in (tf.int32, tf.int64):
         raise TypeError(f"labels must be int32 or int64 class indices, got {labels.dtype.name}")
+
+
+def _checked_rows(hidden, labels):
+    """(hidden, labels), with a run-time check that labels have hidden's shape without its last axis
+    where the shapes are not both known now (flattened, a mismatch would pair rows and labels wrongly)."""
+    expected = hidden.shape[:-1]
+    if labels.shape.is_fully_defined() and expected.is_fully_defined():
+        return hidden, labels  # checked by _checked_shapes
+    label_shape = tf.shape(labels, out_type=tf.int64)
+    row_shape = tf.shape(hidden, out_type=tf.int64)[:-1]
+    same = tf.cond(
+        tf.equal(tf.size(label_shape), tf.size(row_shape)),
+        lambda: tf.reduce_all(tf.equal(label_shape, tf.reshape(row_shape, tf.shape(label_shape)))),
+        lambda: tf.constant(False),
+    )
+    check = tf.debugging.Assert(
+        same, ["labels must have the shape of hidden without its last axis: labels", label_shape, "hidden", tf.shape(hidden)]
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(hidden), tf.identity(labels)
 
 
 def _check_static_labels(labels, vocab, ignore_index):
@@ -358,7 +383,8 @@ def _recomputed_backward(h, w, b, y, cw, lse, g, cfg):
 
 # ------------------------------------------------------------------ graph or internal function
 
-_FUNCTIONS = {}
+_FUNCTIONS = collections.OrderedDict()  # least recently used first
+_MAX_FUNCTIONS = 32  # each holds its traced graphs: bounded, so varying shapes cannot grow memory
 
 
 def _run(builder, cfg, *args):
@@ -367,10 +393,12 @@ def _run(builder, cfg, *args):
     if not tf.executing_eagerly():
         return builder(*args, cfg)
     key = (builder.__name__, cfg.key(), tuple(a is None for a in args))
-    function = _FUNCTIONS.get(key)
+    function = _FUNCTIONS.pop(key, None)
     if function is None:
         function = tf.function(lambda *a: builder(*a, cfg), reduce_retracing=True)
-        _FUNCTIONS[key] = function
+    _FUNCTIONS[key] = function
+    while len(_FUNCTIONS) > _MAX_FUNCTIONS:
+        _FUNCTIONS.popitem(last=False)
     # Unwatched inputs: the tape must not try to differentiate the function (InplaceAdd has no gradient).
     return function(*[None if a is None else tf.stop_gradient(a) for a in args])
 
@@ -456,7 +484,7 @@ def linear_cross_entropy(
       ignore_index, label_smoothing, class_weights, z_loss: as in
         ``fused_xent.sparse_softmax_cross_entropy_with_logits``.
       chunk_size: rows of logits per chunk; default: at most 1/16 of the rows and at
-        most 128 MiB of logits, rounded down to a multiple of 16 rows (at least 16).
+        most 128 MiB of logits, rounded down to a power of two (at least 16 rows).
 
     Returns:
       The per-token loss, shaped like ``labels``: float32 for half-precision
@@ -470,6 +498,7 @@ def linear_cross_entropy(
             hidden, weight, labels, bias, transpose_weight, class_weights, chunk_size,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
         )
+        hidden, labels = _checked_rows(hidden, labels)
         h = tf.reshape(hidden, [-1, cfg.hidden_size])
         y = tf.reshape(labels, [-1])
         loss = _fused(h, weight, bias, y, cw, cfg, _strategy)
