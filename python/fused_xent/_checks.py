@@ -48,8 +48,11 @@ def plain_number(value):
         if _dtype_name(value).startswith(("float", "int", "uint", "bfloat")):
             try:
                 return float(value)
-            except (TypeError, ValueError):  # a symbolic tensor: no value yet
-                return None
+            except (TypeError, ValueError):  # a traced or symbolic tensor: no value yet
+                raise TypeError(
+                    f"a static option of the kernels needs a concrete number, not a traced value: got {value!r} "
+                    "(pass it as a Python number, outside jax.jit / tf.function arguments)"
+                ) from None
     return None
 
 

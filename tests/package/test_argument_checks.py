@@ -106,3 +106,14 @@ def test_numpy_names_the_argument_of_a_bad_shape():
         fxnp.sparse_softmax_cross_entropy_with_logits(LABELS, LOGITS, grad_loss=np.ones(3))
     with pytest.raises(ValueError, match=re.escape("`labels.shape` must equal `logits.shape` except for the class axis")):
         fxnp.sparse_softmax_cross_entropy_with_logits(np.array([0, 1, 2]), LOGITS)
+
+
+def test_a_traced_option_is_named_as_such():
+    jax = pytest.importorskip("jax")
+    import fused_xent.jax as fj
+
+    def loss(smoothing):
+        return fj.sparse_softmax_cross_entropy_with_logits(LABELS, LOGITS.astype(np.float32), label_smoothing=smoothing)
+
+    with pytest.raises(TypeError, match="needs a concrete number, not a traced value"):
+        jax.jit(loss)(0.1)
