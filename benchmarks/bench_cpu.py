@@ -739,6 +739,21 @@ def lm_head_markdown(head):
     return lines
 
 
+KEPT_HEADING = "\n## Measured by hand"  # from here on the file is other runs' and kept
+
+
+def write_markdown(path, text):
+    """Writes the generated sections, keeping the file's hand-kept tail (KEPT_HEADING onwards)."""
+    try:
+        with open(path) as f:
+            old = f.read()
+    except FileNotFoundError:
+        old = ""
+    kept = old[old.index(KEPT_HEADING):] if KEPT_HEADING in old else ""
+    with open(path, "w") as f:
+        f.write(text.rstrip("\n") + "\n" + kept)
+
+
 def markdown(result):
     mib = 1 << 20
     if "rows" not in result:  # --only segmentation
@@ -894,8 +909,7 @@ def main(argv=None):
     text = markdown(result)
     print(text)
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
+        write_markdown(args.markdown, text)
     if args.chart and "rows" in result:
         chart(result, args.chart)
     if args.json:

@@ -1,5 +1,5 @@
 // AddToRows: rows [start, start + rows(values)) of x increased by values, in x's
-// own buffer. The fused linear head (python/fused_xent/linear.py) adds its
+// own buffer. The fused linear head (python/fused_xent/_tf/linear.py) adds its
 // weight gradient chunk by chunk into an accumulator it allocated itself and
 // nobody else reads; TensorFlow's InplaceAdd does the same but adds bfloat16
 // element by element (7x slower, benchmarks/bench_add_rows.py).

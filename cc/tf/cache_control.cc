@@ -1,7 +1,7 @@
 // C functions that let Python read and empty the gradient buffer pool
 // (core/buffer_pool.h) of this library. Each copy of the core has its own pool
 // and only this library's kernels use theirs, so Python must reach this copy:
-// python/fused_xent/_cache.py calls these through ctypes on the library
+// python/fused_xent/_tf/buffer_cache.py calls these through ctypes on the library
 // TensorFlow already loaded. Plain functions need no op, graph or session and
 // cannot be placed on another device or pruned from a graph.
 #include <cstdint>

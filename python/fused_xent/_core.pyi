@@ -1,6 +1,6 @@
 """Type information for fused_xent._core, the pybind11 module of the C++ kernels (private: use
 fused_xent.numpy, fused_xent.cuda and fused_xent.jax). Names, order and optional parameters are
-those of the bindings (cc/py/module.cc, cc/py/cuda_bindings.cc); tests/test_typing.py checks them
+those of the bindings (cc/py/module.cc, cc/py/cuda_bindings.cc); tests/package/test_typing.py checks them
 against the compiled module's signatures."""
 
 from typing import Any, SupportsFloat, SupportsIndex, SupportsInt
@@ -16,6 +16,12 @@ def build_info() -> dict[str, Any]: ...
 
 # The XLA FFI handlers as PyCapsules, by platform ("cpu", "cuda") and target name.
 def ffi_targets() -> dict[str, dict[str, Any]]: ...
+
+# Bytes of scratch memory the CUDA kernel `kind` ("sparse_forward", "sparse_backward",
+# "dense_forward", "dense_backward") needs for logits viewed as [outer, classes, inner] with
+# elements of element_size bytes: the size of the FFI targets' workspace result (docs/xla.md)
+# and of the CUDA bindings' workspace argument; the same in every build.
+def workspace_bytes(kind: str, outer: _Int, classes: _Int, inner: _Int, element_size: _Int) -> int: ...
 
 # NumPy arrays (C-contiguous), with the arguments of the CUDA bindings below minus the stream:
 # a forward writes loss and lse (the float64 row logsumexp); a backward reads that lse and writes
@@ -113,6 +119,8 @@ def dense(
 
 # CUDA builds only (build_info()["cuda"]): arrays with __cuda_array_interface__, and a CUDA
 # stream handle; the kernels are enqueued on it and the calls return without synchronising.
+# workspace: device memory of at least workspace_bytes(...) bytes, or None to have the binding
+# allocate it (stream-ordered) when the kernel needs one.
 
 def cuda_device_count() -> int: ...
 def cuda_sparse_forward(
@@ -129,6 +137,7 @@ def cuda_sparse_forward(
     loss: object,
     lse: object,
     stream: _Int,
+    workspace: object | None = None,
 ) -> None: ...
 def cuda_sparse_backward(
     dtype: str,
@@ -158,6 +167,7 @@ def cuda_dense_forward(
     loss: object,
     lse: object,
     stream: _Int,
+    workspace: object | None = None,
 ) -> None: ...
 def cuda_dense_backward(
     dtype: str,
@@ -172,4 +182,5 @@ def cuda_dense_backward(
     grad_loss: object,
     grad_logits: object,
     stream: _Int,
+    workspace: object | None = None,
 ) -> None: ...
