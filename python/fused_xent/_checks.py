@@ -75,17 +75,29 @@ def kernel_float(value):
     return float(np.float32(value))
 
 
-def label_smoothing(value):
+def _fraction(value):
+    """The number if `value` is one in [0, 1], else None."""
     number = plain_number(value)
-    if number is None or not 0.0 <= number <= 1.0:
+    return number if number is not None and 0.0 <= number <= 1.0 else None
+
+
+def _finite_nonnegative(value):
+    """The number if `value` is one >= 0 that stays finite as the kernels hold it (float32:
+    1e300 would become inf there), else None."""
+    number = plain_number(value)
+    return number if number is not None and 0.0 <= number and _finite_float32(number) else None
+
+
+def label_smoothing(value):
+    number = _fraction(value)
+    if number is None:
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {value!r}")
     return number
 
 
 def z_loss(value):
-    number = plain_number(value)
-    # Checked as the kernels hold it (float32): 1e300 would become inf there.
-    if number is None or not 0.0 <= number or not _finite_float32(number):
+    number = _finite_nonnegative(value)
+    if number is None:
         raise ValueError(f"z_loss must be a finite number >= 0 (as a float32), got {value!r}")
     return number
 
@@ -258,15 +270,15 @@ def keras_axis(value):
 
 
 def keras_fraction(name, value):
-    number = plain_number(value)
-    if number is None or not 0.0 <= number <= 1.0:
+    number = _fraction(value)
+    if number is None:
         raise ValueError(f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}")
     return number
 
 
 def keras_z_loss(value):
-    number = plain_number(value)
-    if number is None or not 0.0 <= number or not _finite_float32(number):
+    number = _finite_nonnegative(value)
+    if number is None:
         raise ValueError(f"`z_loss` must be a finite number >= 0. Received: z_loss={value!r}")
     return number
 
