@@ -160,8 +160,7 @@ def table(name, results, ours, own):
                      f"{ms['keras.losses'] / ms['fused_xent.losses']:.1f}× |")
     layer = [r for r in results if r.get("in_layer")]
     if layer:
-        lines += ["", "Logits made in the step (z = h @ w with H = 32, gradients to h and w), where XLA writes the "
-                  "gradient over the logits instead of a fresh N×C buffer:", "",
+        lines += ["", "Logits made in the step (z = h @ w with H = 32, gradients to h and w):", "",
                   f"| N×C | {ours} step ms | {own} step ms | ours vs {own} |", "| --- | --- | --- | --- |"]
         for r in layer:
             ms, (n, c) = r["ms"], r["shape"]
@@ -185,6 +184,21 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores; " + ", ".join(versions)
 
 
+KEPT_BEGIN, KEPT_END = "<!-- bench_jax_step: kept by bench_backends.py -->", "<!-- /bench_jax_step -->"
+
+
+def kept_section(path):
+    """The section between KEPT_BEGIN and KEPT_END of the existing file (written from
+    benchmarks/bench_jax_step.py's figures), so that rewriting the tables keeps it."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return ""
+    begin, end = text.find(KEPT_BEGIN), text.find(KEPT_END)
+    return text[begin:end + len(KEPT_END)] + "\n" if 0 <= begin < end else ""
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=15)
@@ -199,15 +213,16 @@ def main():
         sections.append(table(name, results, ours, own))
         print(sections[-1])
     if args.markdown and sections:
+        kept = kept_section(args.markdown)
         with open(args.markdown, "w") as out:
             out.write("Forward + backward of a mean sparse float32 loss on the CPU, median milliseconds of "
                       "interleaved runs; \"vs\" columns are the other's time over ours. In JAX the backward "
-                      "writes the gradient over the logits' buffer: where the logits are an argument of the "
-                      "jitted function (the first table), XLA copies them first; where the program makes "
-                      "them (a model's output), it does not.\n"
+                      "writes the gradient to a buffer of its own (docs/xla.md#the-gradients-buffer).\n"
                       f"Machine: {machine()}.\n"
                       f"Command: `python benchmarks/bench_backends.py --reps {args.reps} --markdown {args.markdown}`\n\n")
             out.write("\n".join(sections))
+            if kept:
+                out.write("\n" + kept)
 
 
 if __name__ == "__main__":

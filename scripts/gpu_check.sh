@@ -1,16 +1,34 @@
 #!/usr/bin/env bash
-# One prepared check for a machine with an NVIDIA GPU, PyTorch, CuPy, JAX,
-# nvcc, CMake and pybind11 (no TensorFlow, no network needed): builds the core,
-# the CUDA kernels and the XLA FFI handlers (FFI header from JAX) without
-# TensorFlow, then runs tests/cuda/test_cuda.py, the CUDA FFI handlers under JAX
-# (tests/jax/test_xla_ffi_jax.py with FUSED_XENT_JAX_PLATFORM=cuda), fused_xent.jax
-# and fused_xent.torch on the GPU against their CPU results, and
-# benchmarks/bench_cuda.py. Writes its logs and results under $OUT when set.
-# Meant to finish in under 8 minutes.
+# One prepared check for a machine with an NVIDIA GPU, PyTorch, CuPy, JAX, nvcc,
+# CMake and pybind11 (no TensorFlow, no network needed): builds the core, the
+# CUDA kernels and the XLA FFI handlers (FFI header from JAX) without
+# TensorFlow, then
+#   1. tests/cuda/test_cuda.py (the kernels through PyTorch/CuPy);
+#   2. tests/jax (the CUDA FFI handlers registered in JAX, fused_xent.jax, and
+#      the no-logits-copy checks on the GPU's HLO) with FUSED_XENT_JAX_PLATFORM=cuda;
+#   3. fused_xent.jax and fused_xent.torch on the GPU against their CPU results;
+#   4. scripts/keras_jax_train.py: Keras on the JAX backend trains with our
+#      CategoricalCrossentropy and SparseCategoricalCrossentropy like with Keras's;
+#   5. benchmarks/bench_jax_step.py: JAX jit(grad) with non-donated logits
+#      against the copy floor (>= 85% at 8192x32000 and 4096x128256, >= 50% at
+#      8x262144, float32 and bfloat16);
+#   6. benchmarks/bench_keras_lm_head.py: Keras-on-JAX LM head 8192 x 1024 x
+#      128256, ours against Keras's loss, float32 and mixed_bfloat16 (faster,
+#      lower peak memory);
+#   7. benchmarks/bench_cuda.py --quick --check: PyTorch CUDA forward + backward
+#      against the floor (same shapes and targets as 5).
+# Each step's log and JSON go to $OUT (at most 8 files come back from the
+# device tool: logs.tar.gz holds the logs, results.json every figure); a
+# summary table at the end says which targets were met. Exits 1 when a test
+# fails or a target is missed. Meant to finish in under 8 minutes.
 #
 #   OUT=/tmp/gpu-results scripts/gpu_check.sh
 # Environment: PYTHON (default python3), CUDA_ARCHS (default native),
-# BUILD_DIR (default /tmp/fused-xent-gpu-build), BENCH_ARGS (default --quick).
+# BUILD_DIR (default /tmp/fused-xent-gpu-build), GPU_CHECK_QUICK=1 (tiny
+# benchmark shapes and no targets: to try the script on a machine without a
+# GPU, where the CUDA tests skip). Keras, if the Python lacks it,
+# is installed from wheels in .whl/ (keras, namex, optree: see
+# docs/development.md#the-gpu-check) into a temporary folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -18,6 +36,9 @@ OUT_DIR=${OUT:-$(mktemp -d /tmp/fused-xent-gpu-check.XXXXXX)}
 BUILD=${BUILD_DIR:-/tmp/fused-xent-gpu-build}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
+# JAX allocates on demand: several processes share the GPU (pytest and its Keras
+# subprocess, one process per LM-head configuration).
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 started=$SECONDS
 status=0
 
@@ -48,22 +69,34 @@ if ! { cmake -S . -B "$BUILD" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
 fi
 grep -E "CUDA kernels|warning" "$OUT_DIR/build.log" | head -20
 
-# The package as it would be installed: the Python files next to the built module.
+# The package as it would be installed: the Python files (subpackages included) next to the built module.
 stage="$BUILD/stage"
-rm -rf "$stage" && mkdir -p "$stage/fused_xent"
-cp python/fused_xent/*.py "$stage/fused_xent/"
+rm -rf "$stage" && mkdir -p "$stage"
+(cd python && find fused_xent \( -name '*.py' -o -name '*.pyi' -o -name py.typed \) -print0 |
+  xargs -0 -I{} install -D -m 644 {} "$stage/{}")
 cp "$BUILD"/_core*.so "$stage/fused_xent/"
-export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$stage:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" -c 'import fused_xent; print(fused_xent.build_info()); from fused_xent import cuda; print("CUDA usable:", cuda.is_available())'
+
+# Keras (for steps 2, 4 and 6): the Python's own, else wheels carried in .whl/.
+if ! "$PYTHON" -c 'import keras' > /dev/null 2>&1; then
+  if ls .whl/*.whl > /dev/null 2>&1; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/fused-xent-site \
+      .whl/*.whl > "$OUT_DIR/keras_install.log" 2>&1 || tail -5 "$OUT_DIR/keras_install.log"
+    export PYTHONPATH="$PYTHONPATH:/tmp/fused-xent-site"
+  fi
+fi
+KERAS_BACKEND=jax "$PYTHON" -c 'import keras; print("keras", keras.__version__, keras.backend.backend())' ||
+  echo "keras: not importable; the Keras steps will fail"
 
 log "tests/cuda/test_cuda.py"
 timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/cuda/test_cuda.py \
   --junitxml="$OUT_DIR/test_cuda.xml" 2>&1 | tee "$OUT_DIR/test_cuda.log" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-log "tests/jax/test_xla_ffi_jax.py on CUDA (the FFI handlers under jax.jit)"
-FUSED_XENT_JAX_PLATFORM=cuda timeout 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests/jax/test_xla_ffi_jax.py \
-  --junitxml="$OUT_DIR/test_xla_ffi_jax.xml" 2>&1 | tee "$OUT_DIR/test_xla_ffi_jax.log" | tail -20
+log "tests/jax on CUDA (the FFI handlers under jax.jit, fused_xent.jax, no logits copy in the GPU's HLO)"
+FUSED_XENT_JAX_PLATFORM=cuda timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/jax \
+  --junitxml="$OUT_DIR/test_jax.xml" 2>&1 | tee "$OUT_DIR/test_jax.log" | tail -20
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 log "fused_xent.jax and fused_xent.torch on the GPU against their CPU results"
@@ -105,11 +138,75 @@ raise SystemExit(1 if failed else 0)
 PY
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-log "benchmarks/bench_cuda.py"
-# shellcheck disable=SC2086
-timeout 240 "$PYTHON" benchmarks/bench_cuda.py ${BENCH_ARGS:---quick} --json "$OUT_DIR/bench_cuda.json" 2>&1 |
-  tee "$OUT_DIR/bench_cuda.log"
+log "Keras on the JAX backend: training with our CategoricalCrossentropy and SparseCategoricalCrossentropy"
+KERAS_BACKEND=jax timeout 150 "$PYTHON" scripts/keras_jax_train.py 2>&1 | tee "$OUT_DIR/keras_jax_train.log" |
+  grep -v '^RESULT'
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-log "done, status $status; results in $OUT_DIR"
+log "benchmarks/bench_jax_step.py: jit(grad), logits not donated, against the copy floor"
+quick=()
+if [ -n "${GPU_CHECK_QUICK:-}" ]; then quick=(--quick); fi
+timeout 180 "$PYTHON" benchmarks/bench_jax_step.py "${quick[@]}" --json "$OUT_DIR/bench_jax_step.json" 2>&1 |
+  tee "$OUT_DIR/bench_jax_step.log" | grep -v '^RESULT'
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+log "benchmarks/bench_keras_lm_head.py: Keras-on-JAX LM head, ours against Keras's loss"
+timeout 240 "$PYTHON" benchmarks/bench_keras_lm_head.py "${quick[@]}" --json "$OUT_DIR/bench_keras_lm_head.json" 2>&1 |
+  tee "$OUT_DIR/bench_keras_lm_head.log" | grep -v '^RESULT'
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+log "benchmarks/bench_cuda.py --quick --check: PyTorch CUDA forward + backward against the floor"
+timeout 150 "$PYTHON" benchmarks/bench_cuda.py --quick --check --no-compile --json "$OUT_DIR/bench_cuda.json" 2>&1 |
+  tee "$OUT_DIR/bench_cuda.log" | grep -v '^RESULT'
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+log "summary"
+"$PYTHON" - "$OUT_DIR" <<'PY' 2>&1 | tee "$OUT_DIR/summary.txt"
+import json, os, sys
+out = sys.argv[1]
+def load(name):
+    try:
+        with open(os.path.join(out, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+rows = []
+step = load("bench_jax_step.json")
+for r in (step or {}).get("results", []):
+    target = {(8192, 32000): 0.85, (4096, 128256): 0.85, (8, 262144): 0.50}.get((r["N"], r["C"]))
+    rows.append((f"JAX jit(grad) {r['dtype']} {r['N']}x{r['C']}", f"{r['step_ms']:.3f} ms",
+                 f"{r['fraction_of_floor']:.0%} of floor", target and f">= {target:.0%}",
+                 target is None or r["fraction_of_floor"] >= target))
+bench = load("bench_cuda.json")
+for r in (bench or {}).get("results", []):
+    target = {(8192, 32000): 0.85, (4096, 128256): 0.85, (8, 262144): 0.50}.get((r["N"], r["C"]))
+    rows.append((f"PyTorch CUDA fwd+bwd {r['dtype']} {r['N']}x{r['C']}", f"{r['fused_ms']:.3f} ms",
+                 f"{r['fraction_of_floor']:.0%} of floor", target and f">= {target:.0%}",
+                 target is None or r["fraction_of_floor"] >= target))
+lm = load("bench_keras_lm_head.json")
+by = {(r["policy"], r["loss"]): r for r in (lm or {}).get("results", []) if "error" not in r}
+for policy in ("float32", "mixed_bfloat16"):
+    ours, theirs = by.get((policy, "ours")), by.get((policy, "keras"))
+    if ours and theirs:
+        rows.append((f"Keras LM head {policy} step", f"{ours['step_ms']:.1f} vs {theirs['step_ms']:.1f} ms",
+                     f"{theirs['step_ms'] / ours['step_ms']:.2f}x", "ours faster", ours["step_ms"] < theirs["step_ms"]))
+        po, pk = ours.get("peak_bytes"), theirs.get("peak_bytes")
+        rows.append((f"Keras LM head {policy} peak", f"{(po or 0) / 2**30:.2f} vs {(pk or 0) / 2**30:.2f} GiB",
+                     "", "ours lower", po is not None and pk is not None and po < pk))
+    else:
+        rows.append((f"Keras LM head {policy}", "did not run", "", "", False))
+if step is None:
+    rows.append(("JAX jit(grad)", "did not run", "", "", False))
+if bench is None:
+    rows.append(("PyTorch CUDA fwd+bwd", "did not run", "", "", False))
+width = max(len(r[0]) for r in rows)
+for name, value, ratio, target, ok in rows:
+    print(f"{name:<{width}}  {value:>22}  {ratio:>14}  {target or '':>12}  {'ok' if ok else 'MISSED'}")
+with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(dict(bench_jax_step=step, bench_cuda=bench, bench_keras_lm_head=lm), f, indent=1)
+PY
+
+# At most 8 files come back from the device tool: the logs go into one archive.
+(cd "$OUT_DIR" && tar czf logs.tar.gz --remove-files -- *.log *.xml 2> /dev/null || true)
+log "done in $((SECONDS - started)) s, status $status; results in $OUT_DIR"
 exit $status

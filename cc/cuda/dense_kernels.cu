@@ -34,14 +34,15 @@ __global__ void __launch_bounds__(kThreads)
     partial[s.row * plan.splits + blockIdx.y] = sums;
 }
 
+// Merges each row's chunk sums (a warp per row, a fixed order), then finishes the row.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     merge_kernel(const DenseForwardArgs<T> args, const Plan plan, const RowSums<Acc<T>>* partial) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (r >= args.layout.rows()) return;
-  RowSums<Acc<T>> sums;
-  for (int c = 0; c < plan.splits; ++c) merge_sums(sums, partial[r * plan.splits + c]);
-  finish_row(args, r, sums);
+  const int64_t r = merge_row();
+  if (r >= args.layout.rows()) return;  // the whole warp: it shares r
+  const int lane = threadIdx.x % kWarp;
+  const RowSums<Acc<T>> sums = merge_chunks(partial, r, plan.splits, lane, args.options.label_smoothing > 0, true);
+  if (lane == 0) finish_row(args, r, sums);
 }
 
 // The backward needs sum_j t_j before its first element: a first pass leaves
@@ -64,9 +65,10 @@ __global__ void __launch_bounds__(kThreads)
     backward_kernel(const DenseBackwardArgs<T> args, const Plan plan, const Acc<T>* label_sums) {
   using A = Acc<T>;
   const Slot s = slot_of(plan, args.layout);
+  // Every thread of the block takes part (the sum synchronises), so no early return before it.
+  const A label_sum = group_total(label_sums + (s.active ? s.row * plan.splits : 0), plan.splits, s.lane,
+                                  plan.group, s.active);
   if (!s.active) return;
-  A label_sum = 0;
-  for (int c = 0; c < plan.splits; ++c) label_sum += label_sums[s.row * plan.splits + c];
   const double lse = args.lse[s.row];
   GradientVisitor<A, true> visit{
       backward_coefficients<A>(to_acc(args.grad_loss[s.row]), A(1), lse, dense_target_sum(label_sum, args.options),
@@ -77,26 +79,7 @@ __global__ void __launch_bounds__(kThreads)
   walk_slice<true, true>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, visit);
 }
 
-int accumulator_size(int element_size) { return element_size == 8 ? 8 : 4; }
-
-Plan shape_plan(const Layout& layout, int element_size) {
-  const void* none[] = {nullptr};
-  return make_plan(layout, element_size, none, 1);
-}
-
 }  // namespace
-
-size_t forward_workspace_bytes(const Layout& layout, int element_size) {
-  const Plan plan = shape_plan(layout, element_size);
-  if (plan.splits == 1) return 0;
-  const size_t sums = accumulator_size(element_size) == 8 ? sizeof(RowSums<double>) : sizeof(RowSums<float>);
-  return static_cast<size_t>(layout.rows()) * plan.splits * sums;
-}
-
-size_t dense_backward_workspace_bytes(const Layout& layout, int element_size) {
-  const Plan plan = shape_plan(layout, element_size);
-  return static_cast<size_t>(layout.rows()) * plan.splits * accumulator_size(element_size);
-}
 
 template <typename T>
 const char* dense_forward(const DenseForwardArgs<T>& args, void* workspace, cudaStream_t stream) {
@@ -109,7 +92,7 @@ const char* dense_forward(const DenseForwardArgs<T>& args, void* workspace, cuda
   if (plan.splits > 1 && !partial) return "fused_xent CUDA: the forward needs a workspace for this shape";
   forward_kernel<<<grid_of(plan), kThreads, 0, stream>>>(args, plan, partial);
   if (plan.splits > 1)
-    merge_kernel<<<static_cast<unsigned>(ceil_div(rows, kThreads)), kThreads, 0, stream>>>(args, plan, partial);
+    merge_kernel<<<merge_blocks(rows), kThreads, 0, stream>>>(args, plan, partial);
   return launch_status();
 }
 

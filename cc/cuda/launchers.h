@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "core/xent_params.h"
+#include "cuda/workspace.h"
 
 // The same type as the CUDA runtime's cudaStream_t (a CUstream handle).
 struct CUstream_st;
@@ -21,11 +22,10 @@ namespace cuda {
 // ignore_index) get a NaN loss and NaN gradients: checking labels on the host
 // would need a device-to-host copy and a synchronisation.
 
-// Bytes of device workspace the forward launchers need for `layout` and
-// elements of `element_size` bytes (0 when each row fits one block).
-size_t forward_workspace_bytes(const Layout& layout, int element_size);
-// Bytes the dense backward needs (per-row sums of the labels).
-size_t dense_backward_workspace_bytes(const Layout& layout, int element_size);
+// A launcher's `workspace` is device memory of at least workspace_bytes(...)
+// (cuda/workspace.h) bytes, aligned to 16 bytes (any allocator's blocks are),
+// which it may overwrite; null when that size is 0. A launcher that needs one
+// and gets null returns an error and launches nothing.
 
 template <typename T, typename Label>
 const char* sparse_forward(const SparseForwardArgs<T, Label>& args, void* workspace, cudaStream_t stream);

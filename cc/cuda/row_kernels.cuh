@@ -13,28 +13,11 @@
 
 #include "core/row_math.h"
 #include "cuda/launchers.h"
+#include "cuda/plan.h"
 
 namespace fused_xent {
 namespace cuda {
 namespace {
-
-// Tuning knobs (defines, for experiments): the defaults measured best on an H200.
-#ifndef FX_CUDA_UNROLL
-#define FX_CUDA_UNROLL 4
-#endif
-#ifndef FX_CUDA_MIN_BLOCKS
-#define FX_CUDA_MIN_BLOCKS 3
-#endif
-#ifndef FX_CUDA_PACKS_PER_THREAD
-#define FX_CUDA_PACKS_PER_THREAD 32
-#endif
-
-constexpr int kThreads = 256;  // per block, every kernel
-constexpr int kWarp = 32;
-constexpr int kUnroll = FX_CUDA_UNROLL;                    // packs (or strided elements) loaded together
-constexpr int kMinBlocks = FX_CUDA_MIN_BLOCKS;             // per SM: more loads in flight
-constexpr int kPacksPerThread = FX_CUDA_PACKS_PER_THREAD;  // sets how many threads share a row
-constexpr int64_t kFillBlocks = 1024;  // below this many blocks, long rows are split across blocks
 
 template <typename T> constexpr int kPack = 16 / static_cast<int>(sizeof(T));  // elements per 128-bit load
 // Double rows need the registers more than the occupancy.
@@ -75,19 +58,26 @@ union Pack {
   T v[kPack<T>];
 };
 
-// Not __ldg: the gradient may overwrite the logits.
+// A 16-byte pack's values in the accumulation type.
 template <typename T>
-__device__ __forceinline__ void load_pack(const T* p, Acc<T>* out) {
+__device__ __forceinline__ void unpack(const uint4& raw, Acc<T>* out) {
   Pack<T> pack;
-  pack.raw = *reinterpret_cast<const uint4*>(p);
+  pack.raw = raw;
 #pragma unroll
   for (int e = 0; e < kPack<T>; ++e) out[e] = to_acc(pack.v[e]);
 }
 
+template <>
+__device__ __forceinline__ void unpack<float>(const uint4& raw, float* out) {
+  out[0] = __uint_as_float(raw.x);
+  out[1] = __uint_as_float(raw.y);
+  out[2] = __uint_as_float(raw.z);
+  out[3] = __uint_as_float(raw.w);
+}
+
 // Two bfloat16 per 32-bit word: one shift or mask each.
 template <>
-__device__ __forceinline__ void load_pack<bfloat16_t>(const bfloat16_t* p, float* out) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+__device__ __forceinline__ void unpack<bfloat16_t>(const uint4& raw, float* out) {
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
@@ -97,8 +87,7 @@ __device__ __forceinline__ void load_pack<bfloat16_t>(const bfloat16_t* p, float
 }
 
 template <>
-__device__ __forceinline__ void load_pack<float16_t>(const float16_t* p, float* out) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+__device__ __forceinline__ void unpack<float16_t>(const uint4& raw, float* out) {
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
@@ -110,6 +99,12 @@ __device__ __forceinline__ void load_pack<float16_t>(const float16_t* p, float* 
   }
 }
 
+// Not __ldg: the gradient may overwrite the logits.
+template <typename T>
+__device__ __forceinline__ uint4 load_raw(const T* p) {
+  return *reinterpret_cast<const uint4*>(p);
+}
+
 template <typename T>
 __device__ __forceinline__ void store_pack(T* p, const Acc<T>* in) {
   Pack<T> pack;
@@ -118,48 +113,42 @@ __device__ __forceinline__ void store_pack(T* p, const Acc<T>* in) {
   *reinterpret_cast<uint4*>(p) = pack.raw;
 }
 
-// --- Plan: shape-only (plus one alignment test), so a call is deterministic -----------
-// `group` threads (a power of two) share a row; a block holds kThreads / group
-// rows. Rows too long for the grid to fill the GPU are cut into `splits`
-// chunks of `chunk` classes, one block each, merged by a second kernel.
-struct Plan {
-  int group = 1;
-  int splits = 1;
-  int64_t chunk = 0;
-  int64_t blocks = 0;       // grid.x
-  bool vectorized = false;  // contiguous rows and every buffer at the same 16-byte phase
-};
-
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline int pow2_at_least(int64_t n, int cap) {
-  int p = 1;
-  while (p < n && p < cap) p *= 2;
-  return p;
+// 16-bit types: two values per conversion instruction (cvt.rn.bf16x2.f32 /
+// cvt.rn.f16x2.f32, round to nearest even as from_acc), straight into the
+// 32-bit words of the 16-byte store; the lower address holds the first value.
+template <typename Pair>
+__device__ __forceinline__ uint32_t pair_bits(Pair pair) {
+  uint32_t bits;
+  memcpy(&bits, &pair, sizeof bits);
+  return bits;
 }
 
+template <>
+__device__ __forceinline__ void store_pack<bfloat16_t>(bfloat16_t* p, const float* in) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) w[i] = pair_bits(__floats2bfloat162_rn(in[2 * i], in[2 * i + 1]));
+  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <>
+__device__ __forceinline__ void store_pack<float16_t>(float16_t* p, const float* in) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) w[i] = pair_bits(__floats2half2_rn(in[2 * i], in[2 * i + 1]));
+  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// --- Plan (cuda/plan.h) plus one alignment test ----------------------------------------
 // `buffers` are the row-major tensors a kernel reads or writes element-wise.
 inline Plan make_plan(const Layout& layout, int element_size, const void* const* buffers, int count) {
-  Plan plan;
-  const int64_t rows = layout.rows(), classes = layout.classes;
-  const int pack = 16 / element_size;
+  Plan plan = shape_plan(layout, element_size);
   if (layout.inner == 1) {
-    const int64_t packs = ceil_div(classes, pack);
-    plan.group = pow2_at_least(ceil_div(packs, kPacksPerThread), kThreads);
     const uintptr_t phase = reinterpret_cast<uintptr_t>(buffers[0]) % 16;
     plan.vectorized = true;
     for (int i = 1; i < count; ++i)
       plan.vectorized = plan.vectorized && reinterpret_cast<uintptr_t>(buffers[i]) % 16 == phase;
   }
-  plan.blocks = ceil_div(rows, kThreads / plan.group);
-  // Only worth it when rows are few and long: a chunk keeps every thread busy.
-  const int64_t min_chunk = layout.inner == 1 ? int64_t{plan.group} * kPacksPerThread * pack : 256;
-  int64_t splits = 1;
-  if (plan.blocks < kFillBlocks && classes >= 2 * min_chunk)
-    splits = std::min(ceil_div(kFillBlocks, plan.blocks), ceil_div(classes, min_chunk));
-  plan.chunk = ceil_div(ceil_div(classes, splits), pack) * pack;
-  plan.splits = static_cast<int>(ceil_div(classes, plan.chunk));
   return plan;
 }
 
@@ -210,29 +199,70 @@ struct RowPointers {
   int64_t stride;
 };
 
+// Packs per visit: at most 16 values, as many as float's kUnroll packs. A
+// 16-bit batch (kUnroll packs of 8) is loaded at once but converted and
+// visited a few packs at a time, so it needs float's registers: converting the
+// whole batch made the 16-bit kernels spill under their occupancy bound.
+template <typename T> constexpr int kVisitPacks = kUnroll * kPack<T> > 16 ? 16 / kPack<T> : kUnroll;
+
 // `count` packs (all kUnroll when kFull) at j0, j0 + step, ...: their loads
 // are issued together, so a thread waits for memory once per batch.
 template <bool kFull, bool kLabels, bool kWrites, typename T, typename Visit>
 __device__ __forceinline__ void visit_packs(const RowPointers<T>& p, int64_t j0, int64_t step, int count,
                                             Visit& visit) {
   using A = Acc<T>;
-  constexpr int V = kPack<T>, N = kUnroll * V;
-  A z[N], t[N];
+  constexpr int V = kPack<T>, P = kVisitPacks<T>, N = P * V;
+  static_assert(kUnroll % P == 0, "a batch is whole visits");
+  if constexpr (P == kUnroll) {  // float, double: the whole batch at once
+    A z[N], t[N];
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    if (kFull || u < count) {
-      load_pack(p.z + j0 + u * step, z + u * V);
-      if (kLabels) load_pack(p.t + j0 + u * step, t + u * V);
-    } else {
+    for (int u = 0; u < kUnroll; ++u) {
+      if (kFull || u < count) {
+        unpack<T>(load_raw(p.z + j0 + u * step), z + u * V);
+        if (kLabels) unpack<T>(load_raw(p.t + j0 + u * step), t + u * V);
+      } else {
 #pragma unroll
-      for (int e = 0; e < V; ++e) z[u * V + e] = t[u * V + e] = A(0);
+        for (int e = 0; e < V; ++e) z[u * V + e] = t[u * V + e] = A(0);
+      }
     }
-  }
-  visit.template operator()<N, V>(z, t, kFull ? N : count * V, j0, step);
-  if (kWrites) {
+    visit.template operator()<N, V>(z, t, kFull ? N : count * V, j0, step);
+    if (kWrites) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (kFull || u < count) store_pack(p.out + j0 + u * step, z + u * V);
+      for (int u = 0; u < kUnroll; ++u)
+        if (kFull || u < count) store_pack(p.out + j0 + u * step, z + u * V);
+    }
+  } else {  // 16-bit types: loads of the whole batch, visits of P packs
+    uint4 zr[kUnroll], tr[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      zr[u] = tr[u] = make_uint4(0, 0, 0, 0);
+      if (kFull || u < count) {
+        zr[u] = load_raw(p.z + j0 + u * step);
+        if (kLabels) tr[u] = load_raw(p.t + j0 + u * step);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < kUnroll; h += P) {
+      if (kFull || h < count) {
+        A z[N], t[N];
+#pragma unroll
+        for (int u = 0; u < P; ++u) {
+          unpack<T>(zr[h + u], z + u * V);  // packs past `count` are zeros, never counted (n below)
+          if (kLabels) {
+            unpack<T>(tr[h + u], t + u * V);
+          } else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) t[u * V + e] = A(0);
+          }
+        }
+        visit.template operator()<N, V>(z, t, kFull ? N : min(count - h, P) * V, j0 + h * step, step);
+        if (kWrites) {
+#pragma unroll
+          for (int u = 0; u < P; ++u)
+            if (kFull || h + u < count) store_pack(p.out + j0 + (h + u) * step, z + u * V);
+        }
+      }
+    }
   }
 }
 
@@ -326,6 +356,25 @@ __device__ RowSums<A> reduce_row_sums(RowSums<A> s, int group, bool mean, bool l
   return s;
 }
 
+// The sums of row r's `splits` chunks (partial[r * splits + c]), merged by one
+// whole warp: lane l merges chunks l, l + 32, ... in order, then the lanes
+// merge by shuffles, a fixed order. Complete in lane 0.
+template <typename A>
+__device__ RowSums<A> merge_chunks(const RowSums<A>* partial, int64_t r, int splits, int lane, bool mean,
+                                   bool labels) {
+  RowSums<A> s;
+  for (int c = lane; c < splits; c += kWarp) merge_sums(s, partial[r * splits + c]);
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) merge_sums(s, shuffle_down(s, offset, mean, labels));
+  return s;
+}
+
+// Rows of the merge kernels: one warp each.
+constexpr int kRowsPerMergeBlock = kThreads / kWarp;
+inline unsigned merge_blocks(int64_t rows) { return static_cast<unsigned>(ceil_div(rows, kRowsPerMergeBlock)); }
+__device__ __forceinline__ int64_t merge_row() {
+  return static_cast<int64_t>(blockIdx.x) * kRowsPerMergeBlock + threadIdx.x / kWarp;
+}
+
 template <typename A>
 __device__ A reduce_sum(A s, int group) {
   __shared__ A warp_sums[kThreads / kWarp];
@@ -337,6 +386,21 @@ __device__ A reduce_sum(A s, int group) {
   if (threadIdx.x % group == 0)
     for (int w = 1; w < group / kWarp; ++w) s += warp_sums[warp + w];
   return s;
+}
+
+// The sum of a row's `count` chunk values, in every thread of the row's group:
+// lane l adds values l, l + group, ... in order, then the group sums by a tree
+// (a fixed order). Every thread of the block must call it.
+template <typename A>
+__device__ A group_total(const A* values, int count, int lane, int group, bool active) {
+  __shared__ A totals[kThreads];
+  A sum = 0;
+  if (active)
+    for (int c = lane; c < count; c += group) sum += values[c];
+  sum = reduce_sum(sum, group);
+  if (lane == 0) totals[threadIdx.x / group] = sum;
+  __syncthreads();
+  return totals[threadIdx.x / group];
 }
 
 // --- Visitors -------------------------------------------------------------------------------

@@ -62,15 +62,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     partial[s.row * plan.splits + blockIdx.y] = sums;
 }
 
-// Merges each row's chunk sums in chunk order, then finishes the row.
+// Merges each row's chunk sums (a warp per row, a fixed order), then finishes the row.
 template <typename T, typename Label>
-__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
+__global__ void __launch_bounds__(kThreads)
     merge_kernel(const SparseForwardArgs<T, Label> args, const Plan plan, const RowSums<Acc<T>>* partial) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (r >= args.layout.rows()) return;
-  RowSums<Acc<T>> sums;
-  for (int c = 0; c < plan.splits; ++c) merge_sums(sums, partial[r * plan.splits + c]);
-  finish_row(args, r, sums, label_logit(args, r, args.labels[r]));
+  const int64_t r = merge_row();
+  if (r >= args.layout.rows()) return;  // the whole warp: it shares r
+  const int lane = threadIdx.x % kWarp;
+  const Label label = lane == 0 ? args.labels[r] : Label(0);  // in flight during the merge
+  const RowSums<Acc<T>> sums = merge_chunks(partial, r, plan.splits, lane, args.options.label_smoothing > 0, false);
+  if (lane == 0) finish_row(args, r, sums, label_logit(args, r, label));
 }
 
 template <typename T, typename Label>
@@ -109,7 +110,7 @@ const char* sparse_forward(const SparseForwardArgs<T, Label>& args, void* worksp
   if (plan.splits > 1 && !partial) return "fused_xent CUDA: the forward needs a workspace for this shape";
   forward_kernel<<<grid_of(plan), kThreads, 0, stream>>>(args, plan, partial);
   if (plan.splits > 1)
-    merge_kernel<<<static_cast<unsigned>(ceil_div(rows, kThreads)), kThreads, 0, stream>>>(args, plan, partial);
+    merge_kernel<<<merge_blocks(rows), kThreads, 0, stream>>>(args, plan, partial);
   return launch_status();
 }
 

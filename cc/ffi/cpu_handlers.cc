@@ -10,6 +10,7 @@
 #include "core/class_weights_check.h"
 #include "core/cpu_kernels.h"
 #include "core/label_check.h"
+#include "core/memory_hints.h"
 #include "ffi/xent_handlers.h"
 
 namespace fused_xent {
@@ -74,29 +75,43 @@ void ParallelRows(ffi::ThreadPool& pool, const Layout& layout, const Fn& fn) {
   state->WaitAll();
 }
 
+// A gradient written to a buffer of its own (fused_xent.jax does not alias it
+// to the logits, docs/xla.md) is usually fresh memory: XLA's CPU runtime
+// allocates each call's results anew, and a buffer of 100+ MB faults in 4 KiB
+// at a time on first touch, which took longer than the kernel. Asking for
+// transparent huge pages before the first write cuts those faults 512-fold.
+template <typename Args>
+void AdviseGradient(const Args& args) {
+  if (static_cast<const void*>(args.grad_logits) == static_cast<const void*>(args.logits)) return;
+  advise_huge_pages(args.grad_logits, static_cast<size_t>(args.layout.rows() * args.layout.classes) * sizeof(*args.grad_logits));
+}
+
 // Runs the core's CPU kernels over XLA's intra-op pool. Sparse rows check
 // their labels in the same shards and the call fails afterwards, as the
-// TensorFlow kernel does, naming the first invalid label.
+// TensorFlow kernel does, naming the first invalid label. The workspace
+// (ffi/xent_handlers.h) is for the CUDA kernels: unused here.
 class CpuRunner {
  public:
   explicit CpuRunner(ffi::ThreadPool pool) : pool_(std::move(pool)) {}
 
   template <typename T, typename Label>
-  ffi::Error Run(const SparseForwardArgs<T, Label>& args) {
+  ffi::Error Run(const SparseForwardArgs<T, Label>& args, const Workspace&) {
     return RunSparse(args, [](const auto& a, int64_t b, int64_t e) { cpu::sparse_forward(a, b, e); });
   }
   template <typename T, typename Label>
-  ffi::Error Run(const SparseBackwardArgs<T, Label>& args) {
+  ffi::Error Run(const SparseBackwardArgs<T, Label>& args, const Workspace&) {
+    AdviseGradient(args);
     return RunSparse(args, [](const auto& a, int64_t b, int64_t e) { cpu::sparse_backward(a, b, e); });
   }
   template <typename T>
-  ffi::Error Run(const DenseForwardArgs<T>& args) {
+  ffi::Error Run(const DenseForwardArgs<T>& args, const Workspace&) {
     ParallelRows(pool_, args.layout,
                  [&](int64_t b, int64_t e) { cpu::dense_forward(args, b, e); });
     return ffi::Error::Success();
   }
   template <typename T>
-  ffi::Error Run(const DenseBackwardArgs<T>& args) {
+  ffi::Error Run(const DenseBackwardArgs<T>& args, const Workspace&) {
+    AdviseGradient(args);
     ParallelRows(pool_, args.layout,
                  [&](int64_t b, int64_t e) { cpu::dense_backward(args, b, e); });
     return ffi::Error::Success();
@@ -124,7 +139,7 @@ class CpuRunner {
 
 }  // namespace
 
-FX_FFI_DEFINE_TARGETS(cpu_targets, CpuRunner, .Ctx<ffi::ThreadPool>(), ffi::ThreadPool)
+FX_FFI_DEFINE_TARGETS(cpu_targets, CpuRunner, .Ctx<ffi::ThreadPool>(), {}, ffi::ThreadPool)
 
 }  // namespace xla_ffi
 }  // namespace fused_xent

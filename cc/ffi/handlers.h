@@ -2,10 +2,15 @@
 // (TensorFlow's, JAX's). Each takes the same operands and attributes on every
 // platform; docs/xla.md lists them.
 //
-//   sparse_forward (logits, labels, class_weights) -> (loss, lse)
-//   sparse_backward(logits, labels, class_weights, lse, grad_loss) -> grad_logits
-//   dense_forward  (logits, labels) -> (loss, lse)
-//   dense_backward (logits, labels, lse, grad_loss) -> grad_logits
+//   sparse_forward (logits, labels, class_weights) -> (loss, lse, workspace)
+//   sparse_backward(logits, labels, class_weights, lse, grad_loss) -> (grad_logits, workspace)
+//   dense_forward  (logits, labels) -> (loss, lse, workspace)
+//   dense_backward (logits, labels, lse, grad_loss) -> (grad_logits, workspace)
+//
+// `workspace` is scratch memory of at least cuda::workspace_bytes(...) bytes
+// (cuda/workspace.h; any dtype, e.g. uint8), which the caller declares as a
+// result so that XLA allocates it with the other buffers; it holds nothing
+// afterwards. The same size on every platform; the CPU handlers leave it alone.
 //
 // Attributes: axis (i64), label_smoothing (f32), z_loss (f32) and, for the
 // sparse targets, ignore_index (i64) and has_ignore_index (i1).

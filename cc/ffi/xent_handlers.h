@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "core/xent_params.h"
+#include "cuda/workspace.h"
 #include "ffi/handlers.h"
 #include "ffi/target_names.h"
 #include "xla/ffi/api/ffi.h"
@@ -166,6 +167,33 @@ ffi::Error WithSparseTypes(ffi::DataType logits, ffi::DataType labels, const Fn&
 template <typename T> const T* In(const AnyBuffer& b) { return static_cast<const T*>(b.untyped_data()); }
 template <typename T> T* Out(const AnyBuffer& b) { return static_cast<T*>(b.untyped_data()); }
 
+// --- The workspace: the last result of every target ---------------------------------
+// Device memory for the CUDA launchers, declared by the caller as a result of
+// the call (so XLA allocates it with the other buffers: no allocation while the
+// call runs, nothing that can fail then) and sized by cuda::workspace_bytes,
+// fused_xent._core.workspace_bytes in Python. The size depends on the shape
+// alone, not on the platform, and is checked everywhere: the CPU runner does
+// not use it, but a call valid on one platform is valid on the other.
+struct Workspace {
+  void* data = nullptr;
+  size_t bytes = 0;   // of the buffer
+  size_t needed = 0;  // by the kernel, for this shape
+};
+
+inline ffi::Error ReadWorkspace(const AnyBuffer& buffer, cuda::Kernel kernel, const Call& call,
+                                const AnyBuffer& logits, Workspace* workspace) {
+  const size_t needed = cuda::workspace_bytes(kernel, call.layout, static_cast<int>(ffi::ByteWidth(logits.element_type())));
+  workspace->data = buffer.untyped_data();
+  workspace->bytes = buffer.size_bytes();
+  workspace->needed = needed;
+  if (workspace->bytes < needed) {
+    return InvalidArgument("workspace must have at least " + std::to_string(needed) +
+                           " bytes for this shape (fused_xent._core.workspace_bytes), got " +
+                           std::to_string(workspace->bytes));
+  }
+  return ffi::Error::Success();
+}
+
 // --- What forward and backward handlers share -------------------------------------
 
 inline ffi::Error CheckForwardOutputs(const Call& call, const AnyBuffer& logits, const AnyBuffer& loss,
@@ -209,72 +237,83 @@ void FillBackward(const Call& call, const AnyBuffer& logits, const AnyBuffer& ls
 
 template <typename Runner, typename... Ctx>
 ffi::Error SparseForward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_weights, Result<AnyBuffer> loss,
-                         Result<AnyBuffer> lse, int64_t axis, float label_smoothing, float z_loss,
-                         int64_t ignore_index, bool has_ignore_index, Ctx... ctx) {
+                         Result<AnyBuffer> lse, Result<AnyBuffer> workspace_buffer, int64_t axis,
+                         float label_smoothing, float z_loss, int64_t ignore_index, bool has_ignore_index,
+                         Ctx... ctx) {
   Call call;
+  Workspace workspace;
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
   FX_FFI_RETURN_IF_ERROR(ReadSparseInputs(labels, class_weights, ignore_index, has_ignore_index, &call));
   FX_FFI_RETURN_IF_ERROR(CheckForwardOutputs(call, logits, *loss, *lse));
+  FX_FFI_RETURN_IF_ERROR(ReadWorkspace(*workspace_buffer, cuda::Kernel::kSparseForward, call, logits, &workspace));
   if (call.layout.rows() == 0) return ffi::Error::Success();
   Runner runner(std::move(ctx)...);
   return WithSparseTypes(logits.element_type(), labels.element_type(), [&](auto t, auto l) {
     SparseForwardArgs<decltype(t), decltype(l)> args;
     FillForward<decltype(t)>(call, logits, *loss, *lse, &args);
     args.labels = In<decltype(l)>(labels);
-    return runner.Run(args);
+    return runner.Run(args, workspace);
   });
 }
 
 template <typename Runner, typename... Ctx>
 ffi::Error SparseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_weights, AnyBuffer lse,
-                          AnyBuffer grad_loss, Result<AnyBuffer> grad_logits, int64_t axis,
-                          float label_smoothing, float z_loss, int64_t ignore_index, bool has_ignore_index,
-                          Ctx... ctx) {
+                          AnyBuffer grad_loss, Result<AnyBuffer> grad_logits, Result<AnyBuffer> workspace_buffer,
+                          int64_t axis, float label_smoothing, float z_loss, int64_t ignore_index,
+                          bool has_ignore_index, Ctx... ctx) {
   Call call;
+  Workspace workspace;
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
   FX_FFI_RETURN_IF_ERROR(ReadSparseInputs(labels, class_weights, ignore_index, has_ignore_index, &call));
   FX_FFI_RETURN_IF_ERROR(CheckBackwardBuffers(call, logits, lse, grad_loss, *grad_logits));
+  FX_FFI_RETURN_IF_ERROR(ReadWorkspace(*workspace_buffer, cuda::Kernel::kSparseBackward, call, logits, &workspace));
   if (call.layout.rows() == 0) return ffi::Error::Success();
   Runner runner(std::move(ctx)...);
   return WithSparseTypes(logits.element_type(), labels.element_type(), [&](auto t, auto l) {
     SparseBackwardArgs<decltype(t), decltype(l)> args;
     FillBackward<decltype(t)>(call, logits, lse, grad_loss, *grad_logits, &args);
     args.labels = In<decltype(l)>(labels);
-    return runner.Run(args);
+    return runner.Run(args, workspace);
   });
 }
 
 template <typename Runner, typename... Ctx>
 ffi::Error DenseForward(AnyBuffer logits, AnyBuffer labels, Result<AnyBuffer> loss, Result<AnyBuffer> lse,
-                        int64_t axis, float label_smoothing, float z_loss, Ctx... ctx) {
+                        Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing, float z_loss,
+                        Ctx... ctx) {
   Call call;
+  Workspace workspace;
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
   FX_FFI_RETURN_IF_ERROR(CheckLikeLogits(labels, logits, "labels"));
   FX_FFI_RETURN_IF_ERROR(CheckForwardOutputs(call, logits, *loss, *lse));
+  FX_FFI_RETURN_IF_ERROR(ReadWorkspace(*workspace_buffer, cuda::Kernel::kDenseForward, call, logits, &workspace));
   if (call.layout.rows() == 0) return ffi::Error::Success();
   Runner runner(std::move(ctx)...);
   return WithFloatType(logits.element_type(), [&](auto t) {
     DenseForwardArgs<decltype(t)> args;
     FillForward<decltype(t)>(call, logits, *loss, *lse, &args);
     args.labels = In<decltype(t)>(labels);
-    return runner.Run(args);
+    return runner.Run(args, workspace);
   });
 }
 
 template <typename Runner, typename... Ctx>
 ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyBuffer grad_loss,
-                         Result<AnyBuffer> grad_logits, int64_t axis, float label_smoothing, float z_loss, Ctx... ctx) {
+                         Result<AnyBuffer> grad_logits, Result<AnyBuffer> workspace_buffer, int64_t axis,
+                         float label_smoothing, float z_loss, Ctx... ctx) {
   Call call;
+  Workspace workspace;
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
   FX_FFI_RETURN_IF_ERROR(CheckLikeLogits(labels, logits, "labels"));
   FX_FFI_RETURN_IF_ERROR(CheckBackwardBuffers(call, logits, lse, grad_loss, *grad_logits));
+  FX_FFI_RETURN_IF_ERROR(ReadWorkspace(*workspace_buffer, cuda::Kernel::kDenseBackward, call, logits, &workspace));
   if (call.layout.rows() == 0) return ffi::Error::Success();
   Runner runner(std::move(ctx)...);
   return WithFloatType(logits.element_type(), [&](auto t) {
     DenseBackwardArgs<decltype(t)> args;
     FillBackward<decltype(t)>(call, logits, lse, grad_loss, *grad_logits, &args);
     args.labels = In<decltype(t)>(labels);
-    return runner.Run(args);
+    return runner.Run(args, workspace);
   });
 }
 
@@ -289,27 +328,29 @@ ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyB
 #define FX_FFI_ARGS3 FX_FFI_ARGS2.Arg<::xla::ffi::AnyBuffer>()
 #define FX_FFI_RET .Ret<::xla::ffi::AnyBuffer>()
 
+// The last result of each is the workspace.
 #define FX_FFI_BIND_SPARSE_FORWARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_RET FX_FFI_RET FX_FFI_SPARSE_ATTRS __VA_ARGS__
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_SPARSE_ATTRS __VA_ARGS__
 #define FX_FFI_BIND_SPARSE_BACKWARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_SPARSE_ATTRS __VA_ARGS__
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_SPARSE_ATTRS __VA_ARGS__
 #define FX_FFI_BIND_DENSE_FORWARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_COMMON_ATTRS __VA_ARGS__
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_COMMON_ATTRS __VA_ARGS__
 #define FX_FFI_BIND_DENSE_BACKWARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS2 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_COMMON_ATTRS __VA_ARGS__
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS2 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_COMMON_ATTRS __VA_ARGS__
 
 // Defines the four handlers over Runner, whose contexts are bound by
 // CONTEXTS (e.g. .Ctx<ffi::ThreadPool>()) and arrive as the types listed after
-// it, and `targets_fn` (ffi/handlers.h) returning them with their names.
-#define FX_FFI_DEFINE_TARGETS(targets_fn, Runner, CONTEXTS, ...)                                          \
+// it, with the handler traits TRAITS (ffi::Traits), and `targets_fn`
+// (ffi/handlers.h) returning them with their names.
+#define FX_FFI_DEFINE_TARGETS(targets_fn, Runner, CONTEXTS, TRAITS, ...)                                  \
   XLA_FFI_DEFINE_HANDLER(kSparseForwardHandler, (&SparseForward<Runner, __VA_ARGS__>),                    \
-                         FX_FFI_BIND_SPARSE_FORWARD(CONTEXTS));                                           \
+                         FX_FFI_BIND_SPARSE_FORWARD(CONTEXTS), TRAITS);                                   \
   XLA_FFI_DEFINE_HANDLER(kSparseBackwardHandler, (&SparseBackward<Runner, __VA_ARGS__>),                  \
-                         FX_FFI_BIND_SPARSE_BACKWARD(CONTEXTS));                                          \
+                         FX_FFI_BIND_SPARSE_BACKWARD(CONTEXTS), TRAITS);                                  \
   XLA_FFI_DEFINE_HANDLER(kDenseForwardHandler, (&DenseForward<Runner, __VA_ARGS__>),                      \
-                         FX_FFI_BIND_DENSE_FORWARD(CONTEXTS));                                            \
+                         FX_FFI_BIND_DENSE_FORWARD(CONTEXTS), TRAITS);                                    \
   XLA_FFI_DEFINE_HANDLER(kDenseBackwardHandler, (&DenseBackward<Runner, __VA_ARGS__>),                    \
-                         FX_FFI_BIND_DENSE_BACKWARD(CONTEXTS));                                           \
+                         FX_FFI_BIND_DENSE_BACKWARD(CONTEXTS), TRAITS);                                   \
   const Target* targets_fn(int* count) {                                                                  \
     static const Target targets[] = {{ffi_targets::kSparseForward, kSparseForwardHandler},                \
                                      {ffi_targets::kSparseBackward, kSparseBackwardHandler},              \

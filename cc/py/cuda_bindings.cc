@@ -103,11 +103,27 @@ int use_device_of(const DeviceArray& logits) {
   return attributes.device;
 }
 
-// Stream-ordered workspace: freed after the kernels that use it, with no host wait.
+// The launchers' workspace: the caller's buffer when it passes one (fused_xent.cuda
+// allocates it with the array library's caching allocator, so a call allocates
+// no device memory itself), else stream-ordered memory freed after the kernels
+// that use it, with no host wait.
 class Workspace {
  public:
-  Workspace(size_t bytes, cudaStream_t stream) : stream_(stream) {
+  Workspace(size_t bytes, cudaStream_t stream, const std::optional<py::object>& given, int device)
+      : stream_(stream) {
     if (bytes == 0) return;
+    if (given && !given->is_none()) {
+      const DeviceArray a = device_array(*given, "workspace");
+      require(a.count * a.itemsize >= static_cast<int64_t>(bytes),
+              "workspace has " + std::to_string(a.count * a.itemsize) + " bytes, this call needs " +
+                  std::to_string(bytes));
+      require(!a.readonly, "workspace must be writable");
+      require(reinterpret_cast<uintptr_t>(a.data) % 16 == 0, "workspace must be aligned to 16 bytes");
+      check_array(a, a.count, a.itemsize, "fiuVb", "workspace", device);
+      data_ = a.data;
+      owned_ = false;
+      return;
+    }
     const cudaError_t error = cudaMallocAsync(&data_, bytes, stream);
     if (error == cudaErrorNotSupported) {  // no memory pools (some virtualised GPUs)
       cudaGetLastError();
@@ -118,7 +134,7 @@ class Workspace {
     }
   }
   ~Workspace() {
-    if (!data_) return;
+    if (!data_ || !owned_) return;
     if (synchronous_) {
       cudaStreamSynchronize(stream_);
       cudaFree(data_);
@@ -133,6 +149,7 @@ class Workspace {
  private:
   void* data_ = nullptr;
   cudaStream_t stream_;
+  bool owned_ = true;
   bool synchronous_ = false;
 };
 
@@ -199,7 +216,8 @@ SparseCall sparse_call(const py::object& logits, const py::object& labels, int64
 
 void sparse_forward(const std::string& dtype, py::object logits, py::object labels, int64_t outer, int64_t classes,
                     int64_t inner, double label_smoothing, double z_loss, std::optional<int64_t> ignore_index,
-                    std::optional<py::object> class_weights, py::object loss, py::object lse, uintptr_t stream) {
+                    std::optional<py::object> class_weights, py::object loss, py::object lse, uintptr_t stream,
+                    std::optional<py::object> workspace_array) {
   const SparseCall call = sparse_call(logits, labels, outer, classes, inner, label_smoothing, z_loss,
                                       ignore_index, class_weights);
   const int64_t rows = call.layout.rows();
@@ -209,7 +227,8 @@ void sparse_forward(const std::string& dtype, py::object logits, py::object labe
     check_array(call.logits, rows * classes, sizeof(T), kinds, "logits", call.device);
     check_array(loss_array, rows, sizeof(T), kinds, "loss", call.device, true);
     check_array(lse_array, rows, 8, "f", "lse", call.device, true);
-    Workspace workspace(fx::cuda::forward_workspace_bytes(call.layout, sizeof(T)), as_stream(stream));
+    Workspace workspace(fx::cuda::forward_workspace_bytes(call.layout, sizeof(T)), as_stream(stream), workspace_array,
+                        call.device);
     auto run = [&](auto label_tag) {
       using Label = decltype(label_tag);
       fx::SparseForwardArgs<T, Label> args;
@@ -258,7 +277,7 @@ void sparse_backward(const std::string& dtype, py::object logits, py::object lab
 
 void dense_forward(const std::string& dtype, py::object logits, py::object labels, int64_t outer, int64_t classes,
                    int64_t inner, double label_smoothing, double z_loss, py::object loss, py::object lse,
-                   uintptr_t stream) {
+                   uintptr_t stream, std::optional<py::object> workspace_array) {
   const fx::Layout layout = make_layout(outer, classes, inner);
   const fx::Options options = make_options(label_smoothing, z_loss, std::nullopt);
   const DeviceArray z = device_array(logits, "logits"), t = device_array(labels, "labels");
@@ -271,7 +290,8 @@ void dense_forward(const std::string& dtype, py::object logits, py::object label
     check_array(t, rows * classes, sizeof(T), kinds, "labels", device);
     check_array(loss_array, rows, sizeof(T), kinds, "loss", device, true);
     check_array(lse_array, rows, 8, "f", "lse", device, true);
-    Workspace workspace(fx::cuda::forward_workspace_bytes(layout, sizeof(T)), as_stream(stream));
+    Workspace workspace(fx::cuda::forward_workspace_bytes(layout, sizeof(T)), as_stream(stream), workspace_array,
+                        device);
     fx::DenseForwardArgs<T> args;
     args.layout = layout;
     args.options = options;
@@ -285,7 +305,7 @@ void dense_forward(const std::string& dtype, py::object logits, py::object label
 
 void dense_backward(const std::string& dtype, py::object logits, py::object labels, int64_t outer, int64_t classes,
                     int64_t inner, double label_smoothing, double z_loss, py::object lse, py::object grad_loss,
-                    py::object grad_logits, uintptr_t stream) {
+                    py::object grad_logits, uintptr_t stream, std::optional<py::object> workspace_array) {
   const fx::Layout layout = make_layout(outer, classes, inner);
   const fx::Options options = make_options(label_smoothing, z_loss, std::nullopt);
   const DeviceArray z = device_array(logits, "logits"), t = device_array(labels, "labels");
@@ -300,7 +320,8 @@ void dense_backward(const std::string& dtype, py::object logits, py::object labe
     check_array(lse_array, rows, 8, "f", "lse", device);
     check_array(grad_loss_array, rows, sizeof(T), kinds, "grad_loss", device);
     check_array(grad_array, rows * classes, sizeof(T), kinds, "grad_logits", device, true);
-    Workspace workspace(fx::cuda::dense_backward_workspace_bytes(layout, sizeof(T)), as_stream(stream));
+    Workspace workspace(fx::cuda::dense_backward_workspace_bytes(layout, sizeof(T)), as_stream(stream),
+                        workspace_array, device);
     fx::DenseBackwardArgs<T> args;
     args.layout = layout;
     args.options = options;
@@ -329,15 +350,17 @@ void register_cuda_bindings(py::module_& m) {
   m.def("cuda_device_count", &device_count);
   m.def("cuda_sparse_forward", &sparse_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
-        py::arg("ignore_index"), py::arg("class_weights"), py::arg("loss"), py::arg("lse"), py::arg("stream"));
+        py::arg("ignore_index"), py::arg("class_weights"), py::arg("loss"), py::arg("lse"), py::arg("stream"),
+        py::arg("workspace") = py::none());
   m.def("cuda_sparse_backward", &sparse_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("ignore_index"), py::arg("class_weights"), py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"),
         py::arg("stream"));
   m.def("cuda_dense_forward", &dense_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
-        py::arg("loss"), py::arg("lse"), py::arg("stream"));
+        py::arg("loss"), py::arg("lse"), py::arg("stream"), py::arg("workspace") = py::none());
   m.def("cuda_dense_backward", &dense_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
-        py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"), py::arg("stream"));
+        py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"), py::arg("stream"),
+        py::arg("workspace") = py::none());
 }

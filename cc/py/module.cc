@@ -18,6 +18,7 @@
 #include "core/cpu_kernels.h"
 #include "core/label_check.h"
 #include "core/simd_level.h"
+#include "cuda/workspace.h"
 #include "py/worker_pool.h"
 #if defined(FUSED_XENT_WITH_XLA_FFI)
 #include "ffi/handlers.h"
@@ -345,6 +346,32 @@ void dense(const std::string& dtype, py::array logits, py::array labels, int64_t
   });
 }
 
+// Bytes of scratch memory the kernel `kind` ("sparse_forward", "sparse_backward",
+// "dense_forward", "dense_backward") needs for logits viewed as [outer, classes,
+// inner] with elements of `element_size` bytes: the size of the workspace result
+// of the FFI targets (docs/xla.md), the same in every build and on every platform.
+size_t workspace_bytes(const std::string& kind, int64_t outer, int64_t classes, int64_t inner, int element_size) {
+  static const std::pair<const char*, fx::cuda::Kernel> kinds[] = {
+      {"sparse_forward", fx::cuda::Kernel::kSparseForward},
+      {"sparse_backward", fx::cuda::Kernel::kSparseBackward},
+      {"dense_forward", fx::cuda::Kernel::kDenseForward},
+      {"dense_backward", fx::cuda::Kernel::kDenseBackward}};
+  if (outer < 0 || classes < 0 || inner < 0) throw py::value_error("outer, classes and inner must be >= 0");
+  if (element_size != 2 && element_size != 4 && element_size != 8)
+    throw py::value_error("element_size must be 2, 4 or 8, got " + std::to_string(element_size));
+  for (const auto& k : kinds) {
+    if (kind == k.first) {
+      fx::Layout layout;
+      layout.outer = outer;
+      layout.classes = classes;
+      layout.inner = inner;
+      return fx::cuda::workspace_bytes(k.second, layout, element_size);
+    }
+  }
+  throw py::value_error("kind must be sparse_forward, sparse_backward, dense_forward or dense_backward, got '" + kind +
+                        "'");
+}
+
 #if defined(FUSED_XENT_WITH_XLA_FFI)
 py::dict capsules_of(const fx::xla_ffi::Target* targets, int count) {
   py::dict out;
@@ -424,6 +451,8 @@ PYBIND11_MODULE(_core, m) {
         py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"));
   m.def("build_info", &build_info);
   m.def("ffi_targets", &ffi_targets);
+  m.def("workspace_bytes", &workspace_bytes, py::arg("kind"), py::arg("outer"), py::arg("classes"), py::arg("inner"),
+        py::arg("element_size"));
 #ifdef FUSED_XENT_WITH_CUDA
   register_cuda_bindings(m);
 #endif

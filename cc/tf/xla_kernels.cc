@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "cuda/workspace.h"
 #include "ffi/target_names.h"
 #include "tf/kernel_support.h"
 #include "tensorflow/compiler/tf2xla/shape_util.h"
@@ -334,11 +335,26 @@ xla::Shape RowMajor(PrimitiveType type, absl::Span<const int64_t> dims) {
   return xla::ShapeUtil::MakeShapeWithDescendingLayout(type, dims);
 }
 
+// The handlers' last result, scratch memory for the CUDA kernels (cc/ffi/handlers.h):
+// u8[cuda::workspace_bytes(...)], the same size whichever device runs the call.
+xla::Shape WorkspaceShape(const char* target, const TensorShape& logits_shape, int64_t axis, PrimitiveType type) {
+  Layout layout;
+  TensorShape rows;
+  LayoutOf(logits_shape, axis, &layout, &rows).IgnoreError();  // Prepare checked it
+  cuda::Kernel kernel = cuda::Kernel::kSparseForward;
+  if (std::strcmp(target, ffi_targets::kSparseBackward) == 0) kernel = cuda::Kernel::kSparseBackward;
+  if (std::strcmp(target, ffi_targets::kDenseForward) == 0) kernel = cuda::Kernel::kDenseForward;
+  if (std::strcmp(target, ffi_targets::kDenseBackward) == 0) kernel = cuda::Kernel::kDenseBackward;
+  const size_t bytes = cuda::workspace_bytes(kernel, layout, xla::ShapeUtil::ByteSizeOfPrimitiveType(type));
+  return RowMajor(xla::U8, {static_cast<int64_t>(bytes)});
+}
+
 // A typed-FFI custom call on the op's inputs, every buffer row-major (the
 // handlers' layout); a backward op's last input, the legacy grad_lse (checked
-// empty), is not passed. Forward ops return (loss, lse), backward ops grad_logits.
+// empty), is not passed. Forward ops return (loss, lse), backward ops
+// grad_logits; the call's last result, the workspace, is dropped.
 void EmitCustomCall(XlaOpKernelContext* ctx, const char* target, const std::string& attributes,
-                    const TensorShape& logits_shape, const TensorShape& row_shape, bool forward) {
+                    const TensorShape& logits_shape, const TensorShape& row_shape, int64_t axis, bool forward) {
   std::vector<XlaOp> operands;
   std::vector<xla::Shape> operand_shapes;
   const int count = forward ? ctx->num_inputs() : ctx->num_inputs() - 1;
@@ -349,20 +365,17 @@ void EmitCustomCall(XlaOpKernelContext* ctx, const char* target, const std::stri
     operand_shapes.push_back(RowMajor(shape->element_type(), shape->dimensions()));
   }
   const PrimitiveType type = ctx->input_xla_type(0);
+  const xla::Shape workspace = WorkspaceShape(target, logits_shape, axis, type);
   const xla::Shape result =
       forward ? xla::ShapeUtil::MakeTupleShape({RowMajor(type, row_shape.dim_sizes()),
-                                                 RowMajor(xla::F64, row_shape.dim_sizes())})
-              : RowMajor(type, logits_shape.dim_sizes());
+                                                 RowMajor(xla::F64, row_shape.dim_sizes()), workspace})
+              : xla::ShapeUtil::MakeTupleShape({RowMajor(type, logits_shape.dim_sizes()), workspace});
   const XlaOp call = xla::CustomCallWithLayout(ctx->builder(), target, operands, result, operand_shapes, attributes,
                                                /*has_side_effect=*/false, /*output_operand_aliasing=*/{},
                                                /*literal=*/nullptr, xla::CustomCallSchedule::SCHEDULE_NONE,
                                                xla::CustomCallApiVersion::API_VERSION_TYPED_FFI);
-  if (forward) {
-    ctx->SetOutput(0, xla::GetTupleElement(call, 0));
-    ctx->SetOutput(1, xla::GetTupleElement(call, 1));
-  } else {
-    ctx->SetOutput(0, call);
-  }
+  ctx->SetOutput(0, xla::GetTupleElement(call, 0));
+  if (forward) ctx->SetOutput(1, xla::GetTupleElement(call, 1));
 }
 
 // --- Kernels ------------------------------------------------------------------
@@ -385,7 +398,8 @@ class XlaKernelBase : public XlaOpKernel {
     OP_REQUIRES_OK(ctx, Prepare(ctx, axis_, &logits_shape, &row_shape, &acc));
     OP_REQUIRES_OK(ctx, CheckInputs(ctx, logits_shape, row_shape));
     if (custom_call) {
-      EmitCustomCall(ctx, target_, HandlerAttributes(axis_, options_, sparse_), logits_shape, row_shape, forward_);
+      EmitCustomCall(ctx, target_, HandlerAttributes(axis_, options_, sparse_), logits_shape, row_shape, axis_,
+                     forward_);
     } else {
       CompileHlo(ctx, Rows(ctx->builder(), logits_shape, axis_, acc), row_shape);
     }

@@ -141,6 +141,14 @@ class _Call:
         self.backend, self.name, self.shape, self.reduced = backend, name, tuple(logits.shape), reduced
         self.common = common
         self.stream = backend.stream()
+        self.itemsize = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[name]
+
+    def workspace(self, kind):
+        """Scratch memory for the kernel `kind`, from the array library's (caching) allocator, so
+        the binding allocates nothing itself; None when the kernel needs none for this shape."""
+        c = self.common
+        size = _core.workspace_bytes(kind, c["outer"], c["classes"], c["inner"], self.itemsize)
+        return self.backend.empty((size,), "uint8") if size else None
 
 
 def _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weights, z_loss):
@@ -183,23 +191,25 @@ def _dense_call(labels, logits, axis, label_smoothing, z_loss):
     return _Call(backend, logits, name, reduced, common)
 
 
-def _forward(binding, call):
+def _forward(binding, call, kind):
     backend = call.backend
     loss, lse = backend.empty(call.reduced, call.name), backend.empty(call.reduced, "float64")
-    binding(loss=backend.interface(loss), lse=backend.interface(lse), stream=call.stream, **call.common)
+    binding(loss=backend.interface(loss), lse=backend.interface(lse), stream=call.stream,
+            workspace=call.workspace(kind), **call.common)
     return loss, lse
 
 
-def _backward(binding, call, lse, grad_loss):
+def _backward(binding, call, lse, grad_loss, kind=None):
     backend = call.backend
     lse = backend.contiguous(backend.as_array(lse))  # its float64 dtype is the binding's to check
     if tuple(lse.shape) != call.reduced:
         raise ValueError(f"lse must have the loss's shape {call.reduced}, got {tuple(lse.shape)}")
     grad_loss = _grad_loss(backend, grad_loss, call.reduced, call.name)
     grad = backend.empty(call.shape, call.name)
+    extra = {} if kind is None else {"workspace": call.workspace(kind)}
     binding(
         lse=backend.interface(lse), grad_loss=backend.interface(grad_loss), grad_logits=backend.interface(grad),
-        stream=call.stream, **call.common,
+        stream=call.stream, **extra, **call.common,
     )
     return grad
 
@@ -209,7 +219,7 @@ def sparse_forward(
 ):
     """The sparse forward alone: ``(loss, lse)``, lse the float64 logsumexp of each row."""
     call = _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weights, z_loss)
-    return _forward(_core.cuda_sparse_forward, call)
+    return _forward(_core.cuda_sparse_forward, call, "sparse_forward")
 
 
 def sparse_backward(
@@ -224,13 +234,14 @@ def sparse_backward(
 
 def dense_forward(labels, logits, axis=-1, *, label_smoothing=0.0, z_loss=0.0):
     """The dense forward alone: ``(loss, lse)``, lse the float64 logsumexp of each row."""
-    return _forward(_core.cuda_dense_forward, _dense_call(labels, logits, axis, label_smoothing, z_loss))
+    return _forward(_core.cuda_dense_forward, _dense_call(labels, logits, axis, label_smoothing, z_loss),
+                    "dense_forward")
 
 
 def dense_backward(labels, logits, lse, grad_loss=None, axis=-1, *, label_smoothing=0.0, z_loss=0.0):
     """The dense backward alone: ``grad_logits`` from the forward's ``lse``, as ``sparse_backward``."""
     call = _dense_call(labels, logits, axis, label_smoothing, z_loss)
-    return _backward(_core.cuda_dense_backward, call, lse, grad_loss)
+    return _backward(_core.cuda_dense_backward, call, lse, grad_loss, "dense_backward")
 
 
 def sparse_softmax_cross_entropy_with_logits(
@@ -247,7 +258,7 @@ def sparse_softmax_cross_entropy_with_logits(
 ):
     """Sparse softmax cross-entropy on CUDA arrays: returns ``(loss, grad_logits)``."""
     call = _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weights, z_loss)
-    loss, lse = _forward(_core.cuda_sparse_forward, call)
+    loss, lse = _forward(_core.cuda_sparse_forward, call, "sparse_forward")
     if not compute_gradient:
         return loss, None
     return loss, _backward(_core.cuda_sparse_backward, call, lse, grad_loss)
@@ -261,7 +272,7 @@ def softmax_cross_entropy_with_logits(
     ``labels`` are cast to the logits' dtype and broadcast to their shape.
     """
     call = _dense_call(labels, logits, axis, label_smoothing, z_loss)
-    loss, lse = _forward(_core.cuda_dense_forward, call)
+    loss, lse = _forward(_core.cuda_dense_forward, call, "dense_forward")
     if not compute_gradient:
         return loss, None
-    return loss, _backward(_core.cuda_dense_backward, call, lse, grad_loss)
+    return loss, _backward(_core.cuda_dense_backward, call, lse, grad_loss, "dense_backward")

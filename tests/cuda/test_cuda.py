@@ -403,3 +403,113 @@ def test_runs_on_the_current_torch_stream():
         loss, grad = fxcuda.sparse_softmax_cross_entropy_with_logits(labels, logits)
     torch.cuda.current_stream().wait_stream(side)
     assert torch.equal(loss, expected[0]) and torch.equal(grad, expected[1])
+
+
+# --- few long rows (split across blocks), bfloat16, the workspace ---------------------------------------
+def _cpu_dtype(dtype):
+    """The NumPy dtype of the CPU kernels (fused_xent.numpy) for `dtype`; None without ml_dtypes."""
+    if dtype == "bfloat16":
+        return ml_dtypes.bfloat16 if ml_dtypes is not None else None
+    return np.dtype(dtype)
+
+
+def _against_cpu(gpu, cpu, dtype, what):
+    """The GPU's values against the CPU kernels' on the same inputs: the same formulas, summed in a
+    different order, so they agree to a few roundings of `dtype` relative to the row's largest value."""
+    gpu, cpu = np.asarray(gpu, np.float64), np.asarray(cpu, np.float64)
+    eps = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
+    scale = np.max(np.abs(cpu), axis=-1, keepdims=True) if cpu.ndim > 1 else np.abs(cpu)
+    assert np.all(np.abs(gpu - cpu) <= 16 * eps * np.maximum(scale, np.finfo(np.float64).tiny)), what
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 200000), (1, 262144), (8, 262144), (3, 100003), (2, 3, 65536)])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}], ids=["plain", "smooth,zloss"])
+def test_few_long_rows_are_split_across_blocks(dtype, shape, options):
+    """Rows too few to fill the GPU are cut into chunks, one block each, whose partial sums are
+    merged (the forward) or that write their part of the gradient (the backward): against the
+    float64 reference and against the CPU kernels, sparse and dense labels."""
+    rng = np.random.default_rng(13)
+    logits = random_logits(rng, shape, dtype)
+    logits.reshape(-1, shape[-1])[0, shape[-1] // 2] += 30  # one confident row: the chunks' maxima differ
+    labels = rng.integers(0, shape[-1], size=shape[:-1])
+    grad_loss = rounded(rng.normal(size=shape[:-1]), dtype)
+    rows = int(np.prod(shape[:-1]))
+    assert _core.workspace_bytes("sparse_forward", rows, shape[-1], 1, np.dtype("float16" if dtype == "bfloat16"
+                                                                                 else dtype).itemsize) > 0
+    loss, grad = fxcuda.sparse_softmax_cross_entropy_with_logits(
+        to_device(labels), to_device(logits, dtype), grad_loss=to_device(grad_loss, dtype), **options)
+    expected = {k: float(np.float32(v)) for k, v in options.items()}
+    ref_loss, ref_grad = reference.sparse(labels, logits, grad_loss=grad_loss, **expected)
+    assert_rows_close(to_numpy(loss), ref_loss, dtype, axis=None, what="loss")
+    assert_rows_close(to_numpy(grad), ref_grad, dtype, terms=target_terms(labels, shape, grad_loss=grad_loss, **expected),
+                      what="gradient")
+    cpu_dtype = _cpu_dtype(dtype)
+    if cpu_dtype is not None:
+        import fused_xent.numpy as fxnp
+
+        cpu_loss, cpu_grad = fxnp.sparse_softmax_cross_entropy_with_logits(
+            labels, logits.astype(cpu_dtype), grad_loss=grad_loss.astype(cpu_dtype), **options)
+        _against_cpu(to_numpy(loss), cpu_loss, dtype, "loss against the CPU kernels")
+        _against_cpu(to_numpy(grad), cpu_grad, dtype, "gradient against the CPU kernels")
+    targets = rng.random(size=shape)
+    targets = rounded(targets / targets.sum(-1, keepdims=True), dtype)
+    loss, grad = fxcuda.softmax_cross_entropy_with_logits(
+        to_device(targets, dtype), to_device(logits, dtype), grad_loss=to_device(grad_loss, dtype), **options)
+    ref_loss, ref_grad, _ = reference.dense(targets, logits, grad_loss=grad_loss, **expected)
+    assert_rows_close(to_numpy(loss), ref_loss, dtype, axis=None, what="dense loss")
+    terms = dense_target_terms(targets, shape, label_smoothing=expected.get("label_smoothing", 0.0),
+                               grad_loss=grad_loss)
+    assert_rows_close(to_numpy(grad), ref_grad, dtype, terms=terms, what="dense gradient")
+
+
+@needs_torch
+@pytest.mark.parametrize("shape", [(512, 32000), (64, 4097), (2, 128256), (4096, 100)])
+def test_bfloat16_matches_cpu_kernels(shape):
+    """bfloat16 logits (loaded 16 bytes at a time, converted and visited two packs at a time,
+    stored two values per conversion) against the float64 reference and the CPU kernels."""
+    rng = np.random.default_rng(14)
+    logits = random_logits(rng, shape, "bfloat16")
+    labels = rng.integers(0, shape[-1], size=shape[:-1])
+    grad_loss = rounded(rng.normal(size=shape[:-1]), "bfloat16")
+    loss, grad = fxcuda.sparse_softmax_cross_entropy_with_logits(
+        to_device(labels), to_device(logits, "bfloat16"), grad_loss=to_device(grad_loss, "bfloat16"),
+        label_smoothing=0.05)
+    smoothing = float(np.float32(0.05))
+    ref_loss, ref_grad = reference.sparse(labels, logits, grad_loss=grad_loss, label_smoothing=smoothing)
+    assert_rows_close(to_numpy(loss), ref_loss, "bfloat16", axis=None, what="loss")
+    assert_rows_close(to_numpy(grad), ref_grad, "bfloat16",
+                      terms=target_terms(labels, shape, grad_loss=grad_loss, label_smoothing=smoothing),
+                      what="gradient")
+    if ml_dtypes is not None:
+        import fused_xent.numpy as fxnp
+
+        cpu_loss, cpu_grad = fxnp.sparse_softmax_cross_entropy_with_logits(
+            labels, logits.astype(ml_dtypes.bfloat16), grad_loss=grad_loss.astype(ml_dtypes.bfloat16),
+            label_smoothing=0.05)
+        _against_cpu(to_numpy(loss), cpu_loss, "bfloat16", "loss against the CPU kernels")
+        _against_cpu(to_numpy(grad), cpu_grad, "bfloat16", "gradient against the CPU kernels")
+
+
+@needs_torch
+def test_workspace_argument():
+    """The bindings take the workspace from the caller (fused_xent.cuda passes one from PyTorch's
+    allocator): the same bits as with their own, and too small a buffer is refused."""
+    rng = np.random.default_rng(15)
+    shape = (4, 200000)
+    logits = to_device(rng.normal(size=shape), "float32")
+    labels = to_device(rng.integers(0, shape[1], size=4))
+    common = dict(dtype="float32", logits=logits, labels=labels, outer=4, classes=shape[1], inner=1,
+                  label_smoothing=0.0, z_loss=0.0, ignore_index=None, class_weights=None)
+    stream = torch.cuda.current_stream().cuda_stream
+    size = _core.workspace_bytes("sparse_forward", 4, shape[1], 1, 4)
+    assert size > 0
+    outputs = []
+    for workspace in (None, torch.empty(size, dtype=torch.uint8, device="cuda")):
+        loss, lse = torch.empty(4, device="cuda"), torch.empty(4, dtype=torch.float64, device="cuda")
+        _core.cuda_sparse_forward(loss=loss, lse=lse, stream=stream, workspace=workspace, **common)
+        outputs.append((loss, lse))
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+    with pytest.raises(ValueError, match=rf"workspace has {size - 16} bytes, this call needs {size}"):
+        _core.cuda_sparse_forward(loss=outputs[0][0], lse=outputs[0][1], stream=stream,
+                                  workspace=torch.empty(size - 16, dtype=torch.uint8, device="cuda"), **common)

@@ -27,7 +27,10 @@ if not _core.ffi_targets().get("cpu"):
 fj = pytest.importorskip("fused_xent.jax")
 
 PLATFORM = os.environ.get("FUSED_XENT_JAX_PLATFORM", "cpu")
-DEVICE = jax.devices("gpu" if PLATFORM == "cuda" else "cpu")[0]
+try:
+    DEVICE = jax.devices("gpu" if PLATFORM == "cuda" else "cpu")[0]
+except RuntimeError:
+    pytest.skip(f"JAX has no {PLATFORM} device here", allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)
@@ -232,9 +235,9 @@ def test_vmap():
 
 
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
-def test_gradient_written_over_intermediate_logits(kind):
-    """Logits computed in the program (x @ w): the backward call writes the gradient over
-    their buffer (no second N x C buffer, no copy), and the values stay right."""
+def test_gradient_of_intermediate_logits(kind):
+    """Logits computed in the program (x @ w): the backward call writes a buffer of its own (no
+    aliasing, docs/xla.md#the-gradients-buffer), nothing is copied, and the values stay right."""
     rng = np.random.default_rng(12)
     x, w = rng.normal(size=(6, 4)), rng.normal(size=(4, C))
     labels = rng.integers(0, C, size=6)
@@ -248,7 +251,7 @@ def test_gradient_written_over_intermediate_logits(kind):
     step = jax.jit(jax.grad(lambda w: jnp.sum(ours(x @ w) * jnp.arange(1.0, 7.0))))
     hlo = step.lower(w).compile().as_text()
     backward = [line for line in hlo.splitlines() if f"fused_xent_{kind}_backward" in line and "custom-call(" in line]
-    assert len(backward) == 1 and "output_to_operand_aliasing={{}: (0, {})}" in backward[0], backward
+    assert len(backward) == 1 and "output_to_operand_aliasing" not in backward[0], backward
     assert " copy(" not in hlo
     expected = jax.grad(lambda w: jnp.sum(theirs(x @ w) * jnp.arange(1.0, 7.0)))(w)
     np.testing.assert_allclose(step(w), expected, rtol=1e-12, atol=1e-12)

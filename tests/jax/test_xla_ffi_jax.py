@@ -36,6 +36,14 @@ for _name, _capsule in TARGETS.items():
 
 
 
+def workspace(kind, shape, axis, dtype):
+    """The targets' last result (cc/ffi/handlers.h): scratch bytes for the CUDA kernels."""
+    axis %= len(shape)
+    outer, inner = int(np.prod(shape[:axis])), int(np.prod(shape[axis + 1:]))
+    size = _core.workspace_bytes(kind, outer, shape[axis], inner, np.dtype(dtype).itemsize)
+    return jax.ShapeDtypeStruct((size,), jnp.uint8)
+
+
 def _attrs(axis, label_smoothing=0.0, z_loss=0.0, ignore_index=None):
     attrs = dict(axis=np.int64(axis), label_smoothing=np.float32(label_smoothing), z_loss=np.float32(z_loss))
     return attrs, ignore_index
@@ -56,12 +64,15 @@ def sparse_call(logits, labels, grad_loss, class_weights=None, axis=-1, **option
 
     @jax.jit
     def run(z, y, w, g):
-        loss, lse = jax.ffi.ffi_call(
+        loss, lse, _ = jax.ffi.ffi_call(
             "fused_xent_sparse_forward",
-            (jax.ShapeDtypeStruct(row_shape, z.dtype), jax.ShapeDtypeStruct(row_shape, jnp.float64)),
+            (jax.ShapeDtypeStruct(row_shape, z.dtype), jax.ShapeDtypeStruct(row_shape, jnp.float64),
+             workspace("sparse_forward", z.shape, axis, z.dtype)),
         )(z, y, w, **attrs)
-        grad = jax.ffi.ffi_call("fused_xent_sparse_backward", jax.ShapeDtypeStruct(z.shape, z.dtype))(
-            z, y, w, lse, g, **attrs)
+        grad, _ = jax.ffi.ffi_call(
+            "fused_xent_sparse_backward",
+            (jax.ShapeDtypeStruct(z.shape, z.dtype), workspace("sparse_backward", z.shape, axis, z.dtype)),
+        )(z, y, w, lse, g, **attrs)
         return loss, lse, grad
 
     put = lambda a: jax.device_put(a, DEVICE)  # noqa: E731
@@ -74,12 +85,15 @@ def dense_call(logits, labels, grad_loss, axis=-1, label_smoothing=0.0, z_loss=0
 
     @jax.jit
     def run(z, t, g):
-        loss, lse = jax.ffi.ffi_call(
+        loss, lse, _ = jax.ffi.ffi_call(
             "fused_xent_dense_forward",
-            (jax.ShapeDtypeStruct(row_shape, z.dtype), jax.ShapeDtypeStruct(row_shape, jnp.float64)),
+            (jax.ShapeDtypeStruct(row_shape, z.dtype), jax.ShapeDtypeStruct(row_shape, jnp.float64),
+             workspace("dense_forward", z.shape, axis, z.dtype)),
         )(z, t, **attrs)
-        grad = jax.ffi.ffi_call("fused_xent_dense_backward", jax.ShapeDtypeStruct(z.shape, z.dtype))(
-            z, t, lse, g, **attrs)
+        grad, _ = jax.ffi.ffi_call(
+            "fused_xent_dense_backward",
+            (jax.ShapeDtypeStruct(z.shape, z.dtype), workspace("dense_backward", z.shape, axis, z.dtype)),
+        )(z, t, lse, g, **attrs)
         return loss, lse, grad
 
     put = lambda a: jax.device_put(a, DEVICE)  # noqa: E731
@@ -165,6 +179,7 @@ def _forward(name, outputs, *operands, **attrs):
         ("axis", "axis 2 is out of range for logits of shape \\[4, 7\\]"),
         ("smoothing", "label_smoothing must lie in \\[0, 1\\]"),
         ("loss_shape", "loss must have the shape of logits without the class axis"),
+        ("workspace", r"workspace must have at least 10240 bytes for this shape \(fused_xent._core.workspace_bytes\), got 10239"),
     ],
 )
 def test_bad_operands_raise_naming_them(case, message):
@@ -174,6 +189,7 @@ def test_bad_operands_raise_naming_them(case, message):
     weights = jnp.zeros([0], jnp.float32)
     attrs = _sparse_attrs(-1)
     rows = 4
+    space = workspace("sparse_forward", z.shape, -1, z.dtype)
     if case == "labels_shape":
         labels = jnp.asarray([0, 1, 2, 3, 4], jnp.int32)
     elif case == "labels_dtype":
@@ -186,6 +202,24 @@ def test_bad_operands_raise_naming_them(case, message):
         attrs["label_smoothing"] = np.float32(1.5)
     elif case == "loss_shape":
         rows = 3
-    outputs = (jax.ShapeDtypeStruct((rows,), jnp.float32), jax.ShapeDtypeStruct((4,), jnp.float64))
+    elif case == "workspace":  # rows split across blocks keep partial sums there: one byte short
+        z = jnp.zeros((4, 262144), jnp.float32)
+        space = jax.ShapeDtypeStruct((workspace("sparse_forward", z.shape, -1, z.dtype).shape[0] - 1,), jnp.uint8)
+    outputs = (jax.ShapeDtypeStruct((rows,), jnp.float32), jax.ShapeDtypeStruct((4,), jnp.float64), space)
     with pytest.raises(Exception, match=message):
         jax.block_until_ready(_forward("fused_xent_sparse_forward", outputs, z, labels, weights, **attrs))
+
+
+def test_workspace_sizes():
+    """The workspace depends on the shape alone: partial sums of rows split across blocks
+    (few long rows), the dense backward's label sums; nothing for the sparse backward."""
+    size = _core.workspace_bytes
+    assert size("sparse_backward", 8, 262144, 1, 4) == 0
+    assert size("sparse_forward", 4096, 32000, 1, 4) == 0  # enough rows: no row is split
+    assert size("dense_backward", 4096, 32000, 1, 4) == 4096 * 4
+    split = size("sparse_forward", 8, 262144, 1, 4)
+    assert split > 0 and split % (8 * 40) == 0  # a RowSums<float> (40 bytes) per chunk
+    assert split == size("dense_forward", 8, 262144, 1, 4)
+    assert size("sparse_forward", 8, 262144, 1, 8) > 0 and size("sparse_forward", 0, 262144, 1, 4) == 0
+    with pytest.raises(ValueError, match="kind must be"):
+        size("forward", 1, 2, 1, 4)

@@ -432,13 +432,15 @@ class _NumPyBackend:
 
 @pytest.fixture
 def cuda_on_cpu(monkeypatch):
-    """fused_xent.cuda with NumPy arrays, its CUDA bindings replaced by the CPU ones (stream dropped)."""
+    """fused_xent.cuda with NumPy arrays, its CUDA bindings replaced by the CPU ones (stream and
+    workspace dropped)."""
     from fused_xent import cuda
 
     monkeypatch.setattr(cuda, "_backend", lambda logits: _NumPyBackend())
     for name in ("sparse_forward", "sparse_backward", "dense_forward", "dense_backward"):
         cpu = getattr(_core, name)
-        monkeypatch.setattr(_core, "cuda_" + name, lambda stream, _cpu=cpu, **kwargs: _cpu(**kwargs), raising=False)
+        monkeypatch.setattr(_core, "cuda_" + name, lambda stream, _cpu=cpu, workspace=None, **kwargs: _cpu(**kwargs),
+                            raising=False)
     return cuda
 
 

@@ -95,3 +95,29 @@ def test_speed_targets_are_judged_on_the_figures():
     assert "sparse 37%, dense 37% | **not met** | the floor is 0.30 ms; an empty `tf.function` step takes 0.30 ms" in text
     assert "| bfloat16 ≥ 1.5× as fast as float32 at C ≥ 1000 | 1.67× | met |" in text
     assert "| bfloat16 never slower than float32 | 1.67× | met |" in text
+
+
+def _result_line(stdout):
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, stdout[-2000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_bench_jax_step_quick_runs_both_studies(tmp_path):
+    """benchmarks/bench_jax_step.py on tiny shapes: the CPU aliasing study, and the GPU study's
+    code on the CPU device (what scripts/gpu_check.sh runs on a GPU); no targets checked."""
+    pytest.importorskip("jax")
+    script = BENCH.parent / "bench_jax_step.py"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    cpu = subprocess.run([sys.executable, str(script), "--cpu", "--quick", "--rounds", "1"], check=True,
+                         capture_output=True, text=True, timeout=300, env=env)
+    result = _result_line(cpu.stdout)
+    assert set(result["median_ms"]) == {"fresh", "fresh, no THP", "fresh, donated", "aliased", "aliased, donated",
+                                        "jnp formula"}
+    assert "fresh: 0 logits-sized copies" in cpu.stdout and "aliased: 1 logits-sized copies" in cpu.stdout
+    gpu = subprocess.run([sys.executable, str(script), "--gpu-mode-on-cpu", "--quick", "--rounds", "1"], check=True,
+                         capture_output=True, text=True, timeout=300, env=env)
+    rows = _result_line(gpu.stdout)["results"]
+    assert {(r["dtype"], r["N"], r["C"]) for r in rows} == {(d, n, c) for d in ("float32", "bfloat16")
+                                                            for n, c in ((256, 4000), (4, 40000))}
+    assert all(r["step_ms"] > 0 and r["floor_ms"] > 0 for r in rows)

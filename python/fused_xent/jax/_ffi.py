@@ -9,6 +9,7 @@ for the backward: an internal value, so ``jax_enable_x64`` may stay off.
 
 
 import functools
+import os
 import threading
 
 import jax
@@ -58,19 +59,44 @@ def _rows(z, axis):
     return jax.ShapeDtypeStruct(tuple(d for i, d in enumerate(z.shape) if i != axis % z.ndim), z.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _workspace_bytes(kind, shape, axis, itemsize):
+    axis %= len(shape)
+    outer, inner = int(np.prod(shape[:axis], dtype=np.int64)), int(np.prod(shape[axis + 1:], dtype=np.int64))
+    return _core.workspace_bytes(kind, outer, shape[axis], inner, itemsize)
+
+
+def _workspace(name, z, axis):
+    """The targets' last result: scratch memory for the CUDA kernels, allocated by XLA with the
+    call's other buffers and dropped after it. Its size depends on the shape alone, so one lowering
+    serves every platform (the CPU handlers leave it alone)."""
+    kind = name[len("fused_xent_"):]
+    return jax.ShapeDtypeStruct((_workspace_bytes(kind, tuple(z.shape), axis, z.dtype.itemsize),), np.uint8)
+
+
 def _forward_ffi(name, opts, z, *operands):
     row = _rows(z, opts[0])
     lse = jax.ShapeDtypeStruct(row.shape, np.float64)  # float64 even without x64: the call returns it as asked
-    return jax.ffi.ffi_call(name, (row, lse), vmap_method="sequential")(z, *operands, **_attrs(opts))
+    call = jax.ffi.ffi_call(name, (row, lse, _workspace(name, z, opts[0])), vmap_method="sequential")
+    loss, lse, _ = call(z, *operands, **_attrs(opts))
+    return loss, lse
+
+
+def _alias_gradient():
+    """Whether the backward writes the gradient over the logits' buffer. Not by default: XLA must
+    then copy the logits first wherever they are still needed afterwards (a jit parameter that is
+    not donated, Keras's train step, which returns the logits), and that copy cost more than the
+    fresh output it saves (docs/xla.md#the-gradients-buffer). FUSED_XENT_JAX_ALIAS_GRADIENT=1,
+    read when a function is traced, asks for the aliasing, for measurements."""
+    return os.environ.get("FUSED_XENT_JAX_ALIAS_GRADIENT", "0") not in ("", "0")
 
 
 def _backward_ffi(name, opts, z, *operands):
     out = jax.ShapeDtypeStruct(z.shape, z.dtype)
-    # The gradient goes over the logits' buffer (the kernels read each element before writing
-    # it): a fresh N x C output costs XLA's CPU runtime page faults that took longer than the
-    # kernel (docs/benchmarks_backends.md). XLA copies z first only where z is still needed.
-    call = jax.ffi.ffi_call(name, out, vmap_method="sequential", input_output_aliases={0: 0})
-    return call(z, *operands, **_attrs(opts))
+    aliases = {0: 0} if _alias_gradient() else None
+    call = jax.ffi.ffi_call(name, (out, _workspace(name, z, opts[0])), vmap_method="sequential",
+                            input_output_aliases=aliases)
+    return call(z, *operands, **_attrs(opts))[0]
 
 
 def _acc(dtype):
