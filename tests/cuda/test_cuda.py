@@ -337,7 +337,7 @@ def test_loss_only_and_empty_batch():
 
 def test_bad_input():
     logits = to_device(np.zeros((3, 4), np.float32))
-    with pytest.raises(ValueError, match=r"labels shape"):
+    with pytest.raises(ValueError, match=r"`labels.shape` must equal `logits.shape` except for the class axis"):
         fxcuda.sparse_softmax_cross_entropy_with_logits(to_device(np.array([0, 1])), logits)
     with pytest.raises(TypeError, match=r"labels must be integer"):
         fxcuda.sparse_softmax_cross_entropy_with_logits(to_device(np.zeros(3)), logits)

@@ -21,8 +21,13 @@ def refuse_composites(y_true, y_pred):
 
 
 def keras_inputs(y_true, y_pred, dtype):
-    """As Keras's Loss.__call__: both converted to the loss dtype (integer labels too)."""
-    return ops.convert_to_tensor(y_true, dtype=dtype), ops.convert_to_tensor(y_pred, dtype=dtype)
+    """As Keras's Loss.__call__ (both converted to the loss dtype, integer labels too), except that
+    floating-point predictions keep their dtype: under mixed precision the kernels read bfloat16 or
+    float16 logits as they are (accumulating in float32) instead of a float32 copy of them."""
+    y_pred = ops.convert_to_tensor(y_pred)
+    if not keras.backend.standardize_dtype(y_pred.dtype).startswith(("float", "bfloat")):
+        y_pred = ops.cast(y_pred, dtype)
+    return ops.convert_to_tensor(y_true, dtype=dtype), y_pred
 
 
 def _check_rank(y_pred, axis):
@@ -71,6 +76,7 @@ def categorical(y_true, y_pred, *, from_logits, label_smoothing, axis, z_loss, e
     options = dict(axis=axis, label_smoothing=label_smoothing, z_loss=z_loss)
     if from_logits:
         return fused(y_true, y_pred, **options)
+    y_pred = ops.cast(y_pred, loss_dtype)  # probabilities: Keras's normalisation and clipping in the loss dtype
     clipped = ops.clip(y_pred / ops.sum(y_pred, axis=axis, keepdims=True), epsilon, 1.0 - epsilon)
     losses = fused(y_true, ops.log(clipped), **options)
     # The op's softmax of log(clipped p) renormalises; Keras's sum does not, so its logsumexp is taken back.
@@ -83,7 +89,7 @@ def sparse(y_true, y_pred, *, from_logits, label_smoothing, axis, z_loss, class_
     """(per-element losses, integer labels) of integer labels; ignored elements give 0."""
     _check_rank(y_pred, axis)
     labels = _sparse_labels(y_true, y_pred, axis)
-    scores = y_pred if from_logits else _log_probabilities(y_pred, axis, epsilon)
+    scores = y_pred if from_logits else _log_probabilities(ops.cast(y_pred, loss_dtype), axis, epsilon)
     losses = _fused().sparse_softmax_cross_entropy_with_logits(
         labels,
         scores,
