@@ -89,16 +89,27 @@ fi
 KERAS_BACKEND=jax "$PYTHON" -c 'import keras; print("keras", keras.__version__, keras.backend.backend())' ||
   echo "keras: not importable; the Keras steps will fail"
 
+# GPU_CHECK_STEPS=a,b runs only those steps (after the build): cuda, jax, frameworks, keras,
+# jax_step, lm_head, bench_cuda. Default: all.
+want() { [ -z "${GPU_CHECK_STEPS:-}" ] || [[ ",$GPU_CHECK_STEPS," == *",$1,"* ]]; }
+quick=()
+if [ -n "${GPU_CHECK_QUICK:-}" ]; then quick=(--quick); fi
+
+if want cuda; then
 log "tests/cuda/test_cuda.py"
 timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/cuda/test_cuda.py \
   --junitxml="$OUT_DIR/test_cuda.xml" 2>&1 | tee "$OUT_DIR/test_cuda.log" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
+if want jax; then
 log "tests/jax on CUDA (the FFI handlers under jax.jit, fused_xent.jax, no logits copy in the GPU's HLO)"
 FUSED_XENT_JAX_PLATFORM=cuda timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/jax \
   --junitxml="$OUT_DIR/test_jax.xml" 2>&1 | tee "$OUT_DIR/test_jax.log" | tail -20
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
+if want frameworks; then
 log "fused_xent.jax and fused_xent.torch on the GPU against their CPU results"
 timeout 200 "$PYTHON" - <<'PY' 2>&1 | tee "$OUT_DIR/frameworks_cuda.log" | tail -20
 import numpy as np
@@ -137,28 +148,35 @@ for fw, gpu in (("jax", "gpu"), ("torch", "cuda")):
 raise SystemExit(1 if failed else 0)
 PY
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
+if want keras; then
 log "Keras on the JAX backend: training with our CategoricalCrossentropy and SparseCategoricalCrossentropy"
 KERAS_BACKEND=jax timeout 150 "$PYTHON" scripts/keras_jax_train.py 2>&1 | tee "$OUT_DIR/keras_jax_train.log" |
   grep -v '^RESULT'
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
+if want jax_step; then
 log "benchmarks/bench_jax_step.py: jit(grad), logits not donated, against the copy floor"
-quick=()
-if [ -n "${GPU_CHECK_QUICK:-}" ]; then quick=(--quick); fi
 timeout 180 "$PYTHON" benchmarks/bench_jax_step.py "${quick[@]}" --json "$OUT_DIR/bench_jax_step.json" 2>&1 |
   tee "$OUT_DIR/bench_jax_step.log" | grep -v '^RESULT'
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
+if want lm_head; then
 log "benchmarks/bench_keras_lm_head.py: Keras-on-JAX LM head, ours against Keras's loss"
 timeout 240 "$PYTHON" benchmarks/bench_keras_lm_head.py "${quick[@]}" --json "$OUT_DIR/bench_keras_lm_head.json" 2>&1 |
   tee "$OUT_DIR/bench_keras_lm_head.log" | grep -v '^RESULT'
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
+if want bench_cuda; then
 log "benchmarks/bench_cuda.py --quick --check: PyTorch CUDA forward + backward against the floor"
 timeout 150 "$PYTHON" benchmarks/bench_cuda.py --quick --check --no-compile --json "$OUT_DIR/bench_cuda.json" 2>&1 |
   tee "$OUT_DIR/bench_cuda.log" | grep -v '^RESULT'
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
 log "summary"
 "$PYTHON" - "$OUT_DIR" <<'PY' 2>&1 | tee "$OUT_DIR/summary.txt"
