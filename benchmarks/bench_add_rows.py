@@ -20,6 +20,7 @@ ROWS, COLUMNS, SLAB = 256, 128256, 64
 
 def time_adds(dtype, reps):
     import tensorflow as tf
+
     from fused_xent._tf.loader import load_op_library
 
     library = load_op_library()
@@ -62,8 +63,10 @@ def main():
     print("| --- | --- | --- | --- |")
     for dtype in (tf.float32, tf.bfloat16):
         t = time_adds(dtype, args.reps)
-        print(f"| {dtype.name} | {t['AddToRows'] * 1e3:.2f} | {t['InplaceAdd'] * 1e3:.2f} | "
-              f"{t['InplaceAdd'] / t['AddToRows']:.1f}× |")
+        print(
+            f"| {dtype.name} | {t['AddToRows'] * 1e3:.2f} | {t['InplaceAdd'] * 1e3:.2f} | "
+            f"{t['InplaceAdd'] / t['AddToRows']:.1f}× |"
+        )
 
 
 if __name__ == "__main__":

@@ -137,31 +137,46 @@ def run_framework(backend, module, script, reps):
     probe = subprocess.run([sys.executable, "-c", f"import {module}"], env=env, capture_output=True, text=True)
     if probe.returncode != 0:
         return None, probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else "cannot import"
-    done = subprocess.run([sys.executable, "-c", script, str(reps), json.dumps(SHAPES)], env=env,
-                          capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(reps), json.dumps(SHAPES)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):]), None
+            return json.loads(line[len("RESULT ") :]), None
     return None, (done.stderr.strip().splitlines() or ["no result"])[-1]
 
 
 def table(name, results, ours, own):
-    lines = [f"### {name}", "",
-             f"| N×C | {ours} ms | {own} ms | ours vs {own} | fused_xent.losses ms | keras.losses ms | "
-             "ours vs Keras's loss |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"### {name}",
+        "",
+        f"| N×C | {ours} ms | {own} ms | ours vs {own} | fused_xent.losses ms | keras.losses ms | "
+        "ours vs Keras's loss |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results:
         if r.get("in_layer"):
             continue
         ms = r["ms"]
         n, c = r["shape"]
-        lines.append(f"| {n}×{c} | {ms[ours]:.2f} | {ms[own]:.2f} | {ms[own] / ms[ours]:.1f}× | "
-                     f"{ms['fused_xent.losses']:.2f} | {ms['keras.losses']:.2f} | "
-                     f"{ms['keras.losses'] / ms['fused_xent.losses']:.1f}× |")
+        lines.append(
+            f"| {n}×{c} | {ms[ours]:.2f} | {ms[own]:.2f} | {ms[own] / ms[ours]:.1f}× | "
+            f"{ms['fused_xent.losses']:.2f} | {ms['keras.losses']:.2f} | "
+            f"{ms['keras.losses'] / ms['fused_xent.losses']:.1f}× |"
+        )
     layer = [r for r in results if r.get("in_layer")]
     if layer:
-        lines += ["", "Logits made in the step (z = h @ w with H = 32, gradients to h and w):", "",
-                  f"| N×C | {ours} step ms | {own} step ms | ours vs {own} |", "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "Logits made in the step (z = h @ w with H = 32, gradients to h and w):",
+            "",
+            f"| N×C | {ours} step ms | {own} step ms | ours vs {own} |",
+            "| --- | --- | --- | --- |",
+        ]
         for r in layer:
             ms, (n, c) = r["ms"], r["shape"]
             lines.append(f"| {n}×{c} | {ms[ours]:.2f} | {ms[own]:.2f} | {ms[own] / ms[ours]:.1f}× |")
@@ -196,7 +211,7 @@ def kept_section(path):
     except OSError:
         return ""
     begin, end = text.find(KEPT_BEGIN), text.find(KEPT_END)
-    return text[begin:end + len(KEPT_END)] + "\n" if 0 <= begin < end else ""
+    return text[begin : end + len(KEPT_END)] + "\n" if 0 <= begin < end else ""
 
 
 def main():
@@ -215,11 +230,13 @@ def main():
     if args.markdown and sections:
         kept = kept_section(args.markdown)
         with open(args.markdown, "w") as out:
-            out.write("Forward + backward of a mean sparse float32 loss on the CPU, median milliseconds of "
-                      "interleaved runs; \"vs\" columns are the other's time over ours. In JAX the backward "
-                      "writes the gradient to a buffer of its own (docs/xla.md#the-gradients-buffer).\n"
-                      f"Machine: {machine()}.\n"
-                      f"Command: `python benchmarks/bench_backends.py --reps {args.reps} --markdown {args.markdown}`\n\n")
+            out.write(
+                "Forward + backward of a mean sparse float32 loss on the CPU, median milliseconds of "
+                'interleaved runs; "vs" columns are the other\'s time over ours. In JAX the backward '
+                "writes the gradient to a buffer of its own (docs/xla.md#the-gradients-buffer).\n"
+                f"Machine: {machine()}.\n"
+                f"Command: `python benchmarks/bench_backends.py --reps {args.reps} --markdown {args.markdown}`\n\n"
+            )
             out.write("\n".join(sections))
             if kept:
                 out.write("\n" + kept)

@@ -117,10 +117,14 @@ def make_step(loss_fn, jit, lowering=None):
 
 def variants(kind):
     import tensorflow as tf
+
     import fused_xent
 
     if kind == "sparse":
-        ours, theirs = fused_xent.sparse_softmax_cross_entropy_with_logits, tf.nn.sparse_softmax_cross_entropy_with_logits
+        ours, theirs = (
+            fused_xent.sparse_softmax_cross_entropy_with_logits,
+            tf.nn.sparse_softmax_cross_entropy_with_logits,
+        )
     else:
         ours, theirs = fused_xent.softmax_cross_entropy_with_logits, tf.nn.softmax_cross_entropy_with_logits
     return {
@@ -134,6 +138,7 @@ def variants(kind):
 
 def loss_only_variants():
     import tensorflow as tf
+
     import fused_xent
 
     def make(loss_fn):
@@ -235,6 +240,7 @@ def time_kernels_alone(shapes, reps):
     and an empty tf.function step on the same inputs, the fixed cost every TF step pays."""
     import ml_dtypes
     import tensorflow as tf
+
     from fused_xent import _core
 
     @tf.function
@@ -249,11 +255,13 @@ def time_kernels_alone(shapes, reps):
         for name, dtype in (("float32", np.float32), ("bfloat16", ml_dtypes.bfloat16)):
             z = np.ascontiguousarray(logits.astype(dtype))
             out = (np.empty(n, dtype), np.empty(n, np.float64), np.full(n, 1.0 / n, dtype), np.empty_like(z))
-            calls[name] = lambda z=z, out=out, name=name: _core.sparse(name, z, labels, n, c, 1, 0.0, 0.0, None,
-                                                                      None, *out)
+            calls[name] = lambda z=z, out=out, name=name: _core.sparse(
+                name, z, labels, n, c, 1, 0.0, 0.0, None, None, *out
+            )
             # The forward alone (no gradient buffers): the backward's share is the difference.
             calls[f"{name} forward"] = lambda z=z, out=out, name=name: _core.sparse(
-                name, z, labels, n, c, 1, 0.0, 0.0, None, None, out[0], out[1], None, None)
+                name, z, labels, n, c, 1, 0.0, 0.0, None, None, out[0], out[1], None, None
+            )
         tensors = (tf.constant(logits), tf.constant(labels))
         calls["empty tf.function step"] = lambda: empty_step(*tensors)
         rows.append({"shape": shape, "times": time_calls(calls, reps)})
@@ -268,15 +276,18 @@ def time_lm_head(shape, reps):
     for hidden and W, with each loss; and each loss's step alone on logits of the same size,
     so the loss's share of the whole step shows."""
     import tensorflow as tf
+
     import fused_xent
 
     n, h, v = shape
     rng = np.random.default_rng(3)
     hidden = tf.constant(rng.normal(size=(n, h)).astype(np.float32))
-    w = tf.constant(rng.normal(size=(h, v)).astype(np.float32) * h ** -0.5)
+    w = tf.constant(rng.normal(size=(h, v)).astype(np.float32) * h**-0.5)
     labels = tf.constant(rng.integers(0, v, size=n))
-    losses = {"fused": fused_xent.sparse_softmax_cross_entropy_with_logits,
-              "tf.nn": tf.nn.sparse_softmax_cross_entropy_with_logits}
+    losses = {
+        "fused": fused_xent.sparse_softmax_cross_entropy_with_logits,
+        "tf.nn": tf.nn.sparse_softmax_cross_entropy_with_logits,
+    }
 
     def head_step(fn):
         @tf.function
@@ -317,20 +328,35 @@ print("RESULT " + json.dumps(rows))
 def time_cache_off(shapes, reps):
     env = dict(os.environ, FUSED_XENT_BUFFER_CACHE_MB="0")
     out = subprocess.run(
-        [sys.executable, "-c", CACHE_OFF_SCRIPT, os.path.dirname(os.path.abspath(__file__)), json.dumps(shapes),
-         str(reps)], capture_output=True, text=True, timeout=1800, check=True, env=env,
+        [
+            sys.executable,
+            "-c",
+            CACHE_OFF_SCRIPT,
+            os.path.dirname(os.path.abspath(__file__)),
+            json.dumps(shapes),
+            str(reps),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=True,
+        env=env,
     ).stdout
-    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
 
 
 def segmentation_variants(kind):
     """Steps on NHWC logits (class axis last) and NCHW logits (class axis 1)."""
     import tensorflow as tf
+
     import fused_xent
 
     nchw_to_nhwc = [0, 2, 3, 1]
     if kind == "sparse":
-        ours, theirs = fused_xent.sparse_softmax_cross_entropy_with_logits, tf.nn.sparse_softmax_cross_entropy_with_logits
+        ours, theirs = (
+            fused_xent.sparse_softmax_cross_entropy_with_logits,
+            tf.nn.sparse_softmax_cross_entropy_with_logits,
+        )
         ours_axis1 = lambda y, x: ours(y, x, axis=1)  # noqa: E731
         theirs_axis1 = lambda y, x: theirs(y, tf.transpose(x, nchw_to_nhwc))  # noqa: E731
     else:
@@ -369,7 +395,9 @@ def time_segmentation(shape, reps, bandwidth):
     for kind in ("sparse", "dense"):
         data = segmentation_inputs(shape, kind)
         steps = segmentation_variants(kind)
-        times = time_calls({name: (lambda s=step, a=data[layout]: s(*a)) for name, (layout, step) in steps.items()}, reps)
+        times = time_calls(
+            {name: (lambda s=step, a=data[layout]: s(*a)) for name, (layout, step) in steps.items()}, reps
+        )
         arrays = 3 if kind == "sparse" else 5
         floor = arrays * int(np.prod(shape)) * 4 / bandwidth
         rows.append({"kind": kind, "shape": shape, "times": times, "floor": floor})
@@ -430,7 +458,11 @@ FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 def peak_memory(which, mode, shape, hidden=64, env=None):
     out = subprocess.run(
         [sys.executable, "-c", MEMORY_SCRIPT, which, mode, str(shape[0]), str(shape[1]), str(hidden)],
-        capture_output=True, text=True, timeout=600, check=True, env=dict(os.environ, **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+        env=dict(os.environ, **(env or {})),
     ).stdout
     return json.loads(out.strip().splitlines()[-1])["above_inputs"]
 
@@ -447,6 +479,7 @@ def peak_memory_runs(mode, shape, runs, env=None):
 # --- report ------------------------------------------------------------------------------
 def run(args):
     import tensorflow as tf
+
     import fused_xent
 
     bandwidth = copy_bandwidth()
@@ -489,7 +522,11 @@ def run(args):
     cache_off = time_cache_off(shapes, args.reps)
     for row in cache_off:
         row["floor"] = 3 * row["shape"][0] * row["shape"][1] * 4 / bandwidth
-        on = next(r for r in rows if r["kind"] == "sparse" and r["dtype"] == "float32" and tuple(r["shape"]) == tuple(row["shape"]))
+        on = next(
+            r
+            for r in rows
+            if r["kind"] == "sparse" and r["dtype"] == "float32" and tuple(r["shape"]) == tuple(row["shape"])
+        )
         row["cache_on"] = on["times"]
     lm_head = {"shape": args.lm_head_shape, "times": time_lm_head(args.lm_head_shape, args.reps)}
     memory = None
@@ -555,7 +592,8 @@ def format_segmentation_row(row):
     return (
         f"| {row['kind']} | {n}×{h}×{w}×{c} | " + " | ".join(cells) + " | "
         f"{_slowdown(t, 'fused, axis 1', 'fused, axis last')} | {_ratio(t, 'tf.nn, axis 1 (transpose)', 'fused, axis 1')} | "
-        + " | ".join(fractions) + " |"
+        + " | ".join(fractions)
+        + " |"
     )
 
 
@@ -577,15 +615,21 @@ def segmentation_markdown(rows):
 def kernels_alone_markdown(rows):
     if not rows:
         return []
-    lines = ["", "The kernels alone: one call of the compiled module (`fused_xent._core`, no TensorFlow; forward and "
-             "backward of sparse rows into buffers allocated once), and an empty `tf.function` step on the same "
-             "tensors, the fixed cost of every TensorFlow step above. Floor as above (float32). Median milliseconds:",
-             "", "| N×C | float32 ms | float32, of floor | bfloat16 ms | bfloat16 vs float32 | empty tf.function step ms |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "",
+        "The kernels alone: one call of the compiled module (`fused_xent._core`, no TensorFlow; forward and "
+        "backward of sparse rows into buffers allocated once), and an empty `tf.function` step on the same "
+        "tensors, the fixed cost of every TensorFlow step above. Floor as above (float32). Median milliseconds:",
+        "",
+        "| N×C | float32 ms | float32, of floor | bfloat16 ms | bfloat16 vs float32 | empty tf.function step ms |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         t = r["times"]
-        lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {_ms(t, 'float32')} | {100 * r['floor'] / t['float32']:.0f}% | "
-                     f"{_ms(t, 'bfloat16')} | {t['float32'] / t['bfloat16']:.2f}× | {_ms(t, 'empty tf.function step')} |")
+        lines.append(
+            f"| {r['shape'][0]}×{r['shape'][1]} | {_ms(t, 'float32')} | {100 * r['floor'] / t['float32']:.0f}% | "
+            f"{_ms(t, 'bfloat16')} | {t['float32'] / t['bfloat16']:.2f}× | {_ms(t, 'empty tf.function step')} |"
+        )
     return lines
 
 
@@ -607,13 +651,17 @@ def time_split_markdown(rows, clock_hz):
         return []
     cores = os.cpu_count() or 1
     unit = f"cycles at the reported {clock_hz / 1e9:.2f} GHz" if clock_hz else "ns"
-    lines = ["", f"Where the kernels' time goes, from the same calls: the forward alone, and the backward as the "
-             f"difference, in {unit} per element and core ({cores} cores). Logits that fit in the last-level cache "
-             "are not limited by memory bandwidth: their time is arithmetic and data movement inside the cores. "
-             "The last column is bfloat16's time against its own floor (half of float32's bytes):", "",
-             "| N×C | logits MB (float32) | float32 forward | float32 backward | bfloat16 forward | "
-             "bfloat16 backward | bfloat16, of its floor |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "",
+        f"Where the kernels' time goes, from the same calls: the forward alone, and the backward as the "
+        f"difference, in {unit} per element and core ({cores} cores). Logits that fit in the last-level cache "
+        "are not limited by memory bandwidth: their time is arithmetic and data movement inside the cores. "
+        "The last column is bfloat16's time against its own floor (half of float32's bytes):",
+        "",
+        "| N×C | logits MB (float32) | float32 forward | float32 backward | bfloat16 forward | "
+        "bfloat16 backward | bfloat16, of its floor |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         t, (n, c) = r["times"], r["shape"]
         scale = cores / (n * c) * (clock_hz if clock_hz else 1e9)
@@ -621,8 +669,9 @@ def time_split_markdown(rows, clock_hz):
         for dtype in ("float32", "bfloat16"):
             forward = t[f"{dtype} forward"]
             cells += [f"{forward * scale:.2f}", f"{(t[dtype] - forward) * scale:.2f}"]
-        lines.append(f"| {n}×{c} | {n * c * 4 / 1e6:.1f} | {' | '.join(cells)} | "
-                     f"{100 * (r['floor'] / 2) / t['bfloat16']:.0f}% |")
+        lines.append(
+            f"| {n}×{c} | {n * c * 4 / 1e6:.1f} | {' | '.join(cells)} | {100 * (r['floor'] / 2) / t['bfloat16']:.0f}% |"
+        )
     return lines
 
 
@@ -662,11 +711,15 @@ def targets_markdown(result):
         if min(got.values()) < goal and alone:
             t = alone["times"]
             fixed, kernels = t["empty tf.function step"], t["float32"]
-            limit = (f"the floor is {alone['floor'] * 1e3:.2f} ms; an empty `tf.function` step takes {fixed * 1e3:.2f} ms "
-                     f"and the kernels alone {kernels * 1e3:.2f} ms ({100 * alone['floor'] / kernels:.0f}% of the "
-                     f"floor): the two together allow at most {100 * alone['floor'] / (fixed + kernels):.0f}% (sparse)")
-        lines.append(f"| float32 at {shape[0]}×{shape[1]}: ≥ {100 * goal:.0f}% of the floor | {text} | "
-                     f"{_verdict(min(got.values()) >= goal)} | {limit} |")
+            limit = (
+                f"the floor is {alone['floor'] * 1e3:.2f} ms; an empty `tf.function` step takes {fixed * 1e3:.2f} ms "
+                f"and the kernels alone {kernels * 1e3:.2f} ms ({100 * alone['floor'] / kernels:.0f}% of the "
+                f"floor): the two together allow at most {100 * alone['floor'] / (fixed + kernels):.0f}% (sparse)"
+            )
+        lines.append(
+            f"| float32 at {shape[0]}×{shape[1]}: ≥ {100 * goal:.0f}% of the floor | {text} | "
+            f"{_verdict(min(got.values()) >= goal)} | {limit} |"
+        )
     dtype_rows = [r for r in result.get("dtype_rows") or []]
     big = [r for r in dtype_rows if r["shape"][1] >= 1000]
     if big:
@@ -676,49 +729,73 @@ def targets_markdown(result):
         if min(ratios) < 1.5 and alone:
             kernel_ratios = [r["times"]["float32"] / r["times"]["bfloat16"] for r in alone]
             own_floor = [100 * r["floor"] / 2 / r["times"]["bfloat16"] for r in alone]
-            limit = (f"the kernels alone: bfloat16 {_span(kernel_ratios)} float32, at "
-                     f"{_span(own_floor, '{:.0f}', '%')} of its own floor: "
-                     "its time is arithmetic (the same float32 arithmetic per element, plus conversions: see the "
-                     "cycles per element above), not bytes")
-        lines.append(f"| bfloat16 ≥ 1.5× as fast as float32 at C ≥ 1000 | {_span(ratios)} | "
-                     f"{_verdict(min(ratios) >= 1.5)} | {limit} |")
+            limit = (
+                f"the kernels alone: bfloat16 {_span(kernel_ratios)} float32, at "
+                f"{_span(own_floor, '{:.0f}', '%')} of its own floor: "
+                "its time is arithmetic (the same float32 arithmetic per element, plus conversions: see the "
+                "cycles per element above), not bytes"
+            )
+        lines.append(
+            f"| bfloat16 ≥ 1.5× as fast as float32 at C ≥ 1000 | {_span(ratios)} | "
+            f"{_verdict(min(ratios) >= 1.5)} | {limit} |"
+        )
     if dtype_rows:
-        ratios = {f"{r['kind']} {r['shape'][0]}×{r['shape'][1]}": r["times"]["float32"] / r["times"]["bfloat16"]
-                  for r in dtype_rows}
+        ratios = {
+            f"{r['kind']} {r['shape'][0]}×{r['shape'][1]}": r["times"]["float32"] / r["times"]["bfloat16"]
+            for r in dtype_rows
+        }
         worst = min(ratios, key=ratios.get)
         limit = ""
         if ratios[worst] < 1:
-            limit = (f"slowest: {worst}, {ratios[worst]:.2f}×; logits that fit in the caches gain nothing from half "
-                     "the bytes and pay the conversions")
-        lines.append(f"| bfloat16 never slower than float32 | {_span(ratios.values())} | "
-                     f"{_verdict(ratios[worst] >= 1)} | {limit} |")
+            limit = (
+                f"slowest: {worst}, {ratios[worst]:.2f}×; logits that fit in the caches gain nothing from half "
+                "the bytes and pay the conversions"
+            )
+        lines.append(
+            f"| bfloat16 never slower than float32 | {_span(ratios.values())} | "
+            f"{_verdict(ratios[worst] >= 1)} | {limit} |"
+        )
     for row in result.get("segmentation") or []:
         t = row["times"]
         if "fused, axis 1" in t and "fused, axis last" in t:
             slowdown = t["fused, axis 1"] / t["fused, axis last"]
             n, h, w, c = row["shape"]
-            lines.append(f"| {row['kind']} {n}×{h}×{w}×{c}, `axis=1` within 1.3× of the axis last | {slowdown:.2f}× | "
-                         f"{_verdict(slowdown <= 1.3)} | |")
+            lines.append(
+                f"| {row['kind']} {n}×{h}×{w}×{c}, `axis=1` within 1.3× of the axis last | {slowdown:.2f}× | "
+                f"{_verdict(slowdown <= 1.3)} | |"
+            )
     if not lines:
         return []
-    return ["", "Speed targets, judged on this run (float32 unless named; the TensorFlow step as in the first table):",
-            "", "| target | this run | | what limits it |", "| --- | --- | --- | --- |"] + lines
+    return [
+        "",
+        "Speed targets, judged on this run (float32 unless named; the TensorFlow step as in the first table):",
+        "",
+        "| target | this run | | what limits it |",
+        "| --- | --- | --- | --- |",
+    ] + lines
 
 
 def cache_off_markdown(rows):
     if not rows:
         return []
-    lines = ["", "The gradient buffer cache off (`FUSED_XENT_BUFFER_CACHE_MB=0`: every gradient a fresh allocation, "
-             "as tf.nn's), sparse float32, forward + backward; measured in a second process against tf.nn, so the "
-             "kernels' share of the speedup shows apart from the allocator's. \"fused, cache on\" is the main "
-             "table's figure. Median milliseconds:", "",
-             "| N×C | fused, cache off ms | tf.nn ms | cache off vs tf.nn | cache off, of floor | fused, cache on ms "
-             "| cache on vs tf.nn |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "",
+        "The gradient buffer cache off (`FUSED_XENT_BUFFER_CACHE_MB=0`: every gradient a fresh allocation, "
+        "as tf.nn's), sparse float32, forward + backward; measured in a second process against tf.nn, so the "
+        "kernels' share of the speedup shows apart from the allocator's. \"fused, cache on\" is the main "
+        "table's figure. Median milliseconds:",
+        "",
+        "| N×C | fused, cache off ms | tf.nn ms | cache off vs tf.nn | cache off, of floor | fused, cache on ms "
+        "| cache on vs tf.nn |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         t, on = r["times"], r["cache_on"]
-        lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {_ms(t, 'fused, cache off')} | {_ms(t, 'tf.nn')} | "
-                     f"{_ratio(t, 'tf.nn', 'fused, cache off')} | {100 * r['floor'] / t['fused, cache off']:.0f}% | "
-                     f"{_ms(on, 'fused')} | {_ratio(on, 'tf.nn', 'fused')} |")
+        lines.append(
+            f"| {r['shape'][0]}×{r['shape'][1]} | {_ms(t, 'fused, cache off')} | {_ms(t, 'tf.nn')} | "
+            f"{_ratio(t, 'tf.nn', 'fused, cache off')} | {100 * r['floor'] / t['fused, cache off']:.0f}% | "
+            f"{_ms(on, 'fused')} | {_ratio(on, 'tf.nn', 'fused')} |"
+        )
     return lines
 
 
@@ -727,15 +804,22 @@ def lm_head_markdown(head):
         return []
     n, h, v = head["shape"]
     t = head["times"]
-    lines = ["", f"A language-model head's training step (float32, N={n}, H={h}, V={v}): logits = hidden @ W in "
-             "the step, a mean sparse loss, gradients for hidden and W; \"loss alone\" is the loss's own step on "
-             "logits of that size. Median milliseconds:", "",
-             "| loss | whole step ms | loss alone ms | loss, share of the step |", "| --- | --- | --- | --- |"]
+    lines = [
+        "",
+        f"A language-model head's training step (float32, N={n}, H={h}, V={v}): logits = hidden @ W in "
+        'the step, a mean sparse loss, gradients for hidden and W; "loss alone" is the loss\'s own step on '
+        "logits of that size. Median milliseconds:",
+        "",
+        "| loss | whole step ms | loss alone ms | loss, share of the step |",
+        "| --- | --- | --- | --- |",
+    ]
     for name in ("fused", "tf.nn"):
         whole, alone = t[f"{name} step"], t[f"{name} loss alone"]
         lines.append(f"| {name} | {whole * 1e3:.1f} | {alone * 1e3:.2f} | {100 * alone / whole:.0f}% |")
-    lines.append(f"| tf.nn vs fused | {t['tf.nn step'] / t['fused step']:.2f}× | "
-                 f"{t['tf.nn loss alone'] / t['fused loss alone']:.1f}× | |")
+    lines.append(
+        f"| tf.nn vs fused | {t['tf.nn step'] / t['fused step']:.2f}× | "
+        f"{t['tf.nn loss alone'] / t['fused loss alone']:.1f}× | |"
+    )
     return lines
 
 
@@ -749,7 +833,7 @@ def write_markdown(path, text):
             old = f.read()
     except FileNotFoundError:
         old = ""
-    kept = old[old.index(KEPT_HEADING):] if KEPT_HEADING in old else ""
+    kept = old[old.index(KEPT_HEADING) :] if KEPT_HEADING in old else ""
     with open(path, "w") as f:
         f.write(text.rstrip("\n") + "\n" + kept)
 
@@ -757,10 +841,16 @@ def write_markdown(path, text):
 def markdown(result):
     mib = 1 << 20
     if "rows" not in result:  # --only segmentation
-        return "\n".join([
-            f"Machine: {result['machine']}; TensorFlow {result['tensorflow']}; kernels: {result['simd']}.",
-            f"Copy bandwidth: {result['bandwidth'] / 1e9:.1f} GB/s. Command: `{result['command']}`",
-        ] + segmentation_markdown(result["segmentation"])) + "\n"
+        return (
+            "\n".join(
+                [
+                    f"Machine: {result['machine']}; TensorFlow {result['tensorflow']}; kernels: {result['simd']}.",
+                    f"Copy bandwidth: {result['bandwidth'] / 1e9:.1f} GB/s. Command: `{result['command']}`",
+                ]
+                + segmentation_markdown(result["segmentation"])
+            )
+            + "\n"
+        )
     lines = [
         "# Benchmarks",
         "",
@@ -782,7 +872,7 @@ def markdown(result):
         "Over 100% is possible: the floor is set by a NumPy copy, which is not the fastest way this machine can move memory.",
         "",
         "fused+XLA is the step compiled with `jit_compile=True`, which calls the fused kernels through XLA custom",
-        "calls; \"time of fused\" is its time over the fused step's without XLA (1.00× = no cost). fused+XLA (HLO) is",
+        'calls; "time of fused" is its time over the fused step\'s without XLA (1.00× = no cost). fused+XLA (HLO) is',
         "the same step through the HLO lowering (`FUSED_XENT_XLA_LOWERING=hlo`, the path for devices without a handler).",
         "Speedups are the other column's time over this one's.",
         "",
@@ -807,7 +897,11 @@ def markdown(result):
                 f"| {r['kind']} | {r['shape'][0]}×{r['shape'][1]} | {_ms(t, 'float32')} | {_ms(t, 'bfloat16')} | "
                 f"{t['float32'] / t['bfloat16']:.2f}× |"
             )
-    lines += ["", "Loss only (sparse float32, mean loss, no gradient), median milliseconds; floor = one read of the logits:", ""]
+    lines += [
+        "",
+        "Loss only (sparse float32, mean loss, no gradient), median milliseconds; floor = one read of the logits:",
+        "",
+    ]
     lines += ["| N×C | fused ms | tf.nn ms | fused vs tf.nn | fused, of floor |", "| --- | --- | --- | --- | --- |"]
     for r in result.get("loss_only", []):
         t = r["times"]
@@ -831,6 +925,7 @@ def markdown(result):
         )
     m = result["memory"]
     if m:
+
         def cell(runs, logits_ratio=False):
             median = statistics.median(runs)
             text = f"{median / mib:.0f} MiB"
@@ -870,7 +965,9 @@ def chart(result, path):
     labels = [f"{r['kind']}\n{r['dtype']}\n{r['shape'][0]}×{r['shape'][1]}" for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 4.5))
-    names = [n for n in ("fused", "fused+XLA", "fused+XLA (HLO)", "tf.nn", "tf.nn+XLA") if all(n in r["times"] for r in rows)]
+    names = [
+        n for n in ("fused", "fused+XLA", "fused+XLA (HLO)", "tf.nn", "tf.nn+XLA") if all(n in r["times"] for r in rows)
+    ]
     width = 0.8 / len(names)
     for k, name in enumerate(names):
         offset = (k - (len(names) - 1) / 2) * width
@@ -895,10 +992,18 @@ def main(argv=None):
     parser.add_argument("--shapes", type=parse_shapes, help="comma-separated NxC list, e.g. 64x10,8x3000")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--only", choices=["segmentation"], help="run only these rows")
-    parser.add_argument("--segmentation-shape", type=lambda t: tuple(int(d) for d in t.lower().split("x")),
-                        default=SEGMENTATION_SHAPE, help="NxHxWxC of the segmentation rows")
-    parser.add_argument("--lm-head-shape", type=lambda t: tuple(int(d) for d in t.lower().split("x")),
-                        default=LM_HEAD_SHAPE, help="NxHxV of the language-model head step")
+    parser.add_argument(
+        "--segmentation-shape",
+        type=lambda t: tuple(int(d) for d in t.lower().split("x")),
+        default=SEGMENTATION_SHAPE,
+        help="NxHxWxC of the segmentation rows",
+    )
+    parser.add_argument(
+        "--lm-head-shape",
+        type=lambda t: tuple(int(d) for d in t.lower().split("x")),
+        default=LM_HEAD_SHAPE,
+        help="NxHxV of the language-model head step",
+    )
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per memory figure")
     parser.add_argument("--markdown", help="write the tables to this file")

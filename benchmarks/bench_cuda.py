@@ -68,17 +68,33 @@ def fused_step(logits, labels, loss, lse, grad_loss, grad):
     name = str(logits.dtype).replace("torch.", "")
     rows, classes = logits.shape
     as_bits = (lambda t: t.view(torch.int16)) if logits.dtype == torch.bfloat16 else (lambda t: t)
-    common = dict(dtype=name, logits=as_bits(logits), labels=labels, outer=rows, classes=classes, inner=1,
-                  label_smoothing=0.0, z_loss=0.0, ignore_index=None, class_weights=None)
+    common = dict(
+        dtype=name,
+        logits=as_bits(logits),
+        labels=labels,
+        outer=rows,
+        classes=classes,
+        inner=1,
+        label_smoothing=0.0,
+        z_loss=0.0,
+        ignore_index=None,
+        class_weights=None,
+    )
 
     size = _core.workspace_bytes("sparse_forward", rows, classes, 1, logits.element_size())
     workspace = torch.empty(size, dtype=torch.uint8, device=logits.device) if size else None
 
     def step():
-        _core.cuda_sparse_forward(loss=as_bits(loss), lse=lse, stream=torch.cuda.current_stream().cuda_stream,
-                                  workspace=workspace, **common)
-        _core.cuda_sparse_backward(lse=lse, grad_loss=as_bits(grad_loss), grad_logits=as_bits(grad),
-                                   stream=torch.cuda.current_stream().cuda_stream, **common)
+        _core.cuda_sparse_forward(
+            loss=as_bits(loss), lse=lse, stream=torch.cuda.current_stream().cuda_stream, workspace=workspace, **common
+        )
+        _core.cuda_sparse_backward(
+            lse=lse,
+            grad_loss=as_bits(grad_loss),
+            grad_logits=as_bits(grad),
+            stream=torch.cuda.current_stream().cuda_stream,
+            **common,
+        )
 
     return step
 
@@ -129,8 +145,10 @@ def eager_loss(x, y):
 def run(shapes, dtypes, compile_shapes, iters):
     bandwidth = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
-    header = (f"{'dtype':>9} {'N':>6} {'C':>7} {'floor ms':>9} {'fused ms':>9} {'graph ms':>9} {'of floor':>8} "
-              f"{'torch op ms':>11} {'eager ms':>9} {'compiled ms':>11}")
+    header = (
+        f"{'dtype':>9} {'N':>6} {'C':>7} {'floor ms':>9} {'fused ms':>9} {'graph ms':>9} {'of floor':>8} "
+        f"{'torch op ms':>11} {'eager ms':>9} {'compiled ms':>11}"
+    )
     print(header)
     compiled_loss = torch.compile(eager_loss, dynamic=False)
     results = []
@@ -155,14 +173,27 @@ def run(shapes, dtypes, compile_shapes, iters):
                 t0 = time.perf_counter()
                 compiled_ms = time_ms(torch_step(compiled_loss, logits, labels, grad_loss), iters)
                 print(f"  (torch.compile took {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-            row = dict(dtype=dtype_name, N=rows, C=classes, floor_ms=floor_ms, fused_ms=fused_ms, graph_ms=graphed_ms,
-                       fraction_of_floor=floor_ms / best_ms, torch_op_ms=op_ms,
-                       torch_op_fraction_of_floor=floor_ms / op_ms, eager_ms=eager_ms, compiled_ms=compiled_ms)
+            row = dict(
+                dtype=dtype_name,
+                N=rows,
+                C=classes,
+                floor_ms=floor_ms,
+                fused_ms=fused_ms,
+                graph_ms=graphed_ms,
+                fraction_of_floor=floor_ms / best_ms,
+                torch_op_ms=op_ms,
+                torch_op_fraction_of_floor=floor_ms / op_ms,
+                eager_ms=eager_ms,
+                compiled_ms=compiled_ms,
+            )
             results.append(row)
             compiled = f"{compiled_ms:11.3f}" if compiled_ms is not None else f"{'-':>11}"
             graphed = f"{graphed_ms:9.3f}" if graphed_ms is not None else f"{'-':>9}"
-            print(f"{dtype_name:>9} {rows:>6} {classes:>7} {floor_ms:9.3f} {fused_ms:9.3f} {graphed} "
-                  f"{floor_ms / best_ms:8.0%} {op_ms:11.3f} {eager_ms:9.3f} {compiled}", flush=True)
+            print(
+                f"{dtype_name:>9} {rows:>6} {classes:>7} {floor_ms:9.3f} {fused_ms:9.3f} {graphed} "
+                f"{floor_ms / best_ms:8.0%} {op_ms:11.3f} {eager_ms:9.3f} {compiled}",
+                flush=True,
+            )
             del logits, grad
             torch.cuda.empty_cache()
     return dict(device=torch.cuda.get_device_name(), copy_bandwidth=bandwidth, results=results)
@@ -181,15 +212,18 @@ def main():
         return
     shapes = QUICK_SHAPES if args.quick else SHAPES
     report = run(shapes, DTYPES, set() if args.no_compile else COMPILED_SHAPES, args.iters)
-    missed = [f"{r['dtype']} {r['N']}x{r['C']}: {r['fraction_of_floor']:.0%} of the floor "
-              f"(target >= {TARGETS[(r['N'], r['C'])]:.0%})"
-              for r in report["results"] if (r["N"], r["C"]) in TARGETS
-              and r["fraction_of_floor"] < TARGETS[(r["N"], r["C"])]]
+    missed = [
+        f"{r['dtype']} {r['N']}x{r['C']}: {r['fraction_of_floor']:.0%} of the floor "
+        f"(target >= {TARGETS[(r['N'], r['C'])]:.0%})"
+        for r in report["results"]
+        if (r["N"], r["C"]) in TARGETS and r["fraction_of_floor"] < TARGETS[(r["N"], r["C"])]
+    ]
     report["missed"] = missed
     for line in missed:
         print("MISSED: " + line)
-    print("RESULT " + json.dumps(dict(copy_bandwidth=report["copy_bandwidth"], missed=missed,
-                                      results=report["results"])))
+    print(
+        "RESULT " + json.dumps(dict(copy_bandwidth=report["copy_bandwidth"], missed=missed, results=report["results"]))
+    )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

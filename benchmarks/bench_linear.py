@@ -53,8 +53,11 @@ DTYPES = ("float32", "bfloat16")
 # Freed memory leaves the RSS: TensorFlow's oneDNN allocator otherwise keeps a
 # pool at its high-water mark, and glibc keeps blocks under its self-raising
 # mmap threshold; the fused kernels' gradient cache is off.
-MEMORY_ENV = {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "true", "MALLOC_MMAP_THRESHOLD_": "131072",
-              "FUSED_XENT_BUFFER_CACHE_MB": "0"}
+MEMORY_ENV = {
+    "TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "true",
+    "MALLOC_MMAP_THRESHOLD_": "131072",
+    "FUSED_XENT_BUFFER_CACHE_MB": "0",
+}
 
 
 # ------------------------------------------------------------------ child processes
@@ -143,8 +146,11 @@ def _set_overrides(args):
     """Chunking parameters other than the module's defaults (to choose them)."""
     import fused_xent._tf.linear as module
 
-    for name, value in (("_SLAB_FRACTION", args.slab_fraction), ("_CHUNK_BYTES", args.chunk_bytes),
-                        ("_CHUNK_FRACTION", args.chunk_fraction)):
+    for name, value in (
+        ("_SLAB_FRACTION", args.slab_fraction),
+        ("_CHUNK_BYTES", args.chunk_bytes),
+        ("_CHUNK_FRACTION", args.chunk_fraction),
+    ):
         if value:
             setattr(module, name, value)
 
@@ -170,8 +176,11 @@ def child_first_step(args):
     float(step(h, w, y)[0])
     peak = _rss_kib("VmHWM")
     weight_bytes = args.h * args.v * dtype.size
-    print(json.dumps({"first_step_above_mb": (peak - base) * 1024 / 1e6 - weight_bytes / 1e6,
-                      "base_mb": base * 1024 / 1e6}))
+    print(
+        json.dumps(
+            {"first_step_above_mb": (peak - base) * 1024 / 1e6 - weight_bytes / 1e6, "base_mb": base * 1024 / 1e6}
+        )
+    )
 
 
 def child_memory(args):
@@ -218,10 +227,29 @@ def _child(mode, shape, dtype, args, extra):
     # first-step mode and the timing with the defaults users run (there, fresh mmaps for
     # every chunk's logits would add page faults that TensorFlow's allocator otherwise avoids).
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(MEMORY_ENV if mode == "memory" else {}))
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--n", str(n), "--h", str(h), "--v", str(v),
-           "--dtype", dtype, "--steps", str(args.steps), *extra]
-    for flag, value in (("--chunk-size", args.chunk_size), ("--slab-fraction", args.slab_fraction),
-                        ("--chunk-bytes", args.chunk_bytes), ("--chunk-fraction", args.chunk_fraction)):
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        mode,
+        "--n",
+        str(n),
+        "--h",
+        str(h),
+        "--v",
+        str(v),
+        "--dtype",
+        dtype,
+        "--steps",
+        str(args.steps),
+        *extra,
+    ]
+    for flag, value in (
+        ("--chunk-size", args.chunk_size),
+        ("--slab-fraction", args.slab_fraction),
+        ("--chunk-bytes", args.chunk_bytes),
+        ("--chunk-fraction", args.chunk_fraction),
+    ):
         if value:
             cmd += [flag, str(value)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -248,14 +276,24 @@ def run_shape(methods, shape, dtype, args):
     results = []
     for method in methods:
         times = timing["times"][method] if timing else []
-        results.append({
-            "method": method, "n": n, "h": h, "v": v, "dtype": dtype,
-            "first_step_above_mb": _median(first[method]), "first_steps_mb": first[method],
-            "peak_above_mb": _median(steady[method]), "peaks_mb": steady[method],
-            "logits_mb": n * v * itemsize / 1e6, "weight_mb": h * v * itemsize / 1e6,
-            "step_s": _median(times), "times": times,
-            "first_loss": timing["first_loss"][method] if timing else float("nan"),
-        })
+        results.append(
+            {
+                "method": method,
+                "n": n,
+                "h": h,
+                "v": v,
+                "dtype": dtype,
+                "first_step_above_mb": _median(first[method]),
+                "first_steps_mb": first[method],
+                "peak_above_mb": _median(steady[method]),
+                "peaks_mb": steady[method],
+                "logits_mb": n * v * itemsize / 1e6,
+                "weight_mb": h * v * itemsize / 1e6,
+                "step_s": _median(times),
+                "times": times,
+                "first_loss": timing["first_loss"][method] if timing else float("nan"),
+            }
+        )
     return results
 
 
@@ -268,8 +306,9 @@ def hardware():
         flags = set(next(line.split(":", 1)[1] for line in lines if line.startswith("flags")).split())
     except (OSError, StopIteration):
         pass
-    avx = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags),
-               "no AVX")
+    avx = next(
+        (name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags), "no AVX"
+    )
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     try:
         from importlib.metadata import version
@@ -281,8 +320,14 @@ def hardware():
 
 
 def _ratio(r, results, other):
-    base = next((m for m in results if m["method"] == other and (m["n"], m["h"], m["v"], m["dtype"]) ==
-                 (r["n"], r["h"], r["v"], r["dtype"])), None)
+    base = next(
+        (
+            m
+            for m in results
+            if m["method"] == other and (m["n"], m["h"], m["v"], m["dtype"]) == (r["n"], r["h"], r["v"], r["dtype"])
+        ),
+        None,
+    )
     if not base or not r["step_s"] == r["step_s"]:
         return ""
     return f"{r['step_s'] / base['step_s']:.2f}×"
@@ -308,8 +353,12 @@ def markdown(results, command):
         cells = [f"{r['n']}×{r['h']}×{r['v']}", r["dtype"], r["method"], *first]
         if steady:
             cells += _mb_and_share(r["peak_above_mb"], r)
-        cells += [f"{r['step_s']:.3f} s" if r["step_s"] == r["step_s"] else "",
-                  _ratio(r, results, "dense_tf"), _ratio(r, results, "dense_ours"), _ratio(r, results, "dense_keras")]
+        cells += [
+            f"{r['step_s']:.3f} s" if r["step_s"] == r["step_s"] else "",
+            _ratio(r, results, "dense_tf"),
+            _ratio(r, results, "dense_ours"),
+            _ratio(r, results, "dense_keras"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -325,14 +374,19 @@ def plot(results, path):
     fig, (mem_ax, time_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(methods)
     for k, method in enumerate(methods):
-        rows = [next(r for r in results if (r["n"], r["h"], r["v"], r["dtype"]) == c and r["method"] == method)
-                for c in configs]
+        rows = [
+            next(r for r in results if (r["n"], r["h"], r["v"], r["dtype"]) == c and r["method"] == method)
+            for c in configs
+        ]
         xs = [i + k * width for i in range(len(configs))]
         mem_ax.bar(xs, [100 * r["first_step_above_mb"] / r["logits_mb"] for r in rows], width, label=method)
         time_ax.bar(xs, [r["step_s"] for r in rows], width, label=method)
     for ax in (mem_ax, time_ax):
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))],
-                      [f"{n}×{h}×{v}\n{d}" for n, h, v, d in configs], fontsize=8)
+        ax.set_xticks(
+            [i + 0.4 - width / 2 for i in range(len(configs))],
+            [f"{n}×{h}×{v}\n{d}" for n, h, v, d in configs],
+            fontsize=8,
+        )
     mem_ax.axhline(25, color="k", ls="--", lw=1)
     mem_ax.set_ylabel("first step: peak RSS − base − dW (% of N×V logits)")
     time_ax.set_ylabel("training step, median (s)")
@@ -350,17 +404,36 @@ def main():
     parser.add_argument("--v", type=int)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: the function's)")
-    parser.add_argument("--slab-fraction", type=float, default=None,
-                        help="largest dW slab, as a fraction of a chunk's logits (default: the function's)")
-    parser.add_argument("--chunk-bytes", type=int, default=None,
-                        help="default chunk's largest logits in bytes (default: the function's _CHUNK_BYTES)")
-    parser.add_argument("--chunk-fraction", type=int, default=None,
-                        help="default chunk is at most 1/F of the rows (default: the function's _CHUNK_FRACTION)")
+    parser.add_argument(
+        "--slab-fraction",
+        type=float,
+        default=None,
+        help="largest dW slab, as a fraction of a chunk's logits (default: the function's)",
+    )
+    parser.add_argument(
+        "--chunk-bytes",
+        type=int,
+        default=None,
+        help="default chunk's largest logits in bytes (default: the function's _CHUNK_BYTES)",
+    )
+    parser.add_argument(
+        "--chunk-fraction",
+        type=int,
+        default=None,
+        help="default chunk is at most 1/F of the rows (default: the function's _CHUNK_FRACTION)",
+    )
     parser.add_argument("--steps", type=int, default=7, help="timed rounds (every method once per round)")
-    parser.add_argument("--memory-runs", type=int, default=1,
-                        help="fresh processes per method for the first step's peak RSS (0: time only)")
-    parser.add_argument("--steady-memory", action="store_true",
-                        help="also the steady-state peak (later steps, allocators returning freed memory)")
+    parser.add_argument(
+        "--memory-runs",
+        type=int,
+        default=1,
+        help="fresh processes per method for the first step's peak RSS (0: time only)",
+    )
+    parser.add_argument(
+        "--steady-memory",
+        action="store_true",
+        help="also the steady-state peak (later steps, allocators returning freed memory)",
+    )
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--quick", action="store_true", help="a small shape only")
@@ -378,9 +451,12 @@ def main():
     for shape in shapes:
         for dtype in args.dtypes.split(","):
             for r in run_shape(methods, shape, dtype, args):
-                print(f"{r['method']:12s} {r['n']}x{r['h']}x{r['v']} {dtype:9s} first step {r['first_step_above_mb']:7.1f} MB "
-                      f"({100 * r['first_step_above_mb'] / r['logits_mb']:5.1f}% of logits)  "
-                      f"steady {100 * r['peak_above_mb'] / r['logits_mb']:5.1f}%  step {r['step_s']:.3f} s", flush=True)
+                print(
+                    f"{r['method']:12s} {r['n']}x{r['h']}x{r['v']} {dtype:9s} first step {r['first_step_above_mb']:7.1f} MB "
+                    f"({100 * r['first_step_above_mb'] / r['logits_mb']:5.1f}% of logits)  "
+                    f"steady {100 * r['peak_above_mb'] / r['logits_mb']:5.1f}%  step {r['step_s']:.3f} s",
+                    flush=True,
+                )
                 results.append(r)
     command = " ".join(["python", "benchmarks/bench_linear.py", *sys.argv[1:]])
     if args.markdown:

@@ -62,8 +62,12 @@ def case_label(rows, classes, dense, confident, inner):
 def outputs_for(z):
     """Output buffers, made once per case: fresh pages would add their faults to every call."""
     outer, _, inner = z.shape
-    return (np.empty(outer * inner, z.dtype), np.empty(outer * inner, np.float64), np.ones(outer * inner, z.dtype),
-            np.empty_like(z))
+    return (
+        np.empty(outer * inner, z.dtype),
+        np.empty(outer * inner, np.float64),
+        np.ones(outer * inner, z.dtype),
+        np.empty_like(z),
+    )
 
 
 def run(core, z, y, t, outputs, dtype="float32"):
@@ -80,8 +84,12 @@ def main():
     parser.add_argument("--baseline", required=True)
     parser.add_argument("--candidate", required=True)
     parser.add_argument("--reps", type=int, default=21)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="the logits' (and dense labels') dtype")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="the logits' (and dense labels') dtype",
+    )
     parser.add_argument("--match", default="", help="only the cases whose label contains this text")
     args = parser.parse_args()
     import ml_dtypes

@@ -52,7 +52,9 @@ def train(args):
         predictions = tf.argmax(model(x, training=False), axis=-1, output_type=tf.int32)
         return tf.reduce_mean(tf.cast(predictions == y, tf.float32))
 
-    dataset = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(2048, seed=args.seed).batch(args.batch_size)
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(2048, seed=args.seed).batch(args.batch_size)
+    )
     start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         losses = [train_step(x, y) for x, y in dataset]

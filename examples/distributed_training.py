@@ -38,11 +38,18 @@ def parse_args():
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch size (all workers)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before the workers are stopped")
-    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
-                        help="sgd (learning rate 0.1) makes a wrongly scaled loss show in the weights")
+    parser.add_argument(
+        "--optimizer",
+        choices=["adam", "sgd"],
+        default="adam",
+        help="sgd (learning rate 0.1) makes a wrongly scaled loss show in the weights",
+    )
     parser.add_argument("--save-weights", metavar="FILE", help="write the trained weights to this .npz file")
-    parser.add_argument("--single-process", action="store_true",
-                        help="train on the same global batches in this process alone, without workers")
+    parser.add_argument(
+        "--single-process",
+        action="store_true",
+        help="train on the same global batches in this process alone, without workers",
+    )
     parser.add_argument("--worker", action="store_true", help="run as one worker (TF_CONFIG must be set)")
     return parser.parse_args()
 
@@ -117,8 +124,11 @@ def run_worker(args):
         losses.append(total_loss / steps)
         accuracy = total_correct / (steps * args.batch_size)
         if index == 0:
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {losses[-1]:.4f}, accuracy {accuracy:.3f}, "
-                  f"{time.monotonic() - started:.1f} s", flush=True)
+            print(
+                f"epoch {epoch + 1}/{args.epochs}: loss {losses[-1]:.4f}, accuracy {accuracy:.3f}, "
+                f"{time.monotonic() - started:.1f} s",
+                flush=True,
+            )
     result = {
         "worker": index,
         "replicas": strategy.num_replicas_in_sync,
@@ -151,14 +161,25 @@ def start_workers(args):
     workers = []
     for index in range(args.workers):
         env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        command = [sys.executable, os.path.abspath(__file__), "--worker", "--epochs", str(args.epochs),
-                   "--batch-size", str(args.batch_size), "--timeout", str(args.timeout),
-                   "--optimizer", args.optimizer]
+        command = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--timeout",
+            str(args.timeout),
+            "--optimizer",
+            args.optimizer,
+        ]
         if args.save_weights:
             command += ["--save-weights", os.path.abspath(args.save_weights)]
         workers.append(
-            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)  # its own process group, to stop it with its threads
+            subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            )  # its own process group, to stop it with its threads
         )
     return workers
 
@@ -180,7 +201,7 @@ def wait_for(workers, timeout):
 
 def result_of(output):
     lines = [line for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
-    return json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else None
+    return json.loads(lines[-1][len(RESULT_PREFIX) :]) if lines else None
 
 
 def report(outcomes, timeout):
@@ -197,8 +218,10 @@ def report(outcomes, timeout):
     print("\n".join(line for line in outcomes[0][1].splitlines() if line.startswith("epoch ")))  # worker 0's progress
     for result in results:
         losses = ", ".join(f"{value:.4f}" for value in result["loss"])
-        print(f"worker {result['worker']}: {result['replicas']} replicas, loss per epoch [{losses}], "
-              f"accuracy {result['accuracy']:.3f}, weights checksum {result['weights_checksum']:.6f}")
+        print(
+            f"worker {result['worker']}: {result['replicas']} replicas, loss per epoch [{losses}], "
+            f"accuracy {result['accuracy']:.3f}, weights checksum {result['weights_checksum']:.6f}"
+        )
     checksums = [result["weights_checksum"] for result in results]
     if max(checksums) - min(checksums) > 1e-6 * max(1.0, abs(checksums[0])):
         print("workers disagree: their weights differ")

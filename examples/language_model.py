@@ -52,8 +52,8 @@ def encode(tokens, vocab):
 
 def windows(ids, length, count):
     starts = np.arange(count) * length
-    x = np.stack([ids[s:s + length] for s in starts])
-    y = np.stack([ids[s + 1:s + length + 1] for s in starts])
+    x = np.stack([ids[s : s + length] for s in starts])
+    y = np.stack([ids[s + 1 : s + length + 1] for s in starts])
     return x, y
 
 
@@ -115,8 +115,15 @@ def train(name, make, keras, x, y, args):
 
     recorder = Recorder()
     print(f"--- {name}", flush=True)
-    model.fit(inputs, targets, batch_size=args.batch, epochs=args.epochs, shuffle=False,
-              callbacks=[recorder], verbose=args.verbose)
+    model.fit(
+        inputs,
+        targets,
+        batch_size=args.batch,
+        epochs=args.epochs,
+        shuffle=False,
+        callbacks=[recorder],
+        verbose=args.verbose,
+    )
     return recorder
 
 
@@ -133,17 +140,22 @@ def main():
     args = parser.parse_args()
 
     import keras
+
     import fused_xent  # noqa: F401
 
     sequences = args.steps * args.batch
     ids, args.vocab_size = encode(stdlib_tokens(sequences * args.length + 1 + 200_000), args.vocab_size)
     x, y = windows(ids, args.length, sequences)
     tokens = args.batch * args.length
-    print(f"{len(ids)} tokens of the standard library, vocabulary {args.vocab_size}; "
-          f"{tokens} tokens per step: the logits of a step are {tokens * args.vocab_size * 4 / 1e6:.0f} MB")
+    print(
+        f"{len(ids)} tokens of the standard library, vocabulary {args.vocab_size}; "
+        f"{tokens} tokens per step: the logits of a step are {tokens * args.vocab_size * 4 / 1e6:.0f} MB"
+    )
 
-    runs = {name: train(name, make, keras, x, y, args)
-            for name, make in (("keras", keras_model), ("fused_xent", fused_model))}
+    runs = {
+        name: train(name, make, keras, x, y, args)
+        for name, make in (("keras", keras_model), ("fused_xent", fused_model))
+    }
     gap = max(abs(a - b) for a, b in zip(runs["keras"].losses, runs["fused_xent"].losses))
     print(f"largest difference between the two training-loss curves: {gap:.2e}")
     print(f"final training loss: keras {runs['keras'].losses[-1]:.4f}, fused_xent {runs['fused_xent'].losses[-1]:.4f}")

@@ -33,10 +33,10 @@ HIDDEN_UNITS = 32
 FD_STEP = 1e-5
 FD_TOLERANCE = 1e-6
 
-RATE = 5.0             # one learning rate for both runs of the symptom's contrast
+RATE = 5.0  # one learning rate for both runs of the symptom's contrast
 BATCH_SIZE = 32
 BATCH_EPOCHS = 40
-SMALL_RATE = 0.1       # a sane rate for per-sample updates
+SMALL_RATE = 0.1  # a sane rate for per-sample updates
 PER_SAMPLE_EPOCHS = 1
 
 
@@ -95,9 +95,9 @@ def diagonal_only_output_error(labels, logits):
 def backprop(params, x, y, step1=output_error):
     """Steps 1-3: gradients of the mean loss for every parameter (no update yet)."""
     h, z = forward(params, x)
-    dz = step1(y, z)                                            # step 1
-    grads = {"W2": h.T @ dz, "b2": dz.sum(axis=0)}              # step 2 uses o_i = h_i
-    dh = (dz @ params["W2"].T) * h * (1.0 - h)                  # step 3: sum_k E_k w'_jk, old W2
+    dz = step1(y, z)  # step 1
+    grads = {"W2": h.T @ dz, "b2": dz.sum(axis=0)}  # step 2 uses o_i = h_i
+    dh = (dz @ params["W2"].T) * h * (1.0 - h)  # step 3: sum_k E_k w'_jk, old W2
     grads["W1"] = x.T @ dh
     grads["b1"] = dh.sum(axis=0)
     return grads
@@ -232,8 +232,13 @@ def training_runs():
         (f"batches of {BATCH_SIZE}, r = {RATE:g}", RATE, BATCH_SIZE, BATCH_EPOCHS, output_error),
         (f"per-sample, r = {RATE:g}", RATE, 1, PER_SAMPLE_EPOCHS, output_error),
         (f"per-sample, r = {SMALL_RATE:g}", SMALL_RATE, 1, PER_SAMPLE_EPOCHS, output_error),
-        (f"per-sample, r = {SMALL_RATE:g}, diagonal-only step 1", SMALL_RATE, 1, PER_SAMPLE_EPOCHS,
-         diagonal_only_output_error),
+        (
+            f"per-sample, r = {SMALL_RATE:g}, diagonal-only step 1",
+            SMALL_RATE,
+            1,
+            PER_SAMPLE_EPOCHS,
+            diagonal_only_output_error,
+        ),
     ]
 
 
@@ -287,8 +292,10 @@ def parse_args(argv):
 
 
 def report_gradient_checks(x_train, y_train):
-    print(f"(a) finite-difference check of dE/dz (float64, central differences, h = {FD_STEP:g}, "
-          f"tolerance {FD_TOLERANCE:g})")
+    print(
+        f"(a) finite-difference check of dE/dz (float64, central differences, h = {FD_STEP:g}, "
+        f"tolerance {FD_TOLERANCE:g})"
+    )
     rng = np.random.default_rng(SEED)
     logits_errors = logits_gradient_errors(rng)
     network_errors = network_gradient_errors(x_train[:20], y_train[:20], rng)
@@ -299,22 +306,32 @@ def report_gradient_checks(x_train, y_train):
 
 def report_training(data):
     x_train, y_train, x_test, y_test = data
-    print(f"(b, c) SGD from scratch on digits ({len(y_train)} train / {len(y_test)} test images, "
-          f"{HIDDEN_UNITS} sigmoid hidden units). Measured on the test images after each update:")
-    print("    follows: share predicted as the label y of the update's last example "
-          f"(an always-right classifier: {np.mean([np.mean(y_test == label) for label in y_train]):.3f});")
-    print("    rise: mean rise of the logit z_y; gap: mean of max_j z_j - z_y before the update "
-          "(rise and gap: medians over updates);")
+    print(
+        f"(b, c) SGD from scratch on digits ({len(y_train)} train / {len(y_test)} test images, "
+        f"{HIDDEN_UNITS} sigmoid hidden units). Measured on the test images after each update:"
+    )
+    print(
+        "    follows: share predicted as the label y of the update's last example "
+        f"(an always-right classifier: {np.mean([np.mean(y_test == label) for label in y_train]):.3f});"
+    )
+    print(
+        "    rise: mean rise of the logit z_y; gap: mean of max_j z_j - z_y before the update "
+        "(rise and gap: medians over updates);"
+    )
     print("    largest: share of the test images given the most frequent prediction, after training.")
-    print(f"    {'run':<42s}  {'epochs':>6s}  {'updates':>7s}  {'test acc':>8s}  {'follows':>7s}  "
-          f"{'largest':>7s}  {'rise':>6s}  {'gap':>6s}")
+    print(
+        f"    {'run':<42s}  {'epochs':>6s}  {'updates':>7s}  {'test acc':>8s}  {'follows':>7s}  "
+        f"{'largest':>7s}  {'rise':>6s}  {'gap':>6s}"
+    )
     runs = {}
     for name, rate, batch_size, epochs, step1 in training_runs():
         params, history = train(data, rate, batch_size, epochs, SEED, step1)
         runs[name] = (batch_size, history)
-        print(f"    {name:<42s}  {epochs:6d}  {len(history['follows']):7d}  {history['accuracy'][-1]:8.4f}  "
-              f"{history['follows'].mean():7.3f}  {largest_class_share(params, x_test):7.3f}  "
-              f"{np.median(history['rise']):6.2f}  {np.median(history['gap']):6.2f}")
+        print(
+            f"    {name:<42s}  {epochs:6d}  {len(history['follows']):7d}  {history['accuracy'][-1]:8.4f}  "
+            f"{history['follows'].mean():7.3f}  {largest_class_share(params, x_test):7.3f}  "
+            f"{np.median(history['rise']):6.2f}  {np.median(history['gap']):6.2f}"
+        )
     return runs
 
 

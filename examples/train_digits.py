@@ -70,8 +70,13 @@ def train(name, loss, data, args):
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
     timer = EpochTimer()
     history = model.fit(
-        x_train, y_train, validation_data=(x_test, y_test), epochs=args.epochs, batch_size=args.batch_size,
-        callbacks=[timer], verbose=1,
+        x_train,
+        y_train,
+        validation_data=(x_test, y_test),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        callbacks=[timer],
+        verbose=1,
     )
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)
     steady = timer.seconds[1:] or timer.seconds  # the first epoch also traces the graphs
@@ -106,8 +111,10 @@ def main():
     ]
     print(f"\n{'loss':<12}{'test accuracy':>15}{'final loss':>12}{'s/epoch':>10}{'1st epoch s':>13}")
     for run in runs:
-        print(f"{run['name']:<12}{run['accuracy']:>15.4f}{run['history']['loss'][-1]:>12.5f}"
-              f"{run['epoch_s']:>10.3f}{run['first_epoch_s']:>13.2f}")
+        print(
+            f"{run['name']:<12}{run['accuracy']:>15.4f}{run['history']['loss'][-1]:>12.5f}"
+            f"{run['epoch_s']:>10.3f}{run['first_epoch_s']:>13.2f}"
+        )
     gap = max(abs(a - b) for a, b in zip(runs[0]["history"]["loss"], runs[1]["history"]["loss"]))
     print(f"largest difference between the two training-loss curves: {gap:.2e}")
     plot(runs, args.out)

@@ -23,7 +23,8 @@ constexpr size_t kMaxIdleBlocks = 2;
 // Maps `capacity` bytes (a multiple of 2 MiB) at a 2 MiB boundary, so that
 // huge pages can back all of it: maps 2 MiB more and trims both ends.
 void* map_block(size_t capacity) {
-  void* mapped = mmap(nullptr, capacity + kHugePageBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void* mapped =
+      mmap(nullptr, capacity + kHugePageBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (mapped == MAP_FAILED) return nullptr;
   const uintptr_t start = reinterpret_cast<uintptr_t>(mapped);
   const uintptr_t block = (start + kHugePageBytes - 1) & ~uintptr_t{kHugePageBytes - 1};
@@ -50,7 +51,9 @@ size_t idle_byte_limit() {
 
 #else  // No mmap: plain aligned allocations, never cached.
 
-void* map_block(size_t capacity) { return ::operator new(capacity, std::align_val_t{kHugePageBytes}, std::nothrow); }
+void* map_block(size_t capacity) {
+  return ::operator new(capacity, std::align_val_t{kHugePageBytes}, std::nothrow);
+}
 void unmap_block(void* block, size_t) { ::operator delete(block, std::align_val_t{kHugePageBytes}); }
 size_t idle_byte_limit() { return 0; }
 

@@ -24,7 +24,8 @@ inline int64_t find_bad_class_weight(const float* weights, int64_t count) {
 inline std::string bad_class_weight_message(const float* weights, int64_t index) {
   char value[32];
   std::snprintf(value, sizeof(value), "%g", static_cast<double>(weights[index]));
-  return "class_weights must be finite and >= 0, got " + std::string(value) + " for class " + std::to_string(index);
+  return "class_weights must be finite and >= 0, got " + std::string(value) + " for class " +
+         std::to_string(index);
 }
 
 }  // namespace fused_xent

@@ -29,13 +29,12 @@ Target best_supported_target() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
 #if defined(FX_HAVE_AVX512_TARGET)
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma"))
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
     return Target::kAvx512;
 #endif
 #if defined(FX_HAVE_AVX2_TARGET)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c())
-    return Target::kAvx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c()) return Target::kAvx2;
 #endif
 #endif
   return Target::kBaseline;
@@ -61,9 +60,12 @@ Target active_target() {
 
 const char* target_name(Target target) {
   switch (target) {
-    case Target::kAvx512: return "avx512";
-    case Target::kAvx2: return "avx2";
-    default: break;
+    case Target::kAvx512:
+      return "avx512";
+    case Target::kAvx2:
+      return "avx2";
+    default:
+      break;
   }
 #if defined(__aarch64__)
   return "baseline (neon)";
@@ -76,20 +78,25 @@ const char* target_name(Target target) {
 
 // Calls NAME<TEMPLATE_ARGS>(ARGS...) in the namespace of the active target.
 #if defined(FX_HAVE_AVX512_TARGET)
-#define FX_CASE_AVX512(CALL) case Target::kAvx512: return avx512::CALL;
+#define FX_CASE_AVX512(CALL) \
+  case Target::kAvx512:      \
+    return avx512::CALL;
 #else
 #define FX_CASE_AVX512(CALL)
 #endif
 #if defined(FX_HAVE_AVX2_TARGET)
-#define FX_CASE_AVX2(CALL) case Target::kAvx2: return avx2::CALL;
+#define FX_CASE_AVX2(CALL) \
+  case Target::kAvx2:      \
+    return avx2::CALL;
 #else
 #define FX_CASE_AVX2(CALL)
 #endif
-#define FX_DISPATCH(CALL)               \
-  switch (active_target()) {            \
-    FX_CASE_AVX512(CALL)                \
-    FX_CASE_AVX2(CALL)                  \
-    default: return baseline::CALL;     \
+#define FX_DISPATCH(CALL)    \
+  switch (active_target()) { \
+    FX_CASE_AVX512(CALL)     \
+    FX_CASE_AVX2(CALL)       \
+    default:                 \
+      return baseline::CALL; \
   }
 
 template <typename T, typename Label>
@@ -108,14 +115,14 @@ void dense_forward(const DenseForwardArgs<T>& args, int64_t row_begin, int64_t r
 }
 
 template <typename T>
-void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t row_end) {
-  FX_DISPATCH(dense_backward(args, row_begin, row_end))
+void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin,
+                    int64_t row_end){FX_DISPATCH(dense_backward(args, row_begin, row_end))}
+
+int64_t row_granularity(const Layout& layout) {
+  FX_DISPATCH(row_granularity(layout))
 }
 
-int64_t row_granularity(const Layout& layout) { FX_DISPATCH(row_granularity(layout)) }
-
-template <typename T>
-void add_in_place(T* dst, const T* src, int64_t count) {
+template <typename T> void add_in_place(T* dst, const T* src, int64_t count) {
   FX_DISPATCH(add_in_place(dst, src, count))
 }
 
@@ -139,7 +146,8 @@ const char* simd_level() { return cpu::target_name(cpu::active_target()); }
 std::string invalid_label_message(int64_t value, int64_t classes, const Options& options) {
   std::string message = "Received a label value of " + std::to_string(value) +
                         " which is outside the valid range of [0, " + std::to_string(classes) + ")";
-  if (options.has_ignore_index) message += " and is not ignore_index (" + std::to_string(options.ignore_index) + ")";
+  if (options.has_ignore_index)
+    message += " and is not ignore_index (" + std::to_string(options.ignore_index) + ")";
   return message;
 }
 

@@ -17,16 +17,14 @@ void sparse_forward(const SparseForwardArgs<T, Label>& args, int64_t row_begin, 
 template <typename T, typename Label>
 void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin, int64_t row_end);
 
-template <typename T>
-void dense_forward(const DenseForwardArgs<T>& args, int64_t row_begin, int64_t row_end);
+template <typename T> void dense_forward(const DenseForwardArgs<T>& args, int64_t row_begin, int64_t row_end);
 
 template <typename T>
 void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t row_end);
 
 // dst[i] += src[i] for i in [0, count), in the accumulator type, rounded once:
 // the fused linear head's weight gradient, added chunk by chunk.
-template <typename T>
-void add_in_place(T* dst, const T* src, int64_t count);
+template <typename T> void add_in_place(T* dst, const T* src, int64_t count);
 
 // Index of the first label that is neither in [0, classes) nor ignore_index, or -1.
 template <typename Label>

@@ -22,12 +22,10 @@ namespace {
 
 namespace v = ::fused_xent::simd::FX_TARGET_NS;
 
-template <typename T>
-constexpr bool kVectorized = std::is_same<Acc<T>, float>::value;
+template <typename T> constexpr bool kVectorized = std::is_same<Acc<T>, float>::value;
 
 // bfloat16 rows are converted two vectors at a time where that saves work.
-template <typename T>
-constexpr bool kPaired = std::is_same<T, bfloat16_t>::value && v::kPairsReorder;
+template <typename T> constexpr bool kPaired = std::is_same<T, bfloat16_t>::value && v::kPairsReorder;
 
 // Rows are read in blocks small enough for L1 (8 KB of float), so that a block
 // that must be read twice is read again from there, and large enough that the
@@ -52,23 +50,20 @@ FX_ALWAYS_INLINE void prefetch_ahead(const T* p, int64_t k, int64_t distance = k
 }
 
 // A row of the logits (or dense labels) tensor: `count` elements `stride` apart.
-template <typename T>
-struct Row {
+template <typename T> struct Row {
   const T* data;
   int64_t count;
   int64_t stride;
   Acc<T> operator[](int64_t j) const { return load_acc(data[j * stride]); }
 };
 
-template <typename T>
-Row<T> row_of(const T* base, const Layout& layout, int64_t row) {
+template <typename T> Row<T> row_of(const T* base, const Layout& layout, int64_t row) {
   return Row<T>{base + layout.row_offset(row), layout.classes, layout.inner};
 }
 
 // Converts len contiguous elements to float in `out`, returning their NaN-sticky max.
 // float input is not copied (out == nullptr): the block is read again from L1.
-template <typename T>
-float load_block_vectorized(const T* p, int64_t len, float* out) {
+template <typename T> float load_block_vectorized(const T* p, int64_t len, float* out) {
   v::vfloat running = v::splat(negative_infinity<float>());
   int64_t k = 0;
   for (; k + v::kLanes <= len; k += v::kLanes) {
@@ -100,8 +95,7 @@ const Acc<T>* block_values(const Row<T>& row, int64_t start, int64_t len, Acc<T>
 
 // Loads block [start, start + len) into `out` in accumulator precision and
 // returns its NaN-sticky max.
-template <typename T>
-Acc<T> load_block(const Row<T>& row, int64_t start, int64_t len, Acc<T>* out) {
+template <typename T> Acc<T> load_block(const Row<T>& row, int64_t start, int64_t len, Acc<T>* out) {
   using A = Acc<T>;
   A block_max = negative_infinity<A>();
   if constexpr (kVectorized<T>) {
@@ -261,11 +255,13 @@ template <bool kTrackMax, typename T>
 RowSums<float> block_sums_dispatch(const T* z, const T* labels, int64_t len, float ref, bool want_mean,
                                    float inv_classes, float* block_max = nullptr) {
   if (labels) {
-    return want_mean ? block_sums_vectorized<true, true, kTrackMax>(z, labels, len, ref, inv_classes, block_max)
-                     : block_sums_vectorized<false, true, kTrackMax>(z, labels, len, ref, inv_classes, block_max);
+    return want_mean
+               ? block_sums_vectorized<true, true, kTrackMax>(z, labels, len, ref, inv_classes, block_max)
+               : block_sums_vectorized<false, true, kTrackMax>(z, labels, len, ref, inv_classes, block_max);
   }
-  return want_mean ? block_sums_vectorized<true, false, kTrackMax>(z, labels, len, ref, inv_classes, block_max)
-                   : block_sums_vectorized<false, false, kTrackMax>(z, labels, len, ref, inv_classes, block_max);
+  return want_mean
+             ? block_sums_vectorized<true, false, kTrackMax>(z, labels, len, ref, inv_classes, block_max)
+             : block_sums_vectorized<false, false, kTrackMax>(z, labels, len, ref, inv_classes, block_max);
 }
 
 // Sums of a loaded float block relative to its own max.
@@ -303,9 +299,9 @@ struct RisingBlock {
   int64_t len = 0;  // 0: none
 };
 
-template <typename T>
-bool read_block_once(const Row<T>& row, const Row<T>* labels, int64_t start, int64_t len, bool want_mean,
-                     float inv_classes, RowSums<float>* sums, RisingBlock* rising) {
+template <typename T> bool read_block_once(const Row<T>& row, const Row<T>* labels, int64_t start,
+                                           int64_t len, bool want_mean, float inv_classes,
+                                           RowSums<float>* sums, RisingBlock* rising) {
   const float ref = sums->max;
   if (!(ref > negative_infinity<float>() && ref < std::numeric_limits<float>::infinity())) return false;
   float top;
@@ -313,13 +309,14 @@ bool read_block_once(const Row<T>& row, const Row<T>* labels, int64_t start, int
   const T* t = labels ? labels->data + start : nullptr;
   RowSums<float> block = block_sums_dispatch<true>(z, t, len, ref, want_mean, inv_classes, &top);
   if (!(top <= ref + kMaxExcess)) return false;
-  if (top == ref) block = block_sums_dispatch<false>(z, t, len, ref, want_mean, inv_classes);  // ties apart; from L1
+  if (top == ref)
+    block = block_sums_dispatch<false>(z, t, len, ref, want_mean, inv_classes);  // ties apart; from L1
   if (!(top > ref)) {
     merge_sums(*sums, block);  // same max: plain sums
     return true;
   }
   if (rising->len) merge_sums(*sums, rising->sums);  // no longer the max's block: its terms are all < max
-  RowSums<float> rebase;  // moves the reference up to the new max
+  RowSums<float> rebase;                             // moves the reference up to the new max
   rebase.max = top;
   merge_sums(*sums, rebase);
   *rising = RisingBlock{block, start, len};
@@ -330,9 +327,8 @@ bool read_block_once(const Row<T>& row, const Row<T>* labels, int64_t start, int
 // that max dominates (sum < 2, p_max > 1/2: a confidently right row's loss
 // below log 2), the block is read again relative to the max, its ties apart,
 // so that log1p keeps the small loss exact.
-template <typename T>
-void finish_rising(const Row<T>& row, const Row<T>* labels, bool want_mean, float inv_classes,
-                   const RisingBlock& rising, RowSums<float>* sums) {
+template <typename T> void finish_rising(const Row<T>& row, const Row<T>* labels, bool want_mean,
+                                         float inv_classes, const RisingBlock& rising, RowSums<float>* sums) {
   RowSums<float> all = *sums;
   merge_sums(all, rising.sums);
   if (!(all.ties == 0 && all.rest < 2.0f)) {
@@ -345,8 +341,7 @@ void finish_rising(const Row<T>& row, const Row<T>* labels, bool want_mean, floa
 }
 
 // Max of the first vector of a contiguous row (of its first len elements if fewer).
-template <typename T>
-float leading_max(const T* p, int64_t len) {
+template <typename T> float leading_max(const T* p, int64_t len) {
   const v::vfloat x = len >= v::kLanes ? v::load(p) : v::load_partial(p, len, negative_infinity<float>());
   return v::reduce_nan_sticky_max(x);
 }
@@ -370,8 +365,8 @@ RowSums<Acc<T>> scan_row(const Row<T>& row, bool want_mean, const Row<T>* labels
         if (start == 0) {
           sums.max = leading_max(row.data, len);
           from = std::min<int64_t>(len, v::kLanes);
-          merge_sums(sums, block_sums_dispatch<false>(row.data, labels ? labels->data : nullptr, from, sums.max,
-                                                       want_mean, inv_classes));
+          merge_sums(sums, block_sums_dispatch<false>(row.data, labels ? labels->data : nullptr, from,
+                                                      sums.max, want_mean, inv_classes));
         }
         if (from == start + len ||
             read_block_once(row, labels, from, start + len - from, want_mean, inv_classes, &sums, &rising))
@@ -390,8 +385,7 @@ RowSums<Acc<T>> scan_row(const Row<T>& row, bool want_mean, const Row<T>* labels
   return sums;
 }
 
-template <typename A>
-double sum_of(const A* values, int64_t len) {
+template <typename A> double sum_of(const A* values, int64_t len) {
   double sum = 0;
   for (int64_t k = 0; k < len; ++k) sum += values[k];
   return sum;
@@ -399,14 +393,14 @@ double sum_of(const A* values, int64_t len) {
 
 // Sum of a contiguous row, straight from memory (16-bit types convert in
 // registers): float lanes over 64 vectors at a time, those partial sums in double.
-template <typename T>
-double contiguous_sum(const T* values, int64_t len) {
+template <typename T> double contiguous_sum(const T* values, int64_t len) {
   constexpr int64_t kChunk = 64 * v::kLanes;
   double total = 0;
   int64_t k = 0;
   while (k + v::kLanes <= len) {
     v::vfloat sum = v::splat(0.0f);
-    for (const int64_t chunk_end = std::min(len - len % v::kLanes, k + kChunk); k < chunk_end; k += v::kLanes) {
+    for (const int64_t chunk_end = std::min(len - len % v::kLanes, k + kChunk); k < chunk_end;
+         k += v::kLanes) {
       prefetch_ahead(values, k);
       sum += v::load(values + k);
     }
@@ -416,8 +410,7 @@ double contiguous_sum(const T* values, int64_t len) {
   return total;
 }
 
-template <typename T>
-Acc<T> label_sum_of(const Row<T>& labels) {
+template <typename T> Acc<T> label_sum_of(const Row<T>& labels) {
   if constexpr (kVectorized<T>) {
     if (labels.stride == 1) return static_cast<float>(contiguous_sum(labels.data, labels.count));
   }
@@ -435,8 +428,7 @@ Acc<T> label_sum_of(const Row<T>& labels) {
 // Gradients bigger than this (bytes) bypass the caches on their way to memory.
 constexpr int64_t kStreamingBytes = 8 << 20;
 
-template <typename T>
-bool use_streaming_stores(const Layout& layout) {
+template <typename T> bool use_streaming_stores(const Layout& layout) {
   return kVectorized<T> && v::kHaveStreamingStores &&
          layout.rows() * layout.classes * static_cast<int64_t>(sizeof(T)) >= kStreamingBytes;
 }
@@ -446,7 +438,7 @@ bool use_streaming_stores(const Layout& layout) {
 // The lanes of `dominant` by the p > 1/2 branch of gradient_from. Out of line:
 // the hot loops, which rarely take it, keep their registers.
 [[gnu::noinline, gnu::cold]] v::vfloat dominant_lanes(v::vfloat g, v::vfloat a, v::vfloat target, v::vfloat d,
-                                                     v::vint dominant) {
+                                                      v::vint dominant) {
   return v::select(dominant, a * v::expm1_near_zero(d) + (a - target), g);
 }
 
@@ -461,26 +453,28 @@ FX_ALWAYS_INLINE v::vfloat gradient_lanes(v::vfloat a, v::vfloat target, v::vflo
 // from `labels` (dense labels), or is the one-hot of class `target` (sparse
 // labels; -1 for none), built in the one vector that holds it so the row is
 // written in one sweep (a plain store into a line being streamed would stall).
-template <typename T>
-void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t begin, int64_t end,
-                               const SplitLse<float>& lse, float a, float b, float u, bool stream = false,
-                               int64_t target = -1, const T* next_labels = nullptr) {
+template <typename T> void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t begin,
+                                                     int64_t end, const SplitLse<float>& lse, float a,
+                                                     float b, float u, bool stream = false,
+                                                     int64_t target = -1, const T* next_labels = nullptr) {
   constexpr int64_t kStep = kPaired<T> ? 2 * v::kLanes : v::kLanes;  // elements per loop step
   // The pairs' stores want narrow NaNs: the only other NaNs that could reach
   // them are the row's scalars', made narrow here.
   auto narrow = [](float x) { return kPaired<T> && x != x ? quiet_nan<float>() : x; };
   const v::vfloat hi = v::splat(narrow(lse.hi)), lo = v::splat(narrow(lse.lo)), a_v = v::splat(narrow(a)),
-                 b_v = v::splat(narrow(b)), u_v = v::splat(narrow(u));
+                  b_v = v::splat(narrow(b)), u_v = v::splat(narrow(u));
   // Sparse labels: only the target's own term can cancel (a p_y - b - u with p_y
   // near 1), so only it is checked, once per row; it is written by row_math's
   // formula where its logit is near the lse.
   const float target_logit = target >= 0 ? load_acc(logits[target]) : 0.0f;
   const bool target_by_formula = target >= 0 && (target_logit - lse.hi) - lse.lo > -0.75f;
-  const float target_value = target_by_formula ? gradient_at(a, b + u, (target_logit - lse.hi) - lse.lo) : 0.0f;
+  const float target_value =
+      target_by_formula ? gradient_at(a, b + u, (target_logit - lse.hi) - lse.lo) : 0.0f;
   auto targets = [&](int64_t j, int64_t n) {  // t for elements [j, j + n), n <= kLanes
     if (labels) return n == v::kLanes ? v::load(labels + j) : v::load_partial(labels + j, n, 0.0f);
     const v::vfloat zero = v::splat(0.0f);
-    return static_cast<uint64_t>(target - j) < static_cast<uint64_t>(n) ? v::with_lane(zero, target - j, 1.0f) : zero;
+    return static_cast<uint64_t>(target - j) < static_cast<uint64_t>(n) ? v::with_lane(zero, target - j, 1.0f)
+                                                                        : zero;
   };
   auto gradient = [&](v::vfloat z, v::vfloat t) {
     const v::vfloat d = (z - hi) - lo;
@@ -497,7 +491,8 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
     if (n == v::kLanes) {
       v::store(out + j, set_target(gradient(v::load(logits + j), targets(j, n)), j, n));
     } else {
-      v::store_partial(out + j, n, set_target(gradient(v::load_partial(logits + j, n, 0.0f), targets(j, n)), j, n));
+      v::store_partial(out + j, n,
+                       set_target(gradient(v::load_partial(logits + j, n, 0.0f), targets(j, n)), j, n));
     }
   };
   // kStep elements from j.
@@ -530,7 +525,8 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
         v::store_pair<false>(out + j, g0, g1);
       }
     } else if (streaming) {
-      v::store_stream(out + j, set_target(gradient(v::load(logits + j), targets(j, v::kLanes)), j, v::kLanes));
+      v::store_stream(out + j,
+                      set_target(gradient(v::load(logits + j), targets(j, v::kLanes)), j, v::kLanes));
     } else {
       v::store(out + j, set_target(gradient(v::load(logits + j), targets(j, v::kLanes)), j, v::kLanes));
     }
@@ -559,27 +555,28 @@ void write_gradient_vectorized(const T* logits, const T* labels, T* out, int64_t
   for (; j < end; j += v::kLanes) write_vector(j, std::min<int64_t>(v::kLanes, end - j));
 }
 
-template <typename T>
-void write_softmax_gradient_vectorized(const T* logits, T* out, int64_t begin, int64_t end,
-                                       const SplitLse<float>& lse, const BackwardCoefficients<float>& c,
-                                       bool stream) {
-  write_gradient_vectorized<T>(logits, nullptr, out, begin, end, lse, c.softmax_scale, 0.0f, c.uniform, stream);
+template <typename T> void write_softmax_gradient_vectorized(const T* logits, T* out, int64_t begin,
+                                                             int64_t end, const SplitLse<float>& lse,
+                                                             const BackwardCoefficients<float>& c,
+                                                             bool stream) {
+  write_gradient_vectorized<T>(logits, nullptr, out, begin, end, lse, c.softmax_scale, 0.0f, c.uniform,
+                               stream);
 }
 
 // Writes dz_j = c.softmax_scale * exp(z_j - lse) - c.uniform for j in [begin, end).
-template <typename T>
-void write_softmax_gradient(const T* logits, T* out, int64_t stride, int64_t begin, int64_t end,
-                            const SplitLse<Acc<T>>& lse, const BackwardCoefficients<Acc<T>>& c,
-                            bool stream = false) {
+template <typename T> void write_softmax_gradient(const T* logits, T* out, int64_t stride, int64_t begin,
+                                                  int64_t end, const SplitLse<Acc<T>>& lse,
+                                                  const BackwardCoefficients<Acc<T>>& c,
+                                                  bool stream = false) {
   if constexpr (kVectorized<T>) {
     if (stride == 1) return write_softmax_gradient_vectorized(logits, out, begin, end, lse, c, stream);
   }
   for (int64_t j = begin; j < end; ++j)
-    out[j * stride] = store_as<T>(gradient_at(c.softmax_scale, c.uniform, log_softmax_at(load_acc(logits[j * stride]), lse)));
+    out[j * stride] = store_as<T>(
+        gradient_at(c.softmax_scale, c.uniform, log_softmax_at(load_acc(logits[j * stride]), lse)));
 }
 
-template <typename T>
-void fill_row(T* out, int64_t count, int64_t stride, Acc<T> value) {
+template <typename T> void fill_row(T* out, int64_t count, int64_t stride, Acc<T> value) {
   const T v = store_as<T>(value);
   for (int64_t j = 0; j < count; ++j) out[j * stride] = v;
 }
@@ -592,8 +589,7 @@ template <typename A> constexpr double kRoundedLse = std::is_same<A, double>::va
 
 // lse for the backward's p_j = exp((z_j - hi) - lo): the float64 lse split in
 // two, or for a row beyond kRoundedLse, its max and log_sum from a new sum.
-template <typename T>
-SplitLse<Acc<T>> backward_lse(const Row<T>& row, double lse) {
+template <typename T> SplitLse<Acc<T>> backward_lse(const Row<T>& row, double lse) {
   using A = Acc<T>;
   if (!(std::fabs(lse) >= kRoundedLse<A> && std::fabs(lse) < std::numeric_limits<double>::infinity()))
     return split_lse<A>(lse);
@@ -602,9 +598,9 @@ SplitLse<Acc<T>> backward_lse(const Row<T>& row, double lse) {
 }
 
 // Loss and lse of sparse row r from its sums.
-template <typename T, typename Label>
-void finish_sparse_row(const SparseForwardArgs<T, Label>& args, int64_t r, const RowSums<Acc<T>>& sums,
-                       Acc<T> log_sum, const Row<T>& row) {
+template <typename T, typename Label> void finish_sparse_row(const SparseForwardArgs<T, Label>& args,
+                                                             int64_t r, const RowSums<Acc<T>>& sums,
+                                                             Acc<T> log_sum, const Row<T>& row) {
   using A = Acc<T>;
   const double lse = lse_of(sums.max, log_sum);
   args.lse[r] = lse;
@@ -619,8 +615,8 @@ void finish_sparse_row(const SparseForwardArgs<T, Label>& args, int64_t r, const
   args.loss[r] = store_as<T>(loss);
 }
 
-template <typename T>
-void finish_dense_row(const DenseForwardArgs<T>& args, int64_t r, const RowSums<Acc<T>>& sums, Acc<T> log_sum) {
+template <typename T> void finish_dense_row(const DenseForwardArgs<T>& args, int64_t r,
+                                            const RowSums<Acc<T>>& sums, Acc<T> log_sum) {
   const double lse = lse_of(sums.max, log_sum);
   args.lse[r] = lse;
   args.loss[r] = store_as<T>(dense_row_loss<Acc<T>>(sums, log_sum, lse, args.options));
@@ -686,8 +682,8 @@ void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin
     const double lse = args.lse[r];
     const SplitLse<A> split = backward_lse(row_of(args.logits, layout, r), lse);
     const int64_t y = static_cast<int64_t>(args.labels[r]);
-    const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), label_weight(y, args.options),
-                                            lse, A(1), classes, args.options);
+    const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), label_weight(y, args.options), lse,
+                                            A(1), classes, args.options);
     if constexpr (kVectorized<T>) {
       if (stride == 1) {
         write_gradient_vectorized<T>(logits, nullptr, out, 0, classes, split, c.softmax_scale, c.target_scale,
@@ -745,8 +741,8 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
     const double lse = args.lse[r];
     const SplitLse<A> split = backward_lse(row_of(args.logits, layout, r), lse);
     const A target_sum = dense_target_sum(label_sum_of(labels), args.options);
-    const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), A(1), lse, target_sum, layout.classes,
-                                            args.options);
+    const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), A(1), lse, target_sum,
+                                            layout.classes, args.options);
     if constexpr (kVectorized<T>) {
       if (stride == 1) {
         // The next row's labels are summed before its gradient is written: ask for
@@ -765,8 +761,7 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
   if (stream) v::stream_fence();
 }
 
-template <typename T>
-void add_in_place(T* dst, const T* src, int64_t count) {
+template <typename T> void add_in_place(T* dst, const T* src, int64_t count) {
   int64_t i = 0;
   if constexpr (kVectorized<T>) {
     for (; i + v::kLanes <= count; i += v::kLanes) v::store(dst + i, v::load(dst + i) + v::load(src + i));

@@ -23,8 +23,12 @@ struct float16_t {
 };
 
 // Accumulation type: half types and float accumulate in float, double in double.
-template <typename T> struct AccumulatorOf { using type = float; };
-template <> struct AccumulatorOf<double> { using type = double; };
+template <typename T> struct AccumulatorOf {
+  using type = float;
+};
+template <> struct AccumulatorOf<double> {
+  using type = double;
+};
 template <typename T> using Acc = typename AccumulatorOf<T>::type;
 
 // Functions live in an unnamed namespace: the CPU kernels are compiled once per
@@ -52,9 +56,7 @@ FX_HOST_DEVICE uint32_t float_to_bits(float f) {
 #endif
 }
 
-FX_HOST_DEVICE float to_float(bfloat16_t v) {
-  return bits_to_float(static_cast<uint32_t>(v.bits) << 16);
-}
+FX_HOST_DEVICE float to_float(bfloat16_t v) { return bits_to_float(static_cast<uint32_t>(v.bits) << 16); }
 
 // Round to nearest even, keeping NaN a (quiet) NaN.
 FX_HOST_DEVICE bfloat16_t to_bfloat16(float f) {

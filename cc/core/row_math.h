@@ -38,9 +38,7 @@ template <typename A> FX_HOST_DEVICE A fx_log1p(A x) { return std::log1p(x); }
 template <typename A> FX_HOST_DEVICE A fx_expm1(A x) { return std::expm1(x); }
 #endif
 
-template <typename A> FX_HOST_DEVICE A negative_infinity() {
-  return -std::numeric_limits<A>::infinity();
-}
+template <typename A> FX_HOST_DEVICE A negative_infinity() { return -std::numeric_limits<A>::infinity(); }
 template <typename A> FX_HOST_DEVICE A quiet_nan() { return std::numeric_limits<A>::quiet_NaN(); }
 
 // Sums over a row (or a slice of it) kept relative to the slice's max m, so
@@ -57,8 +55,7 @@ template <typename A> FX_HOST_DEVICE A quiet_nan() { return std::numeric_limits<
 // sum in rest. Slices merge in a fixed order; a NaN anywhere makes the row NaN.
 }  // namespace
 
-template <typename A>
-struct RowSums {
+template <typename A> struct RowSums {
   A max = negative_infinity<A>();
   A ties = 0;
   A rest = 0;
@@ -81,8 +78,7 @@ template <typename A, typename W> FX_HOST_DEVICE A add_shifted(A sum, W weight, 
   return weight != 0 ? sum + static_cast<A>(weight) * shift : sum;
 }
 
-template <typename A>
-FX_HOST_DEVICE void merge_sums(RowSums<A>& run, const RowSums<A>& block) {
+template <typename A> FX_HOST_DEVICE void merge_sums(RowSums<A>& run, const RowSums<A>& block) {
   if (block.max > run.max) {
     const A shift = block.max - run.max;  // +inf while run has seen only -inf
     run.rest = (run.rest + run.ties) * fx_exp(-shift) + block.rest;
@@ -116,7 +112,9 @@ FX_HOST_DEVICE void merge_sums(RowSums<A>& run, const RowSums<A>& block) {
 template <typename A> FX_HOST_DEVICE A log_sum_of(A ties, A rest) {
   return ties >= 1 ? fx_log1p((ties - 1) + rest) : fx_log(rest);
 }
-template <typename A> FX_HOST_DEVICE A log_sum(const RowSums<A>& sums) { return log_sum_of(sums.ties, sums.rest); }
+template <typename A> FX_HOST_DEVICE A log_sum(const RowSums<A>& sums) {
+  return log_sum_of(sums.ties, sums.rest);
+}
 
 FX_HOST_DEVICE double lse_of(double max, double log_sum) {
   return max == negative_infinity<double>() ? max : max + log_sum;
@@ -124,8 +122,7 @@ FX_HOST_DEVICE double lse_of(double max, double log_sum) {
 
 // z_j - lse evaluated as (z_j - hi) - lo with hi + lo = lse: z_j - hi is exact
 // where it matters (z_j near lse), so p_j = exp(.) keeps full precision.
-template <typename A>
-struct SplitLse {
+template <typename A> struct SplitLse {
   A hi;
   A lo;
 };
@@ -134,8 +131,12 @@ template <typename A> FX_HOST_DEVICE SplitLse<A> split_lse(double lse) {
   const double rest = lse - static_cast<double>(hi);
   return SplitLse<A>{hi, rest == rest ? static_cast<A>(rest) : A(0)};  // inf - inf: no low part
 }
-template <typename A> FX_HOST_DEVICE A log_softmax_at(A z, const SplitLse<A>& lse) { return (z - lse.hi) - lse.lo; }
-template <typename A> FX_HOST_DEVICE A softmax_at(A z, const SplitLse<A>& lse) { return fx_exp(log_softmax_at(z, lse)); }
+template <typename A> FX_HOST_DEVICE A log_softmax_at(A z, const SplitLse<A>& lse) {
+  return (z - lse.hi) - lse.lo;
+}
+template <typename A> FX_HOST_DEVICE A softmax_at(A z, const SplitLse<A>& lse) {
+  return fx_exp(log_softmax_at(z, lse));
+}
 
 template <typename Label>
 FX_HOST_DEVICE LabelKind classify_label(Label label, int64_t classes, const Options& options) {
@@ -167,15 +168,13 @@ template <typename A> FX_HOST_DEVICE A z_loss_term(double lse, const Options& op
 }
 
 // Sparse row: t = onehot(y), so sum(t) = 1 and sum_j t_j (m - z_j) = m - z_y.
-template <typename A>
-FX_HOST_DEVICE A sparse_row_loss(const RowSums<A>& sums, A log_sum, double lse, A z_label, A weight,
-                                 const Options& options) {
+template <typename A> FX_HOST_DEVICE A sparse_row_loss(const RowSums<A>& sums, A log_sum, double lse,
+                                                       A z_label, A weight, const Options& options) {
   const A ce = cross_entropy(log_sum, A(1), sums.max - z_label, sums.gap, options);
   return weight * (ce + z_loss_term<A>(lse, options));
 }
 
-template <typename A>
-FX_HOST_DEVICE A dense_target_sum(A label_sum, const Options& options) {
+template <typename A> FX_HOST_DEVICE A dense_target_sum(A label_sum, const Options& options) {
   const A eps = options.label_smoothing;
   return (1 - eps) * label_sum + eps;
 }
@@ -188,8 +187,7 @@ FX_HOST_DEVICE A dense_row_loss(const RowSums<A>& sums, A log_sum, double lse, c
 
 // The backward of a row is dz_j = softmax_scale * p_j - target_scale * t_j - uniform,
 // with t the one-hot (sparse) or dense label and p_j = exp(z_j - lse).
-template <typename A>
-struct BackwardCoefficients {
+template <typename A> struct BackwardCoefficients {
   A softmax_scale;  // g * w * (sum(q) + 2 lambda lse)
   A target_scale;   // g * w * (1 - eps)
   A uniform;        // g * w * eps / C
@@ -197,11 +195,12 @@ struct BackwardCoefficients {
 
 template <typename A>
 FX_HOST_DEVICE BackwardCoefficients<A> backward_coefficients(A grad, A weight, double lse, A target_sum,
-                                                            int64_t classes, const Options& options) {
+                                                             int64_t classes, const Options& options) {
   const A eps = options.label_smoothing;
   const A scale = grad * weight;
   BackwardCoefficients<A> c;
-  c.softmax_scale = scale * (target_sum + (options.z_loss > 0 ? static_cast<A>(2.0 * options.z_loss * lse) : A(0)));
+  c.softmax_scale =
+      scale * (target_sum + (options.z_loss > 0 ? static_cast<A>(2.0 * options.z_loss * lse) : A(0)));
   c.target_scale = scale * (1 - eps);
   c.uniform = scale * eps / static_cast<A>(classes);
   return c;
@@ -214,7 +213,9 @@ FX_HOST_DEVICE BackwardCoefficients<A> backward_coefficients(A grad, A weight, d
 template <typename A> FX_HOST_DEVICE A gradient_from(A a, A target, A d, A p) {
   return p > A(0.5) ? a * fx_expm1(d) + (a - target) : a * p - target;
 }
-template <typename A> FX_HOST_DEVICE A gradient_at(A a, A target, A d) { return gradient_from(a, target, d, fx_exp(d)); }
+template <typename A> FX_HOST_DEVICE A gradient_at(A a, A target, A d) {
+  return gradient_from(a, target, d, fx_exp(d));
+}
 
 }  // namespace
 }  // namespace fused_xent

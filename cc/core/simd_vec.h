@@ -51,7 +51,8 @@ FX_ALWAYS_INLINE void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); 
 // 16 bfloat16 as floats. The masked forms, as GCC 12 warns of the plain ones'
 // undefined sources once inlined.
 FX_ALWAYS_INLINE vfloat widen_bfloat16(__m256i bits) {
-  return reinterpret_cast<vfloat>(_mm512_maskz_slli_epi32(0xffff, _mm512_maskz_cvtepu16_epi32(0xffff, bits), 16));
+  return reinterpret_cast<vfloat>(
+      _mm512_maskz_slli_epi32(0xffff, _mm512_maskz_cvtepu16_epi32(0xffff, bits), 16));
 }
 #endif
 
@@ -73,7 +74,8 @@ FX_ALWAYS_INLINE vfloat load(const bfloat16_t* p) {
 FX_ALWAYS_INLINE vhalf_bits narrow_to_16_bits(vuint u) {
 #if FX_LANES == 8 && defined(__AVX2__)
   const __m256i x = reinterpret_cast<__m256i>(u);
-  return reinterpret_cast<vhalf_bits>(_mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1)));
+  return reinterpret_cast<vhalf_bits>(
+      _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1)));
 #else
   return __builtin_convertvector(u, vhalf_bits);
 #endif
@@ -106,7 +108,8 @@ FX_ALWAYS_INLINE vuint bfloat16_bits_in_lanes_narrow_nans(vfloat v) {
 FX_ALWAYS_INLINE vfloat load(const float16_t* p) {
 #if FX_LANES == 16 && defined(__AVX512F__)
   // The masked form: GCC 12 warns of the plain one's undefined source once inlined.
-  return reinterpret_cast<vfloat>(_mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  return reinterpret_cast<vfloat>(
+      _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 #elif FX_LANES == 8 && defined(__F16C__)
   return reinterpret_cast<vfloat>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #else
@@ -130,8 +133,7 @@ FX_ALWAYS_INLINE vhalf_bits to_bits(vfloat v, const float16_t*) {
 #endif
 }
 
-template <typename Half>
-FX_ALWAYS_INLINE void store(Half* p, vfloat v) {
+template <typename Half> FX_ALWAYS_INLINE void store(Half* p, vfloat v) {
   const vhalf_bits bits = to_bits(v, p);
   std::memcpy(p, &bits, sizeof bits);
 }
@@ -156,8 +158,7 @@ FX_ALWAYS_INLINE void store_stream(float* p, vfloat v) {
   store(p, v);
 #endif
 }
-template <typename Half>
-FX_ALWAYS_INLINE void store_stream(Half* p, vfloat v) {
+template <typename Half> FX_ALWAYS_INLINE void store_stream(Half* p, vfloat v) {
   const vhalf_bits bits = to_bits(v, p);
 #if FX_LANES == 16 && defined(__AVX__)
   _mm256_stream_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(bits));
@@ -222,8 +223,7 @@ FX_ALWAYS_INLINE __m256i pack_pair(vfloat first, vfloat second) {
 
 // Stores a pair as 2 * kLanes bfloat16; with kStream, streaming, to p aligned
 // to 2 * kLanes elements.
-template <bool kStream>
-FX_ALWAYS_INLINE void store_pair(bfloat16_t* p, vfloat first, vfloat second) {
+template <bool kStream> FX_ALWAYS_INLINE void store_pair(bfloat16_t* p, vfloat first, vfloat second) {
 #if FX_LANES == 16 && defined(__AVX512BW__)
   const __m512i bits = pack_pair(first, second);
   if (kStream) {
@@ -281,8 +281,7 @@ FX_ALWAYS_INLINE void stream_fence() {
 }
 
 // 0, 1, ..., kLanes - 1.
-template <int... I>
-FX_ALWAYS_INLINE vint lane_numbers(std::integer_sequence<int, I...>) {
+template <int... I> FX_ALWAYS_INLINE vint lane_numbers(std::integer_sequence<int, I...>) {
   return vint{I...};
 }
 FX_ALWAYS_INLINE vint lane_numbers() { return lane_numbers(std::make_integer_sequence<int, kLanes>()); }
@@ -304,8 +303,7 @@ FX_ALWAYS_INLINE vfloat load_partial(const float* p, int64_t n, float pad) {
 FX_ALWAYS_INLINE void store_partial(float* p, int64_t n, vfloat v) {
   _mm512_mask_storeu_ps(p, first_lanes(n), reinterpret_cast<__m512>(v));
 }
-template <typename Half>
-FX_ALWAYS_INLINE vfloat load_partial(const Half* p, int64_t n, float pad) {
+template <typename Half> FX_ALWAYS_INLINE vfloat load_partial(const Half* p, int64_t n, float pad) {
   const __m256i bits = _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(first_lanes(n), p));
   vfloat v;
   if constexpr (std::is_same<Half, bfloat16_t>::value) {
@@ -315,8 +313,7 @@ FX_ALWAYS_INLINE vfloat load_partial(const Half* p, int64_t n, float pad) {
   }
   return select(lane_numbers() < static_cast<int32_t>(n), v, splat(pad));
 }
-template <typename Half>
-FX_ALWAYS_INLINE void store_partial(Half* p, int64_t n, vfloat v) {
+template <typename Half> FX_ALWAYS_INLINE void store_partial(Half* p, int64_t n, vfloat v) {
   const vhalf_bits bits = to_bits(v, p);
   _mm512_mask_storeu_epi16(p, first_lanes(n), _mm512_zextsi256_si512(reinterpret_cast<__m256i>(bits)));
 }
@@ -332,16 +329,14 @@ FX_ALWAYS_INLINE void store_partial(float* p, int64_t n, vfloat v) {
   _mm256_maskstore_ps(p, reinterpret_cast<__m256i>(in), reinterpret_cast<__m256>(v));
 }
 #endif
-template <typename T>
-FX_ALWAYS_INLINE vfloat load_partial(const T* p, int64_t n, float pad) {
+template <typename T> FX_ALWAYS_INLINE vfloat load_partial(const T* p, int64_t n, float pad) {
   T tmp[kLanes];
   std::memcpy(tmp, p, n * sizeof(T));
   vfloat v = load(tmp);
   for (int i = static_cast<int>(n); i < kLanes; ++i) v[i] = pad;
   return v;
 }
-template <typename T>
-FX_ALWAYS_INLINE void store_partial(T* p, int64_t n, vfloat v) {
+template <typename T> FX_ALWAYS_INLINE void store_partial(T* p, int64_t n, vfloat v) {
   T tmp[kLanes];
   store(tmp, v);
   std::memcpy(p, tmp, n * sizeof(T));
@@ -377,7 +372,8 @@ FX_ALWAYS_INLINE vfloat exp_in_range(vfloat x) {
   vfloat r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   const vfloat r2 = r * r;  // Estrin's scheme: a shorter dependency chain than Horner's
-  const vfloat p = r2 * (r2 * (r * 8.31251219e-3f + 4.18900885e-2f) + (r * 1.66671142e-1f + 4.99992311e-1f)) + (r + 1.0f);
+  const vfloat p =
+      r2 * (r2 * (r * 8.31251219e-3f + 4.18900885e-2f) + (r * 1.66671142e-1f + 4.99992311e-1f)) + (r + 1.0f);
   return p * reinterpret_cast<vfloat>(reinterpret_cast<vint>(shifted) << 23);
 }
 

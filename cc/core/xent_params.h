@@ -32,8 +32,7 @@ struct Options {
   const float* class_weights = nullptr;  // length `classes`, or null for all ones
 };
 
-template <typename T, typename Label>
-struct SparseForwardArgs {
+template <typename T, typename Label> struct SparseForwardArgs {
   Layout layout;
   Options options;
   const T* logits = nullptr;
@@ -42,8 +41,7 @@ struct SparseForwardArgs {
   double* lse = nullptr;          // one per row: log-sum-exp, in double so the backward stays exact
 };
 
-template <typename T, typename Label>
-struct SparseBackwardArgs {
+template <typename T, typename Label> struct SparseBackwardArgs {
   Layout layout;
   Options options;
   const T* logits = nullptr;
@@ -53,9 +51,8 @@ struct SparseBackwardArgs {
   T* grad_logits = nullptr;      // may alias `logits`: each element is read before it is written
 };
 
-template <typename T>
-struct DenseForwardArgs {
-  Layout layout;  // shared by logits and labels
+template <typename T> struct DenseForwardArgs {
+  Layout layout;    // shared by logits and labels
   Options options;  // class_weights and ignore_index are not used
   const T* logits = nullptr;
   const T* labels = nullptr;
@@ -63,8 +60,7 @@ struct DenseForwardArgs {
   double* lse = nullptr;
 };
 
-template <typename T>
-struct DenseBackwardArgs {
+template <typename T> struct DenseBackwardArgs {
   Layout layout;
   Options options;
   const T* logits = nullptr;

@@ -14,8 +14,7 @@ __device__ void finish_row(const DenseForwardArgs<T>& args, int64_t r, const Row
 }
 
 // Dense kernels hold logits and labels in registers: no occupancy bound, or they spill.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
+template <typename T> __global__ void __launch_bounds__(kThreads)
     forward_kernel(const DenseForwardArgs<T> args, const Plan plan, RowSums<Acc<T>>* partial) {
   using A = Acc<T>;
   const Slot s = slot_of(plan, args.layout);
@@ -35,33 +34,32 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Merges each row's chunk sums (a warp per row, a fixed order), then finishes the row.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
+template <typename T> __global__ void __launch_bounds__(kThreads)
     merge_kernel(const DenseForwardArgs<T> args, const Plan plan, const RowSums<Acc<T>>* partial) {
   const int64_t r = merge_row();
   if (r >= args.layout.rows()) return;  // the whole warp: it shares r
   const int lane = threadIdx.x % kWarp;
-  const RowSums<Acc<T>> sums = merge_chunks(partial, r, plan.splits, lane, args.options.label_smoothing > 0, true);
+  const RowSums<Acc<T>> sums =
+      merge_chunks(partial, r, plan.splits, lane, args.options.label_smoothing > 0, true);
   if (lane == 0) finish_row(args, r, sums);
 }
 
 // The backward needs sum_j t_j before its first element: a first pass leaves
 // each chunk's label sum in `label_sums`.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
+template <typename T> __global__ void __launch_bounds__(kThreads)
     label_sum_kernel(const DenseBackwardArgs<T> args, const Plan plan, Acc<T>* label_sums) {
   const Slot s = slot_of(plan, args.layout);
   AddVisitor<Acc<T>> visit;
   if (s.active) {
-    const RowPointers<T> row{args.labels + args.layout.row_offset(s.row), nullptr, nullptr, args.layout.inner};
+    const RowPointers<T> row{args.labels + args.layout.row_offset(s.row), nullptr, nullptr,
+                             args.layout.inner};
     walk_slice<false, false>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, visit);
   }
   const Acc<T> sum = reduce_sum(visit.sum, plan.group);
   if (s.active && s.lane == 0) label_sums[s.row * plan.splits + blockIdx.y] = sum;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
+template <typename T> __global__ void __launch_bounds__(kThreads)
     backward_kernel(const DenseBackwardArgs<T> args, const Plan plan, const Acc<T>* label_sums) {
   using A = Acc<T>;
   const Slot s = slot_of(plan, args.layout);
@@ -71,11 +69,12 @@ __global__ void __launch_bounds__(kThreads)
   if (!s.active) return;
   const double lse = args.lse[s.row];
   GradientVisitor<A, true> visit{
-      backward_coefficients<A>(to_acc(args.grad_loss[s.row]), A(1), lse, dense_target_sum(label_sum, args.options),
-                               args.layout.classes, args.options),
+      backward_coefficients<A>(to_acc(args.grad_loss[s.row]), A(1), lse,
+                               dense_target_sum(label_sum, args.options), args.layout.classes, args.options),
       split_lse<A>(lse), -1};
   const int64_t offset = args.layout.row_offset(s.row);
-  const RowPointers<T> row{args.logits + offset, args.labels + offset, args.grad_logits + offset, args.layout.inner};
+  const RowPointers<T> row{args.logits + offset, args.labels + offset, args.grad_logits + offset,
+                           args.layout.inner};
   walk_slice<true, true>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, visit);
 }
 
@@ -91,8 +90,7 @@ const char* dense_forward(const DenseForwardArgs<T>& args, void* workspace, cuda
   auto* partial = static_cast<RowSums<Acc<T>>*>(workspace);
   if (plan.splits > 1 && !partial) return "fused_xent CUDA: the forward needs a workspace for this shape";
   forward_kernel<<<grid_of(plan), kThreads, 0, stream>>>(args, plan, partial);
-  if (plan.splits > 1)
-    merge_kernel<<<merge_blocks(rows), kThreads, 0, stream>>>(args, plan, partial);
+  if (plan.splits > 1) merge_kernel<<<merge_blocks(rows), kThreads, 0, stream>>>(args, plan, partial);
   return launch_status();
 }
 
@@ -109,7 +107,7 @@ const char* dense_backward(const DenseBackwardArgs<T>& args, void* workspace, cu
   return launch_status();
 }
 
-#define FX_INSTANTIATE(T)                                                                    \
+#define FX_INSTANTIATE(T)                                                                 \
   template const char* dense_forward<T>(const DenseForwardArgs<T>&, void*, cudaStream_t); \
   template const char* dense_backward<T>(const DenseBackwardArgs<T>&, void*, cudaStream_t);
 

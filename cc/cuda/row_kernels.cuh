@@ -27,7 +27,9 @@ template <typename T> constexpr int kMinBlocksOf = sizeof(T) == 8 ? 1 : kMinBloc
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ float to_acc(float16_t v) { return __half2float(__ushort_as_half(v.bits)); }
-__device__ __forceinline__ float to_acc(bfloat16_t v) { return __uint_as_float(static_cast<uint32_t>(v.bits) << 16); }
+__device__ __forceinline__ float to_acc(bfloat16_t v) {
+  return __uint_as_float(static_cast<uint32_t>(v.bits) << 16);
+}
 
 template <typename T> __device__ __forceinline__ T from_acc(Acc<T> v);
 template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
@@ -52,23 +54,20 @@ __device__ __forceinline__ float element_exp(float x) { return exp2_ftz(x * kLog
 __device__ __forceinline__ double element_exp(double x) { return exp(x); }
 
 // --- 128-bit packs ----------------------------------------------------------------------
-template <typename T>
-union Pack {
+template <typename T> union Pack {
   uint4 raw;
   T v[kPack<T>];
 };
 
 // A 16-byte pack's values in the accumulation type.
-template <typename T>
-__device__ __forceinline__ void unpack(const uint4& raw, Acc<T>* out) {
+template <typename T> __device__ __forceinline__ void unpack(const uint4& raw, Acc<T>* out) {
   Pack<T> pack;
   pack.raw = raw;
 #pragma unroll
   for (int e = 0; e < kPack<T>; ++e) out[e] = to_acc(pack.v[e]);
 }
 
-template <>
-__device__ __forceinline__ void unpack<float>(const uint4& raw, float* out) {
+template <> __device__ __forceinline__ void unpack<float>(const uint4& raw, float* out) {
   out[0] = __uint_as_float(raw.x);
   out[1] = __uint_as_float(raw.y);
   out[2] = __uint_as_float(raw.z);
@@ -76,8 +75,7 @@ __device__ __forceinline__ void unpack<float>(const uint4& raw, float* out) {
 }
 
 // Two bfloat16 per 32-bit word: one shift or mask each.
-template <>
-__device__ __forceinline__ void unpack<bfloat16_t>(const uint4& raw, float* out) {
+template <> __device__ __forceinline__ void unpack<bfloat16_t>(const uint4& raw, float* out) {
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
@@ -86,8 +84,7 @@ __device__ __forceinline__ void unpack<bfloat16_t>(const uint4& raw, float* out)
   }
 }
 
-template <>
-__device__ __forceinline__ void unpack<float16_t>(const uint4& raw, float* out) {
+template <> __device__ __forceinline__ void unpack<float16_t>(const uint4& raw, float* out) {
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
@@ -100,13 +97,11 @@ __device__ __forceinline__ void unpack<float16_t>(const uint4& raw, float* out) 
 }
 
 // Not __ldg: the gradient may overwrite the logits.
-template <typename T>
-__device__ __forceinline__ uint4 load_raw(const T* p) {
+template <typename T> __device__ __forceinline__ uint4 load_raw(const T* p) {
   return *reinterpret_cast<const uint4*>(p);
 }
 
-template <typename T>
-__device__ __forceinline__ void store_pack(T* p, const Acc<T>* in) {
+template <typename T> __device__ __forceinline__ void store_pack(T* p, const Acc<T>* in) {
   Pack<T> pack;
 #pragma unroll
   for (int e = 0; e < kPack<T>; ++e) pack.v[e] = from_acc<T>(in[e]);
@@ -116,23 +111,20 @@ __device__ __forceinline__ void store_pack(T* p, const Acc<T>* in) {
 // 16-bit types: two values per conversion instruction (cvt.rn.bf16x2.f32 /
 // cvt.rn.f16x2.f32, round to nearest even as from_acc), straight into the
 // 32-bit words of the 16-byte store; the lower address holds the first value.
-template <typename Pair>
-__device__ __forceinline__ uint32_t pair_bits(Pair pair) {
+template <typename Pair> __device__ __forceinline__ uint32_t pair_bits(Pair pair) {
   uint32_t bits;
   memcpy(&bits, &pair, sizeof bits);
   return bits;
 }
 
-template <>
-__device__ __forceinline__ void store_pack<bfloat16_t>(bfloat16_t* p, const float* in) {
+template <> __device__ __forceinline__ void store_pack<bfloat16_t>(bfloat16_t* p, const float* in) {
   uint32_t w[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) w[i] = pair_bits(__floats2bfloat162_rn(in[2 * i], in[2 * i + 1]));
   *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-template <>
-__device__ __forceinline__ void store_pack<float16_t>(float16_t* p, const float* in) {
+template <> __device__ __forceinline__ void store_pack<float16_t>(float16_t* p, const float* in) {
   uint32_t w[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) w[i] = pair_bits(__floats2half2_rn(in[2 * i], in[2 * i + 1]));
@@ -191,11 +183,10 @@ __device__ __forceinline__ Slot slot_of(const Plan& plan, const Layout& layout) 
 // 1 for single elements. With kWrites, the visitor replaces z by the outputs.
 // The split of a slice between lanes depends only on its length and its
 // 16-byte phase, so repeated calls add in the same order.
-template <typename T>
-struct RowPointers {
-  const T* z;    // logits of the row (or the labels, for a label sum)
-  const T* t;    // dense labels of the row, or null
-  T* out;        // gradient of the row, or null
+template <typename T> struct RowPointers {
+  const T* z;  // logits of the row (or the labels, for a label sum)
+  const T* t;  // dense labels of the row, or null
+  T* out;      // gradient of the row, or null
   int64_t stride;
 };
 
@@ -292,8 +283,8 @@ __device__ __forceinline__ void visit_elements(const RowPointers<T>& p, int64_t 
 }
 
 template <bool kLabels, bool kWrites, typename T, typename Visit>
-__device__ void walk_slice(const RowPointers<T>& p, int64_t begin, int64_t end, int lane, int group, bool vectorized,
-                           Visit& visit) {
+__device__ void walk_slice(const RowPointers<T>& p, int64_t begin, int64_t end, int lane, int group,
+                           bool vectorized, Visit& visit) {
   constexpr int V = kPack<T>;
   if (!vectorized) {
     int64_t j = begin + lane;
@@ -341,12 +332,12 @@ __device__ __forceinline__ RowSums<A> shuffle_down(const RowSums<A>& s, int offs
   return o;
 }
 
-template <typename A>
-__device__ RowSums<A> reduce_row_sums(RowSums<A> s, int group, bool mean, bool labels) {
+template <typename A> __device__ RowSums<A> reduce_row_sums(RowSums<A> s, int group, bool mean, bool labels) {
   // Raw storage: __shared__ variables cannot have RowSums' default initialisers.
   __shared__ alignas(RowSums<A>) unsigned char storage[sizeof(RowSums<A>) * (kThreads / kWarp)];
   RowSums<A>* warp_sums = reinterpret_cast<RowSums<A>*>(storage);
-  for (int offset = min(group, kWarp) / 2; offset > 0; offset /= 2) merge_sums(s, shuffle_down(s, offset, mean, labels));
+  for (int offset = min(group, kWarp) / 2; offset > 0; offset /= 2)
+    merge_sums(s, shuffle_down(s, offset, mean, labels));
   if (group <= kWarp) return s;
   const int warp = threadIdx.x / kWarp;
   if (threadIdx.x % kWarp == 0) warp_sums[warp] = s;
@@ -359,9 +350,8 @@ __device__ RowSums<A> reduce_row_sums(RowSums<A> s, int group, bool mean, bool l
 // The sums of row r's `splits` chunks (partial[r * splits + c]), merged by one
 // whole warp: lane l merges chunks l, l + 32, ... in order, then the lanes
 // merge by shuffles, a fixed order. Complete in lane 0.
-template <typename A>
-__device__ RowSums<A> merge_chunks(const RowSums<A>* partial, int64_t r, int splits, int lane, bool mean,
-                                   bool labels) {
+template <typename A> __device__ RowSums<A> merge_chunks(const RowSums<A>* partial, int64_t r, int splits,
+                                                         int lane, bool mean, bool labels) {
   RowSums<A> s;
   for (int c = lane; c < splits; c += kWarp) merge_sums(s, partial[r * splits + c]);
   for (int offset = kWarp / 2; offset > 0; offset /= 2) merge_sums(s, shuffle_down(s, offset, mean, labels));
@@ -370,15 +360,17 @@ __device__ RowSums<A> merge_chunks(const RowSums<A>* partial, int64_t r, int spl
 
 // Rows of the merge kernels: one warp each.
 constexpr int kRowsPerMergeBlock = kThreads / kWarp;
-inline unsigned merge_blocks(int64_t rows) { return static_cast<unsigned>(ceil_div(rows, kRowsPerMergeBlock)); }
+inline unsigned merge_blocks(int64_t rows) {
+  return static_cast<unsigned>(ceil_div(rows, kRowsPerMergeBlock));
+}
 __device__ __forceinline__ int64_t merge_row() {
   return static_cast<int64_t>(blockIdx.x) * kRowsPerMergeBlock + threadIdx.x / kWarp;
 }
 
-template <typename A>
-__device__ A reduce_sum(A s, int group) {
+template <typename A> __device__ A reduce_sum(A s, int group) {
   __shared__ A warp_sums[kThreads / kWarp];
-  for (int offset = min(group, kWarp) / 2; offset > 0; offset /= 2) s += __shfl_down_sync(0xffffffffu, s, offset);
+  for (int offset = min(group, kWarp) / 2; offset > 0; offset /= 2)
+    s += __shfl_down_sync(0xffffffffu, s, offset);
   if (group <= kWarp) return s;
   const int warp = threadIdx.x / kWarp;
   if (threadIdx.x % kWarp == 0) warp_sums[warp] = s;
@@ -391,8 +383,7 @@ __device__ A reduce_sum(A s, int group) {
 // The sum of a row's `count` chunk values, in every thread of the row's group:
 // lane l adds values l, l + group, ... in order, then the group sums by a tree
 // (a fixed order). Every thread of the block must call it.
-template <typename A>
-__device__ A group_total(const A* values, int count, int lane, int group, bool active) {
+template <typename A> __device__ A group_total(const A* values, int count, int lane, int group, bool active) {
   __shared__ A totals[kThreads];
   A sum = 0;
   if (active)
@@ -415,8 +406,7 @@ __device__ __forceinline__ void tree_step(A (&v)[N], Op op) {
   }
 }
 
-template <int N, typename A, typename Op>
-__device__ __forceinline__ A tree_reduce(A (&v)[N], Op op) {
+template <int N, typename A, typename Op> __device__ __forceinline__ A tree_reduce(A (&v)[N], Op op) {
   static_assert((N & (N - 1)) == 0, "batches are a power of two long");
   tree_step<N / 2>(v, op);
   return v[0];
@@ -432,8 +422,7 @@ struct Max {  // ignores NaN: a NaN still reaches the row through rest
 
 // Sums of one batch relative to its own max, as the CPU's block_sums, then
 // merged into the thread's running sums (online softmax). N is a power of two.
-template <typename A, bool kLabels>
-struct SumsVisitor {
+template <typename A, bool kLabels> struct SumsVisitor {
   RowSums<A> sums;
   bool want_mean;
   A inv_classes;
@@ -486,8 +475,7 @@ struct SumsVisitor {
   }
 };
 
-template <typename A>
-struct AddVisitor {
+template <typename A> struct AddVisitor {
   A sum = 0;
   template <int N, int W>
   __device__ __forceinline__ void operator()(const A (&z)[N], const A (&)[N], int n, int64_t, int64_t) {
@@ -498,8 +486,7 @@ struct AddVisitor {
 };
 
 // Writes one value everywhere (rows with a NaN or an exactly zero gradient).
-template <typename A>
-struct FillVisitor {
+template <typename A> struct FillVisitor {
   A value;
   template <int N, int W>
   __device__ __forceinline__ void operator()(A (&z)[N], const A (&)[N], int, int64_t, int64_t) {
@@ -511,8 +498,7 @@ struct FillVisitor {
 // dz_j = a * p_j - b * [j == label] - u for sparse labels, or a * p_j - b * t_j - u
 // for dense ones, by row_math's gradient_from, with p_j = exp((z_j - hi) - lo) as
 // in row_math's softmax_at (the low part folded into the exponent's scaling for float).
-template <typename A, bool kDense>
-struct GradientVisitor {
+template <typename A, bool kDense> struct GradientVisitor {
   BackwardCoefficients<A> c;
   SplitLse<A> lse;
   int64_t label;  // sparse: the target class, or -1

@@ -7,8 +7,7 @@ namespace {
 
 // The row's label and, when valid, its logit: read before the row's sums are
 // complete so the loads overlap the reduction.
-template <typename A>
-struct LabelLogit {
+template <typename A> struct LabelLogit {
   LabelKind kind;
   int64_t label;
   A z_label;
@@ -16,22 +15,25 @@ struct LabelLogit {
 
 template <typename T, typename Label>
 __device__ LabelLogit<Acc<T>> label_logit(const SparseForwardArgs<T, Label>& args, int64_t r, Label label) {
-  LabelLogit<Acc<T>> l{classify_label(label, args.layout.classes, args.options), static_cast<int64_t>(label), 0};
-  if (l.kind == LabelKind::kValid) l.z_label = to_acc(args.logits[args.layout.row_offset(r) + l.label * args.layout.inner]);
+  LabelLogit<Acc<T>> l{classify_label(label, args.layout.classes, args.options), static_cast<int64_t>(label),
+                       0};
+  if (l.kind == LabelKind::kValid)
+    l.z_label = to_acc(args.logits[args.layout.row_offset(r) + l.label * args.layout.inner]);
   return l;
 }
 
 // Loss and lse of row r from its sums, as the CPU's finish_sparse_row.
-template <typename T, typename Label>
-__device__ void finish_row(const SparseForwardArgs<T, Label>& args, int64_t r, const RowSums<Acc<T>>& sums,
-                           const LabelLogit<Acc<T>>& l) {
+template <typename T, typename Label> __device__ void finish_row(const SparseForwardArgs<T, Label>& args,
+                                                                 int64_t r, const RowSums<Acc<T>>& sums,
+                                                                 const LabelLogit<Acc<T>>& l) {
   using A = Acc<T>;
   const A log_sum_exp = log_sum(sums);
   const double lse = lse_of(sums.max, log_sum_exp);
   args.lse[r] = lse;
   A loss = 0;
   if (l.kind == LabelKind::kValid)
-    loss = sparse_row_loss<A>(sums, log_sum_exp, lse, l.z_label, A(label_weight(l.label, args.options)), args.options);
+    loss = sparse_row_loss<A>(sums, log_sum_exp, lse, l.z_label, A(label_weight(l.label, args.options)),
+                              args.options);
   else if (l.kind == LabelKind::kOutOfRange)
     loss = quiet_nan<A>();
   args.loss[r] = from_acc<T>(loss);
@@ -39,8 +41,7 @@ __device__ void finish_row(const SparseForwardArgs<T, Label>& args, int64_t r, c
 
 // One block row-group per (rows, chunk); with one chunk per row the group's
 // first thread finishes the row, else it leaves the chunk's sums in `partial`.
-template <typename T, typename Label>
-__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
+template <typename T, typename Label> __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
     forward_kernel(const SparseForwardArgs<T, Label> args, const Plan plan, RowSums<Acc<T>>* partial) {
   using A = Acc<T>;
   const Slot s = slot_of(plan, args.layout);
@@ -49,7 +50,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
   const Label label = finishes ? args.labels[s.row] : Label(0);  // in flight during the walk
   SumsVisitor<A, false> visit{RowSums<A>(), mean, A(1) / static_cast<A>(args.layout.classes)};
   if (s.active) {
-    const RowPointers<T> row{args.logits + args.layout.row_offset(s.row), nullptr, nullptr, args.layout.inner};
+    const RowPointers<T> row{args.logits + args.layout.row_offset(s.row), nullptr, nullptr,
+                             args.layout.inner};
     walk_slice<false, false>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, visit);
   }
   LabelLogit<A> l{};
@@ -63,19 +65,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
 }
 
 // Merges each row's chunk sums (a warp per row, a fixed order), then finishes the row.
-template <typename T, typename Label>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, typename Label> __global__ void __launch_bounds__(kThreads)
     merge_kernel(const SparseForwardArgs<T, Label> args, const Plan plan, const RowSums<Acc<T>>* partial) {
   const int64_t r = merge_row();
   if (r >= args.layout.rows()) return;  // the whole warp: it shares r
   const int lane = threadIdx.x % kWarp;
   const Label label = lane == 0 ? args.labels[r] : Label(0);  // in flight during the merge
-  const RowSums<Acc<T>> sums = merge_chunks(partial, r, plan.splits, lane, args.options.label_smoothing > 0, false);
+  const RowSums<Acc<T>> sums =
+      merge_chunks(partial, r, plan.splits, lane, args.options.label_smoothing > 0, false);
   if (lane == 0) finish_row(args, r, sums, label_logit(args, r, label));
 }
 
-template <typename T, typename Label>
-__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>) backward_kernel(const SparseBackwardArgs<T, Label> args, const Plan plan) {
+template <typename T, typename Label> __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>)
+    backward_kernel(const SparseBackwardArgs<T, Label> args, const Plan plan) {
   using A = Acc<T>;
   const Slot s = slot_of(plan, args.layout);
   if (!s.active) return;
@@ -91,8 +93,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T>) backward_kernel(con
   const int64_t y = static_cast<int64_t>(args.labels[s.row]);
   const double lse = args.lse[s.row];
   GradientVisitor<A, false> visit{
-      backward_coefficients<A>(to_acc(args.grad_loss[s.row]), A(label_weight(y, args.options)), lse, A(1), classes,
-                               args.options),
+      backward_coefficients<A>(to_acc(args.grad_loss[s.row]), A(label_weight(y, args.options)), lse, A(1),
+                               classes, args.options),
       split_lse<A>(lse), y};
   walk_slice<false, true>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, visit);
 }
@@ -109,8 +111,7 @@ const char* sparse_forward(const SparseForwardArgs<T, Label>& args, void* worksp
   auto* partial = static_cast<RowSums<Acc<T>>*>(workspace);
   if (plan.splits > 1 && !partial) return "fused_xent CUDA: the forward needs a workspace for this shape";
   forward_kernel<<<grid_of(plan), kThreads, 0, stream>>>(args, plan, partial);
-  if (plan.splits > 1)
-    merge_kernel<<<merge_blocks(rows), kThreads, 0, stream>>>(args, plan, partial);
+  if (plan.splits > 1) merge_kernel<<<merge_blocks(rows), kThreads, 0, stream>>>(args, plan, partial);
   return launch_status();
 }
 
@@ -124,7 +125,7 @@ const char* sparse_backward(const SparseBackwardArgs<T, Label>& args, cudaStream
   return launch_status();
 }
 
-#define FX_INSTANTIATE(T, Label)                                                                             \
+#define FX_INSTANTIATE(T, Label)                                                                          \
   template const char* sparse_forward<T, Label>(const SparseForwardArgs<T, Label>&, void*, cudaStream_t); \
   template const char* sparse_backward<T, Label>(const SparseBackwardArgs<T, Label>&, cudaStream_t);
 #define FX_INSTANTIATE_LABELS(T) FX_INSTANTIATE(T, int32_t) FX_INSTANTIATE(T, int64_t)

@@ -24,8 +24,7 @@ constexpr int64_t kMinShardElements = 1 << 15;
 // thread works too, so the call finishes even if the pool never runs the
 // tasks it was given (all its threads busy, or the caller is one of them); a
 // task that starts late finds nothing left and only drops its reference.
-template <typename Fn>
-class RowShards {
+template <typename Fn> class RowShards {
  public:
   RowShards(int64_t items, int64_t shards, const Fn& fn) : items_(items), shards_(shards), fn_(fn) {}
 
@@ -58,8 +57,7 @@ class RowShards {
 constexpr int64_t kShardsPerThread = 4;
 
 // Shards are whole cpu::row_units, so results do not depend on the pool's size.
-template <typename Fn>
-void ParallelRows(ffi::ThreadPool& pool, const Layout& layout, const Fn& fn) {
+template <typename Fn> void ParallelRows(ffi::ThreadPool& pool, const Layout& layout, const Fn& fn) {
   const cpu::RowUnits units = cpu::row_units(layout);
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t by_work = std::max<int64_t>(1, layout.rows() * layout.classes / kMinShardElements);
@@ -80,10 +78,10 @@ void ParallelRows(ffi::ThreadPool& pool, const Layout& layout, const Fn& fn) {
 // allocates each call's results anew, and a buffer of 100+ MB faults in 4 KiB
 // at a time on first touch, which took longer than the kernel. Asking for
 // transparent huge pages before the first write cuts those faults 512-fold.
-template <typename Args>
-void AdviseGradient(const Args& args) {
+template <typename Args> void AdviseGradient(const Args& args) {
   if (static_cast<const void*>(args.grad_logits) == static_cast<const void*>(args.logits)) return;
-  advise_huge_pages(args.grad_logits, static_cast<size_t>(args.layout.rows() * args.layout.classes) * sizeof(*args.grad_logits));
+  advise_huge_pages(args.grad_logits, static_cast<size_t>(args.layout.rows() * args.layout.classes) *
+                                          sizeof(*args.grad_logits));
 }
 
 // Runs the core's CPU kernels over XLA's intra-op pool. Sparse rows check
@@ -103,23 +101,18 @@ class CpuRunner {
     AdviseGradient(args);
     return RunSparse(args, [](const auto& a, int64_t b, int64_t e) { cpu::sparse_backward(a, b, e); });
   }
-  template <typename T>
-  ffi::Error Run(const DenseForwardArgs<T>& args, const Workspace&) {
-    ParallelRows(pool_, args.layout,
-                 [&](int64_t b, int64_t e) { cpu::dense_forward(args, b, e); });
+  template <typename T> ffi::Error Run(const DenseForwardArgs<T>& args, const Workspace&) {
+    ParallelRows(pool_, args.layout, [&](int64_t b, int64_t e) { cpu::dense_forward(args, b, e); });
     return ffi::Error::Success();
   }
-  template <typename T>
-  ffi::Error Run(const DenseBackwardArgs<T>& args, const Workspace&) {
+  template <typename T> ffi::Error Run(const DenseBackwardArgs<T>& args, const Workspace&) {
     AdviseGradient(args);
-    ParallelRows(pool_, args.layout,
-                 [&](int64_t b, int64_t e) { cpu::dense_backward(args, b, e); });
+    ParallelRows(pool_, args.layout, [&](int64_t b, int64_t e) { cpu::dense_backward(args, b, e); });
     return ffi::Error::Success();
   }
 
  private:
-  template <typename Args, typename Kernel>
-  ffi::Error RunSparse(const Args& args, const Kernel& kernel) {
+  template <typename Args, typename Kernel> ffi::Error RunSparse(const Args& args, const Kernel& kernel) {
     if (const float* weights = args.options.class_weights) {  // host memory here, so their values are checked
       const int64_t bad = find_bad_class_weight(weights, args.layout.classes);
       if (bad >= 0) return InvalidArgument(bad_class_weight_message(weights, bad));

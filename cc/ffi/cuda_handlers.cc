@@ -35,13 +35,11 @@ class CudaRunner {
   ffi::Error Run(const SparseBackwardArgs<T, Label>& args, const Workspace&) {
     return Launched(cuda::sparse_backward(args, stream_));
   }
-  template <typename T>
-  ffi::Error Run(const DenseForwardArgs<T>& args, const Workspace& workspace) {
+  template <typename T> ffi::Error Run(const DenseForwardArgs<T>& args, const Workspace& workspace) {
     FX_FFI_RETURN_IF_ERROR(Aligned(workspace));
     return Launched(cuda::dense_forward(args, workspace.data, stream_));
   }
-  template <typename T>
-  ffi::Error Run(const DenseBackwardArgs<T>& args, const Workspace& workspace) {
+  template <typename T> ffi::Error Run(const DenseBackwardArgs<T>& args, const Workspace& workspace) {
     FX_FFI_RETURN_IF_ERROR(Aligned(workspace));
     return Launched(cuda::dense_backward(args, workspace.data, stream_));
   }
@@ -49,7 +47,8 @@ class CudaRunner {
  private:
   // The kernels keep 8-byte sums there (XLA's buffers are aligned far more).
   static ffi::Error Aligned(const Workspace& workspace) {
-    if (workspace.needed == 0 || reinterpret_cast<uintptr_t>(workspace.data) % 16 == 0) return ffi::Error::Success();
+    if (workspace.needed == 0 || reinterpret_cast<uintptr_t>(workspace.data) % 16 == 0)
+      return ffi::Error::Success();
     return InvalidArgument("workspace must be aligned to 16 bytes");
   }
 

@@ -51,7 +51,8 @@ inline bool SameDims(AnyBuffer::Dimensions a, const std::vector<int64_t>& b) {
 }
 
 inline bool IsFloatType(ffi::DataType t) {
-  return t == ffi::DataType::F16 || t == ffi::DataType::BF16 || t == ffi::DataType::F32 || t == ffi::DataType::F64;
+  return t == ffi::DataType::F16 || t == ffi::DataType::BF16 || t == ffi::DataType::F32 ||
+         t == ffi::DataType::F64;
 }
 
 // What every handler reads first: the logits' layout around `axis`, the shape
@@ -62,14 +63,16 @@ struct Call {
   Options options;
 };
 
-inline ffi::Error ReadCall(const AnyBuffer& logits, int64_t axis, float label_smoothing, float z_loss, Call* call) {
+inline ffi::Error ReadCall(const AnyBuffer& logits, int64_t axis, float label_smoothing, float z_loss,
+                           Call* call) {
   if (!IsFloatType(logits.element_type()))
     return InvalidArgument("logits must be float16, bfloat16, float32 or float64");
   const auto dims = logits.dimensions();
   const int64_t rank = static_cast<int64_t>(dims.size());
   if (rank < 1) return InvalidArgument("logits must have rank >= 1, got a scalar");
   if (axis < -rank || axis >= rank)
-    return InvalidArgument("axis " + std::to_string(axis) + " is out of range for logits of shape " + DimsText(dims));
+    return InvalidArgument("axis " + std::to_string(axis) + " is out of range for logits of shape " +
+                           DimsText(dims));
   if (axis < 0) axis += rank;
   call->layout = Layout{1, dims[axis], 1};
   call->row_dims.clear();
@@ -93,11 +96,12 @@ inline ffi::Error ReadCall(const AnyBuffer& logits, int64_t axis, float label_sm
 inline ffi::Error CheckRows(const AnyBuffer& buffer, const Call& call, const char* name) {
   if (SameDims(buffer.dimensions(), call.row_dims)) return ffi::Error::Success();
   return InvalidArgument(std::string(name) + " must have the shape of logits without the class axis " +
-                         DimsText(AnyBuffer::Dimensions(call.row_dims.data(), call.row_dims.size())) + ", got " +
-                         DimsText(buffer.dimensions()));
+                         DimsText(AnyBuffer::Dimensions(call.row_dims.data(), call.row_dims.size())) +
+                         ", got " + DimsText(buffer.dimensions()));
 }
 
-inline ffi::Error CheckType(const AnyBuffer& buffer, ffi::DataType type, const char* name, const char* type_name) {
+inline ffi::Error CheckType(const AnyBuffer& buffer, ffi::DataType type, const char* name,
+                            const char* type_name) {
   if (buffer.element_type() == type) return ffi::Error::Success();
   return InvalidArgument(std::string(name) + " must be " + type_name);
 }
@@ -105,11 +109,11 @@ inline ffi::Error CheckType(const AnyBuffer& buffer, ffi::DataType type, const c
 // A buffer with the logits' dtype and shape (dense labels, grad_logits).
 inline ffi::Error CheckLikeLogits(const AnyBuffer& buffer, const AnyBuffer& logits, const char* name) {
   const auto a = buffer.dimensions(), b = logits.dimensions();
-  if (buffer.element_type() == logits.element_type() && std::vector<int64_t>(a.begin(), a.end()) ==
-                                                            std::vector<int64_t>(b.begin(), b.end()))
+  if (buffer.element_type() == logits.element_type() &&
+      std::vector<int64_t>(a.begin(), a.end()) == std::vector<int64_t>(b.begin(), b.end()))
     return ffi::Error::Success();
-  return InvalidArgument(std::string(name) + " must have the dtype and shape of logits " + DimsText(b) + ", got " +
-                         DimsText(a));
+  return InvalidArgument(std::string(name) + " must have the dtype and shape of logits " + DimsText(b) +
+                         ", got " + DimsText(a));
 }
 
 // A per-row buffer in the logits' dtype (loss, grad_loss).
@@ -128,16 +132,17 @@ inline ffi::Error CheckLse(const AnyBuffer& lse, const Call& call, const char* n
 // Labels (int32/int64, one per row), class weights (float32, none or one per
 // class) and ignore_index. Only shapes and dtypes: the buffers may be device
 // memory (CUDA), so the CPU runner checks the weights' values itself.
-inline ffi::Error ReadSparseInputs(const AnyBuffer& labels, const AnyBuffer& class_weights, int64_t ignore_index,
-                                   bool has_ignore_index, Call* call) {
+inline ffi::Error ReadSparseInputs(const AnyBuffer& labels, const AnyBuffer& class_weights,
+                                   int64_t ignore_index, bool has_ignore_index, Call* call) {
   if (labels.element_type() != ffi::DataType::S32 && labels.element_type() != ffi::DataType::S64)
     return InvalidArgument("labels must be int32 or int64");
   FX_FFI_RETURN_IF_ERROR(CheckRows(labels, *call, "labels"));
   const int64_t weights = static_cast<int64_t>(class_weights.element_count());
   if (class_weights.element_type() != ffi::DataType::F32 || class_weights.dimensions().size() != 1 ||
       (weights != 0 && weights != call->layout.classes)) {
-    return InvalidArgument("class_weights must be a float32 vector of " + std::to_string(call->layout.classes) +
-                           " weights (one per class) or of none, got shape " + DimsText(class_weights.dimensions()));
+    return InvalidArgument(
+        "class_weights must be a float32 vector of " + std::to_string(call->layout.classes) +
+        " weights (one per class) or of none, got shape " + DimsText(class_weights.dimensions()));
   }
   call->options.class_weights = weights ? static_cast<const float*>(class_weights.untyped_data()) : nullptr;
   call->options.has_ignore_index = has_ignore_index;
@@ -146,22 +151,23 @@ inline ffi::Error ReadSparseInputs(const AnyBuffer& labels, const AnyBuffer& cla
 }
 
 // Calls fn(T{}) with the core element type of `type` (a checked float type).
-template <typename Fn>
-ffi::Error WithFloatType(ffi::DataType type, const Fn& fn) {
+template <typename Fn> ffi::Error WithFloatType(ffi::DataType type, const Fn& fn) {
   switch (type) {
-    case ffi::DataType::F16: return fn(float16_t{});
-    case ffi::DataType::BF16: return fn(bfloat16_t{});
-    case ffi::DataType::F32: return fn(float{});
-    default: return fn(double{});
+    case ffi::DataType::F16:
+      return fn(float16_t{});
+    case ffi::DataType::BF16:
+      return fn(bfloat16_t{});
+    case ffi::DataType::F32:
+      return fn(float{});
+    default:
+      return fn(double{});
   }
 }
 
 // Calls fn(T{}, Label{}) for checked logits and labels types.
-template <typename Fn>
-ffi::Error WithSparseTypes(ffi::DataType logits, ffi::DataType labels, const Fn& fn) {
-  return WithFloatType(logits, [&](auto t) {
-    return labels == ffi::DataType::S32 ? fn(t, int32_t{}) : fn(t, int64_t{});
-  });
+template <typename Fn> ffi::Error WithSparseTypes(ffi::DataType logits, ffi::DataType labels, const Fn& fn) {
+  return WithFloatType(
+      logits, [&](auto t) { return labels == ffi::DataType::S32 ? fn(t, int32_t{}) : fn(t, int64_t{}); });
 }
 
 template <typename T> const T* In(const AnyBuffer& b) { return static_cast<const T*>(b.untyped_data()); }
@@ -182,7 +188,8 @@ struct Workspace {
 
 inline ffi::Error ReadWorkspace(const AnyBuffer& buffer, cuda::Kernel kernel, const Call& call,
                                 const AnyBuffer& logits, Workspace* workspace) {
-  const size_t needed = cuda::workspace_bytes(kernel, call.layout, static_cast<int>(ffi::ByteWidth(logits.element_type())));
+  const size_t needed =
+      cuda::workspace_bytes(kernel, call.layout, static_cast<int>(ffi::ByteWidth(logits.element_type())));
   workspace->data = buffer.untyped_data();
   workspace->bytes = buffer.size_bytes();
   workspace->needed = needed;
@@ -211,9 +218,9 @@ inline ffi::Error CheckBackwardBuffers(const Call& call, const AnyBuffer& logits
 }
 
 // The fields of every forward argument struct but the labels.
-template <typename T, typename Args>
-void FillForward(const Call& call, const AnyBuffer& logits, const AnyBuffer& loss, const AnyBuffer& lse,
-                 Args* args) {
+template <typename T, typename Args> void FillForward(const Call& call, const AnyBuffer& logits,
+                                                      const AnyBuffer& loss, const AnyBuffer& lse,
+                                                      Args* args) {
   args->layout = call.layout;
   args->options = call.options;
   args->logits = In<T>(logits);
@@ -222,9 +229,9 @@ void FillForward(const Call& call, const AnyBuffer& logits, const AnyBuffer& los
 }
 
 // The fields of every backward argument struct but the labels.
-template <typename T, typename Args>
-void FillBackward(const Call& call, const AnyBuffer& logits, const AnyBuffer& lse, const AnyBuffer& grad_loss,
-                  const AnyBuffer& grad_logits, Args* args) {
+template <typename T, typename Args> void FillBackward(const Call& call, const AnyBuffer& logits,
+                                                       const AnyBuffer& lse, const AnyBuffer& grad_loss,
+                                                       const AnyBuffer& grad_logits, Args* args) {
   args->layout = call.layout;
   args->options = call.options;
   args->logits = In<T>(logits);
@@ -245,7 +252,8 @@ ffi::Error SparseForward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_wei
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
   FX_FFI_RETURN_IF_ERROR(ReadSparseInputs(labels, class_weights, ignore_index, has_ignore_index, &call));
   FX_FFI_RETURN_IF_ERROR(CheckForwardOutputs(call, logits, *loss, *lse));
-  FX_FFI_RETURN_IF_ERROR(ReadWorkspace(*workspace_buffer, cuda::Kernel::kSparseForward, call, logits, &workspace));
+  FX_FFI_RETURN_IF_ERROR(
+      ReadWorkspace(*workspace_buffer, cuda::Kernel::kSparseForward, call, logits, &workspace));
   if (call.layout.rows() == 0) return ffi::Error::Success();
   Runner runner(std::move(ctx)...);
   return WithSparseTypes(logits.element_type(), labels.element_type(), [&](auto t, auto l) {
@@ -258,15 +266,16 @@ ffi::Error SparseForward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_wei
 
 template <typename Runner, typename... Ctx>
 ffi::Error SparseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_weights, AnyBuffer lse,
-                          AnyBuffer grad_loss, Result<AnyBuffer> grad_logits, Result<AnyBuffer> workspace_buffer,
-                          int64_t axis, float label_smoothing, float z_loss, int64_t ignore_index,
-                          bool has_ignore_index, Ctx... ctx) {
+                          AnyBuffer grad_loss, Result<AnyBuffer> grad_logits,
+                          Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing,
+                          float z_loss, int64_t ignore_index, bool has_ignore_index, Ctx... ctx) {
   Call call;
   Workspace workspace;
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
   FX_FFI_RETURN_IF_ERROR(ReadSparseInputs(labels, class_weights, ignore_index, has_ignore_index, &call));
   FX_FFI_RETURN_IF_ERROR(CheckBackwardBuffers(call, logits, lse, grad_loss, *grad_logits));
-  FX_FFI_RETURN_IF_ERROR(ReadWorkspace(*workspace_buffer, cuda::Kernel::kSparseBackward, call, logits, &workspace));
+  FX_FFI_RETURN_IF_ERROR(
+      ReadWorkspace(*workspace_buffer, cuda::Kernel::kSparseBackward, call, logits, &workspace));
   if (call.layout.rows() == 0) return ffi::Error::Success();
   Runner runner(std::move(ctx)...);
   return WithSparseTypes(logits.element_type(), labels.element_type(), [&](auto t, auto l) {
@@ -286,7 +295,8 @@ ffi::Error DenseForward(AnyBuffer logits, AnyBuffer labels, Result<AnyBuffer> lo
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
   FX_FFI_RETURN_IF_ERROR(CheckLikeLogits(labels, logits, "labels"));
   FX_FFI_RETURN_IF_ERROR(CheckForwardOutputs(call, logits, *loss, *lse));
-  FX_FFI_RETURN_IF_ERROR(ReadWorkspace(*workspace_buffer, cuda::Kernel::kDenseForward, call, logits, &workspace));
+  FX_FFI_RETURN_IF_ERROR(
+      ReadWorkspace(*workspace_buffer, cuda::Kernel::kDenseForward, call, logits, &workspace));
   if (call.layout.rows() == 0) return ffi::Error::Success();
   Runner runner(std::move(ctx)...);
   return WithFloatType(logits.element_type(), [&](auto t) {
@@ -306,7 +316,8 @@ ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyB
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
   FX_FFI_RETURN_IF_ERROR(CheckLikeLogits(labels, logits, "labels"));
   FX_FFI_RETURN_IF_ERROR(CheckBackwardBuffers(call, logits, lse, grad_loss, *grad_logits));
-  FX_FFI_RETURN_IF_ERROR(ReadWorkspace(*workspace_buffer, cuda::Kernel::kDenseBackward, call, logits, &workspace));
+  FX_FFI_RETURN_IF_ERROR(
+      ReadWorkspace(*workspace_buffer, cuda::Kernel::kDenseBackward, call, logits, &workspace));
   if (call.layout.rows() == 0) return ffi::Error::Success();
   Runner runner(std::move(ctx)...);
   return WithFloatType(logits.element_type(), [&](auto t) {
@@ -321,8 +332,7 @@ ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyB
 // the platform's contexts, e.g. .Ctx<ffi::ThreadPool>(). (Macros, since an XLA
 // binding is built in a single expression: it cannot be passed around.)
 
-#define FX_FFI_COMMON_ATTRS                                                              \
-  .Attr<int64_t>("axis").Attr<float>("label_smoothing").Attr<float>("z_loss")
+#define FX_FFI_COMMON_ATTRS .Attr<int64_t>("axis").Attr<float>("label_smoothing").Attr<float>("z_loss")
 #define FX_FFI_SPARSE_ATTRS FX_FFI_COMMON_ATTRS.Attr<int64_t>("ignore_index").Attr<bool>("has_ignore_index")
 #define FX_FFI_ARGS2 .Arg<::xla::ffi::AnyBuffer>().Arg<::xla::ffi::AnyBuffer>()
 #define FX_FFI_ARGS3 FX_FFI_ARGS2.Arg<::xla::ffi::AnyBuffer>()
@@ -342,22 +352,22 @@ ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyB
 // CONTEXTS (e.g. .Ctx<ffi::ThreadPool>()) and arrive as the types listed after
 // it, with the handler traits TRAITS (ffi::Traits), and `targets_fn`
 // (ffi/handlers.h) returning them with their names.
-#define FX_FFI_DEFINE_TARGETS(targets_fn, Runner, CONTEXTS, TRAITS, ...)                                  \
-  XLA_FFI_DEFINE_HANDLER(kSparseForwardHandler, (&SparseForward<Runner, __VA_ARGS__>),                    \
-                         FX_FFI_BIND_SPARSE_FORWARD(CONTEXTS), TRAITS);                                   \
-  XLA_FFI_DEFINE_HANDLER(kSparseBackwardHandler, (&SparseBackward<Runner, __VA_ARGS__>),                  \
-                         FX_FFI_BIND_SPARSE_BACKWARD(CONTEXTS), TRAITS);                                  \
-  XLA_FFI_DEFINE_HANDLER(kDenseForwardHandler, (&DenseForward<Runner, __VA_ARGS__>),                      \
-                         FX_FFI_BIND_DENSE_FORWARD(CONTEXTS), TRAITS);                                    \
-  XLA_FFI_DEFINE_HANDLER(kDenseBackwardHandler, (&DenseBackward<Runner, __VA_ARGS__>),                    \
-                         FX_FFI_BIND_DENSE_BACKWARD(CONTEXTS), TRAITS);                                   \
-  const Target* targets_fn(int* count) {                                                                  \
-    static const Target targets[] = {{ffi_targets::kSparseForward, kSparseForwardHandler},                \
-                                     {ffi_targets::kSparseBackward, kSparseBackwardHandler},              \
-                                     {ffi_targets::kDenseForward, kDenseForwardHandler},                  \
-                                     {ffi_targets::kDenseBackward, kDenseBackwardHandler}};               \
-    *count = static_cast<int>(sizeof(targets) / sizeof(targets[0]));                                      \
-    return targets;                                                                                       \
+#define FX_FFI_DEFINE_TARGETS(targets_fn, Runner, CONTEXTS, TRAITS, ...)                     \
+  XLA_FFI_DEFINE_HANDLER(kSparseForwardHandler, (&SparseForward<Runner, __VA_ARGS__>),       \
+                         FX_FFI_BIND_SPARSE_FORWARD(CONTEXTS), TRAITS);                      \
+  XLA_FFI_DEFINE_HANDLER(kSparseBackwardHandler, (&SparseBackward<Runner, __VA_ARGS__>),     \
+                         FX_FFI_BIND_SPARSE_BACKWARD(CONTEXTS), TRAITS);                     \
+  XLA_FFI_DEFINE_HANDLER(kDenseForwardHandler, (&DenseForward<Runner, __VA_ARGS__>),         \
+                         FX_FFI_BIND_DENSE_FORWARD(CONTEXTS), TRAITS);                       \
+  XLA_FFI_DEFINE_HANDLER(kDenseBackwardHandler, (&DenseBackward<Runner, __VA_ARGS__>),       \
+                         FX_FFI_BIND_DENSE_BACKWARD(CONTEXTS), TRAITS);                      \
+  const Target* targets_fn(int* count) {                                                     \
+    static const Target targets[] = {{ffi_targets::kSparseForward, kSparseForwardHandler},   \
+                                     {ffi_targets::kSparseBackward, kSparseBackwardHandler}, \
+                                     {ffi_targets::kDenseForward, kDenseForwardHandler},     \
+                                     {ffi_targets::kDenseBackward, kDenseBackwardHandler}};  \
+    *count = static_cast<int>(sizeof(targets) / sizeof(targets[0]));                         \
+    return targets;                                                                          \
   }
 
 }  // namespace xla_ffi

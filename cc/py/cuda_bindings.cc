@@ -50,7 +50,8 @@ DeviceArray device_array(const py::handle& obj, const char* what) {
   try {
     cai = obj.attr("__cuda_array_interface__").cast<py::dict>();
   } catch (py::error_already_set&) {
-    throw py::type_error(std::string(what) + " must be a CUDA array with __cuda_array_interface__ (CuPy, PyTorch)");
+    throw py::type_error(std::string(what) +
+                         " must be a CUDA array with __cuda_array_interface__ (CuPy, PyTorch)");
   }
   DeviceArray a;
   const auto data = cai["data"].cast<py::tuple>();
@@ -68,7 +69,8 @@ DeviceArray device_array(const py::handle& obj, const char* what) {
     int64_t expected = a.itemsize;
     for (int i = static_cast<int>(shape.size()) - 1; i >= 0; --i) {
       const int64_t extent = shape[i].cast<int64_t>();
-      require(extent <= 1 || strides[i].cast<int64_t>() == expected, std::string(what) + " must be C-contiguous");
+      require(extent <= 1 || strides[i].cast<int64_t>() == expected,
+              std::string(what) + " must be C-contiguous");
       expected *= extent;
     }
   }
@@ -76,8 +78,8 @@ DeviceArray device_array(const py::handle& obj, const char* what) {
 }
 
 // Checks a buffer's element type and size, and that it lives on `device`.
-void check_array(const DeviceArray& a, int64_t count, int itemsize, const char* kinds, const char* what, int device,
-                 bool writable = false) {
+void check_array(const DeviceArray& a, int64_t count, int itemsize, const char* kinds, const char* what,
+                 int device, bool writable = false) {
   require(a.itemsize == itemsize && std::string(kinds).find(a.kind) != std::string::npos,
           std::string(what) + " has the wrong element type");
   require(a.count == count, std::string(what) + " has " + std::to_string(a.count) + " elements, expected " +
@@ -154,7 +156,8 @@ class Workspace {
 };
 
 fx::Layout make_layout(int64_t outer, int64_t classes, int64_t inner) {
-  require(outer >= 0 && inner >= 1 && classes >= 1, "invalid layout: need outer >= 0, classes >= 1, inner >= 1");
+  require(outer >= 0 && inner >= 1 && classes >= 1,
+          "invalid layout: need outer >= 0, classes >= 1, inner >= 1");
   fx::Layout layout;
   layout.outer = outer;
   layout.classes = classes;
@@ -175,8 +178,7 @@ fx::Options make_options(double label_smoothing, double z_loss, std::optional<in
 
 // Calls fn(tag) with a value of the core type named by `dtype`; bfloat16 buffers
 // may come as 16-bit integer views (PyTorch exports no bfloat16 typestr).
-template <typename Fn>
-void dispatch_float(const std::string& dtype, const Fn& fn) {
+template <typename Fn> void dispatch_float(const std::string& dtype, const Fn& fn) {
   if (dtype == "float32") return fn(float{}, "f");
   if (dtype == "float64") return fn(double{}, "f");
   if (dtype == "float16") return fn(fx::float16_t{}, "f");
@@ -194,8 +196,8 @@ struct SparseCall {
   int device = 0;
 };
 
-SparseCall sparse_call(const py::object& logits, const py::object& labels, int64_t outer,
-                       int64_t classes, int64_t inner, double label_smoothing, double z_loss,
+SparseCall sparse_call(const py::object& logits, const py::object& labels, int64_t outer, int64_t classes,
+                       int64_t inner, double label_smoothing, double z_loss,
                        std::optional<int64_t> ignore_index, const std::optional<py::object>& class_weights) {
   SparseCall call;
   call.layout = make_layout(outer, classes, inner);
@@ -214,9 +216,10 @@ SparseCall sparse_call(const py::object& logits, const py::object& labels, int64
   return call;
 }
 
-void sparse_forward(const std::string& dtype, py::object logits, py::object labels, int64_t outer, int64_t classes,
-                    int64_t inner, double label_smoothing, double z_loss, std::optional<int64_t> ignore_index,
-                    std::optional<py::object> class_weights, py::object loss, py::object lse, uintptr_t stream,
+void sparse_forward(const std::string& dtype, py::object logits, py::object labels, int64_t outer,
+                    int64_t classes, int64_t inner, double label_smoothing, double z_loss,
+                    std::optional<int64_t> ignore_index, std::optional<py::object> class_weights,
+                    py::object loss, py::object lse, uintptr_t stream,
                     std::optional<py::object> workspace_array) {
   const SparseCall call = sparse_call(logits, labels, outer, classes, inner, label_smoothing, z_loss,
                                       ignore_index, class_weights);
@@ -227,8 +230,8 @@ void sparse_forward(const std::string& dtype, py::object logits, py::object labe
     check_array(call.logits, rows * classes, sizeof(T), kinds, "logits", call.device);
     check_array(loss_array, rows, sizeof(T), kinds, "loss", call.device, true);
     check_array(lse_array, rows, 8, "f", "lse", call.device, true);
-    Workspace workspace(fx::cuda::forward_workspace_bytes(call.layout, sizeof(T)), as_stream(stream), workspace_array,
-                        call.device);
+    Workspace workspace(fx::cuda::forward_workspace_bytes(call.layout, sizeof(T)), as_stream(stream),
+                        workspace_array, call.device);
     auto run = [&](auto label_tag) {
       using Label = decltype(label_tag);
       fx::SparseForwardArgs<T, Label> args;
@@ -244,14 +247,15 @@ void sparse_forward(const std::string& dtype, py::object logits, py::object labe
   });
 }
 
-void sparse_backward(const std::string& dtype, py::object logits, py::object labels, int64_t outer, int64_t classes,
-                     int64_t inner, double label_smoothing, double z_loss, std::optional<int64_t> ignore_index,
-                     std::optional<py::object> class_weights, py::object lse, py::object grad_loss,
-                     py::object grad_logits, uintptr_t stream) {
+void sparse_backward(const std::string& dtype, py::object logits, py::object labels, int64_t outer,
+                     int64_t classes, int64_t inner, double label_smoothing, double z_loss,
+                     std::optional<int64_t> ignore_index, std::optional<py::object> class_weights,
+                     py::object lse, py::object grad_loss, py::object grad_logits, uintptr_t stream) {
   const SparseCall call = sparse_call(logits, labels, outer, classes, inner, label_smoothing, z_loss,
                                       ignore_index, class_weights);
   const int64_t rows = call.layout.rows();
-  const DeviceArray lse_array = device_array(lse, "lse"), grad_loss_array = device_array(grad_loss, "grad_loss");
+  const DeviceArray lse_array = device_array(lse, "lse"),
+                    grad_loss_array = device_array(grad_loss, "grad_loss");
   const DeviceArray grad_array = device_array(grad_logits, "grad_logits");
   dispatch_float(dtype, [&](auto tag, const char* kinds) {
     using T = decltype(tag);
@@ -275,9 +279,9 @@ void sparse_backward(const std::string& dtype, py::object logits, py::object lab
   });
 }
 
-void dense_forward(const std::string& dtype, py::object logits, py::object labels, int64_t outer, int64_t classes,
-                   int64_t inner, double label_smoothing, double z_loss, py::object loss, py::object lse,
-                   uintptr_t stream, std::optional<py::object> workspace_array) {
+void dense_forward(const std::string& dtype, py::object logits, py::object labels, int64_t outer,
+                   int64_t classes, int64_t inner, double label_smoothing, double z_loss, py::object loss,
+                   py::object lse, uintptr_t stream, std::optional<py::object> workspace_array) {
   const fx::Layout layout = make_layout(outer, classes, inner);
   const fx::Options options = make_options(label_smoothing, z_loss, std::nullopt);
   const DeviceArray z = device_array(logits, "logits"), t = device_array(labels, "labels");
@@ -290,8 +294,8 @@ void dense_forward(const std::string& dtype, py::object logits, py::object label
     check_array(t, rows * classes, sizeof(T), kinds, "labels", device);
     check_array(loss_array, rows, sizeof(T), kinds, "loss", device, true);
     check_array(lse_array, rows, 8, "f", "lse", device, true);
-    Workspace workspace(fx::cuda::forward_workspace_bytes(layout, sizeof(T)), as_stream(stream), workspace_array,
-                        device);
+    Workspace workspace(fx::cuda::forward_workspace_bytes(layout, sizeof(T)), as_stream(stream),
+                        workspace_array, device);
     fx::DenseForwardArgs<T> args;
     args.layout = layout;
     args.options = options;
@@ -303,13 +307,15 @@ void dense_forward(const std::string& dtype, py::object logits, py::object label
   });
 }
 
-void dense_backward(const std::string& dtype, py::object logits, py::object labels, int64_t outer, int64_t classes,
-                    int64_t inner, double label_smoothing, double z_loss, py::object lse, py::object grad_loss,
-                    py::object grad_logits, uintptr_t stream, std::optional<py::object> workspace_array) {
+void dense_backward(const std::string& dtype, py::object logits, py::object labels, int64_t outer,
+                    int64_t classes, int64_t inner, double label_smoothing, double z_loss, py::object lse,
+                    py::object grad_loss, py::object grad_logits, uintptr_t stream,
+                    std::optional<py::object> workspace_array) {
   const fx::Layout layout = make_layout(outer, classes, inner);
   const fx::Options options = make_options(label_smoothing, z_loss, std::nullopt);
   const DeviceArray z = device_array(logits, "logits"), t = device_array(labels, "labels");
-  const DeviceArray lse_array = device_array(lse, "lse"), grad_loss_array = device_array(grad_loss, "grad_loss");
+  const DeviceArray lse_array = device_array(lse, "lse"),
+                    grad_loss_array = device_array(grad_loss, "grad_loss");
   const DeviceArray grad_array = device_array(grad_logits, "grad_logits");
   const int device = use_device_of(z);
   const int64_t rows = layout.rows();
@@ -354,8 +360,8 @@ void register_cuda_bindings(py::module_& m) {
         py::arg("workspace") = py::none());
   m.def("cuda_sparse_backward", &sparse_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
-        py::arg("ignore_index"), py::arg("class_weights"), py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"),
-        py::arg("stream"));
+        py::arg("ignore_index"), py::arg("class_weights"), py::arg("lse"), py::arg("grad_loss"),
+        py::arg("grad_logits"), py::arg("stream"));
   m.def("cuda_dense_forward", &dense_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("loss"), py::arg("lse"), py::arg("stream"), py::arg("workspace") = py::none());

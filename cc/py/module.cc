@@ -39,19 +39,21 @@ namespace {
 // holds the pool), in shards of whole cpu::row_units: each row belongs to
 // exactly one call and short rows keep their groups, so the split does not
 // change the results.
-template <typename Fn>
-void parallel_rows(const fx::Layout& layout, const Fn& fn) {
+template <typename Fn> void parallel_rows(const fx::Layout& layout, const Fn& fn) {
   const fx::cpu::RowUnits units = fx::cpu::row_units(layout);
   const int64_t work = layout.rows() * std::max<int64_t>(layout.classes, 1);
   const int64_t max_threads = std::max(1u, std::thread::hardware_concurrency());
-  const int64_t threads = std::min<int64_t>({max_threads, units.count(), std::max<int64_t>(1, work / (1 << 16))});
+  const int64_t threads =
+      std::min<int64_t>({max_threads, units.count(), std::max<int64_t>(1, work / (1 << 16))});
   if (threads <= 1) {
     fn(0, layout.rows());
     return;
   }
   const int64_t chunk = (units.count() + threads - 1) / threads;
   const int64_t shards = (units.count() + chunk - 1) / chunk;
-  const std::function<void(int64_t)> shard = [&](int64_t i) { fn(units.row(i * chunk), units.row((i + 1) * chunk)); };
+  const std::function<void(int64_t)> shard = [&](int64_t i) {
+    fn(units.row(i * chunk), units.row((i + 1) * chunk));
+  };
   if (fx::py_support::worker_pool(static_cast<int>(max_threads - 1))->try_run(shards, shard)) return;
   std::vector<std::thread> pool;
   for (int64_t i = 1; i < shards; ++i) pool.emplace_back([&shard, i] { shard(i); });
@@ -88,8 +90,10 @@ int64_t checked_product(int64_t a, int64_t b) {
 // inner may be 0 (an empty axis after the class axis): then there are no rows.
 // The element count must fit in int64, or the buffer size checks would wrap.
 fx::Layout make_layout(int64_t outer, int64_t classes, int64_t inner) {
-  require(outer >= 0 && inner >= 0 && classes >= 1 && checked_product(checked_product(outer, inner), classes) >= 0,
-          "invalid layout: need outer >= 0, classes >= 1, inner >= 0 and outer * classes * inner to fit in int64");
+  require(outer >= 0 && inner >= 0 && classes >= 1 &&
+              checked_product(checked_product(outer, inner), classes) >= 0,
+          "invalid layout: need outer >= 0, classes >= 1, inner >= 0 and outer * classes * inner to fit in "
+          "int64");
   fx::Layout layout;
   layout.outer = outer;
   layout.classes = classes;
@@ -120,8 +124,7 @@ fx::Options make_options(double label_smoothing, double z_loss, std::optional<in
 // Calls fn(tag, kinds) with a value of the core type named by `dtype` and the NumPy kinds its
 // buffers may have: bfloat16 comes as ml_dtypes.bfloat16 (kind 'V') or as its 16-bit pattern
 // (PyTorch's CPU tensors, viewed as int16).
-template <typename Fn>
-void dispatch_float(const std::string& dtype, const Fn& fn) {
+template <typename Fn> void dispatch_float(const std::string& dtype, const Fn& fn) {
   if (dtype == "float32") return fn(float{}, "f");
   if (dtype == "float64") return fn(double{}, "f");
   if (dtype == "float16") return fn(fx::float16_t{}, "f");
@@ -137,8 +140,9 @@ struct Call {
   int64_t elements() const { return layout.rows() * layout.classes; }
 };
 
-Call sparse_call(const py::array& labels, int64_t outer, int64_t classes, int64_t inner, double label_smoothing,
-                 double z_loss, std::optional<int64_t> ignore_index, const ClassWeights& class_weights) {
+Call sparse_call(const py::array& labels, int64_t outer, int64_t classes, int64_t inner,
+                 double label_smoothing, double z_loss, std::optional<int64_t> ignore_index,
+                 const ClassWeights& class_weights) {
   Call call{make_layout(outer, classes, inner),
             make_options(label_smoothing, z_loss, ignore_index, class_weights, classes)};
   require(labels.dtype().kind() == 'i' && (labels.itemsize() == 4 || labels.itemsize() == 8),
@@ -152,8 +156,7 @@ Call dense_call(int64_t outer, int64_t classes, int64_t inner, double label_smoo
 }
 
 // Calls fn(tag, label_tag, kinds) for the logits' and the (int32 or int64) labels' types.
-template <typename Fn>
-void dispatch_sparse(const std::string& dtype, const py::array& labels, const Fn& fn) {
+template <typename Fn> void dispatch_sparse(const std::string& dtype, const py::array& labels, const Fn& fn) {
   dispatch_float(dtype, [&](auto tag, const char* kinds) {
     if (labels.itemsize() == 8)
       fn(tag, int64_t{}, kinds);
@@ -164,20 +167,20 @@ void dispatch_sparse(const std::string& dtype, const py::array& labels, const Fn
 
 // The inputs of a sparse forward and backward: logits, and labels in [0, classes) or ignore_index
 // (checked here: the kernels index rows and class weights with them).
-template <typename T, typename Label>
-void check_sparse_inputs(const Call& call, const py::array& logits, const py::array& labels, const char* kinds) {
+template <typename T, typename Label> void check_sparse_inputs(const Call& call, const py::array& logits,
+                                                               const py::array& labels, const char* kinds) {
   require_buffer(logits, call.elements(), sizeof(T), kinds, "logits");
   require_buffer(labels, call.rows(), sizeof(Label), "i", "labels");
   const Label* data = static_cast<const Label*>(labels.data());
   const int64_t bad = fx::cpu::find_invalid_label(data, call.rows(), call.layout.classes, call.options);
   if (bad >= 0) {
-    throw py::value_error(fx::invalid_label_message(static_cast<int64_t>(data[bad]), call.layout.classes,
-                                                    call.options));
+    throw py::value_error(
+        fx::invalid_label_message(static_cast<int64_t>(data[bad]), call.layout.classes, call.options));
   }
 }
 
-template <typename T>
-void check_dense_inputs(const Call& call, const py::array& logits, const py::array& labels, const char* kinds) {
+template <typename T> void check_dense_inputs(const Call& call, const py::array& logits,
+                                              const py::array& labels, const char* kinds) {
   require_buffer(logits, call.elements(), sizeof(T), kinds, "logits");
   require_buffer(labels, call.elements(), sizeof(T), kinds, "labels");
 }
@@ -188,25 +191,24 @@ void check_forward_outputs(const Call& call, const py::array& loss, const py::ar
   require_lse(lse, call.rows(), "lse", true);
 }
 
-template <typename T>
-void check_backward_buffers(const Call& call, const py::array& lse, const py::array& grad_loss,
-                            const py::array& grad_logits, const char* kinds) {
+template <typename T> void check_backward_buffers(const Call& call, const py::array& lse,
+                                                  const py::array& grad_loss, const py::array& grad_logits,
+                                                  const char* kinds) {
   require_lse(lse, call.rows(), "lse");
   require_buffer(grad_loss, call.rows(), sizeof(T), kinds, "grad_loss");
   require_buffer(grad_logits, call.elements(), sizeof(T), kinds, "grad_logits", true);
 }
 
 // The kernels, on checked buffers, without the GIL.
-template <typename Args, typename Kernel>
-void run_rows(const Args& args, const Kernel& kernel) {
+template <typename Args, typename Kernel> void run_rows(const Args& args, const Kernel& kernel) {
   if (args.layout.rows() == 0) return;
   py::gil_scoped_release release;
   parallel_rows(args.layout, [&](int64_t b, int64_t e) { kernel(args, b, e); });
 }
 
-template <typename T, typename Label>
-void run_sparse_forward(const Call& call, const py::array& logits, const py::array& labels, py::array& loss,
-                        py::array& lse) {
+template <typename T, typename Label> void run_sparse_forward(const Call& call, const py::array& logits,
+                                                              const py::array& labels, py::array& loss,
+                                                              py::array& lse) {
   fx::SparseForwardArgs<T, Label> args;
   args.layout = call.layout;
   args.options = call.options;
@@ -218,8 +220,8 @@ void run_sparse_forward(const Call& call, const py::array& logits, const py::arr
 }
 
 template <typename T, typename Label>
-void run_sparse_backward(const Call& call, const py::array& logits, const py::array& labels, const py::array& lse,
-                         const py::array& grad_loss, py::array& grad_logits) {
+void run_sparse_backward(const Call& call, const py::array& logits, const py::array& labels,
+                         const py::array& lse, const py::array& grad_loss, py::array& grad_logits) {
   fx::SparseBackwardArgs<T, Label> args;
   args.layout = call.layout;
   args.options = call.options;
@@ -231,9 +233,8 @@ void run_sparse_backward(const Call& call, const py::array& logits, const py::ar
   run_rows(args, [](const auto& a, int64_t b, int64_t e) { fx::cpu::sparse_backward(a, b, e); });
 }
 
-template <typename T>
-void run_dense_forward(const Call& call, const py::array& logits, const py::array& labels, py::array& loss,
-                       py::array& lse) {
+template <typename T> void run_dense_forward(const Call& call, const py::array& logits,
+                                             const py::array& labels, py::array& loss, py::array& lse) {
   fx::DenseForwardArgs<T> args;
   args.layout = call.layout;
   args.options = call.options;
@@ -244,9 +245,9 @@ void run_dense_forward(const Call& call, const py::array& logits, const py::arra
   run_rows(args, [](const auto& a, int64_t b, int64_t e) { fx::cpu::dense_forward(a, b, e); });
 }
 
-template <typename T>
-void run_dense_backward(const Call& call, const py::array& logits, const py::array& labels, const py::array& lse,
-                        const py::array& grad_loss, py::array& grad_logits) {
+template <typename T> void run_dense_backward(const Call& call, const py::array& logits,
+                                              const py::array& labels, const py::array& lse,
+                                              const py::array& grad_loss, py::array& grad_logits) {
   fx::DenseBackwardArgs<T> args;
   args.layout = call.layout;
   args.options = call.options;
@@ -261,10 +262,12 @@ void run_dense_backward(const Call& call, const py::array& logits, const py::arr
 // ---- the bindings: the CUDA bindings' names and arguments (cc/py/cuda_bindings.cc), minus the stream.
 
 // Writes loss and the float64 row logsumexp lse.
-void sparse_forward(const std::string& dtype, py::array logits, py::array labels, int64_t outer, int64_t classes,
-                    int64_t inner, double label_smoothing, double z_loss, std::optional<int64_t> ignore_index,
-                    ClassWeights class_weights, py::array loss, py::array lse) {
-  const Call call = sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index, class_weights);
+void sparse_forward(const std::string& dtype, py::array logits, py::array labels, int64_t outer,
+                    int64_t classes, int64_t inner, double label_smoothing, double z_loss,
+                    std::optional<int64_t> ignore_index, ClassWeights class_weights, py::array loss,
+                    py::array lse) {
+  const Call call =
+      sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index, class_weights);
   dispatch_sparse(dtype, labels, [&](auto tag, auto label_tag, const char* kinds) {
     using T = decltype(tag);
     using Label = decltype(label_tag);
@@ -275,10 +278,12 @@ void sparse_forward(const std::string& dtype, py::array logits, py::array labels
 }
 
 // Writes grad_logits (which may be logits itself) from the forward's lse.
-void sparse_backward(const std::string& dtype, py::array logits, py::array labels, int64_t outer, int64_t classes,
-                     int64_t inner, double label_smoothing, double z_loss, std::optional<int64_t> ignore_index,
-                     ClassWeights class_weights, py::array lse, py::array grad_loss, py::array grad_logits) {
-  const Call call = sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index, class_weights);
+void sparse_backward(const std::string& dtype, py::array logits, py::array labels, int64_t outer,
+                     int64_t classes, int64_t inner, double label_smoothing, double z_loss,
+                     std::optional<int64_t> ignore_index, ClassWeights class_weights, py::array lse,
+                     py::array grad_loss, py::array grad_logits) {
+  const Call call =
+      sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index, class_weights);
   dispatch_sparse(dtype, labels, [&](auto tag, auto label_tag, const char* kinds) {
     using T = decltype(tag);
     using Label = decltype(label_tag);
@@ -288,8 +293,9 @@ void sparse_backward(const std::string& dtype, py::array logits, py::array label
   });
 }
 
-void dense_forward(const std::string& dtype, py::array logits, py::array labels, int64_t outer, int64_t classes,
-                   int64_t inner, double label_smoothing, double z_loss, py::array loss, py::array lse) {
+void dense_forward(const std::string& dtype, py::array logits, py::array labels, int64_t outer,
+                   int64_t classes, int64_t inner, double label_smoothing, double z_loss, py::array loss,
+                   py::array lse) {
   const Call call = dense_call(outer, classes, inner, label_smoothing, z_loss);
   dispatch_float(dtype, [&](auto tag, const char* kinds) {
     using T = decltype(tag);
@@ -299,9 +305,9 @@ void dense_forward(const std::string& dtype, py::array logits, py::array labels,
   });
 }
 
-void dense_backward(const std::string& dtype, py::array logits, py::array labels, int64_t outer, int64_t classes,
-                    int64_t inner, double label_smoothing, double z_loss, py::array lse, py::array grad_loss,
-                    py::array grad_logits) {
+void dense_backward(const std::string& dtype, py::array logits, py::array labels, int64_t outer,
+                    int64_t classes, int64_t inner, double label_smoothing, double z_loss, py::array lse,
+                    py::array grad_loss, py::array grad_logits) {
   const Call call = dense_call(outer, classes, inner, label_smoothing, z_loss);
   dispatch_float(dtype, [&](auto tag, const char* kinds) {
     using T = decltype(tag);
@@ -318,7 +324,8 @@ void sparse(const std::string& dtype, py::array logits, py::array labels, int64_
             int64_t inner, double label_smoothing, double z_loss, std::optional<int64_t> ignore_index,
             ClassWeights class_weights, py::array loss, py::array lse, std::optional<py::array> grad_loss,
             std::optional<py::array> grad_logits) {
-  const Call call = sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index, class_weights);
+  const Call call =
+      sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index, class_weights);
   require(grad_loss.has_value() == grad_logits.has_value(), "grad_loss and grad_logits go together");
   dispatch_sparse(dtype, labels, [&](auto tag, auto label_tag, const char* kinds) {
     using T = decltype(tag);
@@ -350,7 +357,8 @@ void dense(const std::string& dtype, py::array logits, py::array labels, int64_t
 // "dense_forward", "dense_backward") needs for logits viewed as [outer, classes,
 // inner] with elements of `element_size` bytes: the size of the workspace result
 // of the FFI targets (docs/xla.md), the same in every build and on every platform.
-size_t workspace_bytes(const std::string& kind, int64_t outer, int64_t classes, int64_t inner, int element_size) {
+size_t workspace_bytes(const std::string& kind, int64_t outer, int64_t classes, int64_t inner,
+                       int element_size) {
   static const std::pair<const char*, fx::cuda::Kernel> kinds[] = {
       {"sparse_forward", fx::cuda::Kernel::kSparseForward},
       {"sparse_backward", fx::cuda::Kernel::kSparseBackward},
@@ -368,14 +376,15 @@ size_t workspace_bytes(const std::string& kind, int64_t outer, int64_t classes, 
       return fx::cuda::workspace_bytes(k.second, layout, element_size);
     }
   }
-  throw py::value_error("kind must be sparse_forward, sparse_backward, dense_forward or dense_backward, got '" + kind +
-                        "'");
+  throw py::value_error(
+      "kind must be sparse_forward, sparse_backward, dense_forward or dense_backward, got '" + kind + "'");
 }
 
 #if defined(FUSED_XENT_WITH_XLA_FFI)
 py::dict capsules_of(const fx::xla_ffi::Target* targets, int count) {
   py::dict out;
-  for (int i = 0; i < count; ++i) out[targets[i].name] = py::capsule(reinterpret_cast<void*>(targets[i].handler));
+  for (int i = 0; i < count; ++i)
+    out[targets[i].name] = py::capsule(reinterpret_cast<void*>(targets[i].handler));
   return out;
 }
 #endif
@@ -429,19 +438,19 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "Fused softmax cross-entropy kernels over NumPy buffers (private; use fused_xent.numpy).";
-  m.def("sparse_forward", &sparse_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"), py::arg("outer"),
-        py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"), py::arg("ignore_index"),
-        py::arg("class_weights"), py::arg("loss"), py::arg("lse"));
+  m.def("sparse_forward", &sparse_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
+        py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
+        py::arg("ignore_index"), py::arg("class_weights"), py::arg("loss"), py::arg("lse"));
   m.def("sparse_backward", &sparse_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("ignore_index"), py::arg("class_weights"), py::arg("lse"), py::arg("grad_loss"),
         py::arg("grad_logits"));
-  m.def("dense_forward", &dense_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"), py::arg("outer"),
-        py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"), py::arg("loss"),
-        py::arg("lse"));
-  m.def("dense_backward", &dense_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"), py::arg("outer"),
-        py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"), py::arg("lse"),
-        py::arg("grad_loss"), py::arg("grad_logits"));
+  m.def("dense_forward", &dense_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
+        py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
+        py::arg("loss"), py::arg("lse"));
+  m.def("dense_backward", &dense_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
+        py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
+        py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"));
   m.def("sparse", &sparse, py::arg("dtype"), py::arg("logits"), py::arg("labels"), py::arg("outer"),
         py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("ignore_index"), py::arg("class_weights"), py::arg("loss"), py::arg("lse"),
@@ -451,8 +460,8 @@ PYBIND11_MODULE(_core, m) {
         py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"));
   m.def("build_info", &build_info);
   m.def("ffi_targets", &ffi_targets);
-  m.def("workspace_bytes", &workspace_bytes, py::arg("kind"), py::arg("outer"), py::arg("classes"), py::arg("inner"),
-        py::arg("element_size"));
+  m.def("workspace_bytes", &workspace_bytes, py::arg("kind"), py::arg("outer"), py::arg("classes"),
+        py::arg("inner"), py::arg("element_size"));
 #ifdef FUSED_XENT_WITH_CUDA
   register_cuda_bindings(m);
 #endif

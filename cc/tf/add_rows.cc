@@ -23,13 +23,13 @@ constexpr int64_t kShardElements = 1 << 14;
 absl::Status CheckRows(const Tensor& x, const Tensor& start, const Tensor& values, int64_t* first) {
   if (start.dims() != 0) return absl::InvalidArgumentError("start must be a scalar");
   if (x.dims() < 1 || values.dims() != x.dims()) {
-    return absl::InvalidArgumentError(absl::StrCat("values must have the rank of x (", x.dims(), ", at least 1), got ",
-                                                   values.shape().DebugString()));
+    return absl::InvalidArgumentError(absl::StrCat("values must have the rank of x (", x.dims(),
+                                                   ", at least 1), got ", values.shape().DebugString()));
   }
   for (int d = 1; d < x.dims(); ++d) {
     if (values.dim_size(d) != x.dim_size(d)) {
-      return absl::InvalidArgumentError(absl::StrCat("values ", values.shape().DebugString(),
-                                                     " do not match the rows of x ", x.shape().DebugString()));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "values ", values.shape().DebugString(), " do not match the rows of x ", x.shape().DebugString()));
     }
   }
   *first = start.scalar<int32_t>()();
@@ -40,8 +40,7 @@ absl::Status CheckRows(const Tensor& x, const Tensor& start, const Tensor& value
   return absl::OkStatus();
 }
 
-template <typename T>
-class AddToRowsOp : public OpKernel {
+template <typename T> class AddToRowsOp : public OpKernel {
  public:
   explicit AddToRowsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
@@ -59,7 +58,8 @@ class AddToRowsOp : public OpKernel {
     tensorflow::Shard(threads->num_threads, threads->workers, (count + kShardElements - 1) / kShardElements,
                       kShardElements, [&](int64_t begin, int64_t end) {
                         const int64_t from = begin * kShardElements;
-                        cpu::add_in_place(dst + from, src + from, std::min(count, end * kShardElements) - from);
+                        cpu::add_in_place(dst + from, src + from,
+                                          std::min(count, end * kShardElements) - from);
                       });
     ctx->set_output(0, y);
   }

@@ -22,12 +22,13 @@ namespace {
 void RegisterTargets(const char* platform, const xla_ffi::Target* targets, int count) {
   const XLA_FFI_Api* api = ::xla::ffi::GetXlaFfiApi();
   for (int i = 0; i < count; ++i) {
-    XLA_FFI_Error* error = ::xla::ffi::Ffi::RegisterStaticHandler(api, targets[i].name, platform, targets[i].handler);
+    XLA_FFI_Error* error =
+        ::xla::ffi::Ffi::RegisterStaticHandler(api, targets[i].name, platform, targets[i].handler);
     if (error == nullptr) continue;
     const std::string message = ::xla::ffi::internal::GetErrorMessage(api, error);
     ::xla::ffi::internal::DestroyError(api, error);
-    std::fprintf(stderr, "fused_xent: could not register XLA FFI handler %s for %s: %s\n", targets[i].name, platform,
-                 message.c_str());
+    std::fprintf(stderr, "fused_xent: could not register XLA FFI handler %s for %s: %s\n", targets[i].name,
+                 platform, message.c_str());
   }
 }
 

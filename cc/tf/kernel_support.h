@@ -15,9 +15,15 @@
 namespace fused_xent {
 
 // Core element type with the same bits as TensorFlow's.
-template <typename T> struct CoreTypeOf { using type = T; };
-template <> struct CoreTypeOf<Eigen::half> { using type = float16_t; };
-template <> struct CoreTypeOf<Eigen::bfloat16> { using type = bfloat16_t; };
+template <typename T> struct CoreTypeOf {
+  using type = T;
+};
+template <> struct CoreTypeOf<Eigen::half> {
+  using type = float16_t;
+};
+template <> struct CoreTypeOf<Eigen::bfloat16> {
+  using type = bfloat16_t;
+};
 template <typename T> using CoreType = typename CoreTypeOf<T>::type;
 
 template <typename T> const CoreType<T>* core_ptr(const tensorflow::Tensor& t) {
@@ -117,17 +123,17 @@ inline absl::Status CheckGradLseEmpty(int64_t elements) {
 // pointers. Sparse label values are checked by the CPU kernels only (on the
 // GPU that would need a device-to-host copy).
 
-inline absl::Status SparseShapes(tensorflow::OpKernelContext* ctx, int64_t axis, Options* options, Layout* layout,
-                                 tensorflow::TensorShape* reduced) {
+inline absl::Status SparseShapes(tensorflow::OpKernelContext* ctx, int64_t axis, Options* options,
+                                 Layout* layout, tensorflow::TensorShape* reduced) {
   TF_RETURN_IF_ERROR(LayoutOf(ctx->input(0).shape(), axis, layout, reduced));
   TF_RETURN_IF_ERROR(CheckSameShape(ctx->input(1), *reduced, "labels", "logits without the class axis"));
   return ClassWeightsOf(ctx->input(2), layout->classes, options);
 }
 
 // Allocates the (loss, lse) outputs and points the args at inputs and outputs.
-template <typename T, typename Args>
-absl::Status FillForwardOutputs(tensorflow::OpKernelContext* ctx, const tensorflow::TensorShape& reduced,
-                                Args* args) {
+template <typename T, typename Args> absl::Status FillForwardOutputs(tensorflow::OpKernelContext* ctx,
+                                                                     const tensorflow::TensorShape& reduced,
+                                                                     Args* args) {
   tensorflow::Tensor *loss, *lse;
   TF_RETURN_IF_ERROR(ctx->allocate_output(0, reduced, &loss));
   TF_RETURN_IF_ERROR(ctx->allocate_output(1, reduced, &lse));
@@ -146,8 +152,8 @@ absl::Status PrepareSparseForward(tensorflow::OpKernelContext* ctx, int64_t axis
   return FillForwardOutputs<T>(ctx, reduced, args);
 }
 
-template <typename T>
-absl::Status PrepareDenseForward(tensorflow::OpKernelContext* ctx, int64_t axis, DenseForwardArgs<CoreType<T>>* args) {
+template <typename T> absl::Status PrepareDenseForward(tensorflow::OpKernelContext* ctx, int64_t axis,
+                                                       DenseForwardArgs<CoreType<T>>* args) {
   tensorflow::TensorShape reduced;
   TF_RETURN_IF_ERROR(LayoutOf(ctx->input(0).shape(), axis, &args->layout, &reduced));
   TF_RETURN_IF_ERROR(CheckSameShape(ctx->input(1), ctx->input(0).shape(), "labels", "logits"));
@@ -170,7 +176,8 @@ template <typename T, typename Args>
 absl::Status FillBackward(tensorflow::OpKernelContext* ctx, const tensorflow::TensorShape& reduced, int first,
                           GradientOutputFn grad_output, Args* args) {
   TF_RETURN_IF_ERROR(CheckSameShape(ctx->input(first), reduced, "lse", "logits without the class axis"));
-  TF_RETURN_IF_ERROR(CheckSameShape(ctx->input(first + 1), reduced, "grad_loss", "logits without the class axis"));
+  TF_RETURN_IF_ERROR(
+      CheckSameShape(ctx->input(first + 1), reduced, "grad_loss", "logits without the class axis"));
   TF_RETURN_IF_ERROR(CheckGradLseEmpty(ctx->input(first + 2).NumElements()));
   args->logits = core_ptr<T>(ctx->input(0));
   args->lse = ctx->input(first).flat<double>().data();

@@ -13,7 +13,8 @@ using ::tensorflow::shape_inference::InferenceContext;
 using ::tensorflow::shape_inference::ShapeHandle;
 
 // Resolves the `axis` attr against `logits` and returns logits' shape without it.
-absl::Status ReducedShape(InferenceContext* c, ShapeHandle logits, ShapeHandle* reduced, DimensionHandle* classes) {
+absl::Status ReducedShape(InferenceContext* c, ShapeHandle logits, ShapeHandle* reduced,
+                          DimensionHandle* classes) {
   TF_RETURN_IF_ERROR(c->WithRankAtLeast(logits, 1, &logits));
   int64_t axis;
   TF_RETURN_IF_ERROR(c->GetAttr("axis", &axis));
@@ -24,12 +25,14 @@ absl::Status ReducedShape(InferenceContext* c, ShapeHandle logits, ShapeHandle* 
   }
   const int64_t rank = c->Rank(logits);
   if (axis < -rank || axis >= rank) {
-    return absl::InvalidArgumentError(absl::StrCat("axis ", axis, " is out of range for logits of rank ", rank));
+    return absl::InvalidArgumentError(
+        absl::StrCat("axis ", axis, " is out of range for logits of rank ", rank));
   }
   if (axis < 0) axis += rank;
   *classes = c->Dim(logits, axis);
   if (c->ValueKnown(*classes) && c->Value(*classes) == 0) {
-    return absl::InvalidArgumentError("Must have at least one class, but the class axis of logits has size 0");
+    return absl::InvalidArgumentError(
+        "Must have at least one class, but the class axis of logits has size 0");
   }
   ShapeHandle before, after;
   TF_RETURN_IF_ERROR(c->Subshape(logits, 0, axis, &before));
@@ -41,9 +44,10 @@ absl::Status CheckClassWeights(InferenceContext* c, int index, DimensionHandle c
   ShapeHandle weights;
   TF_RETURN_IF_ERROR(c->WithRank(c->input(index), 1, &weights));
   const DimensionHandle count = c->Dim(weights, 0);
-  if (c->ValueKnown(count) && c->Value(count) != 0 && c->ValueKnown(classes) && c->Value(count) != c->Value(classes)) {
-    return absl::InvalidArgumentError(absl::StrCat("class_weights has ", c->Value(count),
-                                                   " entries but logits have ", c->Value(classes), " classes"));
+  if (c->ValueKnown(count) && c->Value(count) != 0 && c->ValueKnown(classes) &&
+      c->Value(count) != c->Value(classes)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "class_weights has ", c->Value(count), " entries but logits have ", c->Value(classes), " classes"));
   }
   return absl::OkStatus();
 }
@@ -92,15 +96,15 @@ absl::Status BackwardShape(InferenceContext* c, bool sparse) {
 
 }  // namespace
 
-#define FX_COMMON_ATTRS                                                      \
-  Attr("T: {half, bfloat16, float, double}")                                 \
-      .Attr("axis: int = -1")                                                \
-      .Attr("label_smoothing: float = 0.0")                                  \
+#define FX_COMMON_ATTRS                      \
+  Attr("T: {half, bfloat16, float, double}") \
+      .Attr("axis: int = -1")                \
+      .Attr("label_smoothing: float = 0.0")  \
       .Attr("z_loss: float = 0.0")
 
-#define FX_SPARSE_ATTRS                                                      \
-  FX_COMMON_ATTRS.Attr("Tlabels: {int32, int64} = DT_INT64")                 \
-      .Attr("ignore_index: int = 0")                                         \
+#define FX_SPARSE_ATTRS                                      \
+  FX_COMMON_ATTRS.Attr("Tlabels: {int32, int64} = DT_INT64") \
+      .Attr("ignore_index: int = 0")                         \
       .Attr("has_ignore_index: bool = false")
 
 REGISTER_OP("FusedXent>SparseSoftmaxCrossEntropy")
@@ -109,8 +113,7 @@ REGISTER_OP("FusedXent>SparseSoftmaxCrossEntropy")
     .Input("class_weights: float")
     .Output("loss: T")
     .Output("lse: double")
-    .FX_SPARSE_ATTRS
-    .SetShapeFn(SparseForwardShape)
+    .FX_SPARSE_ATTRS.SetShapeFn(SparseForwardShape)
     .Doc("Per-row sparse softmax cross-entropy and log-sum-exp of the logits.");
 
 REGISTER_OP("FusedXent>SparseSoftmaxCrossEntropyGrad")
@@ -121,18 +124,18 @@ REGISTER_OP("FusedXent>SparseSoftmaxCrossEntropyGrad")
     .Input("grad_loss: T")
     .Input("grad_lse: double")  // kept for graphs saved by earlier versions; must be empty
     .Output("grad_logits: T")
-    .FX_SPARSE_ATTRS
-    .SetShapeFn([](InferenceContext* c) { return BackwardShape(c, /*sparse=*/true); })
-    .Doc("grad_logits = grad_loss * w * ((1 + 2 z_loss lse) softmax(logits) - target). grad_lse is kept for graphs "
-         "saved by earlier versions; must be empty.");
+    .FX_SPARSE_ATTRS.SetShapeFn([](InferenceContext* c) { return BackwardShape(c, /*sparse=*/true); })
+    .Doc(
+        "grad_logits = grad_loss * w * ((1 + 2 z_loss lse) softmax(logits) - target). grad_lse is kept for "
+        "graphs "
+        "saved by earlier versions; must be empty.");
 
 REGISTER_OP("FusedXent>SoftmaxCrossEntropy")
     .Input("logits: T")
     .Input("labels: T")
     .Output("loss: T")
     .Output("lse: double")
-    .FX_COMMON_ATTRS
-    .SetShapeFn(DenseForwardShape)
+    .FX_COMMON_ATTRS.SetShapeFn(DenseForwardShape)
     .Doc("Per-row softmax cross-entropy against dense labels, and log-sum-exp of the logits.");
 
 REGISTER_OP("FusedXent>SoftmaxCrossEntropyGrad")
@@ -142,10 +145,11 @@ REGISTER_OP("FusedXent>SoftmaxCrossEntropyGrad")
     .Input("grad_loss: T")
     .Input("grad_lse: double")  // kept for graphs saved by earlier versions; must be empty
     .Output("grad_logits: T")
-    .FX_COMMON_ATTRS
-    .SetShapeFn([](InferenceContext* c) { return BackwardShape(c, /*sparse=*/false); })
-    .Doc("grad_logits = grad_loss * ((sum(q) + 2 z_loss lse) softmax(logits) - q). grad_lse is kept for graphs "
-         "saved by earlier versions; must be empty.");
+    .FX_COMMON_ATTRS.SetShapeFn([](InferenceContext* c) { return BackwardShape(c, /*sparse=*/false); })
+    .Doc(
+        "grad_logits = grad_loss * ((sum(q) + 2 z_loss lse) softmax(logits) - q). grad_lse is kept for "
+        "graphs "
+        "saved by earlier versions; must be empty.");
 
 REGISTER_OP("FusedXent>AddToRows")
     .Input("x: T")
@@ -160,7 +164,8 @@ REGISTER_OP("FusedXent>AddToRows")
       c->set_output(0, c->input(0));
       return absl::OkStatus();
     })
-    .Doc("y = x with rows [start, start + len(values)) increased by values, written into x's buffer: "
-         "only for a tensor that nothing else reads (the fused linear head's own accumulators).");
+    .Doc(
+        "y = x with rows [start, start + len(values)) increased by values, written into x's buffer: "
+        "only for a tensor that nothing else reads (the fused linear head's own accumulators).");
 
 }  // namespace fused_xent

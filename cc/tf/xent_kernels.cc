@@ -23,18 +23,16 @@ template <typename Args, typename Kernel>
 absl::Status ShardSparseRows(OpKernelContext* ctx, const Args& args, const Kernel& kernel) {
   TF_RETURN_IF_ERROR(CheckClassWeightValues(args.options, args.layout.classes));
   FirstInvalidLabel first_invalid;
-  ShardRows(ctx, args.layout, cpu::row_cost_cycles(args.layout.classes),
-            [&](int64_t begin, int64_t end) {
-              first_invalid.check(args.labels, begin, end, args.layout.classes, args.options);
-              kernel(args, begin, end);
-            });
+  ShardRows(ctx, args.layout, cpu::row_cost_cycles(args.layout.classes), [&](int64_t begin, int64_t end) {
+    first_invalid.check(args.labels, begin, end, args.layout.classes, args.options);
+    kernel(args, begin, end);
+  });
   if (!first_invalid.found()) return absl::OkStatus();
   const int64_t value = static_cast<int64_t>(args.labels[first_invalid.row()]);
   return absl::InvalidArgumentError(invalid_label_message(value, args.layout.classes, args.options));
 }
 
-template <typename T, typename Label>
-class SparseForwardOp : public OpKernel {
+template <typename T, typename Label> class SparseForwardOp : public OpKernel {
  public:
   explicit SparseForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ReadOptions(ctx, /*sparse=*/true, &options_, &axis_));
@@ -54,8 +52,7 @@ class SparseForwardOp : public OpKernel {
   int64_t axis_;
 };
 
-template <typename T, typename Label>
-class SparseBackwardOp : public OpKernel {
+template <typename T, typename Label> class SparseBackwardOp : public OpKernel {
  public:
   explicit SparseBackwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ReadOptions(ctx, /*sparse=*/true, &options_, &axis_));
@@ -75,8 +72,7 @@ class SparseBackwardOp : public OpKernel {
   int64_t axis_;
 };
 
-template <typename T>
-class DenseForwardOp : public OpKernel {
+template <typename T> class DenseForwardOp : public OpKernel {
  public:
   explicit DenseForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ReadOptions(ctx, /*sparse=*/false, &options_, &axis_));
@@ -95,8 +91,7 @@ class DenseForwardOp : public OpKernel {
   int64_t axis_;
 };
 
-template <typename T>
-class DenseBackwardOp : public OpKernel {
+template <typename T> class DenseBackwardOp : public OpKernel {
  public:
   explicit DenseBackwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ReadOptions(ctx, /*sparse=*/false, &options_, &axis_));
@@ -115,27 +110,28 @@ class DenseBackwardOp : public OpKernel {
   int64_t axis_;
 };
 
-#define FX_REGISTER_SPARSE(T, Label)                                                         \
-  REGISTER_KERNEL_BUILDER(Name("FusedXent>SparseSoftmaxCrossEntropy")                        \
-                              .Device(DEVICE_CPU)                                            \
-                              .TypeConstraint<T>("T")                                        \
-                              .TypeConstraint<Label>("Tlabels"),                             \
-                          SparseForwardOp<T, Label>);                                        \
-  REGISTER_KERNEL_BUILDER(Name("FusedXent>SparseSoftmaxCrossEntropyGrad")                    \
-                              .Device(DEVICE_CPU)                                            \
-                              .TypeConstraint<T>("T")                                        \
-                              .TypeConstraint<Label>("Tlabels"),                             \
+#define FX_REGISTER_SPARSE(T, Label)                                      \
+  REGISTER_KERNEL_BUILDER(Name("FusedXent>SparseSoftmaxCrossEntropy")     \
+                              .Device(DEVICE_CPU)                         \
+                              .TypeConstraint<T>("T")                     \
+                              .TypeConstraint<Label>("Tlabels"),          \
+                          SparseForwardOp<T, Label>);                     \
+  REGISTER_KERNEL_BUILDER(Name("FusedXent>SparseSoftmaxCrossEntropyGrad") \
+                              .Device(DEVICE_CPU)                         \
+                              .TypeConstraint<T>("T")                     \
+                              .TypeConstraint<Label>("Tlabels"),          \
                           SparseBackwardOp<T, Label>);
 
 #define FX_REGISTER_DENSE(T)                                                                               \
-  REGISTER_KERNEL_BUILDER(Name("FusedXent>SoftmaxCrossEntropy").Device(DEVICE_CPU).TypeConstraint<T>("T"),     \
-                          DenseForwardOp<T>);                                                                \
-  REGISTER_KERNEL_BUILDER(Name("FusedXent>SoftmaxCrossEntropyGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
-                          DenseBackwardOp<T>);
+  REGISTER_KERNEL_BUILDER(Name("FusedXent>SoftmaxCrossEntropy").Device(DEVICE_CPU).TypeConstraint<T>("T"), \
+                          DenseForwardOp<T>);                                                              \
+  REGISTER_KERNEL_BUILDER(                                                                                 \
+      Name("FusedXent>SoftmaxCrossEntropyGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"),                 \
+      DenseBackwardOp<T>);
 
-#define FX_REGISTER_ALL(T)         \
-  FX_REGISTER_SPARSE(T, int32_t)   \
-  FX_REGISTER_SPARSE(T, int64_t)   \
+#define FX_REGISTER_ALL(T)       \
+  FX_REGISTER_SPARSE(T, int32_t) \
+  FX_REGISTER_SPARSE(T, int64_t) \
   FX_REGISTER_DENSE(T)
 
 FX_REGISTER_ALL(Eigen::half)

@@ -47,8 +47,7 @@ absl::Status WorkspaceOf(OpKernelContext* ctx, size_t bytes, Tensor* scratch, vo
   return absl::OkStatus();
 }
 
-template <typename T, typename Label>
-class SparseForwardGpuOp : public OpKernel {
+template <typename T, typename Label> class SparseForwardGpuOp : public OpKernel {
  public:
   explicit SparseForwardGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ReadOptions(ctx, /*sparse=*/true, &options_, &axis_));
@@ -60,7 +59,8 @@ class SparseForwardGpuOp : public OpKernel {
     OP_REQUIRES_OK(ctx, (PrepareSparseForward<T, Label>(ctx, axis_, &args)));
     Tensor scratch;
     void* workspace;
-    OP_REQUIRES_OK(ctx, WorkspaceOf(ctx, cuda::forward_workspace_bytes(args.layout, sizeof(T)), &scratch, &workspace));
+    OP_REQUIRES_OK(
+        ctx, WorkspaceOf(ctx, cuda::forward_workspace_bytes(args.layout, sizeof(T)), &scratch, &workspace));
     cudaStream_t stream;
     OP_REQUIRES_OK(ctx, StreamOf(ctx, &stream));
     OP_REQUIRES_OK(ctx, Launched(cuda::sparse_forward(args, workspace, stream)));
@@ -72,8 +72,7 @@ class SparseForwardGpuOp : public OpKernel {
 };
 
 // As on the CPU, the gradient overwrites the logits buffer when TensorFlow allows.
-template <typename T, typename Label>
-class SparseBackwardGpuOp : public OpKernel {
+template <typename T, typename Label> class SparseBackwardGpuOp : public OpKernel {
  public:
   explicit SparseBackwardGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ReadOptions(ctx, /*sparse=*/true, &options_, &axis_));
@@ -93,8 +92,7 @@ class SparseBackwardGpuOp : public OpKernel {
   int64_t axis_;
 };
 
-template <typename T>
-class DenseForwardGpuOp : public OpKernel {
+template <typename T> class DenseForwardGpuOp : public OpKernel {
  public:
   explicit DenseForwardGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ReadOptions(ctx, /*sparse=*/false, &options_, &axis_));
@@ -106,7 +104,8 @@ class DenseForwardGpuOp : public OpKernel {
     OP_REQUIRES_OK(ctx, PrepareDenseForward<T>(ctx, axis_, &args));
     Tensor scratch;
     void* workspace;
-    OP_REQUIRES_OK(ctx, WorkspaceOf(ctx, cuda::forward_workspace_bytes(args.layout, sizeof(T)), &scratch, &workspace));
+    OP_REQUIRES_OK(
+        ctx, WorkspaceOf(ctx, cuda::forward_workspace_bytes(args.layout, sizeof(T)), &scratch, &workspace));
     cudaStream_t stream;
     OP_REQUIRES_OK(ctx, StreamOf(ctx, &stream));
     OP_REQUIRES_OK(ctx, Launched(cuda::dense_forward(args, workspace, stream)));
@@ -117,8 +116,7 @@ class DenseForwardGpuOp : public OpKernel {
   int64_t axis_;
 };
 
-template <typename T>
-class DenseBackwardGpuOp : public OpKernel {
+template <typename T> class DenseBackwardGpuOp : public OpKernel {
  public:
   explicit DenseBackwardGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ReadOptions(ctx, /*sparse=*/false, &options_, &axis_));
@@ -130,8 +128,8 @@ class DenseBackwardGpuOp : public OpKernel {
     OP_REQUIRES_OK(ctx, PrepareDenseBackward<T>(ctx, axis_, &args));
     Tensor scratch;
     void* workspace;
-    OP_REQUIRES_OK(ctx, WorkspaceOf(ctx, cuda::dense_backward_workspace_bytes(args.layout, sizeof(T)), &scratch,
-                                    &workspace));
+    OP_REQUIRES_OK(ctx, WorkspaceOf(ctx, cuda::dense_backward_workspace_bytes(args.layout, sizeof(T)),
+                                    &scratch, &workspace));
     cudaStream_t stream;
     OP_REQUIRES_OK(ctx, StreamOf(ctx, &stream));
     OP_REQUIRES_OK(ctx, Launched(cuda::dense_backward(args, workspace, stream)));
@@ -142,27 +140,28 @@ class DenseBackwardGpuOp : public OpKernel {
   int64_t axis_;
 };
 
-#define FX_REGISTER_SPARSE_GPU(T, Label)                                                     \
-  REGISTER_KERNEL_BUILDER(Name("FusedXent>SparseSoftmaxCrossEntropy")                        \
-                              .Device(DEVICE_GPU)                                            \
-                              .TypeConstraint<T>("T")                                        \
-                              .TypeConstraint<Label>("Tlabels"),                             \
-                          SparseForwardGpuOp<T, Label>);                                     \
-  REGISTER_KERNEL_BUILDER(Name("FusedXent>SparseSoftmaxCrossEntropyGrad")                    \
-                              .Device(DEVICE_GPU)                                            \
-                              .TypeConstraint<T>("T")                                        \
-                              .TypeConstraint<Label>("Tlabels"),                             \
+#define FX_REGISTER_SPARSE_GPU(T, Label)                                  \
+  REGISTER_KERNEL_BUILDER(Name("FusedXent>SparseSoftmaxCrossEntropy")     \
+                              .Device(DEVICE_GPU)                         \
+                              .TypeConstraint<T>("T")                     \
+                              .TypeConstraint<Label>("Tlabels"),          \
+                          SparseForwardGpuOp<T, Label>);                  \
+  REGISTER_KERNEL_BUILDER(Name("FusedXent>SparseSoftmaxCrossEntropyGrad") \
+                              .Device(DEVICE_GPU)                         \
+                              .TypeConstraint<T>("T")                     \
+                              .TypeConstraint<Label>("Tlabels"),          \
                           SparseBackwardGpuOp<T, Label>);
 
-#define FX_REGISTER_DENSE_GPU(T)                                                                               \
-  REGISTER_KERNEL_BUILDER(Name("FusedXent>SoftmaxCrossEntropy").Device(DEVICE_GPU).TypeConstraint<T>("T"),     \
-                          DenseForwardGpuOp<T>);                                                               \
-  REGISTER_KERNEL_BUILDER(Name("FusedXent>SoftmaxCrossEntropyGrad").Device(DEVICE_GPU).TypeConstraint<T>("T"), \
-                          DenseBackwardGpuOp<T>);
+#define FX_REGISTER_DENSE_GPU(T)                                                                           \
+  REGISTER_KERNEL_BUILDER(Name("FusedXent>SoftmaxCrossEntropy").Device(DEVICE_GPU).TypeConstraint<T>("T"), \
+                          DenseForwardGpuOp<T>);                                                           \
+  REGISTER_KERNEL_BUILDER(                                                                                 \
+      Name("FusedXent>SoftmaxCrossEntropyGrad").Device(DEVICE_GPU).TypeConstraint<T>("T"),                 \
+      DenseBackwardGpuOp<T>);
 
-#define FX_REGISTER_ALL_GPU(T)         \
-  FX_REGISTER_SPARSE_GPU(T, int32_t)   \
-  FX_REGISTER_SPARSE_GPU(T, int64_t)   \
+#define FX_REGISTER_ALL_GPU(T)       \
+  FX_REGISTER_SPARSE_GPU(T, int32_t) \
+  FX_REGISTER_SPARSE_GPU(T, int64_t) \
   FX_REGISTER_DENSE_GPU(T)
 
 FX_REGISTER_ALL_GPU(Eigen::half)

@@ -52,8 +52,7 @@ using ::xla::XlaOp;
 // accumulation type (float32 for half types and float, float64 for double).
 class Rows {
  public:
-  Rows(xla::XlaBuilder* b, const TensorShape& logits, int64_t axis, PrimitiveType acc)
-      : b_(b), acc_(acc) {
+  Rows(xla::XlaBuilder* b, const TensorShape& logits, int64_t axis, PrimitiveType acc) : b_(b), acc_(acc) {
     axis_ = axis < 0 ? axis + logits.dims() : axis;
     for (int64_t d = 0; d < logits.dims(); ++d) {
       dims_.push_back(logits.dim_size(d));
@@ -106,7 +105,8 @@ XlaOp Rows::AtClass(XlaOp values, XlaOp class_index) const {
   std::vector<XlaOp> coordinates;  // one column per dim of values: [rows..., rank]
   xla::GatherDimensionNumbers numbers;
   for (int64_t d = 0, row_dim = 0; d < static_cast<int64_t>(dims_.size()); ++d) {
-    coordinates.push_back(d == axis_ ? xla::Reshape(class_index, column_shape) : xla::Iota(b_, column, row_dim++));
+    coordinates.push_back(d == axis_ ? xla::Reshape(class_index, column_shape)
+                                     : xla::Iota(b_, column, row_dim++));
     numbers.add_collapsed_slice_dims(d);
     numbers.add_start_index_map(d);
   }
@@ -133,17 +133,20 @@ LogSumExp ComputeLogSumExp(const Rows& rows, XlaOp logits) {
   // The max's own terms (exactly 1) are counted apart, so log1p keeps a small log_sum accurate.
   const XlaOp d = xla::Sub(s.z, rows.Expand(s.shift));
   const XlaOp tie = xla::Eq(d, xla::ZerosLike(d));
-  const XlaOp ties = rows.Sum(xla::Select(tie, xla::Broadcast(rows.Const(1), rows.dims()), xla::ZerosLike(d)));
+  const XlaOp ties =
+      rows.Sum(xla::Select(tie, xla::Broadcast(rows.Const(1), rows.dims()), xla::ZerosLike(d)));
   const XlaOp rest = rows.Sum(xla::Select(tie, xla::ZerosLike(d), xla::Exp(d)));
   const XlaOp one = rows.Const(1);
-  s.log_sum = xla::Select(xla::Ge(ties, one), xla::Log1p(xla::Add(xla::Sub(ties, one), rest)), xla::Log(rest));
+  s.log_sum =
+      xla::Select(xla::Ge(ties, one), xla::Log1p(xla::Add(xla::Sub(ties, one), rest)), xla::Log(rest));
   s.lse = xla::Add(xla::ConvertElementType(s.shift, xla::F64), xla::ConvertElementType(s.log_sum, xla::F64));
   return s;
 }
 
 // sum_j q_j (lse - z_j) from nonnegative parts:
 // log_sum * sum(q) + (1 - eps) * label_gap + eps * mean_j (shift - z_j).
-XlaOp CrossEntropy(const Rows& rows, const LogSumExp& s, XlaOp target_sum, XlaOp label_gap, const Options& o) {
+XlaOp CrossEntropy(const Rows& rows, const LogSumExp& s, XlaOp target_sum, XlaOp label_gap,
+                   const Options& o) {
   const double eps = o.label_smoothing;
   XlaOp ce = xla::Mul(s.log_sum, target_sum);
   // Each gap is +inf when a logit it covers is -inf: read it only when it counts (no 0 * inf).
@@ -188,7 +191,8 @@ struct Coefficients {
   XlaOp uniform;        // g w eps / C
 };
 
-Coefficients BackwardCoefficients(const Rows& rows, XlaOp scale, XlaOp lse, XlaOp target_sum, const Options& o) {
+Coefficients BackwardCoefficients(const Rows& rows, XlaOp scale, XlaOp lse, XlaOp target_sum,
+                                  const Options& o) {
   XlaOp factor = target_sum;
   if (o.z_loss > 0) {
     const XlaOp two_lambda = xla::ConstantR0<double>(rows.builder(), 2.0 * o.z_loss);
@@ -258,7 +262,8 @@ absl::Status CheckClassWeights(const TensorShape& weights, int64_t classes) {
     return absl::OkStatus();
   }
   return absl::InvalidArgumentError(absl::StrCat("class_weights must be a vector of ", classes,
-                                                 " weights (one per class), got shape ", weights.DebugString()));
+                                                 " weights (one per class), got shape ",
+                                                 weights.DebugString()));
 }
 
 // Shapes, the accumulation type and the row geometry shared by every kernel.
@@ -307,8 +312,8 @@ absl::Status ChooseLowering(bool gpu, bool* custom_call) {
     }
     *custom_call = true;
   } else {
-    return absl::InvalidArgumentError(absl::StrCat("FUSED_XENT_XLA_LOWERING must be auto, custom_call or hlo, got '",
-                                                   mode, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("FUSED_XENT_XLA_LOWERING must be auto, custom_call or hlo, got '", mode, "'"));
   }
   return absl::OkStatus();
 }
@@ -322,8 +327,9 @@ std::string F32Attribute(float value) {
 
 // The handlers' attributes (cc/ffi/handlers.h), in MLIR dictionary syntax.
 std::string HandlerAttributes(int64_t axis, const Options& o, bool sparse) {
-  std::string text = absl::StrCat("{axis = ", axis, " : i64, label_smoothing = ", F32Attribute(o.label_smoothing),
-                                  ", z_loss = ", F32Attribute(o.z_loss));
+  std::string text =
+      absl::StrCat("{axis = ", axis, " : i64, label_smoothing = ", F32Attribute(o.label_smoothing),
+                   ", z_loss = ", F32Attribute(o.z_loss));
   if (sparse) {
     absl::StrAppend(&text, ", ignore_index = ", o.ignore_index,
                     " : i64, has_ignore_index = ", o.has_ignore_index ? "true" : "false");
@@ -337,7 +343,8 @@ xla::Shape RowMajor(PrimitiveType type, absl::Span<const int64_t> dims) {
 
 // The handlers' last result, scratch memory for the CUDA kernels (cc/ffi/handlers.h):
 // u8[cuda::workspace_bytes(...)], the same size whichever device runs the call.
-xla::Shape WorkspaceShape(const char* target, const TensorShape& logits_shape, int64_t axis, PrimitiveType type) {
+xla::Shape WorkspaceShape(const char* target, const TensorShape& logits_shape, int64_t axis,
+                          PrimitiveType type) {
   Layout layout;
   TensorShape rows;
   LayoutOf(logits_shape, axis, &layout, &rows).IgnoreError();  // Prepare checked it
@@ -354,7 +361,8 @@ xla::Shape WorkspaceShape(const char* target, const TensorShape& logits_shape, i
 // empty), is not passed. Forward ops return (loss, lse), backward ops
 // grad_logits; the call's last result, the workspace, is dropped.
 void EmitCustomCall(XlaOpKernelContext* ctx, const char* target, const std::string& attributes,
-                    const TensorShape& logits_shape, const TensorShape& row_shape, int64_t axis, bool forward) {
+                    const TensorShape& logits_shape, const TensorShape& row_shape, int64_t axis,
+                    bool forward) {
   std::vector<XlaOp> operands;
   std::vector<xla::Shape> operand_shapes;
   const int count = forward ? ctx->num_inputs() : ctx->num_inputs() - 1;
@@ -368,12 +376,13 @@ void EmitCustomCall(XlaOpKernelContext* ctx, const char* target, const std::stri
   const xla::Shape workspace = WorkspaceShape(target, logits_shape, axis, type);
   const xla::Shape result =
       forward ? xla::ShapeUtil::MakeTupleShape({RowMajor(type, row_shape.dim_sizes()),
-                                                 RowMajor(xla::F64, row_shape.dim_sizes()), workspace})
+                                                RowMajor(xla::F64, row_shape.dim_sizes()), workspace})
               : xla::ShapeUtil::MakeTupleShape({RowMajor(type, logits_shape.dim_sizes()), workspace});
-  const XlaOp call = xla::CustomCallWithLayout(ctx->builder(), target, operands, result, operand_shapes, attributes,
-                                               /*has_side_effect=*/false, /*output_operand_aliasing=*/{},
-                                               /*literal=*/nullptr, xla::CustomCallSchedule::SCHEDULE_NONE,
-                                               xla::CustomCallApiVersion::API_VERSION_TYPED_FFI);
+  const XlaOp call =
+      xla::CustomCallWithLayout(ctx->builder(), target, operands, result, operand_shapes, attributes,
+                                /*has_side_effect=*/false, /*output_operand_aliasing=*/{},
+                                /*literal=*/nullptr, xla::CustomCallSchedule::SCHEDULE_NONE,
+                                xla::CustomCallApiVersion::API_VERSION_TYPED_FFI);
   ctx->SetOutput(0, xla::GetTupleElement(call, 0));
   if (forward) ctx->SetOutput(1, xla::GetTupleElement(call, 1));
 }
@@ -398,8 +407,8 @@ class XlaKernelBase : public XlaOpKernel {
     OP_REQUIRES_OK(ctx, Prepare(ctx, axis_, &logits_shape, &row_shape, &acc));
     OP_REQUIRES_OK(ctx, CheckInputs(ctx, logits_shape, row_shape));
     if (custom_call) {
-      EmitCustomCall(ctx, target_, HandlerAttributes(axis_, options_, sparse_), logits_shape, row_shape, axis_,
-                     forward_);
+      EmitCustomCall(ctx, target_, HandlerAttributes(axis_, options_, sparse_), logits_shape, row_shape,
+                     axis_, forward_);
     } else {
       CompileHlo(ctx, Rows(ctx->builder(), logits_shape, axis_, acc), row_shape);
     }
@@ -424,7 +433,8 @@ class XlaKernelBase : public XlaOpKernel {
 // which must be empty (tf/kernel_support.h).
 absl::Status CheckBackwardRows(XlaOpKernelContext* ctx, int first, const TensorShape& row_shape) {
   TF_RETURN_IF_ERROR(CheckShape(InputShape(ctx, first), row_shape, "lse", "logits without the class axis"));
-  TF_RETURN_IF_ERROR(CheckShape(InputShape(ctx, first + 1), row_shape, "grad_loss", "logits without the class axis"));
+  TF_RETURN_IF_ERROR(
+      CheckShape(InputShape(ctx, first + 1), row_shape, "grad_loss", "logits without the class axis"));
   return CheckGradLseEmpty(InputShape(ctx, first + 2).num_elements());
 }
 
@@ -439,7 +449,8 @@ class SparseXlaKernel : public XlaKernelBase {
   absl::Status CheckInputs(XlaOpKernelContext* ctx, const TensorShape& logits_shape,
                            const TensorShape& row_shape) override {
     TF_RETURN_IF_ERROR(CheckShape(InputShape(ctx, 1), row_shape, "labels", "logits without the class axis"));
-    return CheckClassWeights(InputShape(ctx, 2), logits_shape.dim_size(axis_ < 0 ? axis_ + logits_shape.dims() : axis_));
+    return CheckClassWeights(InputShape(ctx, 2),
+                             logits_shape.dim_size(axis_ < 0 ? axis_ + logits_shape.dims() : axis_));
   }
 
   void CompileHlo(XlaOpKernelContext* ctx, const Rows& rows, const TensorShape& row_shape) override {
@@ -467,7 +478,8 @@ class SparseForwardXla : public SparseXlaKernel {
     const XlaOp ce = CrossEntropy(rows, s, rows.Const(1), xla::Sub(s.shift, z_label), options_);
     XlaOp loss = xla::Mul(labels.weight, xla::Add(ce, ZLossTerm(rows, s.lse, options_)));
     loss = xla::Select(labels.ignored, xla::ZerosLike(loss), loss);
-    loss = xla::Select(labels.invalid, xla::Broadcast(xla::NanValue(ctx->builder(), acc), row_shape.dim_sizes()), loss);
+    loss = xla::Select(labels.invalid,
+                       xla::Broadcast(xla::NanValue(ctx->builder(), acc), row_shape.dim_sizes()), loss);
     ctx->SetOutput(0, xla::ConvertElementType(loss, ctx->input_xla_type(0)));
     ctx->SetOutput(1, s.lse);
   }
@@ -534,7 +546,8 @@ class DenseXlaKernel : public XlaKernelBase {
       : XlaKernelBase(ctx, /*sparse=*/false, forward, target) {}
 
  protected:
-  absl::Status CheckInputs(XlaOpKernelContext* ctx, const TensorShape& logits_shape, const TensorShape&) override {
+  absl::Status CheckInputs(XlaOpKernelContext* ctx, const TensorShape& logits_shape,
+                           const TensorShape&) override {
     return CheckShape(InputShape(ctx, 1), logits_shape, "labels", "logits");
   }
 };
@@ -576,21 +589,28 @@ class DenseBackwardXla : public DenseXlaKernel {
     const Coefficients c = BackwardCoefficients(rows, rows.ToAcc(ctx->Input(3)), lse,
                                                 DenseTargetSum(rows, d.label_sum, options_), options_);
     const XlaOp target = xla::Add(xla::Mul(rows.Expand(c.target_scale), d.t), rows.Expand(c.uniform));
-    const XlaOp dz = Gradient(rows, c.softmax_scale, target, LogSoftmax(rows, rows.ToAcc(ctx->Input(0)), lse));
+    const XlaOp dz =
+        Gradient(rows, c.softmax_scale, target, LogSoftmax(rows, rows.ToAcc(ctx->Input(0)), lse));
     ctx->SetOutput(0, xla::ConvertElementType(dz, ctx->input_xla_type(0)));
   }
 };
 
-#define FX_XLA_TYPES .TypeConstraint("T", {tensorflow::DT_HALF, tensorflow::DT_BFLOAT16, tensorflow::DT_FLOAT, tensorflow::DT_DOUBLE})
+#define FX_XLA_TYPES \
+  .TypeConstraint(   \
+      "T", {tensorflow::DT_HALF, tensorflow::DT_BFLOAT16, tensorflow::DT_FLOAT, tensorflow::DT_DOUBLE})
 #define FX_XLA_LABELS .TypeConstraint("Tlabels", {tensorflow::DT_INT32, tensorflow::DT_INT64})
 
-#define FX_REGISTER_XLA(device)                                                                                   \
-  REGISTER_KERNEL_BUILDER(Name("FusedXent>SparseSoftmaxCrossEntropy").Device(device) FX_XLA_TYPES FX_XLA_LABELS,     \
-                          SparseForwardXla);                                                                      \
-  REGISTER_KERNEL_BUILDER(Name("FusedXent>SparseSoftmaxCrossEntropyGrad").Device(device) FX_XLA_TYPES FX_XLA_LABELS, \
-                          SparseBackwardXla);                                                                     \
-  REGISTER_KERNEL_BUILDER(Name("FusedXent>SoftmaxCrossEntropy").Device(device) FX_XLA_TYPES, DenseForwardXla);       \
-  REGISTER_KERNEL_BUILDER(Name("FusedXent>SoftmaxCrossEntropyGrad").Device(device) FX_XLA_TYPES, DenseBackwardXla);
+#define FX_REGISTER_XLA(device)                                                                  \
+  REGISTER_KERNEL_BUILDER(                                                                       \
+      Name("FusedXent>SparseSoftmaxCrossEntropy").Device(device) FX_XLA_TYPES FX_XLA_LABELS,     \
+      SparseForwardXla);                                                                         \
+  REGISTER_KERNEL_BUILDER(                                                                       \
+      Name("FusedXent>SparseSoftmaxCrossEntropyGrad").Device(device) FX_XLA_TYPES FX_XLA_LABELS, \
+      SparseBackwardXla);                                                                        \
+  REGISTER_KERNEL_BUILDER(Name("FusedXent>SoftmaxCrossEntropy").Device(device) FX_XLA_TYPES,     \
+                          DenseForwardXla);                                                      \
+  REGISTER_KERNEL_BUILDER(Name("FusedXent>SoftmaxCrossEntropyGrad").Device(device) FX_XLA_TYPES, \
+                          DenseBackwardXla);
 
 FX_REGISTER_XLA(tensorflow::DEVICE_CPU_XLA_JIT)
 FX_REGISTER_XLA(tensorflow::DEVICE_GPU_XLA_JIT)
@@ -623,7 +643,7 @@ class NoXlaKernel : public tensorflow::OpKernel {
 };
 
 // The XLA JIT device names (tensorflow::DEVICE_*_XLA_JIT, whose header needs XLA's).
-#define FX_REGISTER_NO_XLA(device)                                                            \
+#define FX_REGISTER_NO_XLA(device)                                                                      \
   REGISTER_KERNEL_BUILDER(Name("FusedXent>SparseSoftmaxCrossEntropy").Device(device), NoXlaKernel);     \
   REGISTER_KERNEL_BUILDER(Name("FusedXent>SparseSoftmaxCrossEntropyGrad").Device(device), NoXlaKernel); \
   REGISTER_KERNEL_BUILDER(Name("FusedXent>SoftmaxCrossEntropy").Device(device), NoXlaKernel);           \

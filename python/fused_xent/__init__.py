@@ -102,10 +102,7 @@ def __dir__():
 
 
 def _missing_tensorflow_message(name):
-    return (
-        f"fused_xent.{name} needs TensorFlow, which is not installed; "
-        "only fused_xent.numpy is available without it."
-    )
+    return f"fused_xent.{name} needs TensorFlow, which is not installed; only fused_xent.numpy is available without it."
 
 
 def _unavailable(name, tensorflow_missing):

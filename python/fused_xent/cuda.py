@@ -170,8 +170,16 @@ def _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weig
         weights = backend.contiguous(backend.as_array(class_weights, "float32"))
         _checks.class_weight_shape(tuple(weights.shape), classes)
     common = dict(
-        dtype=name, logits=backend.interface(logits), labels=labels, outer=outer, classes=classes, inner=inner,
-        label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index, class_weights=weights,
+        dtype=name,
+        logits=backend.interface(logits),
+        labels=labels,
+        outer=outer,
+        classes=classes,
+        inner=inner,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        ignore_index=ignore_index,
+        class_weights=weights,
     )
     return _Call(backend, logits, name, reduced, common)
 
@@ -185,8 +193,14 @@ def _dense_call(labels, logits, axis, label_smoothing, z_loss):
     outer, classes, inner, reduced = _checks.layout(tuple(logits.shape), axis)
     label_smoothing, z_loss = _checks.kernel_options(label_smoothing, z_loss)
     common = dict(
-        dtype=name, logits=backend.interface(logits), labels=backend.interface(labels), outer=outer,
-        classes=classes, inner=inner, label_smoothing=label_smoothing, z_loss=z_loss,
+        dtype=name,
+        logits=backend.interface(logits),
+        labels=backend.interface(labels),
+        outer=outer,
+        classes=classes,
+        inner=inner,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
     )
     return _Call(backend, logits, name, reduced, common)
 
@@ -194,8 +208,13 @@ def _dense_call(labels, logits, axis, label_smoothing, z_loss):
 def _forward(binding, call, kind):
     backend = call.backend
     loss, lse = backend.empty(call.reduced, call.name), backend.empty(call.reduced, "float64")
-    binding(loss=backend.interface(loss), lse=backend.interface(lse), stream=call.stream,
-            workspace=call.workspace(kind), **call.common)
+    binding(
+        loss=backend.interface(loss),
+        lse=backend.interface(lse),
+        stream=call.stream,
+        workspace=call.workspace(kind),
+        **call.common,
+    )
     return loss, lse
 
 
@@ -208,22 +227,32 @@ def _backward(binding, call, lse, grad_loss, kind=None):
     grad = backend.empty(call.shape, call.name)
     extra = {} if kind is None else {"workspace": call.workspace(kind)}
     binding(
-        lse=backend.interface(lse), grad_loss=backend.interface(grad_loss), grad_logits=backend.interface(grad),
-        stream=call.stream, **extra, **call.common,
+        lse=backend.interface(lse),
+        grad_loss=backend.interface(grad_loss),
+        grad_logits=backend.interface(grad),
+        stream=call.stream,
+        **extra,
+        **call.common,
     )
     return grad
 
 
-def sparse_forward(
-    labels, logits, *, axis=-1, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0
-):
+def sparse_forward(labels, logits, *, axis=-1, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0):
     """The sparse forward alone: ``(loss, lse)``, lse the float64 logsumexp of each row."""
     call = _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weights, z_loss)
     return _forward(_core.cuda_sparse_forward, call, "sparse_forward")
 
 
 def sparse_backward(
-    labels, logits, lse, grad_loss=None, *, axis=-1, ignore_index=None, label_smoothing=0.0, class_weights=None,
+    labels,
+    logits,
+    lse,
+    grad_loss=None,
+    *,
+    axis=-1,
+    ignore_index=None,
+    label_smoothing=0.0,
+    class_weights=None,
     z_loss=0.0,
 ):
     """The sparse backward alone: ``grad_logits``, the gradient of ``sum(loss * grad_loss)``, from the
@@ -234,8 +263,9 @@ def sparse_backward(
 
 def dense_forward(labels, logits, axis=-1, *, label_smoothing=0.0, z_loss=0.0):
     """The dense forward alone: ``(loss, lse)``, lse the float64 logsumexp of each row."""
-    return _forward(_core.cuda_dense_forward, _dense_call(labels, logits, axis, label_smoothing, z_loss),
-                    "dense_forward")
+    return _forward(
+        _core.cuda_dense_forward, _dense_call(labels, logits, axis, label_smoothing, z_loss), "dense_forward"
+    )
 
 
 def dense_backward(labels, logits, lse, grad_loss=None, axis=-1, *, label_smoothing=0.0, z_loss=0.0):

@@ -29,8 +29,8 @@ import tensorflow as tf
 import fused_xent
 from fused_xent import _registration
 
-STEP = 1e-5             # central differences in float64: truncation ~h^2, rounding ~1e-16/h
-TOLERANCE = 1e-6        # on max |analytic - numeric|, times max(1, max |numeric|)
+STEP = 1e-5  # central differences in float64: truncation ~h^2, rounding ~1e-16/h
+TOLERANCE = 1e-6  # on max |analytic - numeric|, times max(1, max |numeric|)
 FULL_JACOBIAN_UP_TO = 64  # larger inputs are probed along a few random directions
 RANDOM_PROBES = 4
 
@@ -43,16 +43,16 @@ class Case:
     dense: bool = False
     rank: int = 2
     axis: int = -1
-    classes: int = 0          # 0: random
+    classes: int = 0  # 0: random
     label_smoothing: float = 0.0
     ignore_index: int | None = None
     class_weights: bool = False
     z_loss: float = 0.0
     logits_shift: float = 0.0
     logits_ramp: float = 0.0  # added linearly along the class axis: later blocks hold larger maxima
-    labels_sum: float = 1.0   # dense labels are distributions scaled to this sum
+    labels_sum: float = 1.0  # dense labels are distributions scaled to this sum
     label_dtype: str = "int64"
-    full_only: bool = False   # skipped by --quick
+    full_only: bool = False  # skipped by --quick
 
 
 CASES = (
@@ -65,8 +65,15 @@ CASES = (
     Case("sparse z_loss=0.05", z_loss=0.05),
     Case("sparse axis=0", axis=0),
     Case("sparse rank 3, axis=1", rank=3, axis=1),
-    Case("sparse all options, rank 3, axis=-2", rank=3, axis=-2, label_smoothing=0.2, ignore_index=-1,
-         class_weights=True, z_loss=0.02),
+    Case(
+        "sparse all options, rank 3, axis=-2",
+        rank=3,
+        axis=-2,
+        label_smoothing=0.2,
+        ignore_index=-1,
+        class_weights=True,
+        z_loss=0.02,
+    ),
     Case("sparse logits + 1000", logits_shift=1000.0),
     Case("sparse 1100 classes (3 blocks)", classes=1100, logits_ramp=4.0, full_only=True),
     Case("dense", dense=True),
@@ -84,7 +91,7 @@ class Inputs:
     logits: np.ndarray
     labels: np.ndarray
     class_weights: np.ndarray | None
-    upstream: np.ndarray       # the gradient flowing into the per-example loss
+    upstream: np.ndarray  # the gradient flowing into the per-example loss
 
 
 @dataclasses.dataclass
@@ -202,8 +209,9 @@ def analytic_projection(fn, x, out_directions, in_directions):
         y = fn(x)
     rows = []
     for v in out_directions:
-        row = tape.gradient(y, x, output_gradients=tf.constant(v.reshape(y.shape)),
-                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        row = tape.gradient(
+            y, x, output_gradients=tf.constant(v.reshape(y.shape)), unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
         rows.append(row.numpy().ravel())
     del tape
     return np.stack(rows) @ in_directions.T
@@ -278,8 +286,10 @@ def print_table(results):
     check_width = max(len("check"), *(len(r.check) for r in results))
     print(f"{'case':<{case_width}}  {'check':<{check_width}}  order  max abs error  tolerance  result")
     for r in results:
-        print(f"{r.case:<{case_width}}  {r.check:<{check_width}}  {r.order:5d}  {r.error:13.2e}  "
-              f"{r.tolerance:9.1e}  {'pass' if r.passed else 'FAIL'}")
+        print(
+            f"{r.case:<{case_width}}  {r.check:<{check_width}}  {r.order:5d}  {r.error:13.2e}  "
+            f"{r.tolerance:9.1e}  {'pass' if r.passed else 'FAIL'}"
+        )
 
 
 def parse_args(argv):
@@ -309,8 +319,10 @@ def main(argv=None, *, loss=case_loss):
     print_table(results)
     failed = sum(not r.passed for r in results)
     mode = "graph" if args.graph else "eager"
-    print(f"{len(results)} checks on {len(cases)} cases, {failed} failed (seed {args.seed}, float64, "
-          f"step {args.step:g}, {mode}, {time.perf_counter() - started:.1f} s)")
+    print(
+        f"{len(results)} checks on {len(cases)} cases, {failed} failed (seed {args.seed}, float64, "
+        f"step {args.step:g}, {mode}, {time.perf_counter() - started:.1f} s)"
+    )
     return 1 if failed else 0
 
 

@@ -64,8 +64,9 @@ class _FusedHead:
         labels = tf.convert_to_tensor(labels)
         if not labels.dtype.is_integer:
             labels = tf.cast(labels, tf.int32)
-        loss = linear_cross_entropy(hidden, weight, labels, bias=bias, transpose_weight=transpose_weight,
-                                    **self._options)
+        loss = linear_cross_entropy(
+            hidden, weight, labels, bias=bias, transpose_weight=transpose_weight, **self._options
+        )
         if self.add_loss_to_model:
             self.add_loss(_mean_loss(loss, labels, self._options["ignore_index"]))
         return loss
@@ -86,9 +87,21 @@ class LinearCrossEntropy(_FusedHead, keras.layers.Layer):
     kernel is kept in float32 and used in the compute dtype; the loss is float32.
     """
 
-    def __init__(self, vocab_size, use_bias=False, kernel_initializer="glorot_uniform", bias_initializer="zeros",
-                 kernel_regularizer=None, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0,
-                 chunk_size=None, add_loss=True, **kwargs):
+    def __init__(
+        self,
+        vocab_size,
+        use_bias=False,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        ignore_index=None,
+        label_smoothing=0.0,
+        class_weights=None,
+        z_loss=0.0,
+        chunk_size=None,
+        add_loss=True,
+        **kwargs,
+    ):
         require_tensorflow_backend(type(self).__name__, "layers")
         super().__init__(**kwargs)
         self.vocab_size = _checks.keras_positive_integer("vocab_size", vocab_size)
@@ -99,8 +112,12 @@ class LinearCrossEntropy(_FusedHead, keras.layers.Layer):
         self._init_head(ignore_index, label_smoothing, class_weights, z_loss, chunk_size, add_loss)
 
     def build(self, hidden_shape, labels_shape=None):
-        self.kernel = self.add_weight(name="kernel", shape=(hidden_shape[-1], self.vocab_size),
-                                      initializer=self.kernel_initializer, regularizer=self.kernel_regularizer)
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(hidden_shape[-1], self.vocab_size),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+        )
         self.bias = None
         if self.use_bias:
             self.bias = self.add_weight(name="bias", shape=(self.vocab_size,), initializer=self.bias_initializer)
@@ -144,8 +161,18 @@ class TiedEmbedding(_FusedHead, keras.layers.Embedding):
     One layer, one variable: tying survives saving and loading.
     """
 
-    def __init__(self, input_dim, output_dim, ignore_index=None, label_smoothing=0.0, class_weights=None,
-                 z_loss=0.0, chunk_size=None, add_loss=True, **kwargs):
+    def __init__(
+        self,
+        input_dim,
+        output_dim,
+        ignore_index=None,
+        label_smoothing=0.0,
+        class_weights=None,
+        z_loss=0.0,
+        chunk_size=None,
+        add_loss=True,
+        **kwargs,
+    ):
         require_tensorflow_backend(type(self).__name__, "layers")
         super().__init__(input_dim, output_dim, **kwargs)
         self._init_head(ignore_index, label_smoothing, class_weights, z_loss, chunk_size, add_loss)
@@ -177,5 +204,6 @@ class TiedEmbedding(_FusedHead, keras.layers.Embedding):
 
 def _loss_dtype(compute_dtype):
     return "float32" if compute_dtype in ("float16", "bfloat16") else compute_dtype
+
 
 _registration.register(finishing=__name__)  # this module may have been the first import of a framework

@@ -18,14 +18,12 @@ registers them, so models saved with them load after that import. docs/keras.md 
 
 import importlib
 
-from fused_xent import _checks
+from fused_xent import _checks, _registration
 from fused_xent._keras import arguments as _arguments
-from fused_xent._keras.tf_keras_guard import called_by_tf_keras, tf_keras_refusal
-
 from fused_xent._keras.backend_check import BACKEND as _BACKEND
 from fused_xent._keras.backend_check import SUPPORTED as _BACKENDS
 from fused_xent._keras.backend_check import keras, require_supported_backend
-from fused_xent import _registration
+from fused_xent._keras.tf_keras_guard import called_by_tf_keras, tf_keras_refusal
 
 if _BACKEND in _BACKENDS:
     from fused_xent._keras import reduction as _reduction
@@ -223,5 +221,6 @@ class SparseCategoricalCrossentropy(_FusedCrossentropy):
         config = super().get_config()
         config.update(ignore_class=self.ignore_class, class_weights=self.class_weights)
         return config
+
 
 _registration.register(finishing=__name__)  # this module may have been the first import of a framework

@@ -9,10 +9,10 @@ forward kernel (one pass over the logits), never the gradient. ``import fused_xe
 registers them, so models compiled with them load after that import.
 """
 
+from fused_xent import _registration
 from fused_xent._keras import arguments as _arguments
 from fused_xent._keras.backend_check import keras, require_supported_backend
 from fused_xent._keras.tf_keras_guard import called_by_tf_keras, tf_keras_refusal
-from fused_xent import _registration
 
 __all__ = ["CategoricalCrossentropy", "SparseCategoricalCrossentropy"]
 
@@ -75,9 +75,9 @@ class CategoricalCrossentropy(_FusedCrossentropyMetric):
     def __init__(self, name="categorical_crossentropy", dtype=None, from_logits=False, label_smoothing=0.0, axis=-1):
         require_supported_backend(type(self).__name__, "metrics")
         from fused_xent import losses as _losses
+
         loss = _losses.CategoricalCrossentropy(from_logits=from_logits, label_smoothing=label_smoothing, axis=axis)
         super().__init__(loss, name=name, dtype=dtype)
-
 
 
 @_registered
@@ -110,9 +110,11 @@ class SparseCategoricalCrossentropy(_FusedCrossentropyMetric):
     ):
         require_supported_backend(type(self).__name__, "metrics")
         from fused_xent import losses as _losses
+
         loss = _losses.SparseCategoricalCrossentropy(
             from_logits=from_logits, ignore_class=ignore_class, axis=axis, label_smoothing=label_smoothing
         )
         super().__init__(loss, name=name, dtype=dtype)
+
 
 _registration.register(finishing=__name__)  # this module may have been the first import of a framework

@@ -42,7 +42,12 @@ def _run(forward, backward, logits, reduced, grad_loss, compute_gradient, **argu
         return loss, None
     grad_logits = np.empty_like(logits)
     backward(
-        dtype=logits.dtype.name, logits=logits, lse=lse, grad_loss=grad_loss, grad_logits=grad_logits, **arguments,
+        dtype=logits.dtype.name,
+        logits=logits,
+        lse=lse,
+        grad_loss=grad_loss,
+        grad_logits=grad_logits,
+        **arguments,
     )
     return loss, grad_logits
 
@@ -110,9 +115,20 @@ def sparse_softmax_cross_entropy_with_logits(
     label_smoothing, z_loss = _checks.kernel_options(label_smoothing, z_loss)
     class_weights = _class_weights(class_weights, classes)
     return _run(
-        _core.sparse_forward, _core.sparse_backward, logits, reduced, grad_loss, compute_gradient,
-        labels=labels, outer=outer, classes=classes, inner=inner, label_smoothing=label_smoothing, z_loss=z_loss,
-        ignore_index=ignore_index, class_weights=class_weights,
+        _core.sparse_forward,
+        _core.sparse_backward,
+        logits,
+        reduced,
+        grad_loss,
+        compute_gradient,
+        labels=labels,
+        outer=outer,
+        classes=classes,
+        inner=inner,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        ignore_index=ignore_index,
+        class_weights=class_weights,
     )
 
 
@@ -130,6 +146,16 @@ def softmax_cross_entropy_with_logits(
     labels = np.ascontiguousarray(np.broadcast_to(labels.astype(logits.dtype), logits.shape))
     label_smoothing, z_loss = _checks.kernel_options(label_smoothing, z_loss)
     return _run(
-        _core.dense_forward, _core.dense_backward, logits, reduced, grad_loss, compute_gradient,
-        labels=labels, outer=outer, classes=classes, inner=inner, label_smoothing=label_smoothing, z_loss=z_loss,
+        _core.dense_forward,
+        _core.dense_backward,
+        logits,
+        reduced,
+        grad_loss,
+        compute_gradient,
+        labels=labels,
+        outer=outer,
+        classes=classes,
+        inner=inner,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
     )

@@ -61,7 +61,6 @@ ACC_ULPS = 32
 ROW_ULPS = 4
 
 
-
 def rows_tolerance(expected, dtype_name, axis=-1, terms=None, scale=1.0):
     """The allowed |actual - expected| per element (see the comment above)."""
     expected = np.asarray(expected, np.float64)
@@ -72,8 +71,9 @@ def rows_tolerance(expected, dtype_name, axis=-1, terms=None, scale=1.0):
     else:
         row_scale = np.max(magnitude, axis=axis, keepdims=True)
     u_out, u_acc = UNIT_ROUNDOFF[dtype_name], UNIT_ROUNDOFF[ARITHMETIC[dtype_name]]
-    return scale * (OUT_ULPS * u_out * magnitude + ACC_ULPS * u_acc * terms + ROW_ULPS * u_acc * row_scale
-                    + TINY[dtype_name])
+    return scale * (
+        OUT_ULPS * u_out * magnitude + ACC_ULPS * u_acc * terms + ROW_ULPS * u_acc * row_scale + TINY[dtype_name]
+    )
 
 
 def assert_rows_close(actual, expected, dtype_name, axis=-1, terms=None, scale=1.0, what="values", known=None):
@@ -103,8 +103,9 @@ def assert_rows_close(actual, expected, dtype_name, axis=-1, terms=None, scale=1
         raise ToleranceError(message)
 
 
-def target_terms(labels, shape, axis=-1, ignore_index=None, label_smoothing=0.0, class_weights=None,
-                 grad_loss=None, z_loss=0.0):
+def target_terms(
+    labels, shape, axis=-1, ignore_index=None, label_smoothing=0.0, class_weights=None, grad_loss=None, z_loss=0.0
+):
     """|w * g * q_j|, the target term of a sparse gradient, shaped like the logits (for `terms`)."""
     classes = shape[axis]
     labels = np.asarray(labels).astype(np.int64)

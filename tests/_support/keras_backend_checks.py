@@ -9,10 +9,10 @@ Usage: python keras_backend_checks.py SAVE_PATH
 import json
 import sys
 
+import keras
 import numpy as np
 
 import fused_xent  # noqa: F401  (registers the losses for loading, as users do)
-import keras
 from fused_xent import losses as fl
 
 REDUCTIONS = ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none"]
@@ -63,7 +63,9 @@ def values():
     weights = np.array([0.5, 2.0, 1.0, 3.0, 0.25], np.float32)
     for reduction in ("sum_over_batch_size", "mean_with_sample_weight"):
         ours = fl.SparseCategoricalCrossentropy(from_logits=True, class_weights=weights, reduction=reduction)(y, z, sw)
-        theirs = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)(y, z, sw * weights[y])
+        theirs = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)(
+            y, z, sw * weights[y]
+        )
         out[f"sparse class_weights {reduction}"] = (as_list(ours), as_list(theirs))
     return out
 
@@ -84,10 +86,18 @@ def fit_curves():
     sw = rng.random((64, 4)).astype(np.float32)
     out = {}
     for name, ours, theirs, mask in [
-        ("sparse", fl.SparseCategoricalCrossentropy(from_logits=True),
-         keras.losses.SparseCategoricalCrossentropy(from_logits=True), False),
-        ("sparse masked ignore_class", fl.SparseCategoricalCrossentropy(from_logits=True, ignore_class=1),
-         keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=1), True),
+        (
+            "sparse",
+            fl.SparseCategoricalCrossentropy(from_logits=True),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            False,
+        ),
+        (
+            "sparse masked ignore_class",
+            fl.SparseCategoricalCrossentropy(from_logits=True, ignore_class=1),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=1),
+            True,
+        ),
     ]:
         curves = []
         for loss in (ours, theirs):
@@ -110,7 +120,10 @@ def fit_curves():
 
 def save(path):
     m = model(5)
-    m.compile(optimizer="sgd", loss=fl.SparseCategoricalCrossentropy(from_logits=True, z_loss=0.01, class_weights=[1, 2, 1, 1, 1]))
+    m.compile(
+        optimizer="sgd",
+        loss=fl.SparseCategoricalCrossentropy(from_logits=True, z_loss=0.01, class_weights=[1, 2, 1, 1, 1]),
+    )
     m.save(path)
     x = np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 4, 3)
     y = np.array([[0, 1, 2, 3], [4, 0, 1, 2]])
@@ -122,8 +135,12 @@ def load(path):
     x = np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 4, 3)
     y = np.array([[0, 1, 2, 3], [4, 0, 1, 2]])
     loss = m.loss
-    return {"evaluate": float(m.evaluate(x, y, verbose=0)), "loss_class": f"{type(loss).__module__}.{type(loss).__name__}",
-            "z_loss": loss.z_loss, "class_weights": loss.class_weights}
+    return {
+        "evaluate": float(m.evaluate(x, y, verbose=0)),
+        "loss_class": f"{type(loss).__module__}.{type(loss).__name__}",
+        "z_loss": loss.z_loss,
+        "class_weights": loss.class_weights,
+    }
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ Usage: python keras_metric_checks.py run|load PATH.keras
 import json
 import sys
 
+import keras
 import numpy as np
 
 import fused_xent  # registers the metrics for loading, as users do
-import keras
 
 CLASSES = 5
 
@@ -78,10 +78,14 @@ def compiled(policy="float32"):
     m.compile(
         optimizer=keras.optimizers.SGD(0.1),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[fused_xent.metrics.SparseCategoricalCrossentropy(from_logits=True, name="ours"),
-                 keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="theirs")],
-        weighted_metrics=[fused_xent.metrics.SparseCategoricalCrossentropy(from_logits=True, name="ours_w"),
-                          keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="theirs_w")],
+        metrics=[
+            fused_xent.metrics.SparseCategoricalCrossentropy(from_logits=True, name="ours"),
+            keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="theirs"),
+        ],
+        weighted_metrics=[
+            fused_xent.metrics.SparseCategoricalCrossentropy(from_logits=True, name="ours_w"),
+            keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="theirs_w"),
+        ],
     )
     return m
 
@@ -92,11 +96,15 @@ def training(policies=("float32", "mixed_bfloat16")):
     out = {}
     for policy in policies:
         m = compiled(policy)
-        history = m.fit(x, y, sample_weight=sw, batch_size=16, epochs=2, verbose=0,
-                        validation_data=(x[:32], y[:32], sw[:32]))
+        history = m.fit(
+            x, y, sample_weight=sw, batch_size=16, epochs=2, verbose=0, validation_data=(x[:32], y[:32], sw[:32])
+        )
         evaluation = m.evaluate(x, y, sample_weight=sw, verbose=0, return_dict=True)
-        out[policy] = {"history": history.history, "evaluate": evaluation,
-                       "logits_dtype": str(m.layers[-1].compute_dtype)}
+        out[policy] = {
+            "history": history.history,
+            "evaluate": evaluation,
+            "logits_dtype": str(m.layers[-1].compute_dtype),
+        }
     return out
 
 
@@ -118,8 +126,11 @@ def load(path):
     m = keras.models.load_model(path)
     evaluation = m.evaluate(x, y, sample_weight=sw, verbose=0, return_dict=True)  # builds the metrics
     ours = [metric for metric in compiled_metrics(m) if metric.name.startswith("ours")]
-    return {"evaluate": evaluation, "classes": [f"{type(o).__module__}.{type(o).__name__}" for o in ours],
-            "configs": [o.get_config() for o in ours]}
+    return {
+        "evaluate": evaluation,
+        "classes": [f"{type(o).__module__}.{type(o).__name__}" for o in ours],
+        "configs": [o.get_config() for o in ours],
+    }
 
 
 if __name__ == "__main__":

@@ -52,14 +52,17 @@ def _finish(z, q, weight, z_loss, grad_loss):
     target_sum = q.sum(-1)
     with np.errstate(invalid="ignore", over="ignore"):
         loss = weight * (log_sum * target_sum + _products(q, m[..., None] - z) + (z_loss * lse**2 if z_loss else 0.0))
-        loss = np.where(np.isposinf(z).any(-1), np.nan, loss)  # a +inf logit: NaN row (the kernels' rule, test_long_rows)
+        loss = np.where(
+            np.isposinf(z).any(-1), np.nan, loss
+        )  # a +inf logit: NaN row (the kernels' rule, test_long_rows)
         p = np.exp((z - m[..., None]) - log_sum[..., None])
         grad = (weight * grad_loss)[..., None] * _gradient_core(p, q, (target_sum + 2 * z_loss * lse)[..., None])
     return loss, grad
 
 
-def sparse(labels, logits, axis=-1, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0,
-           grad_loss=None):
+def sparse(
+    labels, logits, axis=-1, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0, grad_loss=None
+):
     """Returns (loss, grad_logits) in float64."""
     z = np.moveaxis(np.asarray(logits, np.float64), axis, -1)
     labels = np.asarray(labels).astype(np.int64)
@@ -132,8 +135,9 @@ def _sparse_targets(labels, shape, ignore_index, label_smoothing, class_weights)
     return q, np.where(ignored, 0.0, weight)
 
 
-def sparse_hessian(labels, logits, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0,
-                   magnitudes=False):
+def sparse_hessian(
+    labels, logits, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0, magnitudes=False
+):
     """(loss, grad, H) in float64, classes on the last axis."""
     z = np.asarray(logits, np.float64)
     q, weight = _sparse_targets(labels, z.shape, ignore_index, label_smoothing, class_weights)

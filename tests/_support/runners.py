@@ -48,11 +48,15 @@ def run_keras_backend_script(script, backend, mode, path):
     environment["PYTHONPATH"] = os.pathsep.join(sys.path)
     process = subprocess.run(
         [sys.executable, str(pathlib.Path(__file__).resolve().parent / script), mode, str(path)],
-        cwd=path.parent, env=environment, capture_output=True, text=True, timeout=300,
+        cwd=path.parent,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"exit status {process.returncode}\n{process.stdout[-3000:]}\n{process.stderr[-5000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 RESULT = "RESULT "
@@ -64,8 +68,12 @@ def run_fresh(source, cwd, timeout=150, **env):
     environment["PYTHONPATH"] = os.pathsep.join(sys.path)  # where this process found fused_xent
     process = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(source)],
-        cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT)]
     assert lines, f"exit status {process.returncode}\n{process.stdout[-3000:]}\n{process.stderr[-5000:]}"
-    return json.loads(lines[-1][len(RESULT):])
+    return json.loads(lines[-1][len(RESULT) :])

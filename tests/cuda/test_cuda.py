@@ -8,9 +8,9 @@ Never imports TensorFlow.
 import numpy as np
 import pytest
 
-from tests._support.assertions import assert_rows_close, dense_target_terms, target_terms
-from tests._support import reference
 from fused_xent import _core
+from tests._support import reference
+from tests._support.assertions import assert_rows_close, dense_target_terms, target_terms
 
 if not _core.build_info()["cuda"]:
     pytest.skip("this build of fused_xent has no CUDA kernels", allow_module_level=True)
@@ -74,8 +74,7 @@ def random_logits(rng, shape, dtype, scale=3.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "shape",
-    [(1, 2), (7, 13), (3, 70000), (2, 3, 11), (37, 1001), (129, 4097), (5, 32000), (2, 262144), (65536, 3),
-     (4096, 67)],
+    [(1, 2), (7, 13), (3, 70000), (2, 3, 11), (37, 1001), (129, 4097), (5, 32000), (2, 262144), (65536, 3), (4096, 67)],
 )
 def test_sparse_matches_reference(dtype, shape):
     rng = np.random.default_rng(0)
@@ -88,8 +87,9 @@ def test_sparse_matches_reference(dtype, shape):
     assert tuple(loss.shape) == shape[:-1] and tuple(grad.shape) == shape
     ref_loss, ref_grad = reference.sparse(labels, logits, grad_loss=grad_loss)
     assert_rows_close(to_numpy(loss), ref_loss, dtype, axis=None, what="loss")
-    assert_rows_close(to_numpy(grad), ref_grad, dtype, terms=target_terms(labels, shape, grad_loss=grad_loss),
-                      what="gradient")
+    assert_rows_close(
+        to_numpy(grad), ref_grad, dtype, terms=target_terms(labels, shape, grad_loss=grad_loss), what="gradient"
+    )
 
 
 OPTIONS = [
@@ -136,7 +136,7 @@ def test_sparse_options(dtype, label_dtype, options, shape):
 def test_sparse_class_axis_not_last(dtype, axis, shape):
     rng = np.random.default_rng(2)
     logits = random_logits(rng, shape, dtype)
-    reduced = shape[:axis] + shape[axis + 1:]
+    reduced = shape[:axis] + shape[axis + 1 :]
     labels = rng.integers(0, shape[axis], size=reduced)
     loss, grad = fxcuda.sparse_softmax_cross_entropy_with_logits(
         to_device(labels), to_device(logits, dtype), axis=axis, label_smoothing=0.1, z_loss=1e-3
@@ -144,8 +144,9 @@ def test_sparse_class_axis_not_last(dtype, axis, shape):
     expected = dict(label_smoothing=float(np.float32(0.1)), z_loss=float(np.float32(1e-3)))
     ref_loss, ref_grad = reference.sparse(labels, logits, axis=axis, **expected)
     assert_rows_close(to_numpy(loss), ref_loss, dtype, axis=None, what="loss")
-    assert_rows_close(to_numpy(grad), ref_grad, dtype, axis=axis, terms=target_terms(labels, shape, axis, **expected),
-                      what="gradient")
+    assert_rows_close(
+        to_numpy(grad), ref_grad, dtype, axis=axis, terms=target_terms(labels, shape, axis, **expected), what="gradient"
+    )
 
 
 @pytest.mark.parametrize("classes", [1, 2, 5, 32, 33, 1000])
@@ -188,8 +189,9 @@ def test_out_of_range_labels_give_nan_rows(dtype):
     good_labels = labels[good]
     ref_loss, ref_grad = reference.sparse(good_labels, logits[good], ignore_index=4)
     assert_rows_close(loss[good], ref_loss, dtype, axis=None, what="loss")
-    assert_rows_close(grad[good], ref_grad, dtype, terms=target_terms(good_labels, ref_grad.shape, ignore_index=4),
-                      what="gradient")
+    assert_rows_close(
+        grad[good], ref_grad, dtype, terms=target_terms(good_labels, ref_grad.shape, ignore_index=4), what="gradient"
+    )
 
 
 def test_ignored_row_and_gradient_in_place():
@@ -201,8 +203,18 @@ def test_ignored_row_and_gradient_in_place():
     labels[0] = 7  # ignored below
     grad_loss = rng.normal(size=40)
     z, y = to_device(logits), to_device(labels)
-    common = dict(dtype="float64", logits=z, labels=y, outer=40, classes=shape[1], inner=1, label_smoothing=0.1,
-                  z_loss=0.01, ignore_index=7, class_weights=None)
+    common = dict(
+        dtype="float64",
+        logits=z,
+        labels=y,
+        outer=40,
+        classes=shape[1],
+        inner=1,
+        label_smoothing=0.1,
+        z_loss=0.01,
+        ignore_index=7,
+        class_weights=None,
+    )
     stream = fxcuda._backend(z).stream()
     loss, lse = to_device(np.zeros(40)), to_device(np.zeros(40))
     _core.cuda_sparse_forward(loss=loss, lse=lse, stream=stream, **common)
@@ -216,8 +228,9 @@ def test_ignored_row_and_gradient_in_place():
     assert_rows_close(to_numpy(grad), ref_grad, "float64", terms=terms, what="gradient")
     assert (to_numpy(grad)[labels == 7] == 0).all()
     in_place = to_device(logits)
-    _core.cuda_sparse_backward(lse=lse, grad_loss=to_device(grad_loss), grad_logits=in_place, stream=stream,
-                               **dict(common, logits=in_place))
+    _core.cuda_sparse_backward(
+        lse=lse, grad_loss=to_device(grad_loss), grad_logits=in_place, stream=stream, **dict(common, logits=in_place)
+    )
     assert np.array_equal(to_numpy(in_place), to_numpy(grad))
 
 
@@ -250,11 +263,18 @@ def test_dense_with_axis(axis):
         to_device(labels), to_device(logits), axis=axis, label_smoothing=0.1, z_loss=0.01
     )
     smoothing = float(np.float32(0.1))
-    ref_loss, ref_grad, _ = reference.dense(labels, logits, axis=axis, label_smoothing=smoothing,
-                                            z_loss=float(np.float32(0.01)))
+    ref_loss, ref_grad, _ = reference.dense(
+        labels, logits, axis=axis, label_smoothing=smoothing, z_loss=float(np.float32(0.01))
+    )
     assert_rows_close(to_numpy(loss), ref_loss, "float64", axis=None, what="loss")
-    assert_rows_close(to_numpy(grad), ref_grad, "float64", axis=axis,
-                      terms=dense_target_terms(labels, logits.shape, axis, smoothing), what="gradient")
+    assert_rows_close(
+        to_numpy(grad),
+        ref_grad,
+        "float64",
+        axis=axis,
+        terms=dense_target_terms(labels, logits.shape, axis, smoothing),
+        what="gradient",
+    )
 
 
 @pytest.mark.parametrize("classes", [1, 3, 40, 5000])
@@ -274,8 +294,9 @@ def test_dense_edge_values(classes):
     loss, grad = to_numpy(loss), to_numpy(grad)
     ref_loss, ref_grad, _ = reference.dense(labels.astype(np.float64), logits.astype(np.float64), grad_loss=grad_loss)
     assert_rows_close(loss, ref_loss, "float32", axis=None, what="loss")
-    assert_rows_close(grad, ref_grad, "float32", terms=dense_target_terms(labels, logits.shape, grad_loss=grad_loss),
-                      what="gradient")
+    assert_rows_close(
+        grad, ref_grad, "float32", terms=dense_target_terms(labels, logits.shape, grad_loss=grad_loss), what="gradient"
+    )
     assert np.isnan(loss[2]) and np.isnan(grad[2]).all()
     if classes > 1:
         assert np.isfinite(loss[4]) and np.isfinite(grad[4]).all()
@@ -324,12 +345,14 @@ def test_deterministic(shape):
 
 def test_loss_only_and_empty_batch():
     loss, grad = fxcuda.sparse_softmax_cross_entropy_with_logits(
-        to_device(np.zeros(0, np.int64)), to_device(np.zeros((0, 5), np.float32)))
+        to_device(np.zeros(0, np.int64)), to_device(np.zeros((0, 5), np.float32))
+    )
     assert tuple(loss.shape) == (0,) and tuple(grad.shape) == (0, 5)
     logits = np.random.default_rng(3).normal(size=(3, 8, 2)).astype(np.float32)
     labels = np.array([[0, 7], [3, 3], [1, 2]])
     loss, grad = fxcuda.sparse_softmax_cross_entropy_with_logits(
-        to_device(labels), to_device(logits), axis=1, compute_gradient=False)
+        to_device(labels), to_device(logits), axis=1, compute_gradient=False
+    )
     assert grad is None
     ref_loss = reference.sparse(labels, logits.astype(np.float64), axis=1)[0]
     assert_rows_close(to_numpy(loss), ref_loss, "float32", axis=None, what="loss")
@@ -342,19 +365,57 @@ def test_bad_input():
     with pytest.raises(TypeError, match=r"labels must be integer"):
         fxcuda.sparse_softmax_cross_entropy_with_logits(to_device(np.zeros(3)), logits)
     with pytest.raises(ValueError, match=r"class_weights has 2 entries but logits have 4 classes"):
-        fxcuda.sparse_softmax_cross_entropy_with_logits(to_device(np.zeros(3, np.int64)), logits,
-                                                        class_weights=[1.0, 2.0])
+        fxcuda.sparse_softmax_cross_entropy_with_logits(
+            to_device(np.zeros(3, np.int64)), logits, class_weights=[1.0, 2.0]
+        )
     with pytest.raises(TypeError, match=r"PyTorch CUDA tensor or a CuPy array"):
         fxcuda.sparse_softmax_cross_entropy_with_logits([0, 1, 2], np.zeros((3, 4), np.float32))
     with pytest.raises(ValueError, match=r"logits has 12 elements, expected 24"):
-        _core.cuda_sparse_forward("float32", logits, to_device(np.zeros(6, np.int64)), 6, 4, 1, 0.0, 0.0, None,
-                                  None, to_device(np.zeros(6, np.float32)), to_device(np.zeros(6)), 0)
+        _core.cuda_sparse_forward(
+            "float32",
+            logits,
+            to_device(np.zeros(6, np.int64)),
+            6,
+            4,
+            1,
+            0.0,
+            0.0,
+            None,
+            None,
+            to_device(np.zeros(6, np.float32)),
+            to_device(np.zeros(6)),
+            0,
+        )
     with pytest.raises(ValueError, match=r"wrong element type"):
-        _core.cuda_sparse_forward("float64", logits, to_device(np.zeros(3, np.int64)), 3, 4, 1, 0.0, 0.0, None,
-                                  None, to_device(np.zeros(3, np.float32)), to_device(np.zeros(3)), 0)
+        _core.cuda_sparse_forward(
+            "float64",
+            logits,
+            to_device(np.zeros(3, np.int64)),
+            3,
+            4,
+            1,
+            0.0,
+            0.0,
+            None,
+            None,
+            to_device(np.zeros(3, np.float32)),
+            to_device(np.zeros(3)),
+            0,
+        )
     with pytest.raises(TypeError, match=r"__cuda_array_interface__"):
-        _core.cuda_dense_forward("float32", np.zeros((3, 4), np.float32), logits, 3, 4, 1, 0.0, 0.0,
-                                 to_device(np.zeros(3, np.float32)), to_device(np.zeros(3)), 0)
+        _core.cuda_dense_forward(
+            "float32",
+            np.zeros((3, 4), np.float32),
+            logits,
+            3,
+            4,
+            1,
+            0.0,
+            0.0,
+            to_device(np.zeros(3, np.float32)),
+            to_device(np.zeros(3)),
+            0,
+        )
 
 
 # --- against PyTorch -------------------------------------------------------------------------------------
@@ -385,9 +446,13 @@ def test_matches_torch_cross_entropy(dtype, options, shape):
     ref_loss.sum().backward()
     loss, grad = fxcuda.sparse_softmax_cross_entropy_with_logits(to_device(labels), to_device(logits, dtype), **ours)
     assert_rows_close(to_numpy(loss), ref_loss.detach().numpy(), dtype, axis=None, what="loss")
-    terms = target_terms(labels, shape, ignore_index=options.get("ignore_index"),
-                         label_smoothing=options.get("label_smoothing", 0.0),
-                         class_weights=torch_options["weight"].numpy() if options.get("weight") else None)
+    terms = target_terms(
+        labels,
+        shape,
+        ignore_index=options.get("ignore_index"),
+        label_smoothing=options.get("label_smoothing", 0.0),
+        class_weights=torch_options["weight"].numpy() if options.get("weight") else None,
+    )
     assert_rows_close(to_numpy(grad), ref_logits.grad.numpy(), dtype, terms=terms, what="gradient")
 
 
@@ -435,31 +500,44 @@ def test_few_long_rows_are_split_across_blocks(dtype, shape, options):
     labels = rng.integers(0, shape[-1], size=shape[:-1])
     grad_loss = rounded(rng.normal(size=shape[:-1]), dtype)
     rows = int(np.prod(shape[:-1]))
-    assert _core.workspace_bytes("sparse_forward", rows, shape[-1], 1, np.dtype("float16" if dtype == "bfloat16"
-                                                                                 else dtype).itemsize) > 0
+    assert (
+        _core.workspace_bytes(
+            "sparse_forward", rows, shape[-1], 1, np.dtype("float16" if dtype == "bfloat16" else dtype).itemsize
+        )
+        > 0
+    )
     loss, grad = fxcuda.sparse_softmax_cross_entropy_with_logits(
-        to_device(labels), to_device(logits, dtype), grad_loss=to_device(grad_loss, dtype), **options)
+        to_device(labels), to_device(logits, dtype), grad_loss=to_device(grad_loss, dtype), **options
+    )
     expected = {k: float(np.float32(v)) for k, v in options.items()}
     ref_loss, ref_grad = reference.sparse(labels, logits, grad_loss=grad_loss, **expected)
     assert_rows_close(to_numpy(loss), ref_loss, dtype, axis=None, what="loss")
-    assert_rows_close(to_numpy(grad), ref_grad, dtype, terms=target_terms(labels, shape, grad_loss=grad_loss, **expected),
-                      what="gradient")
+    assert_rows_close(
+        to_numpy(grad),
+        ref_grad,
+        dtype,
+        terms=target_terms(labels, shape, grad_loss=grad_loss, **expected),
+        what="gradient",
+    )
     cpu_dtype = _cpu_dtype(dtype)
     if cpu_dtype is not None:
         import fused_xent.numpy as fxnp
 
         cpu_loss, cpu_grad = fxnp.sparse_softmax_cross_entropy_with_logits(
-            labels, logits.astype(cpu_dtype), grad_loss=grad_loss.astype(cpu_dtype), **options)
+            labels, logits.astype(cpu_dtype), grad_loss=grad_loss.astype(cpu_dtype), **options
+        )
         _against_cpu(to_numpy(loss), cpu_loss, dtype, "loss against the CPU kernels")
         _against_cpu(to_numpy(grad), cpu_grad, dtype, "gradient against the CPU kernels")
     targets = rng.random(size=shape)
     targets = rounded(targets / targets.sum(-1, keepdims=True), dtype)
     loss, grad = fxcuda.softmax_cross_entropy_with_logits(
-        to_device(targets, dtype), to_device(logits, dtype), grad_loss=to_device(grad_loss, dtype), **options)
+        to_device(targets, dtype), to_device(logits, dtype), grad_loss=to_device(grad_loss, dtype), **options
+    )
     ref_loss, ref_grad, _ = reference.dense(targets, logits, grad_loss=grad_loss, **expected)
     assert_rows_close(to_numpy(loss), ref_loss, dtype, axis=None, what="dense loss")
-    terms = dense_target_terms(targets, shape, label_smoothing=expected.get("label_smoothing", 0.0),
-                               grad_loss=grad_loss)
+    terms = dense_target_terms(
+        targets, shape, label_smoothing=expected.get("label_smoothing", 0.0), grad_loss=grad_loss
+    )
     assert_rows_close(to_numpy(grad), ref_grad, dtype, terms=terms, what="dense gradient")
 
 
@@ -473,20 +551,30 @@ def test_bfloat16_matches_cpu_kernels(shape):
     labels = rng.integers(0, shape[-1], size=shape[:-1])
     grad_loss = rounded(rng.normal(size=shape[:-1]), "bfloat16")
     loss, grad = fxcuda.sparse_softmax_cross_entropy_with_logits(
-        to_device(labels), to_device(logits, "bfloat16"), grad_loss=to_device(grad_loss, "bfloat16"),
-        label_smoothing=0.05)
+        to_device(labels),
+        to_device(logits, "bfloat16"),
+        grad_loss=to_device(grad_loss, "bfloat16"),
+        label_smoothing=0.05,
+    )
     smoothing = float(np.float32(0.05))
     ref_loss, ref_grad = reference.sparse(labels, logits, grad_loss=grad_loss, label_smoothing=smoothing)
     assert_rows_close(to_numpy(loss), ref_loss, "bfloat16", axis=None, what="loss")
-    assert_rows_close(to_numpy(grad), ref_grad, "bfloat16",
-                      terms=target_terms(labels, shape, grad_loss=grad_loss, label_smoothing=smoothing),
-                      what="gradient")
+    assert_rows_close(
+        to_numpy(grad),
+        ref_grad,
+        "bfloat16",
+        terms=target_terms(labels, shape, grad_loss=grad_loss, label_smoothing=smoothing),
+        what="gradient",
+    )
     if ml_dtypes is not None:
         import fused_xent.numpy as fxnp
 
         cpu_loss, cpu_grad = fxnp.sparse_softmax_cross_entropy_with_logits(
-            labels, logits.astype(ml_dtypes.bfloat16), grad_loss=grad_loss.astype(ml_dtypes.bfloat16),
-            label_smoothing=0.05)
+            labels,
+            logits.astype(ml_dtypes.bfloat16),
+            grad_loss=grad_loss.astype(ml_dtypes.bfloat16),
+            label_smoothing=0.05,
+        )
         _against_cpu(to_numpy(loss), cpu_loss, "bfloat16", "loss against the CPU kernels")
         _against_cpu(to_numpy(grad), cpu_grad, "bfloat16", "gradient against the CPU kernels")
 
@@ -499,8 +587,18 @@ def test_workspace_argument():
     shape = (4, 200000)
     logits = to_device(rng.normal(size=shape), "float32")
     labels = to_device(rng.integers(0, shape[1], size=4))
-    common = dict(dtype="float32", logits=logits, labels=labels, outer=4, classes=shape[1], inner=1,
-                  label_smoothing=0.0, z_loss=0.0, ignore_index=None, class_weights=None)
+    common = dict(
+        dtype="float32",
+        logits=logits,
+        labels=labels,
+        outer=4,
+        classes=shape[1],
+        inner=1,
+        label_smoothing=0.0,
+        z_loss=0.0,
+        ignore_index=None,
+        class_weights=None,
+    )
     stream = torch.cuda.current_stream().cuda_stream
     size = _core.workspace_bytes("sparse_forward", 4, shape[1], 1, 4)
     assert size > 0
@@ -511,5 +609,10 @@ def test_workspace_argument():
         outputs.append((loss, lse))
     assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
     with pytest.raises(ValueError, match=rf"workspace has {size - 16} bytes, this call needs {size}"):
-        _core.cuda_sparse_forward(loss=outputs[0][0], lse=outputs[0][1], stream=stream,
-                                  workspace=torch.empty(size - 16, dtype=torch.uint8, device="cuda"), **common)
+        _core.cuda_sparse_forward(
+            loss=outputs[0][0],
+            lse=outputs[0][1],
+            stream=stream,
+            workspace=torch.empty(size - 16, dtype=torch.uint8, device="cuda"),
+            **common,
+        )

@@ -12,10 +12,15 @@ import os
 import numpy as np
 import pytest
 
-from tests._support.assertions import (ToleranceError, assert_rows_close, dense_target_terms, label_gradient_terms,
-                                      target_terms)
-from tests._support.framework_cases import C, DTYPES, SPARSE_OPTIONS, WEIGHTS, dense_case, f64, logits, sparse_case
 from tests._support import reference
+from tests._support.assertions import (
+    ToleranceError,
+    assert_rows_close,
+    dense_target_terms,
+    label_gradient_terms,
+    target_terms,
+)
+from tests._support.framework_cases import DTYPES, SPARSE_OPTIONS, WEIGHTS, C, dense_case, f64, logits, sparse_case
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -95,7 +100,9 @@ def test_default_x64_off_float32():
     z = logits((6, C), "float32")
     labels = np.array([0, 1, 2, 3, 4, 6], np.int32)
     with jax.enable_x64(False):
-        loss, grad = jax.jit(jax.value_and_grad(lambda z: fj.sparse_softmax_cross_entropy_with_logits(labels, z).sum()))(z)
+        loss, grad = jax.jit(
+            jax.value_and_grad(lambda z: fj.sparse_softmax_cross_entropy_with_logits(labels, z).sum())
+        )(z)
     ref_loss, ref_grad = reference.sparse(labels, f64(z))
     assert_rows_close(loss, ref_loss.sum(), "float32", axis=None, scale=C)
     assert_rows_close(grad, ref_grad, "float32", terms=target_terms(labels, z.shape))
@@ -282,8 +289,11 @@ def test_out_of_range_label_raises_the_handlers_error():
         (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be a number in \[0, 1\]"),
         (dict(z_loss=-1.0), ValueError, "z_loss must be a finite number >= 0"),
         (dict(class_weights=np.ones(3)), ValueError, "class_weights has 3 entries but logits have 7 classes"),
-        (dict(class_weights=np.where(np.arange(C) == 3, np.nan, 1.0)), ValueError,
-         "class_weights must be finite and >= 0, got nan for class 3"),
+        (
+            dict(class_weights=np.where(np.arange(C) == 3, np.nan, 1.0)),
+            ValueError,
+            "class_weights must be finite and >= 0, got nan for class 3",
+        ),
         (dict(ignore_index=1.5), TypeError, "ignore_index must be an integer or None"),
     ],
 )

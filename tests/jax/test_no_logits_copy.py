@@ -111,4 +111,3 @@ def test_keras_jax_mixed_precision_step_reads_half_logits(keras_steps):
     assert mixed["bfloat16_calls"] >= 2, mixed
     assert ours["ours sparse"]["bfloat16_calls"] == 0, ours  # the count does see float32 calls as such
     assert mixed["temp_bytes"] <= 1.05 * ours["keras sparse, mixed_bfloat16"]["temp_bytes"], ours
-

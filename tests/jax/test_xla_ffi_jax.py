@@ -11,10 +11,19 @@ import os
 import numpy as np
 import pytest
 
-from tests._support.assertions import ToleranceError, assert_rows_close, dense_target_terms, target_terms
-from tests._support.framework_cases import (C, DTYPES, SPARSE_OPTIONS, WEIGHTS, dense_case, f64, logits, rows,
-                                            sparse_case)
 from tests._support import reference
+from tests._support.assertions import ToleranceError, assert_rows_close, dense_target_terms, target_terms
+from tests._support.framework_cases import (
+    DTYPES,
+    SPARSE_OPTIONS,
+    WEIGHTS,
+    C,
+    dense_case,
+    f64,
+    logits,
+    rows,
+    sparse_case,
+)
 
 jax = pytest.importorskip("jax")
 jax.config.update("jax_enable_x64", True)  # lse is float64
@@ -35,11 +44,10 @@ for _name, _capsule in TARGETS.items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA" if PLATFORM == "cuda" else "cpu")
 
 
-
 def workspace(kind, shape, axis, dtype):
     """The targets' last result (cc/ffi/handlers.h): scratch bytes for the CUDA kernels."""
     axis %= len(shape)
-    outer, inner = int(np.prod(shape[:axis])), int(np.prod(shape[axis + 1:]))
+    outer, inner = int(np.prod(shape[:axis])), int(np.prod(shape[axis + 1 :]))
     size = _core.workspace_bytes(kind, outer, shape[axis], inner, np.dtype(dtype).itemsize)
     return jax.ShapeDtypeStruct((size,), jnp.uint8)
 
@@ -51,8 +59,9 @@ def _attrs(axis, label_smoothing=0.0, z_loss=0.0, ignore_index=None):
 
 def _sparse_attrs(axis, label_smoothing=0.0, z_loss=0.0, ignore_index=None):
     attrs, _ = _attrs(axis, label_smoothing, z_loss)
-    attrs.update(ignore_index=np.int64(0 if ignore_index is None else ignore_index),
-                 has_ignore_index=ignore_index is not None)
+    attrs.update(
+        ignore_index=np.int64(0 if ignore_index is None else ignore_index), has_ignore_index=ignore_index is not None
+    )
     return attrs
 
 
@@ -66,8 +75,11 @@ def sparse_call(logits, labels, grad_loss, class_weights=None, axis=-1, **option
     def run(z, y, w, g):
         loss, lse, _ = jax.ffi.ffi_call(
             "fused_xent_sparse_forward",
-            (jax.ShapeDtypeStruct(row_shape, z.dtype), jax.ShapeDtypeStruct(row_shape, jnp.float64),
-             workspace("sparse_forward", z.shape, axis, z.dtype)),
+            (
+                jax.ShapeDtypeStruct(row_shape, z.dtype),
+                jax.ShapeDtypeStruct(row_shape, jnp.float64),
+                workspace("sparse_forward", z.shape, axis, z.dtype),
+            ),
         )(z, y, w, **attrs)
         grad, _ = jax.ffi.ffi_call(
             "fused_xent_sparse_backward",
@@ -87,8 +99,11 @@ def dense_call(logits, labels, grad_loss, axis=-1, label_smoothing=0.0, z_loss=0
     def run(z, t, g):
         loss, lse, _ = jax.ffi.ffi_call(
             "fused_xent_dense_forward",
-            (jax.ShapeDtypeStruct(row_shape, z.dtype), jax.ShapeDtypeStruct(row_shape, jnp.float64),
-             workspace("dense_forward", z.shape, axis, z.dtype)),
+            (
+                jax.ShapeDtypeStruct(row_shape, z.dtype),
+                jax.ShapeDtypeStruct(row_shape, jnp.float64),
+                workspace("dense_forward", z.shape, axis, z.dtype),
+            ),
         )(z, t, **attrs)
         grad, _ = jax.ffi.ffi_call(
             "fused_xent_dense_backward",
@@ -116,7 +131,8 @@ def test_sparse_targets_match_reference(dtype, options, axis):
     if PLATFORM == "cpu":  # the same CPU kernels as the NumPy module: the same bits
         np_options = {k: v for k, v in options.items()}
         np_loss, np_grad = fused_xent.numpy.sparse_softmax_cross_entropy_with_logits(
-            labels, z, axis=axis, grad_loss=g, **np_options)
+            labels, z, axis=axis, grad_loss=g, **np_options
+        )
         np.testing.assert_array_equal(loss, np_loss)
         np.testing.assert_array_equal(grad, np_grad)
 
@@ -126,8 +142,9 @@ def test_sparse_targets_match_reference(dtype, options, axis):
 def test_dense_targets_match_reference(dtype, axis):
     shape, z, t, g = dense_case(dtype, axis)
     loss, _, grad = dense_call(z, t, g, axis=axis, label_smoothing=0.125, z_loss=0.0625)
-    ref_loss, ref_grad, _ = reference.dense(f64(t), f64(z), axis=axis, grad_loss=f64(g), label_smoothing=0.125,
-                                            z_loss=0.0625)
+    ref_loss, ref_grad, _ = reference.dense(
+        f64(t), f64(z), axis=axis, grad_loss=f64(g), label_smoothing=0.125, z_loss=0.0625
+    )
     assert_rows_close(loss, ref_loss, dtype, axis=None, what="loss")
     terms = dense_target_terms(f64(t), shape, axis, label_smoothing=0.125, grad_loss=f64(g))
     assert_rows_close(grad, ref_grad, dtype, axis=axis, terms=terms, what="gradient")
@@ -179,7 +196,10 @@ def _forward(name, outputs, *operands, **attrs):
         ("axis", "axis 2 is out of range for logits of shape \\[4, 7\\]"),
         ("smoothing", "label_smoothing must lie in \\[0, 1\\]"),
         ("loss_shape", "loss must have the shape of logits without the class axis"),
-        ("workspace", r"workspace must have at least 10240 bytes for this shape \(fused_xent._core.workspace_bytes\), got 10239"),
+        (
+            "workspace",
+            r"workspace must have at least 10240 bytes for this shape \(fused_xent._core.workspace_bytes\), got 10239",
+        ),
     ],
 )
 def test_bad_operands_raise_naming_them(case, message):

@@ -333,15 +333,27 @@ def test_labels_stay_integers_whatever_the_dtype():
 
 def _sparse_full():
     return fused_losses.SparseCategoricalCrossentropy(
-        from_logits=True, ignore_class=-1, reduction="sum", axis=1, name="seg", dtype="bfloat16",
-        label_smoothing=0.1, class_weights=np.array([1.0, 2.0, 0.5]), z_loss=1e-4,
+        from_logits=True,
+        ignore_class=-1,
+        reduction="sum",
+        axis=1,
+        name="seg",
+        dtype="bfloat16",
+        label_smoothing=0.1,
+        class_weights=np.array([1.0, 2.0, 0.5]),
+        z_loss=1e-4,
     )
 
 
 def _categorical_full():
     return fused_losses.CategoricalCrossentropy(
-        from_logits=True, label_smoothing=0.2, axis=1, reduction="mean_with_sample_weight", name="cce",
-        dtype="float16", z_loss=1e-3,
+        from_logits=True,
+        label_smoothing=0.2,
+        axis=1,
+        reduction="mean_with_sample_weight",
+        name="cce",
+        dtype="float16",
+        z_loss=1e-3,
     )
 
 

@@ -9,6 +9,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+
 from tests._support.runners import run_keras_backend_script
 
 BACKENDS = {"jax": "jax", "torch": "torch"}  # backend: the module it needs

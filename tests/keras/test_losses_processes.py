@@ -16,7 +16,6 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 from fused_xent import losses as fused_losses  # noqa: E402
-
 from tests._support import ROOT  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
@@ -30,7 +29,7 @@ def run_python(args, cwd, timeout=120, **env):
         [sys.executable, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
     )
     lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT)]
-    return process, (json.loads(lines[-1][len(RESULT):]) if lines else None)
+    return process, (json.loads(lines[-1][len(RESULT) :]) if lines else None)
 
 
 def run_script(source, cwd, timeout=120, **env):

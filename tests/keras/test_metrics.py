@@ -24,7 +24,6 @@ HALF = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 TOLERANCE = {"float32": 1e-5, "mixed_float16": 2e-3, "mixed_bfloat16": 1.6e-2}  # half: per-element rounding
 
 
-
 def test_comparison_rejects_planted_error():
     theirs = np.array([0.5, 1.25, 2.0, 1e-3])
     assert_float32_close(theirs * (1 + 1e-7), theirs)
@@ -54,8 +53,14 @@ def assert_training(training):
 
 def assert_reloaded(loaded, saved):
     assert loaded["classes"] == ["fused_xent.metrics.SparseCategoricalCrossentropy"] * 2
-    assert loaded["configs"][0] == {"name": "ours", "dtype": "float32", "from_logits": True, "ignore_class": None,
-                                    "axis": -1, "label_smoothing": 0.0}
+    assert loaded["configs"][0] == {
+        "name": "ours",
+        "dtype": "float32",
+        "from_logits": True,
+        "ignore_class": None,
+        "axis": -1,
+        "label_smoothing": 0.0,
+    }
     for key, value in saved.items():
         assert_float32_close(loaded["evaluate"][key], value, what=key)
 
@@ -89,12 +94,24 @@ def test_axes_and_label_shapes_equal_keras_metrics():
     moved = np.moveaxis(z, -1, 1)
     soft = np.random.default_rng(5).dirichlet(np.ones(CLASSES), size=(8, 3)).astype(np.float32)
     cases = [  # (ours, its batches, Keras's, its batches)
-        (fused_xent.metrics.SparseCategoricalCrossentropy(from_logits=True, axis=1), [(y, moved, sw)],
-         keras.metrics.SparseCategoricalCrossentropy(from_logits=True), [(y, z, sw)]),
-        (fused_xent.metrics.SparseCategoricalCrossentropy(from_logits=True), [(y[:, :1], z[:, 0], sw)],
-         keras.metrics.SparseCategoricalCrossentropy(from_logits=True), [(y[:, 0], z[:, 0], sw)]),
-        (fused_xent.metrics.CategoricalCrossentropy(from_logits=True, axis=1), [(np.moveaxis(soft, -1, 1), moved, sw)],
-         keras.metrics.CategoricalCrossentropy(from_logits=True, axis=1), [(np.moveaxis(soft, -1, 1), moved, sw)]),
+        (
+            fused_xent.metrics.SparseCategoricalCrossentropy(from_logits=True, axis=1),
+            [(y, moved, sw)],
+            keras.metrics.SparseCategoricalCrossentropy(from_logits=True),
+            [(y, z, sw)],
+        ),
+        (
+            fused_xent.metrics.SparseCategoricalCrossentropy(from_logits=True),
+            [(y[:, :1], z[:, 0], sw)],
+            keras.metrics.SparseCategoricalCrossentropy(from_logits=True),
+            [(y[:, 0], z[:, 0], sw)],
+        ),
+        (
+            fused_xent.metrics.CategoricalCrossentropy(from_logits=True, axis=1),
+            [(np.moveaxis(soft, -1, 1), moved, sw)],
+            keras.metrics.CategoricalCrossentropy(from_logits=True, axis=1),
+            [(np.moveaxis(soft, -1, 1), moved, sw)],
+        ),
     ]
     for ours, our_batches, theirs, their_batches in cases:
         assert_float32_close(_results(ours, our_batches), _results(theirs, their_batches), what=ours.name)
@@ -114,9 +131,13 @@ def test_softmax_outputs_equal_keras_metrics():
     y = np.arange(16) % 3
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
-    model.compile(loss="sparse_categorical_crossentropy",
-                  metrics=[fused_xent.metrics.SparseCategoricalCrossentropy(name="ours"),
-                           keras.metrics.SparseCategoricalCrossentropy(name="theirs")])
+    model.compile(
+        loss="sparse_categorical_crossentropy",
+        metrics=[
+            fused_xent.metrics.SparseCategoricalCrossentropy(name="ours"),
+            keras.metrics.SparseCategoricalCrossentropy(name="theirs"),
+        ],
+    )
     evaluation = model.evaluate(x, y, verbose=0, return_dict=True)
     assert_float32_close(evaluation["ours"], evaluation["theirs"])
 
@@ -151,12 +172,21 @@ def test_config_round_trip_and_registered_names():
         assert type(metric).from_config(config).get_config() == config
         restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(metric))
         assert type(restored) is type(metric) and restored.get_config() == config
-    assert metrics[0].get_config() == {"name": "s", "dtype": "float64", "from_logits": True, "ignore_class": 255,
-                                       "axis": 1, "label_smoothing": 0.1}
+    assert metrics[0].get_config() == {
+        "name": "s",
+        "dtype": "float64",
+        "from_logits": True,
+        "ignore_class": 255,
+        "axis": 1,
+        "label_smoothing": 0.1,
+    }
     names = [keras.saving.get_registered_name(type(m)) for m in metrics]
     assert names == ["fused_xent>SparseCategoricalCrossentropyMetric", "fused_xent>CategoricalCrossentropyMetric"]
     # The losses keep their own names: a metric registered under them would replace them.
-    assert keras.saving.get_registered_object("fused_xent>CategoricalCrossentropy") is fused_xent.losses.CategoricalCrossentropy
+    assert (
+        keras.saving.get_registered_object("fused_xent>CategoricalCrossentropy")
+        is fused_xent.losses.CategoricalCrossentropy
+    )
 
 
 @pytest.mark.parametrize(

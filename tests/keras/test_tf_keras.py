@@ -13,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
+
 from tests._support.assertions import assert_float32_close  # noqa: E402
 
 tf = pytest.importorskip("tensorflow")
@@ -23,8 +24,6 @@ from fused_xent.tf_keras import metrics as tk_metrics  # noqa: E402
 
 CLASSES = 5
 Reduction = tf_keras.losses.Reduction
-
-
 
 
 def _inputs(seed=0, shape=(6, 4)):
@@ -74,7 +73,10 @@ def test_sparse_matches_tf_keras(reduction, weights):
         _assert_same(
             tk_losses.SparseCategoricalCrossentropy(reduction=reduction, **kwargs),
             tf_keras.losses.SparseCategoricalCrossentropy(reduction=reduction, **kwargs),
-            labels, y_pred, sample_weights[weights], f"{kwargs}",
+            labels,
+            y_pred,
+            sample_weights[weights],
+            f"{kwargs}",
         )
 
 
@@ -90,7 +92,10 @@ def test_categorical_matches_tf_keras(reduction, weights):
         _assert_same(
             tk_losses.CategoricalCrossentropy(reduction=reduction, **kwargs),
             tf_keras.losses.CategoricalCrossentropy(reduction=reduction, **kwargs),
-            y_true, y_pred, sample_weights[weights], f"{kwargs}",
+            y_true,
+            y_pred,
+            sample_weights[weights],
+            f"{kwargs}",
         )
 
 
@@ -103,10 +108,20 @@ def test_extras_equal_their_definitions():
     class_weights = np.array([0.5, 2.0, 1.0, 3.0, 0.25], np.float32)
     cases = [
         (dict(axis=1), moved, tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True), labels, None),
-        (dict(label_smoothing=0.2), logits, tf_keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.2),
-         onehot, None),
-        (dict(class_weights=class_weights), logits, tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-         labels, class_weights[labels]),
+        (
+            dict(label_smoothing=0.2),
+            logits,
+            tf_keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.2),
+            onehot,
+            None,
+        ),
+        (
+            dict(class_weights=class_weights),
+            logits,
+            tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            labels,
+            class_weights[labels],
+        ),
     ]
     for extra, y_pred, theirs, their_true, their_weight in cases:
         ours = tk_losses.SparseCategoricalCrossentropy(from_logits=True, **extra)
@@ -154,8 +169,10 @@ def _assert_same_training(ours, theirs, rtol=1e-5):
 def test_fit_and_evaluate_equal_tf_keras_losses(weighting):
     """The issue's case: fit with sample_weight (or class_weight), then evaluate with sample_weight."""
     x, y, sample_weight = _data()
-    fit_kwargs = dict(sample_weight=sample_weight) if weighting == "sample_weight" else dict(
-        class_weight={0: 0.5, 1: 3.0, 2: 1.0}
+    fit_kwargs = (
+        dict(sample_weight=sample_weight)
+        if weighting == "sample_weight"
+        else dict(class_weight={0: 0.5, 1: 3.0, 2: 1.0})
     )
     fit_kwargs["validation_data"] = (x[:40], y[:40], sample_weight[:40])
     ours = _train(tk_losses.SparseCategoricalCrossentropy(from_logits=True), **fit_kwargs)
@@ -171,14 +188,23 @@ def test_fit_categorical_and_metrics_equal_tf_keras():
     onehot = np.eye(3, dtype=np.float32)[y]
     metrics = lambda ours: [  # noqa: E731
         (tk_metrics if ours else tf_keras.metrics).CategoricalCrossentropy(from_logits=True, name="xent"),
-        (tk_metrics if ours else tf_keras.metrics).CategoricalCrossentropy(from_logits=True, label_smoothing=0.2,
-                                                                          name="smooth"),
+        (tk_metrics if ours else tf_keras.metrics).CategoricalCrossentropy(
+            from_logits=True, label_smoothing=0.2, name="smooth"
+        ),
     ]
     fit_kwargs = dict(sample_weight=sample_weight, validation_data=(x[:40], onehot[:40], sample_weight[:40]))
-    ours = _train(tk_losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1), metrics(True),
-                  one_hot=True, **fit_kwargs)
-    theirs = _train(tf_keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1), metrics(False),
-                    one_hot=True, **fit_kwargs)
+    ours = _train(
+        tk_losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
+        metrics(True),
+        one_hot=True,
+        **fit_kwargs,
+    )
+    theirs = _train(
+        tf_keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
+        metrics(False),
+        one_hot=True,
+        **fit_kwargs,
+    )
     assert {"val_xent", "smooth"} <= set(ours[0])
     _assert_same_training(ours, theirs)
 
@@ -232,10 +258,14 @@ def policy(request):
 def test_mixed_precision_fit_equals_tf_keras(policy):
     x, y, sample_weight = _data()
     metric = lambda module: [module.SparseCategoricalCrossentropy(from_logits=True, name="xent")]  # noqa: E731
-    ours = _train(tk_losses.SparseCategoricalCrossentropy(from_logits=True), metric(tk_metrics),
-                  sample_weight=sample_weight)
-    theirs = _train(tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True), metric(tf_keras.metrics),
-                    sample_weight=sample_weight)
+    ours = _train(
+        tk_losses.SparseCategoricalCrossentropy(from_logits=True), metric(tk_metrics), sample_weight=sample_weight
+    )
+    theirs = _train(
+        tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metric(tf_keras.metrics),
+        sample_weight=sample_weight,
+    )
     probe = tf_keras.layers.Dense(3)
     probe.build((None, 6))
     assert probe.compute_dtype == HALF[policy]  # the loss received half-precision logits
@@ -251,7 +281,10 @@ def test_keras3_loss_is_refused_by_name(name):
     y = y if name.startswith("Sparse") else np.eye(3, dtype=np.float32)[y]
     model = tf_keras.Sequential([tf_keras.Input((6,)), tf_keras.layers.Dense(3)])
     model.compile(optimizer="sgd", loss=getattr(fused_xent.losses, name)(from_logits=True))
-    for run in (lambda: model.fit(x, y, sample_weight=sample_weight, verbose=0), lambda: model.evaluate(x, y, verbose=0)):
+    for run in (
+        lambda: model.fit(x, y, sample_weight=sample_weight, verbose=0),
+        lambda: model.evaluate(x, y, verbose=0),
+    ):
         with pytest.raises(TypeError, match=rf"Keras 3 loss.*use fused_xent\.tf_keras\.losses\.{name}\b"):
             run()
 
@@ -285,8 +318,9 @@ def test_keras3_classes_still_work_outside_tf_keras():
 
 def test_arguments_and_config_round_trip():
     losses = [
-        tk_losses.SparseCategoricalCrossentropy(True, 255, Reduction.SUM, "s", axis=1, label_smoothing=0.1,
-                                                class_weights=[1, 2], z_loss=1e-3),
+        tk_losses.SparseCategoricalCrossentropy(
+            True, 255, Reduction.SUM, "s", axis=1, label_smoothing=0.1, class_weights=[1, 2], z_loss=1e-3
+        ),
         tk_losses.CategoricalCrossentropy(True, 0.2, 1, Reduction.NONE, "c", z_loss=1e-3),
         tk_metrics.SparseCategoricalCrossentropy("m", "float64", True, 3, 1, label_smoothing=0.1),
         tk_metrics.CategoricalCrossentropy("n", None, True, 0.2, 1),
@@ -296,15 +330,33 @@ def test_arguments_and_config_round_trip():
         again = type(obj).from_config(config)
         assert again.get_config() == config
     assert losses[0].get_config() == {
-        "reduction": "sum", "name": "s", "from_logits": True, "label_smoothing": 0.1, "axis": 1, "z_loss": 1e-3,
-        "ignore_class": 255, "class_weights": [1.0, 2.0],
+        "reduction": "sum",
+        "name": "s",
+        "from_logits": True,
+        "label_smoothing": 0.1,
+        "axis": 1,
+        "z_loss": 1e-3,
+        "ignore_class": 255,
+        "class_weights": [1.0, 2.0],
     }
     assert losses[2].get_config() == {
-        "name": "m", "dtype": "float64", "from_logits": True, "ignore_class": 3, "axis": 1, "label_smoothing": 0.1,
+        "name": "m",
+        "dtype": "float64",
+        "from_logits": True,
+        "ignore_class": 3,
+        "axis": 1,
+        "label_smoothing": 0.1,
     }
     names = {tf_keras.saving.get_registered_name(type(obj)) for obj in losses}
-    assert names == {f"fused_xent>{n}" for n in ("SparseCategoricalCrossentropy", "CategoricalCrossentropy",
-                                                  "SparseCategoricalCrossentropyMetric", "CategoricalCrossentropyMetric")}
+    assert names == {
+        f"fused_xent>{n}"
+        for n in (
+            "SparseCategoricalCrossentropy",
+            "CategoricalCrossentropy",
+            "SparseCategoricalCrossentropyMetric",
+            "CategoricalCrossentropyMetric",
+        )
+    }
 
 
 @pytest.mark.parametrize(
@@ -343,11 +395,17 @@ RESULT = "RESULT "
 def run_fresh(source, cwd, **env):
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **env)
     environment["PYTHONPATH"] = os.pathsep.join(sys.path)  # where this process found fused_xent
-    process = subprocess.run([sys.executable, "-c", textwrap.dedent(source)], cwd=cwd, env=environment,
-                             capture_output=True, text=True, timeout=150)
+    process = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(source)],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT)]
     assert lines, f"exit status {process.returncode}\n{process.stdout[-3000:]}\n{process.stderr[-5000:]}"
-    return json.loads(lines[-1][len(RESULT):])
+    return json.loads(lines[-1][len(RESULT) :])
 
 
 # .keras last: its loader imports the classes' module by name, registering them without fused_xent's hook.
@@ -362,8 +420,11 @@ def saved(tmp_path_factory):
     tf_keras.utils.set_random_seed(0)
     model = tf_keras.Sequential([tf_keras.Input((6,)), tf_keras.layers.Dense(3)])
     loss = tk_losses.SparseCategoricalCrossentropy(from_logits=True, label_smoothing=0.1, class_weights=[1, 2, 1])
-    model.compile(optimizer="adam", loss=loss,
-                  weighted_metrics=[tk_metrics.SparseCategoricalCrossentropy(from_logits=True, name="xent")])
+    model.compile(
+        optimizer="adam",
+        loss=loss,
+        weighted_metrics=[tk_metrics.SparseCategoricalCrossentropy(from_logits=True, name="xent")],
+    )
     model.fit(x, y, sample_weight=sample_weight, epochs=1, verbose=0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "You are saving your model as an HDF5 file")

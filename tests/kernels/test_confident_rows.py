@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from tests._support.runners import sparse_loss_and_gradient
 from fused_xent import numpy as fxnp
+from tests._support.runners import sparse_loss_and_gradient
 
 CLASSES = [2, 10, 31, 32, 33, 1000, 5000, 70000]
 MARGINS = [6.0, 12.0, 20.0, 26.0]  # label logit above the others: losses from 1e-1 down to 1e-10

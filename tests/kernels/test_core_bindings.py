@@ -22,8 +22,9 @@ except ImportError:
 DTYPES = [np.float32, np.float64, np.float16] + ([ml_dtypes.bfloat16] if ml_dtypes else [])
 SPARSE_OPTIONS = {
     "defaults": {},
-    "all": dict(ignore_index=2, label_smoothing=0.1, class_weights=np.linspace(0.5, 2.0, 7, dtype=np.float32),
-                z_loss=0.01),
+    "all": dict(
+        ignore_index=2, label_smoothing=0.1, class_weights=np.linspace(0.5, 2.0, 7, dtype=np.float32), z_loss=0.01
+    ),
 }
 
 
@@ -51,16 +52,31 @@ def _case(dtype, shape=(5, 7, 3), seed=0):
 def _sparse_kwargs(z, labels, options):
     outer, classes, inner = z.shape
     return dict(
-        dtype=_name(z.dtype), logits=z, labels=labels, outer=outer, classes=classes, inner=inner,
-        label_smoothing=options.get("label_smoothing", 0.0), z_loss=options.get("z_loss", 0.0),
-        ignore_index=options.get("ignore_index"), class_weights=options.get("class_weights"),
+        dtype=_name(z.dtype),
+        logits=z,
+        labels=labels,
+        outer=outer,
+        classes=classes,
+        inner=inner,
+        label_smoothing=options.get("label_smoothing", 0.0),
+        z_loss=options.get("z_loss", 0.0),
+        ignore_index=options.get("ignore_index"),
+        class_weights=options.get("class_weights"),
     )
 
 
 def _dense_kwargs(z, t, label_smoothing=0.0, z_loss=0.0):
     outer, classes, inner = z.shape
-    return dict(dtype=_name(z.dtype), logits=z, labels=t, outer=outer, classes=classes, inner=inner,
-                label_smoothing=label_smoothing, z_loss=z_loss)
+    return dict(
+        dtype=_name(z.dtype),
+        logits=z,
+        labels=t,
+        outer=outer,
+        classes=classes,
+        inner=inner,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+    )
 
 
 def _forward(binding, kwargs, z):
@@ -108,7 +124,8 @@ def test_sparse_forward_then_backward_gives_the_combined_bits(dtype, options):
         np.testing.assert_array_equal(_bits(ours), _bits(theirs))
 
     front_loss, front_grad = fxnp.sparse_softmax_cross_entropy_with_logits(
-        labels, z, axis=1, grad_loss=grad_loss, **options)
+        labels, z, axis=1, grad_loss=grad_loss, **options
+    )
     np.testing.assert_array_equal(_bits(front_loss.reshape(-1)), _bits(loss))
     np.testing.assert_array_equal(_bits(front_grad), _bits(grad))
     if "ignore_index" in options:
@@ -131,7 +148,8 @@ def test_dense_forward_then_backward_gives_the_combined_bits(dtype):
         np.testing.assert_array_equal(_bits(ours), _bits(theirs))
 
     front_loss, front_grad = fxnp.softmax_cross_entropy_with_logits(
-        t, z, axis=1, label_smoothing=0.05, z_loss=0.02, grad_loss=grad_loss)
+        t, z, axis=1, label_smoothing=0.05, z_loss=0.02, grad_loss=grad_loss
+    )
     np.testing.assert_array_equal(_bits(front_loss.reshape(-1)), _bits(loss))
     np.testing.assert_array_equal(_bits(front_grad), _bits(grad))
 
@@ -159,8 +177,18 @@ def _sparse_call(**changes):
     """A valid sparse_backward call on 4 rows of 3 classes, with `changes`."""
     z = np.zeros((4, 3), np.float32)
     arguments = dict(
-        dtype="float32", logits=z, labels=np.zeros(4, np.int64), outer=4, classes=3, inner=1, label_smoothing=0.0,
-        z_loss=0.0, ignore_index=None, class_weights=None, lse=np.zeros(4), grad_loss=np.ones(4, np.float32),
+        dtype="float32",
+        logits=z,
+        labels=np.zeros(4, np.int64),
+        outer=4,
+        classes=3,
+        inner=1,
+        label_smoothing=0.0,
+        z_loss=0.0,
+        ignore_index=None,
+        class_weights=None,
+        lse=np.zeros(4),
+        grad_loss=np.ones(4, np.float32),
         grad_logits=np.empty_like(z),
     )
     arguments.update(changes)
@@ -224,8 +252,9 @@ def test_forwards_reject_bad_outputs(loss, lse, message):
     z = np.zeros((4, 3), np.float32)
     common = dict(dtype="float32", logits=z, outer=4, classes=3, inner=1, label_smoothing=0.0, z_loss=0.0)
     calls = [
-        lambda: _core.sparse_forward(labels=np.zeros(4, np.int32), ignore_index=None, class_weights=None, loss=loss,
-                                     lse=lse, **common),
+        lambda: _core.sparse_forward(
+            labels=np.zeros(4, np.int32), ignore_index=None, class_weights=None, loss=loss, lse=lse, **common
+        ),
         lambda: _core.dense_forward(labels=np.zeros_like(z), loss=loss, lse=lse, **common),
     ]
     for call in calls:
@@ -240,41 +269,61 @@ def test_forward_rejects_read_only_lse():
     lse = np.empty(4)
     lse.flags.writeable = False
     with pytest.raises(ValueError, match=r"lse must be writable"):
-        _core.dense_forward("float32", np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32), 4, 3, 1, 0.0, 0.0,
-                            np.empty(4, np.float32), lse)
+        _core.dense_forward(
+            "float32",
+            np.zeros((4, 3), np.float32),
+            np.zeros((4, 3), np.float32),
+            4,
+            3,
+            1,
+            0.0,
+            0.0,
+            np.empty(4, np.float32),
+            lse,
+        )
 
 
 def test_dense_backward_rejects_bad_buffers():
     z = np.zeros((4, 3), np.float32)
-    common = dict(dtype="float32", logits=z, labels=np.zeros_like(z), outer=4, classes=3, inner=1,
-                  label_smoothing=0.0, z_loss=0.0, grad_loss=np.ones(4, np.float32))
+    common = dict(
+        dtype="float32",
+        logits=z,
+        labels=np.zeros_like(z),
+        outer=4,
+        classes=3,
+        inner=1,
+        label_smoothing=0.0,
+        z_loss=0.0,
+        grad_loss=np.ones(4, np.float32),
+    )
     with pytest.raises(ValueError, match=r"lse has the wrong element type"):
         _core.dense_backward(lse=np.zeros(4, np.float32), grad_logits=np.empty_like(z), **common)
     with pytest.raises(ValueError, match=r"grad_logits has 8 elements, expected 12"):
         _core.dense_backward(lse=np.zeros(4), grad_logits=np.empty((4, 2), np.float32), **common)
     with pytest.raises(ValueError, match=r"labels has 8 elements, expected 12"):
-        _core.dense_backward(**{**common, "labels": np.zeros((4, 2), np.float32)}, lse=np.zeros(4),
-                             grad_logits=np.empty_like(z))
+        _core.dense_backward(
+            **{**common, "labels": np.zeros((4, 2), np.float32)}, lse=np.zeros(4), grad_logits=np.empty_like(z)
+        )
 
 
 def test_bindings_take_the_cuda_bindings_keywords():
     """Same names and order as cc/py/cuda_bindings.cc, minus the stream."""
     expected = {
         "sparse_forward": "dtype, logits, labels, outer, classes, inner, label_smoothing, z_loss, ignore_index, "
-                          "class_weights, loss, lse",
+        "class_weights, loss, lse",
         "sparse_backward": "dtype, logits, labels, outer, classes, inner, label_smoothing, z_loss, ignore_index, "
-                           "class_weights, lse, grad_loss, grad_logits",
+        "class_weights, lse, grad_loss, grad_logits",
         "dense_forward": "dtype, logits, labels, outer, classes, inner, label_smoothing, z_loss, loss, lse",
         "dense_backward": "dtype, logits, labels, outer, classes, inner, label_smoothing, z_loss, lse, grad_loss, "
-                          "grad_logits",
+        "grad_logits",
     }
     for name, parameters in expected.items():
         signature = getattr(_core, name).__doc__.strip().splitlines()[0]
-        names = re.findall(r"(\w+): ", signature[len(name):])
+        names = re.findall(r"(\w+): ", signature[len(name) :])
         assert ", ".join(names) == parameters, signature
         cuda = getattr(_core, "cuda_" + name, None)
         if cuda is not None:
-            cuda_names = re.findall(r"(\w+): ", cuda.__doc__.strip().splitlines()[0][len(name) + 5:])
+            cuda_names = re.findall(r"(\w+): ", cuda.__doc__.strip().splitlines()[0][len(name) + 5 :])
             assert cuda_names == names + ["stream"]
 
 
@@ -325,9 +374,13 @@ def test_torch_training_step_runs_the_forward_kernel_once(torch, kernel_calls):
     assert kernel_calls == {"forward": 2, "backward": 2}
 
     expected_z = torch.autograd.grad(
-        (torch.nn.functional.cross_entropy(z, labels, reduction="none", label_smoothing=0.1)
-         + 0.01 * torch.logsumexp(z, -1) ** 2).sum() + (-(t * torch.log_softmax(z, -1)).sum(-1)
-                                                        + 0.01 * torch.logsumexp(z, -1) ** 2).sum(), z)[0]
+        (
+            torch.nn.functional.cross_entropy(z, labels, reduction="none", label_smoothing=0.1)
+            + 0.01 * torch.logsumexp(z, -1) ** 2
+        ).sum()
+        + (-(t * torch.log_softmax(z, -1)).sum(-1) + 0.01 * torch.logsumexp(z, -1) ** 2).sum(),
+        z,
+    )[0]
     torch.testing.assert_close(z.grad, expected_z, rtol=1e-5, atol=1e-6)
 
 
@@ -352,8 +405,11 @@ def test_torch_second_derivatives_differentiate_through_the_logits(torch):
     labels = torch.tensor([0, 4, 2])
     weights = torch.linspace(0.5, 2.0, 5, dtype=torch.float32)
     torch.autograd.gradgradcheck(
-        lambda z: ft.sparse_softmax_cross_entropy_with_logits(labels, z, z_loss=0.1, label_smoothing=0.2,
-                                                              class_weights=weights, ignore_index=2), (z,))
+        lambda z: ft.sparse_softmax_cross_entropy_with_logits(
+            labels, z, z_loss=0.1, label_smoothing=0.2, class_weights=weights, ignore_index=2
+        ),
+        (z,),
+    )
     torch.autograd.gradgradcheck(lambda z, t: ft.softmax_cross_entropy_with_logits(t, z, z_loss=0.1), (z, t))
 
 
@@ -439,8 +495,9 @@ def cuda_on_cpu(monkeypatch):
     monkeypatch.setattr(cuda, "_backend", lambda logits: _NumPyBackend())
     for name in ("sparse_forward", "sparse_backward", "dense_forward", "dense_backward"):
         cpu = getattr(_core, name)
-        monkeypatch.setattr(_core, "cuda_" + name, lambda stream, _cpu=cpu, workspace=None, **kwargs: _cpu(**kwargs),
-                            raising=False)
+        monkeypatch.setattr(
+            _core, "cuda_" + name, lambda stream, _cpu=cpu, workspace=None, **kwargs: _cpu(**kwargs), raising=False
+        )
     return cuda
 
 

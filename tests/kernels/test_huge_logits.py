@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 
+from fused_xent import numpy as fxnp
+from tests._support import reference
 from tests._support.assertions import assert_rows_close, target_terms
 from tests._support.runners import sparse_loss_and_gradient
-from tests._support import reference
-from fused_xent import numpy as fxnp
 
 CLASSES = [3, 40, 3000]  # row groups, one block, blocks of 2048
 HUGE = {np.float32: [1e9, 1e17, 3e38], np.float64: [1e9, 1e17, 1e300]}

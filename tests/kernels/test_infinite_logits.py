@@ -4,14 +4,13 @@ XLA lowerings): with label_smoothing = 1 the labels carry no weight, and a
 float64 row whose first block of 2048 logits is all -inf still sums its labels'
 gaps. Both gave NaN (0 * inf, and -inf - -inf) before."""
 
-
 import numpy as np
 import pytest
 
+from fused_xent import numpy as fxnp
+from tests._support import reference
 from tests._support.assertions import assert_close
 from tests._support.runners import tf_or_skip
-from tests._support import reference
-from fused_xent import numpy as fxnp
 
 SIZES = [3, 40, 3000]  # row groups, one short row, blocks of 2048
 

@@ -13,10 +13,10 @@ import textwrap
 import numpy as np
 import pytest
 
+from fused_xent import numpy as fxnp
+from tests._support import reference
 from tests._support.assertions import assert_close
 from tests._support.runners import tf_or_skip
-from tests._support import reference
-from fused_xent import numpy as fxnp
 
 try:
     import ml_dtypes
@@ -100,10 +100,12 @@ def test_sparse_tiles_match_reference(dtype, shape, options, layout):
     if options.get("ignore_index") == -100:
         labels[rng.random(reduced) < 0.3] = -100
     grad_loss = rng.normal(size=reduced).astype(dtype)
-    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, axis=axis, grad_loss=grad_loss,
-                                                                **options)
-    ref_loss, ref_grad = reference.sparse(labels, logits.astype(np.float64), axis=axis,
-                                          grad_loss=grad_loss.astype(np.float64), **_expected(options))
+    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(
+        labels, logits, axis=axis, grad_loss=grad_loss, **options
+    )
+    ref_loss, ref_grad = reference.sparse(
+        labels, logits.astype(np.float64), axis=axis, grad_loss=grad_loss.astype(np.float64), **_expected(options)
+    )
     assert_close(loss, ref_loss, _name(dtype), scale=2)
     assert_close(grad, ref_grad, _name(dtype), scale=2)
     ignored = labels == options.get("ignore_index", -1)
@@ -112,7 +114,9 @@ def test_sparse_tiles_match_reference(dtype, shape, options, layout):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
-@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.2, "z_loss": 0.01}], ids=lambda o: ",".join(o) or "defaults")
+@pytest.mark.parametrize(
+    "options", [{}, {"label_smoothing": 0.2, "z_loss": 0.01}], ids=lambda o: ",".join(o) or "defaults"
+)
 @pytest.mark.parametrize("layout", ["axis1", "axis0", "middle"])
 def test_dense_tiles_match_reference(dtype, shape, options, layout):
     outer, classes, inner = shape
@@ -127,8 +131,13 @@ def test_dense_tiles_match_reference(dtype, shape, options, layout):
     reduced = logits.shape[:axis] + logits.shape[axis + 1 :]
     grad_loss = rng.normal(size=reduced).astype(dtype)
     loss, grad = fxnp.softmax_cross_entropy_with_logits(labels, logits, axis=axis, grad_loss=grad_loss, **options)
-    ref_loss, ref_grad, _ = reference.dense(labels.astype(np.float64), logits.astype(np.float64), axis=axis,
-                                            grad_loss=grad_loss.astype(np.float64), **_expected(options))
+    ref_loss, ref_grad, _ = reference.dense(
+        labels.astype(np.float64),
+        logits.astype(np.float64),
+        axis=axis,
+        grad_loss=grad_loss.astype(np.float64),
+        **_expected(options),
+    )
     assert_close(loss, ref_loss, _name(dtype), scale=2)
     assert_close(grad, ref_grad, _name(dtype), scale=2)
 
@@ -164,8 +173,10 @@ def test_edge_rows_as_with_the_axis_last(classes, inner):
     t[:, 0] = 0.0
     t_last = np.ascontiguousarray(np.moveaxis(t, 1, -1))
     options = {"label_smoothing": 0.2, "z_loss": 0.01}
-    for fn, y, y_last in [(fxnp.sparse_softmax_cross_entropy_with_logits, labels, labels),
-                          (fxnp.softmax_cross_entropy_with_logits, t, t_last)]:
+    for fn, y, y_last in [
+        (fxnp.sparse_softmax_cross_entropy_with_logits, labels, labels),
+        (fxnp.softmax_cross_entropy_with_logits, t, t_last),
+    ]:
         loss, grad = fn(y, z, axis=1, grad_loss=grad_loss, **options)
         loss_last, grad_last = fn(y_last, last, grad_loss=grad_loss, **options)
         np.testing.assert_array_equal(np.isnan(loss), np.isnan(loss_last))
@@ -181,8 +192,10 @@ def _same_bits(a, b):
 # Windows of positions: short ones (any lane, partial tiles), and for inner = 600
 # long ones starting and ending mid-span (the backward's spans are 512 bytes of
 # each class: 128 float32, 256 16-bit positions).
-WINDOWS = {37: [(0, 2), (1, 2), (3, 5), (5, 9), (7, 17), (15, 20), (20, 17), (35, 2)],
-           600: [(0, 600), (1, 599), (100, 300), (255, 345), (0, 512), (130, 17)]}
+WINDOWS = {
+    37: [(0, 2), (1, 2), (3, 5), (5, 9), (7, 17), (15, 20), (20, 17), (35, 2)],
+    600: [(0, 600), (1, 599), (100, 300), (255, 345), (0, 512), (130, 17)],
+}
 
 
 @pytest.mark.parametrize("inner", sorted(WINDOWS))
@@ -205,16 +218,19 @@ def test_rows_keep_their_bits_in_any_window(classes, dtype, inner):
         w = slice(start, start + width)
         zw = np.ascontiguousarray(z[:, :, w])
         one_loss, one_grad = fxnp.sparse_softmax_cross_entropy_with_logits(
-            np.ascontiguousarray(labels[:, w]), zw, axis=1, grad_loss=np.ascontiguousarray(grad_loss[:, w]), **sparse)
+            np.ascontiguousarray(labels[:, w]), zw, axis=1, grad_loss=np.ascontiguousarray(grad_loss[:, w]), **sparse
+        )
         _same_bits(loss[:, w], one_loss)
         _same_bits(grad[:, :, w], one_grad)
         one_loss, one_grad = fxnp.softmax_cross_entropy_with_logits(
-            np.ascontiguousarray(t[:, :, w]), zw, axis=1, grad_loss=np.ascontiguousarray(grad_loss[:, w]), **options)
+            np.ascontiguousarray(t[:, :, w]), zw, axis=1, grad_loss=np.ascontiguousarray(grad_loss[:, w]), **options
+        )
         _same_bits(dloss[:, w], one_loss)
         _same_bits(dgrad[:, :, w], one_grad)
     for o in range(2):  # one outer index alone
         one_loss, one_grad = fxnp.sparse_softmax_cross_entropy_with_logits(
-            labels[o : o + 1], z[o : o + 1], axis=1, grad_loss=grad_loss[o : o + 1], **sparse)
+            labels[o : o + 1], z[o : o + 1], axis=1, grad_loss=grad_loss[o : o + 1], **sparse
+        )
         _same_bits(loss[o : o + 1], one_loss)
         _same_bits(grad[o : o + 1], one_grad)
 
@@ -238,8 +254,13 @@ def test_grad_ops_through_tiles():
     results = {}
     for dtype in (np.float32, np.float64):
         results[dtype] = ops.fused_xent_sparse_softmax_cross_entropy_grad(
-            tf.constant(logits.astype(dtype)), tf.constant(labels), tf.constant(weights), tf.constant(lse),
-            tf.constant(grad_loss.astype(dtype)), tf.zeros([0], tf.float64), **attrs
+            tf.constant(logits.astype(dtype)),
+            tf.constant(labels),
+            tf.constant(weights),
+            tf.constant(lse),
+            tf.constant(grad_loss.astype(dtype)),
+            tf.zeros([0], tf.float64),
+            **attrs,
         ).numpy()
     assert_close(results[np.float32], results[np.float64], "float32", scale=2)
     assert (np.moveaxis(results[np.float32], 1, -1)[labels == -1] == 0).all()
@@ -248,8 +269,14 @@ def test_grad_ops_through_tiles():
     dense = {}
     for dtype in (np.float32, np.float64):
         dense[dtype] = ops.fused_xent_softmax_cross_entropy_grad(
-            tf.constant(logits.astype(dtype)), tf.constant(dense_labels.astype(dtype)), tf.constant(lse),
-            tf.constant(grad_loss.astype(dtype)), tf.zeros([0], tf.float64), axis=1, label_smoothing=0.1, z_loss=0.02
+            tf.constant(logits.astype(dtype)),
+            tf.constant(dense_labels.astype(dtype)),
+            tf.constant(lse),
+            tf.constant(grad_loss.astype(dtype)),
+            tf.zeros([0], tf.float64),
+            axis=1,
+            label_smoothing=0.1,
+            z_loss=0.02,
         ).numpy()
     assert_close(dense[np.float32], dense[np.float64], "float32", scale=2)
 

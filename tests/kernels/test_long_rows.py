@@ -6,9 +6,9 @@ below steers one of those paths."""
 import numpy as np
 import pytest
 
-from tests._support.assertions import assert_rows_close, dense_target_terms, target_terms
-from tests._support import reference
 from fused_xent import numpy as fxnp
+from tests._support import reference
+from tests._support.assertions import assert_rows_close, dense_target_terms, target_terms
 
 try:
     import ml_dtypes
@@ -24,20 +24,20 @@ def _rows(dtype):
     rng = np.random.default_rng(11)
     z = rng.normal(size=(14, CLASSES)) * 2
     j = np.arange(CLASSES)
-    z[0] = j * 0.02                        # max rises every block, less than the fallback margin
-    z[1, 3 * BLOCK + 7] = 150.0            # one block jumps far above the running max
-    z[2, 4 * BLOCK + 1] = np.nan           # NaN in a later block
-    z[3, 2 * BLOCK + 5] = np.inf           # +inf in a later block
-    z[4, :BLOCK] = -np.inf                 # first block all -inf: no reference max yet
-    z[5, BLOCK:2 * BLOCK] = -np.inf        # a later block all -inf
-    z[6, BLOCK:] -= 300.0                  # later blocks far below: their terms vanish
-    z[7] = z[7] * 1e3 + 1e4                # large magnitudes
-    z[8] = -j * 0.05                       # max in the first element
-    z[9, -1] = 60.0                        # the max in the last, partial block
-    z[10, 2 * BLOCK:] += 63.0              # a rise just under the fallback margin
-    z[11, 2 * BLOCK:] += 65.0              # and just over it
-    z[12, 700] = 90.0                      # the first block rises far above its first vector
-    z[13, :8] = -np.inf                    # first vector all -inf: no reference max yet
+    z[0] = j * 0.02  # max rises every block, less than the fallback margin
+    z[1, 3 * BLOCK + 7] = 150.0  # one block jumps far above the running max
+    z[2, 4 * BLOCK + 1] = np.nan  # NaN in a later block
+    z[3, 2 * BLOCK + 5] = np.inf  # +inf in a later block
+    z[4, :BLOCK] = -np.inf  # first block all -inf: no reference max yet
+    z[5, BLOCK : 2 * BLOCK] = -np.inf  # a later block all -inf
+    z[6, BLOCK:] -= 300.0  # later blocks far below: their terms vanish
+    z[7] = z[7] * 1e3 + 1e4  # large magnitudes
+    z[8] = -j * 0.05  # max in the first element
+    z[9, -1] = 60.0  # the max in the last, partial block
+    z[10, 2 * BLOCK :] += 63.0  # a rise just under the fallback margin
+    z[11, 2 * BLOCK :] += 65.0  # and just over it
+    z[12, 700] = 90.0  # the first block rises far above its first vector
+    z[13, :8] = -np.inf  # first vector all -inf: no reference max yet
     if np.dtype(dtype) == np.float16:
         z = np.where(np.isfinite(z), np.clip(z, -6e4, 6e4), z)
         z[7] = rng.normal(size=CLASSES) * 50 + 1e3
@@ -62,11 +62,13 @@ def test_sparse_long_rows(dtype, options):
     labels[1] = 3 * BLOCK + 7
     labels[4], labels[5], labels[13] = BLOCK + 3, 0, 100  # not on a -inf logit
     grad_loss = np.linspace(-1.0, 2.0, len(logits)).astype(np.float32)
-    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss.astype(dtype),
-                                                              **options)
+    loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(
+        labels, logits, grad_loss=grad_loss.astype(dtype), **options
+    )
     expected = {k: float(np.float32(v)) for k, v in options.items()}
-    ref_loss, ref_grad = reference.sparse(labels, logits.astype(np.float64),
-                                          grad_loss=grad_loss.astype(dtype).astype(np.float64), **expected)
+    ref_loss, ref_grad = reference.sparse(
+        labels, logits.astype(np.float64), grad_loss=grad_loss.astype(dtype).astype(np.float64), **expected
+    )
     name = _name(dtype)
     terms = target_terms(labels, logits.shape, grad_loss=grad_loss.astype(dtype), **expected)
     assert_rows_close(loss, ref_loss, name, axis=None, what="loss")
@@ -84,17 +86,22 @@ def test_dense_long_rows(dtype, options):
     labels = rng.random(size=logits.shape)
     labels[:, ::7] = 0.0
     labels[4, :BLOCK] = 0.0  # no target mass on the -inf logits
-    labels[5, BLOCK:2 * BLOCK] = 0.0
+    labels[5, BLOCK : 2 * BLOCK] = 0.0
     labels[13, :8] = 0.0
     labels = (labels / labels.sum(-1, keepdims=True)).astype(dtype)
     grad_loss = np.linspace(-1.0, 2.0, len(logits)).astype(dtype)
     loss, grad = fxnp.softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss, **options)
     expected = {k: float(np.float32(v)) for k, v in options.items()}
-    ref_loss, ref_grad, _ = reference.dense(labels.astype(np.float64), logits.astype(np.float64),
-                                            grad_loss=grad_loss.astype(np.float64), **expected)
+    ref_loss, ref_grad, _ = reference.dense(
+        labels.astype(np.float64), logits.astype(np.float64), grad_loss=grad_loss.astype(np.float64), **expected
+    )
     name = _name(dtype)
-    terms = dense_target_terms(labels.astype(np.float64), logits.shape, grad_loss=grad_loss,
-                               label_smoothing=expected.get("label_smoothing", 0.0))
+    terms = dense_target_terms(
+        labels.astype(np.float64),
+        logits.shape,
+        grad_loss=grad_loss,
+        label_smoothing=expected.get("label_smoothing", 0.0),
+    )
     assert_rows_close(loss, ref_loss, name, axis=None, what="loss")
     assert_rows_close(grad, ref_grad, name, terms=terms, what="gradient")
     assert np.isnan(loss[2]) and np.isnan(grad[2]).all()
@@ -119,8 +126,9 @@ def test_gradients_large_enough_to_stream(dtype):
     assert_rows_close(loss, ref_loss, name, axis=None, what="loss")
     assert_rows_close(grad, ref_grad, name, terms=target_terms(labels, shape, grad_loss=grad_loss), what="gradient")
     loss, grad = fxnp.softmax_cross_entropy_with_logits(dense, logits, grad_loss=grad_loss)
-    ref_loss, ref_grad, _ = reference.dense(dense.astype(np.float64), logits.astype(np.float64),
-                                            grad_loss=grad_loss.astype(np.float64))
+    ref_loss, ref_grad, _ = reference.dense(
+        dense.astype(np.float64), logits.astype(np.float64), grad_loss=grad_loss.astype(np.float64)
+    )
     assert_rows_close(loss, ref_loss, name, axis=None, what="loss")
     terms = dense_target_terms(dense.astype(np.float64), shape, grad_loss=grad_loss)
     assert_rows_close(grad, ref_grad, name, terms=terms, what="gradient")

@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from tests._support.assertions import assert_rows_close, dense_target_terms, target_terms
-from tests._support import reference
 from fused_xent import numpy as fxnp
+from tests._support import reference
+from tests._support.assertions import assert_rows_close, dense_target_terms, target_terms
 
 try:
     import ml_dtypes
@@ -129,8 +129,22 @@ def test_private_module_checks_buffer_sizes():
 
     logits = np.zeros((2, 3), np.float32)
     with pytest.raises(ValueError, match=r"logits has 6 elements, expected 12"):
-        _core.sparse("float32", logits, np.zeros(4, np.int64), 4, 3, 1, 0.0, 0.0, None, None,
-                     np.zeros(4, np.float32), np.zeros(4), None, None)
+        _core.sparse(
+            "float32",
+            logits,
+            np.zeros(4, np.int64),
+            4,
+            3,
+            1,
+            0.0,
+            0.0,
+            None,
+            None,
+            np.zeros(4, np.float32),
+            np.zeros(4),
+            None,
+            None,
+        )
 
 
 def test_empty_batch():
@@ -202,10 +216,13 @@ def test_dense_many_rows_few_classes_with_edge_values(classes, options):
     grad_loss = rng.normal(size=35).astype(np.float32)
     loss, grad = fxnp.softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss, **options)
     expected = {k: float(np.float32(v)) for k, v in options.items()}
-    ref_loss, ref_grad, _ = reference.dense(labels.astype(np.float64), logits.astype(np.float64),
-                                            grad_loss=grad_loss, **expected)
+    ref_loss, ref_grad, _ = reference.dense(
+        labels.astype(np.float64), logits.astype(np.float64), grad_loss=grad_loss, **expected
+    )
     assert_rows_close(loss, ref_loss, "float32", axis=None, what="loss")
-    terms = dense_target_terms(labels, logits.shape, grad_loss=grad_loss, **{k: v for k, v in expected.items() if k != "z_loss"})
+    terms = dense_target_terms(
+        labels, logits.shape, grad_loss=grad_loss, **{k: v for k, v in expected.items() if k != "z_loss"}
+    )
     assert_rows_close(grad, ref_grad, "float32", terms=terms, what="gradient")
     assert np.isnan(loss[2]) and np.isnan(grad[2]).all()
     if classes > 1 and not options:
@@ -231,7 +248,7 @@ def test_rank1_logits_take_a_scalar_label():
 
 @pytest.mark.parametrize("shape, axis", [((2, 5, 0), 1), ((0, 5, 0), 1), ((2, 5, 3, 0), 1), ((5, 0), 0)])
 def test_empty_dimension_after_the_class_axis(shape, axis):
-    reduced = shape[:axis] + shape[axis + 1:]
+    reduced = shape[:axis] + shape[axis + 1 :]
     logits = np.zeros(shape, np.float32)
     loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(np.zeros(reduced, np.int64), logits, axis=axis)
     assert loss.shape == reduced and grad.shape == shape
@@ -302,8 +319,22 @@ def test_private_module_checks_class_weight_values(bad):
 
     weights = np.array([1.0, bad, 2.0], np.float32)
     with pytest.raises(ValueError, match=r"class_weights must be finite and >= 0, got .* for class 1"):
-        _core.sparse("float32", np.zeros((2, 3), np.float32), np.zeros(2, np.int64), 2, 3, 1, 0.0, 0.0, None,
-                     weights, np.zeros(2, np.float32), np.zeros(2), None, None)
+        _core.sparse(
+            "float32",
+            np.zeros((2, 3), np.float32),
+            np.zeros(2, np.int64),
+            2,
+            3,
+            1,
+            0.0,
+            0.0,
+            None,
+            weights,
+            np.zeros(2, np.float32),
+            np.zeros(2),
+            None,
+            None,
+        )
 
 
 def test_private_module_rejects_overflowing_layouts():

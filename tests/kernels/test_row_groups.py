@@ -5,10 +5,10 @@ time (the per-row path), with edge values, every option and 16-bit logits."""
 import numpy as np
 import pytest
 
+from fused_xent import numpy as fxnp
+from tests._support import reference
 from tests._support.assertions import assert_close
 from tests._support.runners import tf_or_skip
-from tests._support import reference
-from fused_xent import numpy as fxnp
 
 try:
     import ml_dtypes
@@ -70,8 +70,9 @@ def test_sparse_groups_match_reference(dtype, classes, options, label_dtype):
         labels[rng.random(ROWS) < 0.3] = -100
     grad_loss = rng.normal(size=ROWS).astype(dtype)
     loss, grad = fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss, **options)
-    ref_loss, ref_grad = reference.sparse(labels, logits.astype(np.float64), grad_loss=grad_loss.astype(np.float64),
-                                          **_expected(options))
+    ref_loss, ref_grad = reference.sparse(
+        labels, logits.astype(np.float64), grad_loss=grad_loss.astype(np.float64), **_expected(options)
+    )
     assert_close(loss, ref_loss, _name(dtype), scale=2)
     assert_close(grad, ref_grad, _name(dtype), scale=2)
     ignored = labels == options.get("ignore_index", -1)
@@ -80,7 +81,9 @@ def test_sparse_groups_match_reference(dtype, classes, options, label_dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
 @pytest.mark.parametrize("classes", CLASSES)
-@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.2, "z_loss": 0.01}], ids=lambda o: ",".join(o) or "defaults")
+@pytest.mark.parametrize(
+    "options", [{}, {"label_smoothing": 0.2, "z_loss": 0.01}], ids=lambda o: ",".join(o) or "defaults"
+)
 def test_dense_groups_match_reference(dtype, classes, options):
     rng = np.random.default_rng(100 + classes)
     logits = _logits(rng, classes, dtype)
@@ -92,8 +95,12 @@ def test_dense_groups_match_reference(dtype, classes, options):
     labels = labels.astype(dtype)
     grad_loss = rng.normal(size=ROWS).astype(dtype)
     loss, grad = fxnp.softmax_cross_entropy_with_logits(labels, logits, grad_loss=grad_loss, **options)
-    ref_loss, ref_grad, _ = reference.dense(labels.astype(np.float64), logits.astype(np.float64),
-                                            grad_loss=grad_loss.astype(np.float64), **_expected(options))
+    ref_loss, ref_grad, _ = reference.dense(
+        labels.astype(np.float64),
+        logits.astype(np.float64),
+        grad_loss=grad_loss.astype(np.float64),
+        **_expected(options),
+    )
     assert_close(loss, ref_loss, _name(dtype), scale=2)
     assert_close(grad, ref_grad, _name(dtype), scale=2)
 
@@ -131,8 +138,11 @@ def _check_rows_one_at_a_time(loss_fn, labels, logits, grad_loss, options):
 
 
 @pytest.mark.parametrize("classes", [1, 2, 3, 8, 10, 31, 32])
-@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.2, "z_loss": 0.01, "ignore_index": 1}],
-                         ids=lambda o: ",".join(o) or "defaults")
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"label_smoothing": 0.2, "z_loss": 0.01, "ignore_index": 1}],
+    ids=lambda o: ",".join(o) or "defaults",
+)
 def test_sparse_groups_match_rows_one_at_a_time(classes, options):
     rng = np.random.default_rng(7)
     logits = _hard_logits(rng, classes)
@@ -142,7 +152,9 @@ def test_sparse_groups_match_rows_one_at_a_time(classes, options):
 
 
 @pytest.mark.parametrize("classes", [1, 2, 3, 8, 10, 31, 32])
-@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.2, "z_loss": 0.01}], ids=lambda o: ",".join(o) or "defaults")
+@pytest.mark.parametrize(
+    "options", [{}, {"label_smoothing": 0.2, "z_loss": 0.01}], ids=lambda o: ",".join(o) or "defaults"
+)
 def test_dense_groups_match_rows_one_at_a_time(classes, options):
     rng = np.random.default_rng(8)
     logits = _hard_logits(rng, classes)
@@ -172,8 +184,13 @@ def test_grad_ops_through_groups(classes):
     results = {}
     for dtype in (np.float32, np.float64):
         results[dtype] = ops.fused_xent_sparse_softmax_cross_entropy_grad(
-            tf.constant(logits.astype(dtype)), tf.constant(labels), tf.constant(weights), tf.constant(lse),
-            tf.constant(grad_loss.astype(dtype)), tf.zeros([0], tf.float64), **attrs
+            tf.constant(logits.astype(dtype)),
+            tf.constant(labels),
+            tf.constant(weights),
+            tf.constant(lse),
+            tf.constant(grad_loss.astype(dtype)),
+            tf.zeros([0], tf.float64),
+            **attrs,
         ).numpy()
     assert_close(results[np.float32], results[np.float64], "float32", scale=2)
     assert (results[np.float32][labels == -1] == 0).all()
@@ -182,7 +199,13 @@ def test_grad_ops_through_groups(classes):
     dense = {}
     for dtype in (np.float32, np.float64):
         dense[dtype] = ops.fused_xent_softmax_cross_entropy_grad(
-            tf.constant(logits.astype(dtype)), tf.constant(dense_labels.astype(dtype)), tf.constant(lse),
-            tf.constant(grad_loss.astype(dtype)), tf.zeros([0], tf.float64), axis=1, label_smoothing=0.1, z_loss=0.02
+            tf.constant(logits.astype(dtype)),
+            tf.constant(dense_labels.astype(dtype)),
+            tf.constant(lse),
+            tf.constant(grad_loss.astype(dtype)),
+            tf.zeros([0], tf.float64),
+            axis=1,
+            label_smoothing=0.1,
+            z_loss=0.02,
         ).numpy()
     assert_close(dense[np.float32], dense[np.float64], "float32", scale=2)

@@ -27,13 +27,31 @@ def test_lower_target_matches_reference(target):
     env = dict(os.environ, FUSED_XENT_SIMD=target, TF_CPP_MIN_LOG_LEVEL="2")
     check = subprocess.run(
         [sys.executable, "-c", "import fused_xent; print(fused_xent.build_info()['simd'])"],
-        capture_output=True, text=True, env=env, timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
     )
     assert check.stdout.split()[0] == target
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_numpy.py"),
-         str(HERE / "test_row_groups.py"), str(HERE / "test_confident_rows.py"), str(HERE / "test_huge_logits.py"),
-         str(HERE / "test_inner_tiles.py")],
-        capture_output=True, text=True, env=env, timeout=600, cwd=HERE,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(HERE / "test_numpy.py"),
+            str(HERE / "test_row_groups.py"),
+            str(HERE / "test_confident_rows.py"),
+            str(HERE / "test_huge_logits.py"),
+            str(HERE / "test_inner_tiles.py"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=HERE,
     )
     assert result.returncode == 0, result.stdout[-3000:]

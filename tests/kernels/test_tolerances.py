@@ -6,8 +6,8 @@ dtype, then damaged on purpose."""
 import numpy as np
 import pytest
 
-from tests._support.assertions import ToleranceError, assert_close, assert_rows_close, target_terms
 from tests._support import reference
+from tests._support.assertions import ToleranceError, assert_close, assert_rows_close, target_terms
 
 try:
     import ml_dtypes
@@ -47,7 +47,7 @@ def test_zeroed_small_probabilities_are_caught_and_assert_close_missed_them(dtyp
     actual = _rounded(grad, dtype)
     # Entries below assert_close's absolute tolerance, but not so small that a few
     # roundings of the row's largest value cover them.
-    small = (np.abs(grad) < {"float64": 1e-12, "float32": 2e-6, "float16": 2e-3, "bfloat16": 1.6e-2}[dtype])
+    small = np.abs(grad) < {"float64": 1e-12, "float32": 2e-6, "float16": 2e-3, "bfloat16": 1.6e-2}[dtype]
     small &= np.abs(grad) > 8 * np.finfo(np.float64 if dtype == "float64" else np.float32).eps
     assert small.sum() >= 20, small.sum()  # many entries of the rows
     actual[small] = 0.0

@@ -31,7 +31,9 @@ def _sparse(front_end, dtype="float64", **options):
         torch = pytest.importorskip("torch")
         import fused_xent.torch as ft
 
-        return ft.sparse_softmax_cross_entropy_with_logits(torch.tensor(LABELS), torch.tensor(logits), **options).numpy()
+        return ft.sparse_softmax_cross_entropy_with_logits(
+            torch.tensor(LABELS), torch.tensor(logits), **options
+        ).numpy()
     pytest.importorskip("tensorflow")
     import fused_xent
 
@@ -102,9 +104,13 @@ def test_numpy_names_the_argument_of_a_bad_shape():
 
     with pytest.raises(ValueError, match=re.escape("logits and labels must be broadcastable")):
         fxnp.softmax_cross_entropy_with_logits(np.ones((2, 2)), LOGITS)
-    with pytest.raises(ValueError, match=re.escape("grad_loss of shape (3,) does not broadcast to the loss's shape (2,)")):
+    with pytest.raises(
+        ValueError, match=re.escape("grad_loss of shape (3,) does not broadcast to the loss's shape (2,)")
+    ):
         fxnp.sparse_softmax_cross_entropy_with_logits(LABELS, LOGITS, grad_loss=np.ones(3))
-    with pytest.raises(ValueError, match=re.escape("`labels.shape` must equal `logits.shape` except for the class axis")):
+    with pytest.raises(
+        ValueError, match=re.escape("`labels.shape` must equal `logits.shape` except for the class axis")
+    ):
         fxnp.sparse_softmax_cross_entropy_with_logits(np.array([0, 1, 2]), LOGITS)
 
 

@@ -17,9 +17,26 @@ def test_language_model_example_curves_agree(tmp_path):
     pytest.importorskip("keras")
     out_png = tmp_path / "lm.png"
     result = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--steps", "6", "--epochs", "1", "--vocab-size", "4000", "--batch", "16",
-         "--verbose", "2", "--out", str(out_png)],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", MPLBACKEND="Agg"),
+        [
+            sys.executable,
+            str(EXAMPLE),
+            "--steps",
+            "6",
+            "--epochs",
+            "1",
+            "--vocab-size",
+            "4000",
+            "--batch",
+            "16",
+            "--verbose",
+            "2",
+            "--out",
+            str(out_png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", MPLBACKEND="Agg"),
     )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     gap = float(re.search(r"largest difference between the two training-loss curves: ([0-9.e+-]+)", result.stdout)[1])

@@ -5,17 +5,12 @@ hook that registers the ops when TensorFlow is imported later, can only be seen
 before anything else has imported them.
 """
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests._support.runners import RESULT, run_fresh
+from tests._support.runners import run_fresh
 
 FRAMEWORKS = ("tensorflow", "keras", "jax", "torch", "tf_keras")
 

@@ -28,7 +28,10 @@ def _run(tmp_path, prefix):
     out = tmp_path / "figure.png"
     result = subprocess.run(
         [sys.executable, *prefix, str(EXAMPLE), "--out", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     return result, out
 

@@ -107,23 +107,37 @@ def test_stub_matches_the_compiled_module():
 @pytest.mark.parametrize(
     "old, new, expected",
     [
-        ("    ignore_index: _Int | None,\n    class_weights: numpy", "    ignore_idx: _Int | None,\n    class_weights: numpy",
-         "sparse: the module has"),
+        (
+            "    ignore_index: _Int | None,\n    class_weights: numpy",
+            "    ignore_idx: _Int | None,\n    class_weights: numpy",
+            "sparse: the module has",
+        ),
         ("def ffi_targets() -> dict[str, dict[str, Any]]: ...\n", "", "ffi_targets is in the module but not"),
-        ("    grad_logits: numpy.ndarray | None,\n) -> None: ...\ndef dense",
-         "    grad_logits: numpy.ndarray,\n) -> None: ...\ndef dense", "sparse: the module has"),
-        ("    grad_logits: numpy.ndarray | None,\n) -> None: ...\n\n# CUDA",
-         "    grad_logits: numpy.ndarray | None = None,\n) -> None: ...\n\n# CUDA", "dense: the module has"),
+        (
+            "    grad_logits: numpy.ndarray | None,\n) -> None: ...\ndef dense",
+            "    grad_logits: numpy.ndarray,\n) -> None: ...\ndef dense",
+            "sparse: the module has",
+        ),
+        (
+            "    grad_logits: numpy.ndarray | None,\n) -> None: ...\n\n# CUDA",
+            "    grad_logits: numpy.ndarray | None = None,\n) -> None: ...\n\n# CUDA",
+            "dense: the module has",
+        ),
         ("def build_info() -> dict[str, Any]: ...", "def build_info() -> str: ...", "build_info: the module has"),
-        ("def cuda_device_count() -> int: ...\n", "def cuda_device_count() -> int: ...\ndef extra() -> int: ...\n",
-         "extra is in the stub but not"),
+        (
+            "def cuda_device_count() -> int: ...\n",
+            "def cuda_device_count() -> int: ...\ndef extra() -> int: ...\n",
+            "extra is in the stub but not",
+        ),
     ],
     ids=["renamed-parameter", "missing-function", "not-optional", "default", "return-type", "extra-function"],
 )
 def test_stub_comparison_rejects_planted_errors(old, new, expected):
     source = STUB.read_text()
     assert source.count(old) == 1, old
-    differences = stub_differences(runtime_signatures(_core), stub_signatures(source.replace(old, new)), _core.build_info()["cuda"])
+    differences = stub_differences(
+        runtime_signatures(_core), stub_signatures(source.replace(old, new)), _core.build_info()["cuda"]
+    )
     assert len(differences) == 1 and differences[0].startswith(expected), differences
 
 
@@ -131,7 +145,9 @@ def test_cuda_functions_may_be_missing_only_from_builds_without_cuda():
     runtime = {"sparse": ([], "None")}
     stub = {"sparse": ([], "None"), "cuda_device_count": ([], "int")}
     assert stub_differences(runtime, stub, cuda_build=False) == []
-    assert stub_differences(runtime, stub, cuda_build=True) == ["cuda_device_count is in the stub but not in the module"]
+    assert stub_differences(runtime, stub, cuda_build=True) == [
+        "cuda_device_count is in the stub but not in the module"
+    ]
 
 
 def test_package_ships_type_information():

@@ -55,7 +55,13 @@ def test_first_invalid_label_is_named_when_rows_are_split_across_threads(rows, c
     attrs = dict(axis=-1, label_smoothing=0.0, z_loss=0.0, ignore_index=0, has_ignore_index=False)
     with pytest.raises(tf.errors.InvalidArgumentError, match=first):
         load_op_library().fused_xent_sparse_softmax_cross_entropy_grad(
-            logits, labels, tf.zeros([0]), tf.zeros([rows], tf.float64), tf.ones([rows]), tf.zeros([0], tf.float64), **attrs
+            logits,
+            labels,
+            tf.zeros([0]),
+            tf.zeros([rows], tf.float64),
+            tf.ones([rows]),
+            tf.zeros([0], tf.float64),
+            **attrs,
         )
 
 
@@ -167,7 +173,10 @@ def test_raw_op_attrs_are_checked_by_the_kernel():
         ops.fused_xent_sparse_softmax_cross_entropy_grad(
             LOGITS, [0, 1, 2, 3], tf.zeros([0]), tf.zeros([3], tf.float64), tf.ones([4]), tf.zeros([0], tf.float64)
         )
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"grad_lse must be empty, got 2 elements: .*earlier fused-xent version.*re-export it"):
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"grad_lse must be empty, got 2 elements: .*earlier fused-xent version.*re-export it",
+    ):
         ops.fused_xent_sparse_softmax_cross_entropy_grad(
             LOGITS, [0, 1, 2, 3], tf.zeros([0]), tf.zeros([4], tf.float64), tf.ones([4]), tf.zeros([2], tf.float64)
         )

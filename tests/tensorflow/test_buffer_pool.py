@@ -173,11 +173,17 @@ def _run_script(script, cache_mb, *args):
         pytest.skip("the pool caches blocks on Linux only; page faults are counted there")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", FUSED_XENT_BUFFER_CACHE_MB=str(cache_mb))
     command = [sys.executable, "-c", textwrap.dedent(script), *map(str, args)]
-    process = subprocess.run(command, cwd=ROOT, env=env,  # cwd: the child imports tests._support
-                             capture_output=True, text=True, timeout=300)
+    process = subprocess.run(
+        command,
+        cwd=ROOT,
+        env=env,  # cwd: the child imports tests._support
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in process.stdout.splitlines() if line.startswith(RESULT)]
     assert lines, f"exit status {process.returncode}\n{process.stdout[-3000:]}\n{process.stderr[-5000:]}"
-    result = json.loads(lines[-1][len(RESULT):])
+    result = json.loads(lines[-1][len(RESULT) :])
     assert result["package"] == fused_xent.__file__  # the child tested this package
     return result
 
@@ -251,7 +257,8 @@ def test_release_keeps_live_gradients():
 
 
 def test_library_not_loaded_is_a_clear_error(tmp_path, monkeypatch):
-    from fused_xent._tf import buffer_cache as _cache, loader as _loader
+    from fused_xent._tf import buffer_cache as _cache
+    from fused_xent._tf import loader as _loader
 
     copy = tmp_path / "_fused_xent_ops.so"  # a file this process never loaded
     copy.write_bytes(Path(_loader.library_path()).read_bytes())
@@ -262,12 +269,19 @@ def test_library_not_loaded_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_without_tensorflow_the_functions_explain_it():
-    code = ("import sys; sys.modules['tensorflow'] = None\n"
-            "import fused_xent\n"
-            "for f in (fused_xent.cached_memory_info, fused_xent.release_cached_memory):\n"
-            "    try:\n        f()\n    except ImportError as e:\n        print('ImportError:', e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))).stdout
+    code = (
+        "import sys; sys.modules['tensorflow'] = None\n"
+        "import fused_xent\n"
+        "for f in (fused_xent.cached_memory_info, fused_xent.release_cached_memory):\n"
+        "    try:\n        f()\n    except ImportError as e:\n        print('ImportError:', e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    ).stdout
     assert out.count("needs TensorFlow, which is not installed") == 2, out
 
 

@@ -27,7 +27,10 @@ def test_graph_mode_passes(capsys):
 def test_module_entry_point_quick(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "fused_xent.gradcheck", "--quick", "--seed", "3"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 failed" in result.stdout

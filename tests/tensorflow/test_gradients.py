@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from tests._support.runners import tf_or_skip
 from tests._support import reference
+from tests._support.runners import tf_or_skip
 
 tf = tf_or_skip()
 import fused_xent  # noqa: E402
@@ -200,8 +200,9 @@ def test_half_precision_second_order_matches_float64(dtype):
     assert second.dtype == x.dtype and second.shape == x.shape
     x64 = tf.cast(x, tf.float64)  # the rounded logits: both see the same values
     # The same computation in float64 is the reference formula to rounding ...
-    np.testing.assert_allclose(_gradient_norm_gradient(x64, tf.float64).numpy(), _float64_product(x64.numpy()),
-                               rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+        _gradient_norm_gradient(x64, tf.float64).numpy(), _float64_product(x64.numpy()), rtol=1e-12, atol=1e-15
+    )
     # ... and the half result is it, to the roundings above.
     _assert_half_second_order_close(tf.cast(second, tf.float64).numpy(), x64.numpy(), dtype)
 

@@ -9,9 +9,9 @@ import textwrap
 import numpy as np
 import pytest
 
+from tests._support import reference
 from tests._support.assertions import assert_close
 from tests._support.runners import tf_or_skip
-from tests._support import reference
 
 tf = tf_or_skip()
 import fused_xent  # noqa: E402
@@ -79,7 +79,9 @@ def test_static_shapes_are_inferred():
         assert b.shape.as_list() == [None, 7], b.shape
         return a + b
 
-    f.get_concrete_function(tf.TensorSpec([None, 5, 7]), tf.TensorSpec([None, 7], tf.int32), tf.TensorSpec([None, 5, 7]))
+    f.get_concrete_function(
+        tf.TensorSpec([None, 5, 7]), tf.TensorSpec([None, 7], tf.int32), tf.TensorSpec([None, 5, 7])
+    )
 
 
 def test_tf1_graph_and_session():
@@ -133,8 +135,12 @@ def test_tf1_reference_check_rejects_a_one_percent_error():
     z_loss = float(np.float32(0.01))
     sparse_value, sparse_grad = reference.sparse(y, x, z_loss=z_loss)
     dense_value, dense_grad, grad_t = reference.dense(t, x)
-    hv = (sparse_grad + dense_grad + reference.sparse_hvp(y, x, x, power=1, z_loss=z_loss)[1]
-          + reference.dense_hvp(t, x, x, power=1)[1])
+    hv = (
+        sparse_grad
+        + dense_grad
+        + reference.sparse_hvp(y, x, x, power=1, z_loss=z_loss)[1]
+        + reference.dense_hvp(t, x, x, power=1)[1]
+    )
     _check_tf1_values(x, y, t, sparse_value, dense_value, grad_t, hv)
     with pytest.raises(AssertionError):
         _check_tf1_values(x, y, t, sparse_value, dense_value, grad_t, hv, planted=1.01)

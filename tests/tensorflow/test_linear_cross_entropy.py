@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
-from tests._support import ROOT, reference  # noqa: E402
-
-import fused_xent  # noqa: E402
 from fused_xent.linear import linear_cross_entropy  # noqa: E402
+from tests._support import ROOT, reference  # noqa: E402
 
 UNIT = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 IGNORE = -100
@@ -52,7 +50,8 @@ def reference_result(hidden, weight, bias, labels, upstream, transpose=False, ig
     dw = h.T @ grad
     mag = {
         "loss": ((1.0 + np.abs(z).max(1)) * (1.0 + 2 * options.get("z_loss", 0.0) * np.abs(z).max(1)) ** 2).reshape(
-            np.shape(labels)),
+            np.shape(labels)
+        ),
         "dh": np.abs(gmag) @ np.abs(w_hv.T),
         "dw": (np.abs(h.T) @ gmag).T if transpose else np.abs(h.T) @ gmag,
         "db": gmag.sum(0),
@@ -79,8 +78,10 @@ def assert_matches(actual, expected, magnitude, dtype, name, factor=16.0):
     bad = np.abs(actual - expected) > tol
     if bad.any():
         i = tuple(np.argwhere(bad)[0])
-        raise AssertionError(f"{name}: {bad.sum()} of {bad.size} entries off; at {i}: {actual[i]} vs {expected[i]} "
-                             f"(tolerance {np.broadcast_to(tol, bad.shape)[i]:.3g})")
+        raise AssertionError(
+            f"{name}: {bad.sum()} of {bad.size} entries off; at {i}: {actual[i]} vs {expected[i]} "
+            f"(tolerance {np.broadcast_to(tol, bad.shape)[i]:.3g})"
+        )
 
 
 def check(result, hidden, weight, bias, labels, upstream, dtype, transpose=False, ignore_index=None, **options):
@@ -101,8 +102,12 @@ OPTIONS = {
     "label_smoothing": {"label_smoothing": 0.2},
     "class_weights": {"class_weights": list(np.linspace(0.0, 2.0, 53))},
     "z_loss": {"z_loss": 0.01},
-    "all": {"ignore_index": IGNORE, "label_smoothing": 0.1, "class_weights": list(np.linspace(0.5, 1.5, 53)),
-            "z_loss": 0.005},
+    "all": {
+        "ignore_index": IGNORE,
+        "label_smoothing": 0.1,
+        "class_weights": list(np.linspace(0.5, 1.5, 53)),
+        "z_loss": 0.005,
+    },
 }
 
 
@@ -111,8 +116,9 @@ OPTIONS = {
 def test_options_and_dtypes_match_the_composite(option, dtype):
     index = list(OPTIONS).index(option)
     bias, transpose = index % 2 == 1, index % 3 == 2
-    hidden, weight, b, labels = make_case(dtype, bias=bias, transpose=transpose, ignored="ignore_index" in OPTIONS[option]
-                                          or option == "all")
+    hidden, weight, b, labels = make_case(
+        dtype, bias=bias, transpose=transpose, ignored="ignore_index" in OPTIONS[option] or option == "all"
+    )
     upstream = np.random.default_rng(1).uniform(0.2, 2.0, labels.shape)  # not uniform: exercises every path
     result = run(hidden, weight, b, labels, upstream, transpose_weight=transpose, chunk_size=8, **OPTIONS[option])
     check(result, hidden, weight, b, labels, upstream, dtype, transpose, **OPTIONS[option])
@@ -122,8 +128,12 @@ def test_options_and_dtypes_match_the_composite(option, dtype):
 
 def test_float64():
     # The kernels take label_smoothing, z_loss and class weights as float32: use values it holds exactly.
-    options = {"ignore_index": IGNORE, "label_smoothing": 0.125, "z_loss": 2.0**-7,
-               "class_weights": [float(np.float32(c)) for c in np.linspace(0.5, 1.5, 53)]}
+    options = {
+        "ignore_index": IGNORE,
+        "label_smoothing": 0.125,
+        "z_loss": 2.0**-7,
+        "class_weights": [float(np.float32(c)) for c in np.linspace(0.5, 1.5, 53)],
+    }
     hidden, weight, b, labels = make_case("float64", bias=True)
     upstream = np.random.default_rng(2).normal(size=labels.shape)
     result = run(hidden, weight, b, labels, upstream, chunk_size=5, **options)
@@ -153,8 +163,17 @@ def test_upstream_gradients(strategy, upstream_kind):
         "random": np.random.default_rng(4).normal(size=y.shape),
         "zero": np.zeros(y.shape),
     }[upstream_kind]
-    result = run(hidden, weight, b, labels, upstream, transpose_weight=True, chunk_size=6, ignore_index=IGNORE,
-                 _strategy=strategy)
+    result = run(
+        hidden,
+        weight,
+        b,
+        labels,
+        upstream,
+        transpose_weight=True,
+        chunk_size=6,
+        ignore_index=IGNORE,
+        _strategy=strategy,
+    )
     check(result, hidden, weight, b, labels, upstream, "float32", True, ignore_index=IGNORE)
 
 
@@ -250,8 +269,11 @@ BAD = {
     "chunk 0": (_bad(chunk_size=0), ValueError, "chunk_size must be a positive integer"),
     "chunk float": (_bad(chunk_size=2.5), ValueError, "chunk_size must be a positive integer"),
     "chunk bool": (_bad(chunk_size=True), ValueError, "chunk_size must be a positive integer"),
-    "class weights size": (_bad(class_weights=[1.0] * 52), ValueError,
-                           "class_weights has 52 entries but logits have 53 classes"),
+    "class weights size": (
+        _bad(class_weights=[1.0] * 52),
+        ValueError,
+        "class_weights has 52 entries but logits have 53 classes",
+    ),
     "negative class weight": (_bad(class_weights=[-1.0] * 53), ValueError, "finite and >= 0"),
     "smoothing": (_bad(label_smoothing=1.5), ValueError, "label_smoothing"),
     "z_loss": (_bad(z_loss=-1.0), ValueError, "z_loss"),
@@ -311,8 +333,9 @@ def test_keras_fit_save_load(layer_kind, tmp_path):
     per_token = model.predict([x, y], verbose=0)
     counted = y != IGNORE
     assert np.all(per_token[~counted] == 0)
-    np.testing.assert_allclose(model.evaluate([x, y], verbose=0, batch_size=48),
-                               per_token[counted].mean(), rtol=1e-5)  # the added loss: mean over counted tokens
+    np.testing.assert_allclose(
+        model.evaluate([x, y], verbose=0, batch_size=48), per_token[counted].mean(), rtol=1e-5
+    )  # the added loss: mean over counted tokens
     path = tmp_path / "model.keras"
     model.save(path)
     loaded = keras.models.load_model(path)
@@ -328,8 +351,9 @@ def test_keras_head_loss_and_logits_match_reference():
     hidden, _, _, labels = make_case(ignored=False)
     loss = head(hidden, labels)
     kernel, bias = head.kernel.numpy(), head.bias.numpy()
-    expected, mag = reference_result(hidden, tf.constant(kernel), tf.constant(bias), labels, np.ones(37),
-                                     label_smoothing=0.1)
+    expected, mag = reference_result(
+        hidden, tf.constant(kernel), tf.constant(bias), labels, np.ones(37), label_smoothing=0.1
+    )
     assert_matches(loss, expected[0], mag["loss"], "float32", "loss")
     np.testing.assert_allclose(head(hidden), np.asarray(hidden) @ kernel + bias, rtol=1e-5, atol=1e-5)
     values, indices = head.top_k(hidden, k=3)
@@ -379,8 +403,9 @@ def test_mirrored_strategy_trains_like_one_device():
     loss, same weights."""
     pytest.importorskip("keras")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    out = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, str(ROOT)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", MIRRORED_SCRIPT, str(ROOT)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     losses = json.loads(out.stdout.strip().splitlines()[-1])
     # Each replica averages over its own counted tokens; with the same count per replica (the
@@ -403,8 +428,22 @@ def test_memory_target_in_a_fresh_process():
         sys.path.pop(0)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **bench_linear.MEMORY_ENV)
     n, h, v = 2048, 256, 32000
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_linear.py"), "--child", "memory", "--method", "fused",
-           "--n", str(n), "--h", str(h), "--v", str(v), "--dtype", "float32"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_linear.py"),
+        "--child",
+        "memory",
+        "--method",
+        "fused",
+        "--n",
+        str(n),
+        "--h",
+        str(h),
+        "--v",
+        str(v),
+        "--dtype",
+        "float32",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_above_mb"]
@@ -442,11 +481,14 @@ def test_add_to_rows_matches_numpy(dtype):
         np.testing.assert_array_equal(got.view(np.uint8), planted.view(np.uint8))
 
 
-@pytest.mark.parametrize("start, rows, width, message", [
-    (5, 2, 3, r"rows \[5, 7\) are outside x's 6 rows"),
-    (-1, 2, 3, r"rows \[-1, 1\) are outside"),
-    (0, 2, 4, r"do not match the rows of x"),
-])
+@pytest.mark.parametrize(
+    "start, rows, width, message",
+    [
+        (5, 2, 3, r"rows \[5, 7\) are outside x's 6 rows"),
+        (-1, 2, 3, r"rows \[-1, 1\) are outside"),
+        (0, 2, 4, r"do not match the rows of x"),
+    ],
+)
 def test_add_to_rows_refuses_rows_outside(start, rows, width, message):
     from fused_xent._tf.loader import load_op_library
 

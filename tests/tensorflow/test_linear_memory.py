@@ -26,8 +26,22 @@ def first_step_share(method):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     for name in ("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "MALLOC_MMAP_THRESHOLD_", "FUSED_XENT_BUFFER_CACHE_MB"):
         env.pop(name, None)  # the defaults a user runs
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_linear.py"), "--child", "first_step", "--method", method,
-           "--n", str(N), "--h", str(H), "--v", str(V), "--dtype", "float32"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_linear.py"),
+        "--child",
+        "first_step",
+        "--method",
+        method,
+        "--n",
+        str(N),
+        "--h",
+        str(H),
+        "--v",
+        str(V),
+        "--dtype",
+        "float32",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     mb = json.loads(out.stdout.strip().splitlines()[-1])["first_step_above_mb"]

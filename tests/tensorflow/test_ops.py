@@ -3,10 +3,15 @@
 import numpy as np
 import pytest
 
-from tests._support.assertions import (assert_close, assert_rows_close, dense_target_terms, label_gradient_terms,
-                                      target_terms)
-from tests._support.runners import tf_or_skip
 from tests._support import reference
+from tests._support.assertions import (
+    assert_close,
+    assert_rows_close,
+    dense_target_terms,
+    label_gradient_terms,
+    target_terms,
+)
+from tests._support.runners import tf_or_skip
 
 tf = tf_or_skip()
 import fused_xent  # noqa: E402
@@ -112,8 +117,11 @@ def test_sparse_options(options, dtype):
     assert_rows_close(grad, ref_grad, dtype, terms=terms, what="gradient")
 
 
-@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.3}, {"z_loss": 0.05}, {"label_smoothing": 0.1, "z_loss": 1e-4}],
-                         ids=lambda o: ",".join(o) or "defaults")
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"label_smoothing": 0.3}, {"z_loss": 0.05}, {"label_smoothing": 0.1, "z_loss": 1e-4}],
+    ids=lambda o: ",".join(o) or "defaults",
+)
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
 def test_dense_options_and_label_gradient(options, dtype):
     x, x64 = _logits((12, 9), dtype)
@@ -214,8 +222,13 @@ def test_nan_fills_its_row_of_a_bfloat16_gradient_whatever_its_bits():
     grad_loss[2] = np.nan
     attrs = dict(axis=-1, label_smoothing=0.0, z_loss=0.0, ignore_index=0, has_ignore_index=False)
     grad = fused_xent._tf.loader.load_op_library().fused_xent_sparse_softmax_cross_entropy_grad(
-        tf.constant(logits, tf.bfloat16), tf.constant([3, 30, 47, 66, 0]), tf.zeros([0]), lse,
-        tf.constant(grad_loss, tf.bfloat16), tf.zeros([0], tf.float64), **attrs
+        tf.constant(logits, tf.bfloat16),
+        tf.constant([3, 30, 47, 66, 0]),
+        tf.zeros([0]),
+        lse,
+        tf.constant(grad_loss, tf.bfloat16),
+        tf.zeros([0], tf.float64),
+        **attrs,
     )
     grad = tf.cast(grad, tf.float32).numpy()
     assert np.isfinite(grad[0]).all() and np.isfinite(grad[3]).all()
@@ -255,7 +268,9 @@ def test_single_class_and_rank_one_dense():
     x = tf.constant([1.0, 2.0, 0.5])
     t = tf.constant([0.2, 0.5, 0.3])
     assert fused_xent.softmax_cross_entropy_with_logits(t, x).shape == ()
-    assert_close(fused_xent.softmax_cross_entropy_with_logits(t, x), tf.nn.softmax_cross_entropy_with_logits(t, x), "float32")
+    assert_close(
+        fused_xent.softmax_cross_entropy_with_logits(t, x), tf.nn.softmax_cross_entropy_with_logits(t, x), "float32"
+    )
 
 
 def test_name_scope():

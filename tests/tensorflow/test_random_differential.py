@@ -16,9 +16,9 @@ import os
 import numpy as np
 import pytest
 
+from tests._support import reference
 from tests._support.assertions import assert_rows_close, dense_target_terms, label_gradient_terms, target_terms
 from tests._support.runners import tf_or_skip
-from tests._support import reference
 
 tf = tf_or_skip()
 import fused_xent  # noqa: E402
@@ -31,6 +31,7 @@ CASES = int(os.environ.get("FUSED_XENT_DIFF_CASES", "150"))
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
 HUGE = {"float16": 6e4, "bfloat16": 3e38, "float32": 3e38, "float64": 1e300}
 
+
 def _np_dtype(name):
     return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
 
@@ -41,8 +42,10 @@ def make_case(seed, index):
     dtype = DTYPES[rng.integers(len(DTYPES))]
     rank = int(rng.integers(1, 5))
     axis = int(rng.integers(-rank, rank))
-    classes = int(rng.choice([1, 2, 3, 5, 7, 16, 33, 100, 300, 2100], p=[.06, .1, .1, .1, .14, .1, .14, .1, .1, .06]))
-    shape = [int(rng.choice([0, 1, 2, 3, 4], p=[.08, .2, .3, .22, .2])) for _ in range(rank)]
+    classes = int(
+        rng.choice([1, 2, 3, 5, 7, 16, 33, 100, 300, 2100], p=[0.06, 0.1, 0.1, 0.1, 0.14, 0.1, 0.14, 0.1, 0.1, 0.06])
+    )
+    shape = [int(rng.choice([0, 1, 2, 3, 4], p=[0.08, 0.2, 0.3, 0.22, 0.2])) for _ in range(rank)]
     shape[axis] = classes
     if classes > 300:
         shape = [min(d, 2) for d in shape]
@@ -68,8 +71,9 @@ def make_case(seed, index):
         options["label_smoothing"] = float(np.float32(rng.choice([0.0, 0.1, 1.0, rng.random()])))
     if rng.random() < 0.3:
         options["z_loss"] = float(np.float32(rng.choice([1e-4, 1e-2, 0.3])))
-    case = dict(seed=seed, index=index, dtype=dtype, shape=tuple(shape), axis=axis, sparse=sparse, options=options,
-                logits=z)
+    case = dict(
+        seed=seed, index=index, dtype=dtype, shape=tuple(shape), axis=axis, sparse=sparse, options=options, logits=z
+    )
     if sparse:
         label_dtype = "int32" if rng.random() < 0.5 else "int64"
         labels = rng.integers(0, classes, size=rows)
@@ -103,12 +107,16 @@ def make_case(seed, index):
 def describe(case):
     with np.printoptions(threshold=200, precision=6):
         options = {k: (np.asarray(v) if k == "class_weights" else v) for k, v in case["options"].items()}
-        lines = [f"seed={case['seed']} index={case['index']} dtype={case['dtype']} shape={case['shape']} "
-                 f"axis={case['axis']} sparse={case['sparse']} options={options}"]
+        lines = [
+            f"seed={case['seed']} index={case['index']} dtype={case['dtype']} shape={case['shape']} "
+            f"axis={case['axis']} sparse={case['sparse']} options={options}"
+        ]
         for key in ("logits", "labels", "grad_loss"):
             lines.append(f"{key} ({np.asarray(case[key]).dtype}): {np.asarray(case[key])!r}")
-    lines.append(f"replay: FUSED_XENT_DIFF_SEED={case['seed']} pytest tests/tensorflow/test_random_differential.py "
-                 f"-k 'case_{case['index']}-'")
+    lines.append(
+        f"replay: FUSED_XENT_DIFF_SEED={case['seed']} pytest tests/tensorflow/test_random_differential.py "
+        f"-k 'case_{case['index']}-'"
+    )
     return "\n".join(lines)
 
 
@@ -138,8 +146,9 @@ def _run_tf(case, logits, labels, grad_loss):
 def _run_numpy(case, logits, labels, grad_loss):
     options = dict(case["options"])
     if case["sparse"]:
-        return fxnp.sparse_softmax_cross_entropy_with_logits(labels, logits, axis=case["axis"], grad_loss=grad_loss,
-                                                             **options)
+        return fxnp.sparse_softmax_cross_entropy_with_logits(
+            labels, logits, axis=case["axis"], grad_loss=grad_loss, **options
+        )
     return fxnp.softmax_cross_entropy_with_logits(labels, logits, axis=case["axis"], grad_loss=grad_loss, **options)
 
 
@@ -155,8 +164,10 @@ def lse_rounding_terms(case, z64, ref_grad, terms):
     if case["dtype"] != "float64" or z64.size == 0:
         return terms
     with np.errstate(invalid="ignore", over="ignore"):
-        lse = np.expand_dims(reference._lse(np.where(np.isnan(_rows_first(z64, case)), 0.0, _rows_first(z64, case))),
-                             case["axis"] % z64.ndim)
+        lse = np.expand_dims(
+            reference._lse(np.where(np.isnan(_rows_first(z64, case)), 0.0, _rows_first(z64, case))),
+            case["axis"] % z64.ndim,
+        )
         bound = (np.abs(ref_grad) + terms) * np.where(np.isfinite(lse), np.abs(lse), 0.0)
     return np.maximum(terms, np.where(np.isfinite(bound), bound, 0.0))
 

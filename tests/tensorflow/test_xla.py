@@ -14,10 +14,16 @@ import textwrap
 import numpy as np
 import pytest
 
-from tests._support.assertions import (ToleranceError, assert_rows_close, dense_target_terms, label_gradient_terms,
-                                      rows_tolerance, target_terms)
-from tests._support.runners import tf_or_skip
 from tests._support import reference
+from tests._support.assertions import (
+    ToleranceError,
+    assert_rows_close,
+    dense_target_terms,
+    label_gradient_terms,
+    rows_tolerance,
+    target_terms,
+)
+from tests._support.runners import tf_or_skip
 
 tf = tf_or_skip()
 import fused_xent  # noqa: E402
@@ -141,8 +147,9 @@ def test_sparse_matches_cpu_kernel_and_reference(dtype, options, axis, lowering)
 
     _assert_matches_plain((loss, grad), plain, lowering)
     g64 = tf.cast(grad_loss, tf.float64).numpy()
-    ref_loss, ref_grad = reference.sparse(labels.numpy(), tf.cast(z, tf.float64).numpy(), axis=axis, grad_loss=g64,
-                                          **options)
+    ref_loss, ref_grad = reference.sparse(
+        labels.numpy(), tf.cast(z, tf.float64).numpy(), axis=axis, grad_loss=g64, **options
+    )
     assert_rows_close(loss, ref_loss, dtype, axis=None, what="loss")
     terms = target_terms(labels.numpy(), shape, axis, grad_loss=g64, **options)
     assert_rows_close(grad, ref_grad, dtype, axis=axis, terms=terms, what="gradient")
@@ -209,8 +216,9 @@ def test_raw_ops_lse_and_lse_gradient_match(sparse, dtype, lowering):
     z64, g64 = (tf.cast(a, tf.float64).numpy() for a in (z, g))
     options = dict(label_smoothing=f32(0.1), z_loss=f32(0.05))
     if sparse:
-        ref_loss, ref_grad = reference.sparse(labels.numpy(), z64, ignore_index=2, class_weights=WEIGHTS,
-                                              grad_loss=g64, **options)
+        ref_loss, ref_grad = reference.sparse(
+            labels.numpy(), z64, ignore_index=2, class_weights=WEIGHTS, grad_loss=g64, **options
+        )
         terms = target_terms(labels.numpy(), z64.shape, ignore_index=2, class_weights=WEIGHTS, grad_loss=g64, **options)
     else:
         t64 = tf.cast(t, tf.float64).numpy()
@@ -233,10 +241,12 @@ def test_nonempty_grad_lse_from_an_old_graph_is_refused(sparse, lowering):
     labels = tf.constant([2, 2, 0, 4, 1, 2], tf.int64)
     if sparse:
         fn = lambda z: lib.fused_xent_sparse_softmax_cross_entropy_grad(  # noqa: E731
-            z, labels, tf.zeros([0]), tf.zeros([6], tf.float64), g, tf.ones([6], tf.float64))
+            z, labels, tf.zeros([0]), tf.zeros([6], tf.float64), g, tf.ones([6], tf.float64)
+        )
     else:
         fn = lambda z: lib.fused_xent_softmax_cross_entropy_grad(  # noqa: E731
-            z, tf.one_hot(labels, C), tf.zeros([6], tf.float64), g, tf.ones([6], tf.float64))
+            z, tf.one_hot(labels, C), tf.zeros([6], tf.float64), g, tf.ones([6], tf.float64)
+        )
     for run in (fn, tf.function(fn, jit_compile=True)):
         with pytest.raises(tf.errors.InvalidArgumentError, match=r"grad_lse must be empty.*re-export it"):
             run(z)
@@ -477,7 +487,9 @@ def test_compiled_hlo_calls_the_fused_kernels():
 def test_unknown_lowering_setting_is_an_error(monkeypatch):
     monkeypatch.setenv("FUSED_XENT_XLA_LOWERING", "fast")
     fn = lambda z: fused_xent.sparse_softmax_cross_entropy_with_logits([0, 1], z)  # noqa: E731
-    with pytest.raises(tf.errors.InvalidArgumentError, match="FUSED_XENT_XLA_LOWERING must be auto, custom_call or hlo"):
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="FUSED_XENT_XLA_LOWERING must be auto, custom_call or hlo"
+    ):
         tf.function(fn, jit_compile=True)(tf.zeros([2, 3]))
 
 
@@ -517,7 +529,9 @@ def _train(jit_compile, x, y, init):
     import keras
 
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(C)])
+    model = keras.Sequential(
+        [keras.Input((x.shape[1],)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(C)]
+    )
     model.set_weights(init)
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss=_fused_sparse_loss, jit_compile=jit_compile)
     history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)

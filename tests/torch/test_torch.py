@@ -9,10 +9,15 @@ CPU only: the CUDA path (fused_xent.cuda under the same ops) needs a CUDA build.
 import numpy as np
 import pytest
 
-from tests._support.assertions import (ToleranceError, assert_rows_close, dense_target_terms, label_gradient_terms,
-                                      target_terms)
-from tests._support.framework_cases import C, DTYPES, SPARSE_OPTIONS, WEIGHTS, dense_case, f64, logits, sparse_case
 from tests._support import reference
+from tests._support.assertions import (
+    ToleranceError,
+    assert_rows_close,
+    dense_target_terms,
+    label_gradient_terms,
+    target_terms,
+)
+from tests._support.framework_cases import DTYPES, SPARSE_OPTIONS, WEIGHTS, C, dense_case, f64, logits, sparse_case
 
 torch = pytest.importorskip("torch")
 import ml_dtypes  # noqa: E402
@@ -20,7 +25,12 @@ import torch.nn.functional as F  # noqa: E402
 
 import fused_xent.torch as ft  # noqa: E402
 
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+TORCH_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
 
 
 def _tensor(a, dtype=None):
@@ -145,8 +155,10 @@ def test_torch_weighted_mean_is_our_sum_over_the_label_weights():
     weights = torch.from_numpy(WEIGHTS)
     valid = labels != -100
     ours = _loss_and_grad(
-        lambda z: ft.sparse_softmax_cross_entropy_with_logits(labels, z, ignore_index=-100, class_weights=weights).sum()
-        / weights[labels[valid]].sum(),
+        lambda z: (
+            ft.sparse_softmax_cross_entropy_with_logits(labels, z, ignore_index=-100, class_weights=weights).sum()
+            / weights[labels[valid]].sum()
+        ),
         z,
     )
     theirs = _loss_and_grad(lambda z: F.cross_entropy(z, labels, weight=weights, ignore_index=-100), z)
@@ -276,8 +288,11 @@ def test_out_of_range_label_raises():
     "kwargs, error, message",
     [
         (dict(labels=torch.zeros(4)), TypeError, "labels must be int32 or int64 class indices, got float32"),
-        (dict(logits=torch.zeros(4, C, dtype=torch.int32)), TypeError,
-         "logits must be float16, bfloat16, float32 or float64, got int32"),
+        (
+            dict(logits=torch.zeros(4, C, dtype=torch.int32)),
+            TypeError,
+            "logits must be float16, bfloat16, float32 or float64, got int32",
+        ),
         (dict(logits=torch.tensor(1.0)), ValueError, "`logits` cannot be a scalar"),
         (dict(labels=torch.zeros(5, dtype=torch.int32)), ValueError, "`labels.shape` must equal `logits.shape` except"),
         (dict(labels=torch.zeros(4, 1, dtype=torch.int32)), ValueError, "`labels.shape.rank` must equal"),
@@ -287,8 +302,11 @@ def test_out_of_range_label_raises():
         (dict(z_loss=-1.0), ValueError, "z_loss must be a finite number >= 0"),
         (dict(class_weights=np.ones(3)), ValueError, "class_weights has 3 entries but logits have 7 classes"),
         (dict(class_weights=torch.ones(C, dtype=torch.int64)), TypeError, "class_weights must be floating point"),
-        (dict(class_weights=np.where(np.arange(C) == 3, np.nan, 1.0)), ValueError,
-         "class_weights must be finite and >= 0, got nan for class 3"),
+        (
+            dict(class_weights=np.where(np.arange(C) == 3, np.nan, 1.0)),
+            ValueError,
+            "class_weights must be finite and >= 0, got nan for class 3",
+        ),
         (dict(ignore_index=1.5), TypeError, "ignore_index must be an integer or None"),
     ],
 )

@@ -29,9 +29,13 @@ WEIGHTS = torch.tensor([1.0, 2.0, 0.5, 1.5, 0.75], dtype=torch.float64)
 
 
 def sparse_ours(z, ignore_index=None):
-    return ft.sparse_softmax_cross_entropy_with_logits(
-        LABELS, z, label_smoothing=EPS, z_loss=LAM, class_weights=WEIGHTS, ignore_index=ignore_index
-    ).pow(2).sum()  # squared: the upstream gradient depends on z
+    return (
+        ft.sparse_softmax_cross_entropy_with_logits(
+            LABELS, z, label_smoothing=EPS, z_loss=LAM, class_weights=WEIGHTS, ignore_index=ignore_index
+        )
+        .pow(2)
+        .sum()
+    )  # squared: the upstream gradient depends on z
 
 
 def sparse_reference(z, ignore_index=None):

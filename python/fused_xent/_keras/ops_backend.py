@@ -84,8 +84,20 @@ def categorical(y_true, y_pred, *, from_logits, label_smoothing, axis, z_loss, e
     return losses - target_mass * ops.log(ops.sum(clipped, axis=axis))
 
 
-def sparse(y_true, y_pred, *, from_logits, label_smoothing, axis, z_loss, class_weights, ignore_class, epsilon,
-           loss_dtype, name):
+def sparse(
+    y_true,
+    y_pred,
+    *,
+    from_logits,
+    label_smoothing,
+    axis,
+    z_loss,
+    class_weights,
+    ignore_class,
+    epsilon,
+    loss_dtype,
+    name,
+):
     """(per-element losses, integer labels) of integer labels; ignored elements give 0."""
     _check_rank(y_pred, axis)
     labels = _sparse_labels(y_true, y_pred, axis)

@@ -134,8 +134,20 @@ def categorical(y_true, y_pred, *, from_logits, label_smoothing, axis, z_loss, e
     return losses - target_mass * tf.math.log(tf.reduce_sum(clipped, axis))
 
 
-def sparse(y_true, y_pred, *, from_logits, label_smoothing, axis, z_loss, class_weights, ignore_class, epsilon,
-           loss_dtype, name):
+def sparse(
+    y_true,
+    y_pred,
+    *,
+    from_logits,
+    label_smoothing,
+    axis,
+    z_loss,
+    class_weights,
+    ignore_class,
+    epsilon,
+    loss_dtype,
+    name,
+):
     """(per-element losses, integer labels) of integer labels; ignored elements give 0."""
     logits, is_logits = _checked_scores(y_pred, from_logits, axis, loss_dtype, name)
     labels = sparse_labels(y_true, logits, axis)

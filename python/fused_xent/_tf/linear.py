@@ -65,8 +65,16 @@ class _Config:
         self.has_weights = has_weights
 
     def key(self):
-        return (self.transpose_weight, tuple(sorted(self.attrs.items())), self.chunk, self.vocab,
-                self.hidden_size, self.dtype.name, self.has_bias, self.has_weights)
+        return (
+            self.transpose_weight,
+            tuple(sorted(self.attrs.items())),
+            self.chunk,
+            self.vocab,
+            self.hidden_size,
+            self.dtype.name,
+            self.has_bias,
+            self.has_weights,
+        )
 
     @property
     def acc_dtype(self):
@@ -118,7 +126,9 @@ def _checked_shapes(hidden, weight, labels, bias, transpose_weight):
             f"hidden's last dimension ({hidden.shape[-1]}) must equal H={hidden_size} of weight {weight.shape} ({layout})"
         )
     if labels.shape.rank is not None and not labels.shape.is_compatible_with(hidden.shape[:-1]):
-        raise ValueError(f"labels must have the shape of hidden without its last axis: labels {labels.shape}, hidden {hidden.shape}")
+        raise ValueError(
+            f"labels must have the shape of hidden without its last axis: labels {labels.shape}, hidden {hidden.shape}"
+        )
     if bias is not None and (bias.shape.rank != 1 or not bias.shape.is_compatible_with([vocab])):
         raise ValueError(f"bias must be a vector of V={vocab} entries, got shape {bias.shape}")
     return hidden_size, vocab
@@ -147,7 +157,8 @@ def _checked_rows(hidden, labels):
         lambda: tf.constant(False),
     )
     check = tf.debugging.Assert(
-        same, ["labels must have the shape of hidden without its last axis: labels", label_shape, "hidden", tf.shape(hidden)]
+        same,
+        ["labels must have the shape of hidden without its last axis: labels", label_shape, "hidden", tf.shape(hidden)],
     )
     with tf.control_dependencies([check]):
         return tf.identity(hidden), tf.identity(labels)
@@ -300,8 +311,13 @@ def _forward_only(h, w, b, y, cw, cfg):
 def _forward_with_gradients(h, w, b, y, cw, cfg):
     """(loss, lse, dh, dw, db) with the gradients for an upstream gradient of 1 on every row."""
     n = _num_rows(h)
-    state = (_private_zeros([n], cfg.dtype), _private_zeros([n], tf.float64), _private_zeros(tf.shape(h), h.dtype),
-             _private_zeros(w.shape, w.dtype), tf.zeros([cfg.vocab], cfg.acc_dtype))
+    state = (
+        _private_zeros([n], cfg.dtype),
+        _private_zeros([n], tf.float64),
+        _private_zeros(tf.shape(h), h.dtype),
+        _private_zeros(w.shape, w.dtype),
+        tf.zeros([cfg.vocab], cfg.acc_dtype),
+    )
 
     def body(start, size, carry):
         loss, lse, dh, dw, db = carry
@@ -355,7 +371,9 @@ def _shared_gradient(g, counted):
     high = tf.reduce_max(tf.where(counted, g, -np.inf))
     low = tf.reduce_min(tf.where(counted, g, np.inf))
     any_counted = tf.reduce_any(counted)
-    return tf.where(any_counted, high, tf.zeros_like(high)), tf.logical_or(tf.equal(high, low), tf.logical_not(any_counted))
+    return tf.where(any_counted, high, tf.zeros_like(high)), tf.logical_or(
+        tf.equal(high, low), tf.logical_not(any_counted)
+    )
 
 
 def _scaled_backward(h, w, b, y, cw, lse, dh0, dw0, db0, g, cfg):
@@ -448,8 +466,16 @@ def _prepare(hidden, weight, labels, bias, transpose_weight, class_weights, chun
     )
     _check_static_labels(labels, vocab, options["ignore_index"])
     cw = class_weights_tensor(class_weights, vocab)
-    cfg = _Config(transpose_weight, attrs, _checked_chunk(chunk_size, hidden.shape[:-1].num_elements(), vocab, hidden.dtype), vocab, hidden_size,
-                  hidden.dtype, bias is not None, class_weights is not None)
+    cfg = _Config(
+        transpose_weight,
+        attrs,
+        _checked_chunk(chunk_size, hidden.shape[:-1].num_elements(), vocab, hidden.dtype),
+        vocab,
+        hidden_size,
+        hidden.dtype,
+        bias is not None,
+        class_weights is not None,
+    )
     return hidden, weight, labels, bias, cw, cfg
 
 
@@ -495,8 +521,16 @@ def linear_cross_entropy(
         raise ValueError(f"unknown gradient strategy {_strategy!r}")
     with tf.name_scope("linear_cross_entropy"):
         hidden, weight, labels, bias, cw, cfg = _prepare(
-            hidden, weight, labels, bias, transpose_weight, class_weights, chunk_size,
-            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+            hidden,
+            weight,
+            labels,
+            bias,
+            transpose_weight,
+            class_weights,
+            chunk_size,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
         )
         hidden, labels = _checked_rows(hidden, labels)
         h = tf.reshape(hidden, [-1, cfg.hidden_size])

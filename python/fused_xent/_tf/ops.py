@@ -2,10 +2,10 @@
 
 import tensorflow as tf
 
-from fused_xent import _checks
+from fused_xent import _checks, _registration
 from fused_xent._tf import gradients  # noqa: F401  (registers the gradients)
 from fused_xent._tf.loader import load_op_library
-from fused_xent import _registration
+
 
 def refuse_composite(value, name):
     """Ragged and sparse tensors are refused with what to pass instead (converting
@@ -157,5 +157,6 @@ def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothin
             **option_attrs(label_smoothing, z_loss),
         )
         return loss
+
 
 _registration.register(finishing=__name__)  # this module may have been the first import of a framework

@@ -7,7 +7,6 @@ kernel's output (exact, not fused). The forward keeps each row's logsumexp in fl
 for the backward: an internal value, so ``jax_enable_x64`` may stay off.
 """
 
-
 import functools
 import os
 import threading
@@ -62,7 +61,7 @@ def _rows(z, axis):
 @functools.lru_cache(maxsize=None)
 def _workspace_bytes(kind, shape, axis, itemsize):
     axis %= len(shape)
-    outer, inner = int(np.prod(shape[:axis], dtype=np.int64)), int(np.prod(shape[axis + 1:], dtype=np.int64))
+    outer, inner = int(np.prod(shape[:axis], dtype=np.int64)), int(np.prod(shape[axis + 1 :], dtype=np.int64))
     return _core.workspace_bytes(kind, outer, shape[axis], inner, itemsize)
 
 
@@ -70,7 +69,7 @@ def _workspace(name, z, axis):
     """The targets' last result: scratch memory for the CUDA kernels, allocated by XLA with the
     call's other buffers and dropped after it. Its size depends on the shape alone, so one lowering
     serves every platform (the CPU handlers leave it alone)."""
-    kind = name[len("fused_xent_"):]
+    kind = name[len("fused_xent_") :]
     return jax.ShapeDtypeStruct((_workspace_bytes(kind, tuple(z.shape), axis, z.dtype.itemsize),), np.uint8)
 
 
@@ -94,8 +93,9 @@ def _alias_gradient():
 def _backward_ffi(name, opts, z, *operands):
     out = jax.ShapeDtypeStruct(z.shape, z.dtype)
     aliases = {0: 0} if _alias_gradient() else None
-    call = jax.ffi.ffi_call(name, (out, _workspace(name, z, opts[0])), vmap_method="sequential",
-                            input_output_aliases=aliases)
+    call = jax.ffi.ffi_call(
+        name, (out, _workspace(name, z, opts[0])), vmap_method="sequential", input_output_aliases=aliases
+    )
     return call(z, *operands, **_attrs(opts))[0]
 
 
@@ -253,5 +253,3 @@ def _dense_vjp_backward(opts, residuals, g):
 
 
 dense.defvjp(_dense_vjp_forward, _dense_vjp_backward)
-
-

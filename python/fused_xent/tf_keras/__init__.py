@@ -19,12 +19,12 @@ try:
     importlib.import_module("tf_keras")  # the submodules import it too; here its absence is explained
 except ImportError as error:
     raise ImportError(
-        "fused_xent.tf_keras needs tf_keras (Keras 2) for TensorFlow 2.21: pip install \"fused-xent[tf_keras]\" "
-        f"(or \"tf_keras>=2.21,<2.22\"). Importing it failed: {error}"
+        'fused_xent.tf_keras needs tf_keras (Keras 2) for TensorFlow 2.21: pip install "fused-xent[tf_keras]" '
+        f'(or "tf_keras>=2.21,<2.22"). Importing it failed: {error}'
     ) from error
 
-from fused_xent.tf_keras import losses, metrics
 from fused_xent import _registration
+from fused_xent.tf_keras import losses, metrics
 
 __all__ = ["losses", "metrics"]
 

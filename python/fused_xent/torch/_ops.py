@@ -9,14 +9,12 @@ differentiate a composite of torch ops for that op's output (exact, not fused; i
 lse from the logits and never differentiates through the lse input).
 """
 
-
 from typing import Optional
 
 import numpy as np
 import torch
 
 from fused_xent import _checks, _core
-
 
 
 def dtype_name(dtype):
@@ -63,9 +61,18 @@ def _sparse_forward_kernel(logits, labels, weights, axis, eps, lam, ignore_index
     outer, classes, inner, reduced = _checks.layout(tuple(logits.shape), axis)
     loss, lse = torch.empty(reduced, dtype=logits.dtype), torch.empty(reduced, dtype=torch.float64)
     _core.sparse_forward(
-        dtype=dtype_name(logits.dtype), logits=_host(logits), labels=_host(labels), outer=outer, classes=classes,
-        inner=inner, label_smoothing=eps, z_loss=lam, ignore_index=ignore_index,
-        class_weights=None if weights is None else _host(weights.cpu()), loss=_host(loss), lse=_host(lse),
+        dtype=dtype_name(logits.dtype),
+        logits=_host(logits),
+        labels=_host(labels),
+        outer=outer,
+        classes=classes,
+        inner=inner,
+        label_smoothing=eps,
+        z_loss=lam,
+        ignore_index=ignore_index,
+        class_weights=None if weights is None else _host(weights.cpu()),
+        loss=_host(loss),
+        lse=_host(lse),
     )
     return loss, lse
 
@@ -82,10 +89,19 @@ def _sparse_backward_kernel(logits, labels, weights, lse, grad_loss, axis, eps, 
     outer, classes, inner, reduced = _checks.layout(tuple(logits.shape), axis)
     grad = _empty(tuple(logits.shape), logits.dtype)
     _core.sparse_backward(
-        dtype=dtype_name(logits.dtype), logits=_host(logits), labels=_host(labels), outer=outer, classes=classes,
-        inner=inner, label_smoothing=eps, z_loss=lam, ignore_index=ignore_index,
-        class_weights=None if weights is None else _host(weights.cpu()), lse=_host(lse.contiguous()),
-        grad_loss=_host_grad_loss(grad_loss, logits, reduced), grad_logits=_host(grad),
+        dtype=dtype_name(logits.dtype),
+        logits=_host(logits),
+        labels=_host(labels),
+        outer=outer,
+        classes=classes,
+        inner=inner,
+        label_smoothing=eps,
+        z_loss=lam,
+        ignore_index=ignore_index,
+        class_weights=None if weights is None else _host(weights.cpu()),
+        lse=_host(lse.contiguous()),
+        grad_loss=_host_grad_loss(grad_loss, logits, reduced),
+        grad_logits=_host(grad),
     )
     return grad
 
@@ -104,8 +120,16 @@ def _dense_forward_kernel(logits, labels, axis, eps, lam):
     outer, classes, inner, reduced = _checks.layout(tuple(logits.shape), axis)
     loss, lse = torch.empty(reduced, dtype=logits.dtype), torch.empty(reduced, dtype=torch.float64)
     _core.dense_forward(
-        dtype=dtype_name(logits.dtype), logits=_host(logits), labels=_host(labels), outer=outer, classes=classes,
-        inner=inner, label_smoothing=eps, z_loss=lam, loss=_host(loss), lse=_host(lse),
+        dtype=dtype_name(logits.dtype),
+        logits=_host(logits),
+        labels=_host(labels),
+        outer=outer,
+        classes=classes,
+        inner=inner,
+        label_smoothing=eps,
+        z_loss=lam,
+        loss=_host(loss),
+        lse=_host(lse),
     )
     return loss, lse
 
@@ -120,9 +144,17 @@ def _dense_backward_kernel(logits, labels, lse, grad_loss, axis, eps, lam):
     outer, classes, inner, reduced = _checks.layout(tuple(logits.shape), axis)
     grad = _empty(tuple(logits.shape), logits.dtype)
     _core.dense_backward(
-        dtype=dtype_name(logits.dtype), logits=_host(logits), labels=_host(labels), outer=outer, classes=classes,
-        inner=inner, label_smoothing=eps, z_loss=lam, lse=_host(lse.contiguous()),
-        grad_loss=_host_grad_loss(grad_loss, logits, reduced), grad_logits=_host(grad),
+        dtype=dtype_name(logits.dtype),
+        logits=_host(logits),
+        labels=_host(labels),
+        outer=outer,
+        classes=classes,
+        inner=inner,
+        label_smoothing=eps,
+        z_loss=lam,
+        lse=_host(lse.contiguous()),
+        grad_loss=_host_grad_loss(grad_loss, logits, reduced),
+        grad_logits=_host(grad),
     )
     return grad
 
@@ -134,16 +166,28 @@ def _dense_backward_kernel(logits, labels, lse, grad_loss, axis, eps, lam):
 
 @torch.library.custom_op("fused_xent::sparse_forward", mutates_args=())
 def sparse_forward(
-    logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor],
-    axis: int, label_smoothing: float, z_loss: float, ignore_index: Optional[int],
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    axis: int,
+    label_smoothing: float,
+    z_loss: float,
+    ignore_index: Optional[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _sparse_forward_kernel(logits, labels, weights, axis, label_smoothing, z_loss, ignore_index)
 
 
 @torch.library.custom_op("fused_xent::sparse_backward", mutates_args=())
 def _sparse_backward(
-    logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], lse: torch.Tensor,
-    grad_loss: torch.Tensor, axis: int, label_smoothing: float, z_loss: float, ignore_index: Optional[int],
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    grad_loss: torch.Tensor,
+    axis: int,
+    label_smoothing: float,
+    z_loss: float,
+    ignore_index: Optional[int],
 ) -> torch.Tensor:
     return _sparse_backward_kernel(logits, labels, weights, lse, grad_loss, axis, label_smoothing, z_loss, ignore_index)
 
@@ -157,8 +201,13 @@ def dense_forward(
 
 @torch.library.custom_op("fused_xent::dense_backward", mutates_args=())
 def _dense_backward(
-    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor, axis: int,
-    label_smoothing: float, z_loss: float,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_loss: torch.Tensor,
+    axis: int,
+    label_smoothing: float,
+    z_loss: float,
 ) -> torch.Tensor:
     return _dense_backward_kernel(logits, labels, lse, grad_loss, axis, label_smoothing, z_loss)
 
@@ -264,7 +313,9 @@ def _sparse_backward_grad(ctx, cotangent):
     wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[4])
     d_logits, d_grad_loss = _composite_vjp(
         lambda z, g: _sparse_gradient_composite(z, labels, weights, g, axis, eps, lam, ignore_index),
-        (logits, grad_loss), wanted, cotangent,
+        (logits, grad_loss),
+        wanted,
+        cotangent,
     )
     return _cast(d_logits, logits), None, None, None, _cast(d_grad_loss, grad_loss), None, None, None, None
 
@@ -313,7 +364,9 @@ def _dense_backward_grad(ctx, cotangent):
     wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
     d_z, d_t, d_g = _composite_vjp(
         lambda z, t, g: _dense_gradient_composite(z, t, g, axis, eps, lam),
-        (logits, labels, grad_loss), wanted, cotangent,
+        (logits, labels, grad_loss),
+        wanted,
+        cotangent,
     )
     return _cast(d_z, logits), _cast(d_t, labels), None, _cast(d_g, grad_loss), None, None, None
 
