@@ -43,6 +43,21 @@ def _reduced(shape, axis):
     return tuple(d for i, d in enumerate(shape) if i != axis)
 
 
+def _host_call(logits, labels, layout, eps, lam):
+    """The keywords every CPU binding takes first: contiguous tensors as NumPy views, the layout."""
+    outer, classes, inner, _ = layout
+    return dict(
+        dtype=dtype_name(logits.dtype),
+        logits=_host(logits),
+        labels=_host(labels),
+        outer=outer,
+        classes=classes,
+        inner=inner,
+        label_smoothing=eps,
+        z_loss=lam,
+    )
+
+
 def _sparse_options(weights, eps, lam, ignore_index):
     return dict(label_smoothing=eps, z_loss=lam, ignore_index=ignore_index, class_weights=weights)
 
@@ -58,17 +73,11 @@ def _sparse_forward_kernel(logits, labels, weights, axis, eps, lam, ignore_index
 
         return cuda.sparse_forward(labels, logits, axis=axis, **_sparse_options(weights, eps, lam, ignore_index))
     logits, labels = logits.contiguous(), labels.contiguous()
-    outer, classes, inner, reduced = _checks.layout(tuple(logits.shape), axis)
+    layout = _checks.layout(tuple(logits.shape), axis)
+    reduced = layout[3]
     loss, lse = torch.empty(reduced, dtype=logits.dtype), torch.empty(reduced, dtype=torch.float64)
     _core.sparse_forward(
-        dtype=dtype_name(logits.dtype),
-        logits=_host(logits),
-        labels=_host(labels),
-        outer=outer,
-        classes=classes,
-        inner=inner,
-        label_smoothing=eps,
-        z_loss=lam,
+        **_host_call(logits, labels, layout, eps, lam),
         ignore_index=ignore_index,
         class_weights=None if weights is None else _host(weights.cpu()),
         loss=_host(loss),
@@ -86,17 +95,11 @@ def _sparse_backward_kernel(logits, labels, weights, lse, grad_loss, axis, eps, 
             labels, logits, lse, grad_loss, axis=axis, **_sparse_options(weights, eps, lam, ignore_index)
         )
     logits, labels = logits.contiguous(), labels.contiguous()
-    outer, classes, inner, reduced = _checks.layout(tuple(logits.shape), axis)
+    layout = _checks.layout(tuple(logits.shape), axis)
+    reduced = layout[3]
     grad = _empty(tuple(logits.shape), logits.dtype)
     _core.sparse_backward(
-        dtype=dtype_name(logits.dtype),
-        logits=_host(logits),
-        labels=_host(labels),
-        outer=outer,
-        classes=classes,
-        inner=inner,
-        label_smoothing=eps,
-        z_loss=lam,
+        **_host_call(logits, labels, layout, eps, lam),
         ignore_index=ignore_index,
         class_weights=None if weights is None else _host(weights.cpu()),
         lse=_host(lse.contiguous()),
@@ -117,17 +120,11 @@ def _dense_forward_kernel(logits, labels, axis, eps, lam):
         return cuda.dense_forward(labels, logits, axis=axis, label_smoothing=eps, z_loss=lam)
     logits = logits.contiguous()
     labels = _dense_labels(logits, labels)
-    outer, classes, inner, reduced = _checks.layout(tuple(logits.shape), axis)
+    layout = _checks.layout(tuple(logits.shape), axis)
+    reduced = layout[3]
     loss, lse = torch.empty(reduced, dtype=logits.dtype), torch.empty(reduced, dtype=torch.float64)
     _core.dense_forward(
-        dtype=dtype_name(logits.dtype),
-        logits=_host(logits),
-        labels=_host(labels),
-        outer=outer,
-        classes=classes,
-        inner=inner,
-        label_smoothing=eps,
-        z_loss=lam,
+        **_host_call(logits, labels, layout, eps, lam),
         loss=_host(loss),
         lse=_host(lse),
     )
@@ -141,17 +138,11 @@ def _dense_backward_kernel(logits, labels, lse, grad_loss, axis, eps, lam):
         return cuda.dense_backward(labels, logits, lse, grad_loss, axis=axis, label_smoothing=eps, z_loss=lam)
     logits = logits.contiguous()
     labels = _dense_labels(logits, labels)
-    outer, classes, inner, reduced = _checks.layout(tuple(logits.shape), axis)
+    layout = _checks.layout(tuple(logits.shape), axis)
+    reduced = layout[3]
     grad = _empty(tuple(logits.shape), logits.dtype)
     _core.dense_backward(
-        dtype=dtype_name(logits.dtype),
-        logits=_host(logits),
-        labels=_host(labels),
-        outer=outer,
-        classes=classes,
-        inner=inner,
-        label_smoothing=eps,
-        z_loss=lam,
+        **_host_call(logits, labels, layout, eps, lam),
         lse=_host(lse.contiguous()),
         grad_loss=_host_grad_loss(grad_loss, logits, reduced),
         grad_logits=_host(grad),
