@@ -3,8 +3,10 @@
 ``sparse_softmax_cross_entropy_with_logits`` and ``softmax_cross_entropy_with_logits``
 take the arguments of the TensorFlow functions of the same names and return the
 per-example loss. They work eagerly and under ``jax.jit``, ``jax.grad`` and
-``jax.vmap`` (which runs the kernels once per batch element), on the CPU and,
-in CUDA builds, on the GPU.
+``jax.vmap`` (a batch axis is more rows: one kernel call), on the CPU and, in
+CUDA builds, on the GPU. Under sharding (``jax.sharding``, Keras's
+``DataParallel``) each device runs the kernels on its own rows
+(docs/distributed.md).
 
 The first derivative is the fused backward kernel (a ``jax.custom_vjp``).
 Higher derivatives (``jax.hessian``, gradient penalties) use a composite of

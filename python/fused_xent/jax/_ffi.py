@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fused_xent import _core
+from fused_xent.jax import _sharding
 
 _JAX_PLATFORMS = {"cpu": "cpu", "cuda": "CUDA"}
 _lock = threading.Lock()
@@ -74,6 +75,15 @@ def _workspace(name, z, axis):
 
 
 def _forward_ffi(name, opts, z, *operands):
+    return _sharding.call(_run_forward, name, opts, z, *operands)
+
+
+def _backward_ffi(name, opts, z, *operands):
+    return _sharding.call(_run_backward, name, opts, z, *operands)
+
+
+def _run_forward(name, opts, z, *operands):
+    """The forward handler on whole arrays, or on one device's shard (jax/_sharding.py)."""
     row = _rows(z, opts[0])
     lse = jax.ShapeDtypeStruct(row.shape, np.float64)  # float64 even without x64: the call returns it as asked
     call = jax.ffi.ffi_call(name, (row, lse, _workspace(name, z, opts[0])), vmap_method="sequential")
@@ -90,7 +100,7 @@ def _alias_gradient():
     return os.environ.get("FUSED_XENT_JAX_ALIAS_GRADIENT", "0") not in ("", "0")
 
 
-def _backward_ffi(name, opts, z, *operands):
+def _run_backward(name, opts, z, *operands):
     out = jax.ShapeDtypeStruct(z.shape, z.dtype)
     aliases = {0: 0} if _alias_gradient() else None
     call = jax.ffi.ffi_call(
