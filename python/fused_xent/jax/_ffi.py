@@ -79,7 +79,9 @@ def _forward_ffi(name, opts, z, *operands):
 
 
 def _backward_ffi(name, opts, z, *operands):
-    return _sharding.call(_run_backward, name, opts, z, *operands)
+    # The runner is part of what jax/_sharding.py caches a traced call by.
+    runner = _run_backward_over_logits if _alias_gradient() else _run_backward
+    return _sharding.call(runner, name, opts, z, *operands)
 
 
 def _run_forward(name, opts, z, *operands):
@@ -100,13 +102,16 @@ def _alias_gradient():
     return os.environ.get("FUSED_XENT_JAX_ALIAS_GRADIENT", "0") not in ("", "0")
 
 
-def _run_backward(name, opts, z, *operands):
+def _run_backward(name, opts, z, *operands, aliases=None):
     out = jax.ShapeDtypeStruct(z.shape, z.dtype)
-    aliases = {0: 0} if _alias_gradient() else None
     call = jax.ffi.ffi_call(
         name, (out, _workspace(name, z, opts[0])), vmap_method="sequential", input_output_aliases=aliases
     )
     return call(z, *operands, **_attrs(opts))[0]
+
+
+def _run_backward_over_logits(name, opts, z, *operands):
+    return _run_backward(name, opts, z, *operands, aliases={0: 0})
 
 
 def _acc(dtype):
