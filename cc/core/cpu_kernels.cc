@@ -144,9 +144,13 @@ template int64_t find_invalid_label<int64_t>(const int64_t*, int64_t, int64_t, c
 const char* simd_level() { return cpu::target_name(cpu::active_target()); }
 
 std::string invalid_label_message(int64_t value, int64_t classes, const Options& options) {
+  // A vocabulary-parallel shard's labels range over the whole row; its
+  // ignore_index is the caller's stand-in, not the user's.
+  const bool shard = options.total_classes > 0;
   std::string message = "Received a label value of " + std::to_string(value) +
-                        " which is outside the valid range of [0, " + std::to_string(classes) + ")";
-  if (options.has_ignore_index)
+                        " which is outside the valid range of [0, " +
+                        std::to_string(shard ? options.total_classes : classes) + ")";
+  if (options.has_ignore_index && !shard)
     message += " and is not ignore_index (" + std::to_string(options.ignore_index) + ")";
   return message;
 }

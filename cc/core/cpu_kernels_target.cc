@@ -608,7 +608,11 @@ template <typename T, typename Label> void finish_sparse_row(const SparseForward
   A loss = 0;
   if (kind == LabelKind::kValid) {
     const int64_t y = static_cast<int64_t>(args.labels[r]);
-    loss = sparse_row_loss<A>(sums, log_sum, lse, row[y], label_weight(y, args.options), args.options);
+    loss = sparse_row_loss<A>(sums, log_sum, lse, true, row[y], label_weight(y, args.options), args.options,
+                              uniform_share<A>(args.layout.classes, args.options));
+  } else if (kind == LabelKind::kAbsent) {
+    loss = sparse_row_loss<A>(sums, log_sum, lse, false, A(0), A(1), args.options,
+                              uniform_share<A>(args.layout.classes, args.options));
   } else if (kind == LabelKind::kOutOfRange) {
     loss = quiet_nan<A>();
   }
@@ -637,12 +641,13 @@ void sparse_forward(const SparseForwardArgs<T, Label>& args, int64_t row_begin, 
   const Layout& layout = args.layout;
   const bool want_mean = args.options.label_smoothing > 0;
   if constexpr (kVectorized<T>) {
-    if (uses_row_groups(layout)) {
+    if (uses_row_groups(layout) && !args.options.total_classes) {  // shards: rows one by one, below
       row_begin = sparse_forward_groups(args, row_begin, row_end);
       if (row_begin < row_end) sparse_forward_tail(args, row_begin, row_end);
       return;
     }
-    if (uses_inner_tiles(layout)) return sparse_forward_tiles(args, row_begin, row_end);
+    if (uses_inner_tiles(layout) && !args.options.total_classes)
+      return sparse_forward_tiles(args, row_begin, row_end);
   }
   for (int64_t r = row_begin; r < row_end; ++r) {
     const Row<T> row = row_of(args.logits, layout, r);
@@ -658,12 +663,13 @@ void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin
   const int64_t classes = layout.classes;
   const int64_t stride = layout.inner;
   if constexpr (kVectorized<T>) {
-    if (uses_row_groups(layout)) {
+    if (uses_row_groups(layout) && !args.options.total_classes) {  // shards: rows one by one, below
       row_begin = sparse_backward_groups(args, row_begin, row_end);
       if (row_begin < row_end) sparse_backward_tail(args, row_begin, row_end);
       return;
     }
-    if (uses_inner_tiles(layout)) return sparse_backward_tiles(args, row_begin, row_end);
+    if (uses_inner_tiles(layout) && !args.options.total_classes)
+      return sparse_backward_tiles(args, row_begin, row_end);
   }
   const bool stream = use_streaming_stores<T>(layout);
   for (int64_t r = row_begin; r < row_end; ++r) {
@@ -681,15 +687,21 @@ void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin
     }
     const double lse = args.lse[r];
     const SplitLse<A> split = backward_lse(row_of(args.logits, layout, r), lse);
-    const int64_t y = static_cast<int64_t>(args.labels[r]);
-    const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), label_weight(y, args.options), lse,
-                                            A(1), classes, args.options);
+    const bool absent = kind == LabelKind::kAbsent;  // a shard's row without its target: p_j - eps / C only
+    const int64_t y = absent ? -1 : static_cast<int64_t>(args.labels[r]);
+    const auto c =
+        backward_coefficients<A>(load_acc(args.grad_loss[r]), absent ? A(1) : label_weight(y, args.options),
+                                 lse, A(1), row_classes(classes, args.options), args.options);
     if constexpr (kVectorized<T>) {
       if (stride == 1) {
         write_gradient_vectorized<T>(logits, nullptr, out, 0, classes, split, c.softmax_scale, c.target_scale,
                                      c.uniform, stream, y);
         continue;
       }
+    }
+    if (absent) {
+      write_softmax_gradient(logits, out, stride, 0, classes, split, c, stream);
+      continue;
     }
     const A d_label = log_softmax_at(load_acc(logits[y * stride]), split);
     write_softmax_gradient(logits, out, stride, 0, y, split, c, stream);

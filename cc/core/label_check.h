@@ -14,7 +14,7 @@
 namespace fused_xent {
 
 // "Received a label value of V which is outside the valid range of [0, C)",
-// naming ignore_index when one is set.
+// naming ignore_index when one is set (C: the whole row's classes for a shard).
 std::string invalid_label_message(int64_t value, int64_t classes, const Options& options);
 
 // The lowest row with an invalid label among shards checked concurrently.

@@ -20,7 +20,8 @@
 namespace fused_xent {
 
 // How a sparse label maps to a row weight.
-enum class LabelKind { kValid, kIgnored, kOutOfRange };
+// kAbsent: a vocabulary-parallel row whose class is on another shard.
+enum class LabelKind { kValid, kIgnored, kOutOfRange, kAbsent };
 
 template <typename A> struct RowSums;
 
@@ -142,8 +143,21 @@ template <typename Label>
 FX_HOST_DEVICE LabelKind classify_label(Label label, int64_t classes, const Options& options) {
   const int64_t value = static_cast<int64_t>(label);
   if (options.has_ignore_index && value == options.ignore_index) return LabelKind::kIgnored;
+  if (options.total_classes > 0 && value == options.absent_label) return LabelKind::kAbsent;
   if (value < 0 || value >= classes) return LabelKind::kOutOfRange;
   return LabelKind::kValid;
+}
+
+// The classes of the whole row: a label's range, the C of the smoothing's eps / C.
+FX_HOST_DEVICE int64_t row_classes(int64_t classes, const Options& options) {
+  return options.total_classes > 0 ? options.total_classes : classes;
+}
+
+// The part of the smoothing's uniform target a call's classes hold: 1, or for a
+// vocabulary-parallel shard, classes / total_classes.
+template <typename A> FX_HOST_DEVICE A uniform_share(int64_t classes, const Options& options) {
+  return options.total_classes > 0 ? static_cast<A>(static_cast<double>(classes) / options.total_classes)
+                                   : A(1);
 }
 
 // Weight of a row with a valid label: the class weight of its label, or 1.
@@ -152,7 +166,8 @@ FX_HOST_DEVICE float label_weight(int64_t label, const Options& options) {
 }
 
 // Cross-entropy part of a row, sum_j q_j (lse - z_j), written with
-// nonnegative terms: log_sum * sum(q) + (1 - eps) * sum_j t_j (m - z_j) + eps * mean_j (m - z_j).
+// nonnegative terms: log_sum * sum(q) + (1 - eps) * sum_j t_j (m - z_j) + eps * mean_j (m - z_j)
+// (a shard's mean_gap comes scaled by its share of the classes).
 // Each gap term is only read when its weight is nonzero: a gap is +inf when a
 // logit it covers is -inf, and 0 * inf would make the row NaN instead of +inf.
 template <typename A>
@@ -168,9 +183,16 @@ template <typename A> FX_HOST_DEVICE A z_loss_term(double lse, const Options& op
 }
 
 // Sparse row: t = onehot(y), so sum(t) = 1 and sum_j t_j (m - z_j) = m - z_y.
+// A vocabulary-parallel shard (`share` < 1, uniform_share) holds its part of
+// the uniform target, and the one-hot part only where the label is among its
+// classes (has_label); sum(q) over its classes is then less than 1.
 template <typename A> FX_HOST_DEVICE A sparse_row_loss(const RowSums<A>& sums, A log_sum, double lse,
-                                                       A z_label, A weight, const Options& options) {
-  const A ce = cross_entropy(log_sum, A(1), sums.max - z_label, sums.gap, options);
+                                                       bool has_label, A z_label, A weight,
+                                                       const Options& options, A share = A(1)) {
+  const A eps = options.label_smoothing;
+  const A target_sum = options.total_classes > 0 ? (has_label ? 1 - eps : A(0)) + eps * share : A(1);
+  const A label_gap = has_label ? sums.max - z_label : A(0);
+  const A ce = cross_entropy(log_sum, target_sum, label_gap, share * sums.gap, options);
   return weight * (ce + z_loss_term<A>(lse, options));
 }
 

@@ -30,6 +30,12 @@ struct Options {
   bool has_ignore_index = false;  // rows whose label equals ignore_index give 0
   int64_t ignore_index = 0;
   const float* class_weights = nullptr;  // length `classes`, or null for all ones
+  // Vocabulary-parallel calls see one shard of each row's classes: `classes`
+  // of total_classes (0: whole rows). Their labels are local class indices, or
+  // absent_label for a row whose class is on another shard; the loss they give
+  // is the shard's part against the shard's own lse (docs/distributed.md).
+  int64_t total_classes = 0;
+  int64_t absent_label = 0;
 };
 
 template <typename T, typename Label> struct SparseForwardArgs {

@@ -31,9 +31,12 @@ template <typename T, typename Label> __device__ void finish_row(const SparseFor
   const double lse = lse_of(sums.max, log_sum_exp);
   args.lse[r] = lse;
   A loss = 0;
+  const A share = uniform_share<A>(args.layout.classes, args.options);
   if (l.kind == LabelKind::kValid)
-    loss = sparse_row_loss<A>(sums, log_sum_exp, lse, l.z_label, A(label_weight(l.label, args.options)),
-                              args.options);
+    loss = sparse_row_loss<A>(sums, log_sum_exp, lse, true, l.z_label, A(label_weight(l.label, args.options)),
+                              args.options, share);
+  else if (l.kind == LabelKind::kAbsent)
+    loss = sparse_row_loss<A>(sums, log_sum_exp, lse, false, A(0), A(1), args.options, share);
   else if (l.kind == LabelKind::kOutOfRange)
     loss = quiet_nan<A>();
   args.loss[r] = from_acc<T>(loss);
@@ -85,16 +88,18 @@ template <typename T, typename Label> __global__ void __launch_bounds__(kThreads
   const RowPointers<T> row{args.logits + offset, nullptr, args.grad_logits + offset, args.layout.inner};
   const int64_t classes = args.layout.classes;
   const LabelKind kind = classify_label(args.labels[s.row], classes, args.options);
-  if (kind != LabelKind::kValid) {  // out of range: NaN; ignored: weight 0
+  const bool absent = kind == LabelKind::kAbsent;  // a shard's row without its target: p_j - eps / C only
+  if (kind != LabelKind::kValid && !absent) {      // out of range: NaN; ignored: weight 0
     FillVisitor<A> fill{kind == LabelKind::kOutOfRange ? quiet_nan<A>() : A(0)};
     walk_slice<false, true>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, fill);
     return;
   }
-  const int64_t y = static_cast<int64_t>(args.labels[s.row]);
+  const int64_t y = absent ? -1 : static_cast<int64_t>(args.labels[s.row]);
   const double lse = args.lse[s.row];
   GradientVisitor<A, false> visit{
-      backward_coefficients<A>(to_acc(args.grad_loss[s.row]), A(label_weight(y, args.options)), lse, A(1),
-                               classes, args.options),
+      backward_coefficients<A>(to_acc(args.grad_loss[s.row]),
+                               absent ? A(1) : A(label_weight(y, args.options)), lse, A(1),
+                               row_classes(classes, args.options), args.options),
       split_lse<A>(lse), y};
   walk_slice<false, true>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, visit);
 }

@@ -7,6 +7,9 @@ namespace ffi_targets {
 
 inline constexpr const char kSparseForward[] = "fused_xent_sparse_forward";
 inline constexpr const char kSparseBackward[] = "fused_xent_sparse_backward";
+// Vocabulary-parallel shards of the sparse ones (ffi/xent_handlers.h: Shard).
+inline constexpr const char kSparseForwardShard[] = "fused_xent_sparse_forward_shard";
+inline constexpr const char kSparseBackwardShard[] = "fused_xent_sparse_backward_shard";
 inline constexpr const char kDenseForward[] = "fused_xent_dense_forward";
 inline constexpr const char kDenseBackward[] = "fused_xent_dense_backward";
 

@@ -242,15 +242,41 @@ template <typename T, typename Args> void FillBackward(const Call& call, const A
 
 // --- The handlers, over Runner(ctx...).Run(args) ------------------------------------
 
+// A vocabulary-parallel call (the *_shard targets): its logits hold `classes`
+// of total_classes; labels are local, absent_label where the class is elsewhere.
+struct Shard {
+  int64_t total_classes = 0;  // 0: not a shard
+  int64_t absent_label = 0;
+};
+
+inline ffi::Error ReadShard(const Shard& shard, Call* call) {
+  if (shard.total_classes == 0) return ffi::Error::Success();
+  if (shard.total_classes < call->layout.classes)
+    return InvalidArgument("total_classes (" + std::to_string(shard.total_classes) +
+                           ") must be at least the shard's classes (" + std::to_string(call->layout.classes) +
+                           ")");
+  if (call->options.class_weights)
+    return InvalidArgument(
+        "a vocabulary-parallel call takes no class_weights: the caller applies them per row");
+  if (shard.absent_label >= 0 && shard.absent_label < call->layout.classes)
+    return InvalidArgument("absent_label must not be a class of the shard, got " +
+                           std::to_string(shard.absent_label));
+  call->options.total_classes = shard.total_classes;
+  call->options.absent_label = shard.absent_label;
+  return ffi::Error::Success();
+}
+
 template <typename Runner, typename... Ctx>
-ffi::Error SparseForward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_weights, Result<AnyBuffer> loss,
-                         Result<AnyBuffer> lse, Result<AnyBuffer> workspace_buffer, int64_t axis,
-                         float label_smoothing, float z_loss, int64_t ignore_index, bool has_ignore_index,
-                         Ctx... ctx) {
+ffi::Error SparseForwardOfShard(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_weights,
+                                Result<AnyBuffer> loss, Result<AnyBuffer> lse,
+                                Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing,
+                                float z_loss, int64_t ignore_index, bool has_ignore_index,
+                                int64_t total_classes, int64_t absent_label, Ctx... ctx) {
   Call call;
   Workspace workspace;
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
   FX_FFI_RETURN_IF_ERROR(ReadSparseInputs(labels, class_weights, ignore_index, has_ignore_index, &call));
+  FX_FFI_RETURN_IF_ERROR(ReadShard(Shard{total_classes, absent_label}, &call));
   FX_FFI_RETURN_IF_ERROR(CheckForwardOutputs(call, logits, *loss, *lse));
   FX_FFI_RETURN_IF_ERROR(
       ReadWorkspace(*workspace_buffer, cuda::Kernel::kSparseForward, call, logits, &workspace));
@@ -265,14 +291,16 @@ ffi::Error SparseForward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_wei
 }
 
 template <typename Runner, typename... Ctx>
-ffi::Error SparseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_weights, AnyBuffer lse,
-                          AnyBuffer grad_loss, Result<AnyBuffer> grad_logits,
-                          Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing,
-                          float z_loss, int64_t ignore_index, bool has_ignore_index, Ctx... ctx) {
+ffi::Error SparseBackwardOfShard(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_weights, AnyBuffer lse,
+                                 AnyBuffer grad_loss, Result<AnyBuffer> grad_logits,
+                                 Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing,
+                                 float z_loss, int64_t ignore_index, bool has_ignore_index,
+                                 int64_t total_classes, int64_t absent_label, Ctx... ctx) {
   Call call;
   Workspace workspace;
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
   FX_FFI_RETURN_IF_ERROR(ReadSparseInputs(labels, class_weights, ignore_index, has_ignore_index, &call));
+  FX_FFI_RETURN_IF_ERROR(ReadShard(Shard{total_classes, absent_label}, &call));
   FX_FFI_RETURN_IF_ERROR(CheckBackwardBuffers(call, logits, lse, grad_loss, *grad_logits));
   FX_FFI_RETURN_IF_ERROR(
       ReadWorkspace(*workspace_buffer, cuda::Kernel::kSparseBackward, call, logits, &workspace));
@@ -284,6 +312,26 @@ ffi::Error SparseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_we
     args.labels = In<decltype(l)>(labels);
     return runner.Run(args, workspace);
   });
+}
+
+template <typename Runner, typename... Ctx>
+ffi::Error SparseForward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_weights, Result<AnyBuffer> loss,
+                         Result<AnyBuffer> lse, Result<AnyBuffer> workspace_buffer, int64_t axis,
+                         float label_smoothing, float z_loss, int64_t ignore_index, bool has_ignore_index,
+                         Ctx... ctx) {
+  return SparseForwardOfShard<Runner, Ctx...>(logits, labels, class_weights, loss, lse, workspace_buffer,
+                                              axis, label_smoothing, z_loss, ignore_index, has_ignore_index,
+                                              0, 0, std::move(ctx)...);
+}
+
+template <typename Runner, typename... Ctx>
+ffi::Error SparseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_weights, AnyBuffer lse,
+                          AnyBuffer grad_loss, Result<AnyBuffer> grad_logits,
+                          Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing,
+                          float z_loss, int64_t ignore_index, bool has_ignore_index, Ctx... ctx) {
+  return SparseBackwardOfShard<Runner, Ctx...>(logits, labels, class_weights, lse, grad_loss, grad_logits,
+                                               workspace_buffer, axis, label_smoothing, z_loss, ignore_index,
+                                               has_ignore_index, 0, 0, std::move(ctx)...);
 }
 
 template <typename Runner, typename... Ctx>
@@ -343,6 +391,11 @@ ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyB
   ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_SPARSE_ATTRS __VA_ARGS__
 #define FX_FFI_BIND_SPARSE_BACKWARD(...) \
   ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_SPARSE_ATTRS __VA_ARGS__
+#define FX_FFI_SHARD_ATTRS FX_FFI_SPARSE_ATTRS.Attr<int64_t>("total_classes").Attr<int64_t>("absent_label")
+#define FX_FFI_BIND_SPARSE_FORWARD_SHARD(...) \
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_SHARD_ATTRS __VA_ARGS__
+#define FX_FFI_BIND_SPARSE_BACKWARD_SHARD(...) \
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_SHARD_ATTRS __VA_ARGS__
 #define FX_FFI_BIND_DENSE_FORWARD(...) \
   ::xla::ffi::Ffi::Bind() FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_COMMON_ATTRS __VA_ARGS__
 #define FX_FFI_BIND_DENSE_BACKWARD(...) \
@@ -352,22 +405,28 @@ ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyB
 // CONTEXTS (e.g. .Ctx<ffi::ThreadPool>()) and arrive as the types listed after
 // it, with the handler traits TRAITS (ffi::Traits), and `targets_fn`
 // (ffi/handlers.h) returning them with their names.
-#define FX_FFI_DEFINE_TARGETS(targets_fn, Runner, CONTEXTS, TRAITS, ...)                     \
-  XLA_FFI_DEFINE_HANDLER(kSparseForwardHandler, (&SparseForward<Runner, __VA_ARGS__>),       \
-                         FX_FFI_BIND_SPARSE_FORWARD(CONTEXTS), TRAITS);                      \
-  XLA_FFI_DEFINE_HANDLER(kSparseBackwardHandler, (&SparseBackward<Runner, __VA_ARGS__>),     \
-                         FX_FFI_BIND_SPARSE_BACKWARD(CONTEXTS), TRAITS);                     \
-  XLA_FFI_DEFINE_HANDLER(kDenseForwardHandler, (&DenseForward<Runner, __VA_ARGS__>),         \
-                         FX_FFI_BIND_DENSE_FORWARD(CONTEXTS), TRAITS);                       \
-  XLA_FFI_DEFINE_HANDLER(kDenseBackwardHandler, (&DenseBackward<Runner, __VA_ARGS__>),       \
-                         FX_FFI_BIND_DENSE_BACKWARD(CONTEXTS), TRAITS);                      \
-  const Target* targets_fn(int* count) {                                                     \
-    static const Target targets[] = {{ffi_targets::kSparseForward, kSparseForwardHandler},   \
-                                     {ffi_targets::kSparseBackward, kSparseBackwardHandler}, \
-                                     {ffi_targets::kDenseForward, kDenseForwardHandler},     \
-                                     {ffi_targets::kDenseBackward, kDenseBackwardHandler}};  \
-    *count = static_cast<int>(sizeof(targets) / sizeof(targets[0]));                         \
-    return targets;                                                                          \
+#define FX_FFI_DEFINE_TARGETS(targets_fn, Runner, CONTEXTS, TRAITS, ...)                               \
+  XLA_FFI_DEFINE_HANDLER(kSparseForwardHandler, (&SparseForward<Runner, __VA_ARGS__>),                 \
+                         FX_FFI_BIND_SPARSE_FORWARD(CONTEXTS), TRAITS);                                \
+  XLA_FFI_DEFINE_HANDLER(kSparseBackwardHandler, (&SparseBackward<Runner, __VA_ARGS__>),               \
+                         FX_FFI_BIND_SPARSE_BACKWARD(CONTEXTS), TRAITS);                               \
+  XLA_FFI_DEFINE_HANDLER(kSparseForwardShardHandler, (&SparseForwardOfShard<Runner, __VA_ARGS__>),     \
+                         FX_FFI_BIND_SPARSE_FORWARD_SHARD(CONTEXTS), TRAITS);                          \
+  XLA_FFI_DEFINE_HANDLER(kSparseBackwardShardHandler, (&SparseBackwardOfShard<Runner, __VA_ARGS__>),   \
+                         FX_FFI_BIND_SPARSE_BACKWARD_SHARD(CONTEXTS), TRAITS);                         \
+  XLA_FFI_DEFINE_HANDLER(kDenseForwardHandler, (&DenseForward<Runner, __VA_ARGS__>),                   \
+                         FX_FFI_BIND_DENSE_FORWARD(CONTEXTS), TRAITS);                                 \
+  XLA_FFI_DEFINE_HANDLER(kDenseBackwardHandler, (&DenseBackward<Runner, __VA_ARGS__>),                 \
+                         FX_FFI_BIND_DENSE_BACKWARD(CONTEXTS), TRAITS);                                \
+  const Target* targets_fn(int* count) {                                                               \
+    static const Target targets[] = {{ffi_targets::kSparseForward, kSparseForwardHandler},             \
+                                     {ffi_targets::kSparseBackward, kSparseBackwardHandler},           \
+                                     {ffi_targets::kSparseForwardShard, kSparseForwardShardHandler},   \
+                                     {ffi_targets::kSparseBackwardShard, kSparseBackwardShardHandler}, \
+                                     {ffi_targets::kDenseForward, kDenseForwardHandler},               \
+                                     {ffi_targets::kDenseBackward, kDenseBackwardHandler}};            \
+    *count = static_cast<int>(sizeof(targets) / sizeof(targets[0]));                                   \
+    return targets;                                                                                    \
   }
 
 }  // namespace xla_ffi

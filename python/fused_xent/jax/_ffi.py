@@ -44,14 +44,17 @@ def register_targets():
 # ---------------------------------------------------------------- the FFI calls
 #
 # `opts` is a hashable tuple of the static options (jax.custom_* nondiff argument):
-# sparse: (axis, label_smoothing, z_loss, ignore_index or None); dense: (axis, label_smoothing, z_loss).
+# sparse: (axis, label_smoothing, z_loss, ignore_index or None); dense: (axis, label_smoothing, z_loss);
+# a vocabulary-parallel shard's sparse call (jax/_sharding.py) adds (total_classes, absent_label).
 # axis is negative; the floats are what the kernel sees (float32).
 
 
 def _attrs(opts):
     attrs = dict(axis=np.int64(opts[0]), label_smoothing=np.float32(opts[1]), z_loss=np.float32(opts[2]))
-    if len(opts) == 4:
+    if len(opts) >= 4:
         attrs.update(ignore_index=np.int64(0 if opts[3] is None else opts[3]), has_ignore_index=opts[3] is not None)
+    if len(opts) == 6:
+        attrs.update(total_classes=np.int64(opts[4]), absent_label=np.int64(opts[5]))
     return attrs
 
 
@@ -70,7 +73,7 @@ def _workspace(name, z, axis):
     """The targets' last result: scratch memory for the CUDA kernels, allocated by XLA with the
     call's other buffers and dropped after it. Its size depends on the shape alone, so one lowering
     serves every platform (the CPU handlers leave it alone)."""
-    kind = name[len("fused_xent_") :]
+    kind = name[len("fused_xent_") :].removesuffix("_shard")
     return jax.ShapeDtypeStruct((_workspace_bytes(kind, tuple(z.shape), axis, z.dtype.itemsize),), np.uint8)
 
 

@@ -7,8 +7,10 @@ it twice:
   runs the handler on each device's shard instead of gathering the logits. Rows are
   independent, so any sharding of the row dimensions is kept as it is: each device runs
   the kernel on its rows and the results keep the logits' row sharding (a gradient keeps
-  the logits' sharding). The class axis is kept whole for now: logits sharded over
-  classes are gathered along that axis, as before (docs/distributed.md).
+  the logits' sharding). Sparse labels with the class axis sharded run vocabulary-parallel
+  (jax/_vocab_parallel.py): row-sized all-reduces, no gather. Dense labels, and class
+  counts the class shards do not divide, keep the class axis whole: XLA gathers it
+  (docs/distributed.md).
 - ``jax.custom_batching.custom_vmap``, because custom_partitioning has no batching rule:
   a batch axis added by vmap is one more row dimension for the kernels, so a vmapped
   call is one call over all rows. Class weights that differ per batch element are the
@@ -27,6 +29,8 @@ import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from fused_xent.jax import _vocab_parallel
 
 # (operand roles, result roles) of each FFI target.
 ROLES = {
@@ -99,8 +103,28 @@ def _sharding_rule(runner, name, opts, mesh, operand_types, result_types):
     text = {"z": " ".join(dims), "r": " ".join(d for d in dims if d != _CLASS_FACTOR), "w": _WEIGHT_FACTOR}
     operand_roles, result_roles = ROLES[name]
     rule = ", ".join(text[r] for r in operand_roles) + " -> " + ", ".join(text[r] for r in result_roles)
-    whole = tuple(f for f in (_CLASS_FACTOR, _WEIGHT_FACTOR) if f in rule.split())
+    whole = (_WEIGHT_FACTOR,) if _VOCAB_PARALLEL.get(name) else (_CLASS_FACTOR, _WEIGHT_FACTOR)
+    whole = tuple(f for f in whole if f in rule.replace(",", " ").split())
     return rule, {"need_replication_factors": whole}
+
+
+# The targets that run vocabulary-parallel, and their shard functions.
+_VOCAB_PARALLEL = {
+    "fused_xent_sparse_forward": _vocab_parallel.forward,
+    "fused_xent_sparse_backward": _vocab_parallel.backward,
+}
+
+
+def _class_axes(name, spec, axis, classes, mesh):
+    """The mesh axes the class axis stays sharded over: () unless the call runs vocabulary-parallel."""
+    axes = spec[axis]
+    if axes is None or name not in _VOCAB_PARALLEL:
+        return ()
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    shards = 1
+    for a in axes:
+        shards *= mesh.shape[a]
+    return axes if classes % shards == 0 else ()  # uneven shards would hold padding: kept whole
 
 
 def _partition(runner, name, opts, mesh, arg_shapes, result_shape):
@@ -108,8 +132,10 @@ def _partition(runner, name, opts, mesh, arg_shapes, result_shape):
     rank = len(logits.shape)
     axis = opts[0] % rank
     spec = tuple(logits.sharding.spec) + (None,) * (rank - len(logits.sharding.spec))
+    classes = logits.shape[axis]
+    class_axes = _class_axes(name, spec, axis, classes, mesh)
     specs = {
-        "z": P(*(None if d == axis else s for d, s in enumerate(spec))),
+        "z": P(*((class_axes or None) if d == axis else s for d, s in enumerate(spec))),
         "r": P(*(s for d, s in enumerate(spec) if d != axis)),
         "w": P(),
     }
@@ -123,9 +149,11 @@ def _partition(runner, name, opts, mesh, arg_shapes, result_shape):
         if name == "fused_xent_sparse_forward" and mesh.size > 1:
             operands = (
                 operands[0],
-                _share_invalid_label(operands[1], operands[0].shape[axis], opts, mesh),
+                _share_invalid_label(operands[1], classes, opts, mesh),
                 *operands[2:],
             )
+        if class_axes:
+            return _VOCAB_PARALLEL[name](runner, opts, classes, class_axes, *operands)
         return runner(name, opts, *operands)
 
     return mesh, lower, result_shardings, arg_shardings
