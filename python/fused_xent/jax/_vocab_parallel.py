@@ -18,7 +18,6 @@ shard, IGNORED for ignore_index; invalid labels keep their value (never a local 
 so the kernel names them.
 """
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
