@@ -140,13 +140,28 @@ struct Call {
   int64_t elements() const { return layout.rows() * layout.classes; }
 };
 
+// A vocabulary-parallel shard (total_classes > 0): `classes` of each row's total_classes, labels
+// local or absent_label (core/xent_params.h); class weights are the caller's, applied per row.
+struct ShardOptions {
+  int64_t total_classes = 0;
+  int64_t absent_label = 0;
+};
+
 Call sparse_call(const py::array& labels, int64_t outer, int64_t classes, int64_t inner,
                  double label_smoothing, double z_loss, std::optional<int64_t> ignore_index,
-                 const ClassWeights& class_weights) {
+                 const ClassWeights& class_weights, const ShardOptions& shard = {}) {
   Call call{make_layout(outer, classes, inner),
             make_options(label_smoothing, z_loss, ignore_index, class_weights, classes)};
   require(labels.dtype().kind() == 'i' && (labels.itemsize() == 4 || labels.itemsize() == 8),
           "labels must be int32 or int64");
+  if (shard.total_classes > 0) {
+    require(shard.total_classes >= classes, "total_classes must be at least the shard's classes");
+    require(!class_weights, "a vocabulary-parallel call takes no class_weights: apply them per row");
+    require(shard.absent_label < 0 || shard.absent_label >= classes,
+            "absent_label must not be a class of the shard");
+    call.options.total_classes = shard.total_classes;
+    call.options.absent_label = shard.absent_label;
+  }
   return call;
 }
 
@@ -265,9 +280,9 @@ template <typename T> void run_dense_backward(const Call& call, const py::array&
 void sparse_forward(const std::string& dtype, py::array logits, py::array labels, int64_t outer,
                     int64_t classes, int64_t inner, double label_smoothing, double z_loss,
                     std::optional<int64_t> ignore_index, ClassWeights class_weights, py::array loss,
-                    py::array lse) {
-  const Call call =
-      sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index, class_weights);
+                    py::array lse, int64_t total_classes, int64_t absent_label) {
+  const Call call = sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index,
+                                class_weights, ShardOptions{total_classes, absent_label});
   dispatch_sparse(dtype, labels, [&](auto tag, auto label_tag, const char* kinds) {
     using T = decltype(tag);
     using Label = decltype(label_tag);
@@ -281,9 +296,10 @@ void sparse_forward(const std::string& dtype, py::array logits, py::array labels
 void sparse_backward(const std::string& dtype, py::array logits, py::array labels, int64_t outer,
                      int64_t classes, int64_t inner, double label_smoothing, double z_loss,
                      std::optional<int64_t> ignore_index, ClassWeights class_weights, py::array lse,
-                     py::array grad_loss, py::array grad_logits) {
-  const Call call =
-      sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index, class_weights);
+                     py::array grad_loss, py::array grad_logits, int64_t total_classes,
+                     int64_t absent_label) {
+  const Call call = sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index,
+                                class_weights, ShardOptions{total_classes, absent_label});
   dispatch_sparse(dtype, labels, [&](auto tag, auto label_tag, const char* kinds) {
     using T = decltype(tag);
     using Label = decltype(label_tag);
@@ -440,11 +456,12 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "Fused softmax cross-entropy kernels over NumPy buffers (private; use fused_xent.numpy).";
   m.def("sparse_forward", &sparse_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
-        py::arg("ignore_index"), py::arg("class_weights"), py::arg("loss"), py::arg("lse"));
+        py::arg("ignore_index"), py::arg("class_weights"), py::arg("loss"), py::arg("lse"),
+        py::arg("total_classes") = 0, py::arg("absent_label") = 0);
   m.def("sparse_backward", &sparse_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("ignore_index"), py::arg("class_weights"), py::arg("lse"), py::arg("grad_loss"),
-        py::arg("grad_logits"));
+        py::arg("grad_logits"), py::arg("total_classes") = 0, py::arg("absent_label") = 0);
   m.def("dense_forward", &dense_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("loss"), py::arg("lse"));

@@ -42,6 +42,8 @@ def sparse_forward(
     class_weights: _ClassWeights | None,
     loss: numpy.ndarray,
     lse: numpy.ndarray,
+    total_classes: _Int = 0,
+    absent_label: _Int = 0,
 ) -> None: ...
 def sparse_backward(
     dtype: str,
@@ -57,6 +59,8 @@ def sparse_backward(
     lse: numpy.ndarray,
     grad_loss: numpy.ndarray,
     grad_logits: numpy.ndarray,
+    total_classes: _Int = 0,
+    absent_label: _Int = 0,
 ) -> None: ...
 def dense_forward(
     dtype: str,
