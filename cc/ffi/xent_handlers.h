@@ -129,6 +129,17 @@ inline ffi::Error CheckLse(const AnyBuffer& lse, const Call& call, const char* n
   return CheckRows(lse, call, name);
 }
 
+// The backward's lse: float64 rows, or the same bytes as uint32 pairs (rows x 2, as JAX's
+// bitcast_convert_type gives them): a JAX residual that is no float64 array (jax/_ffi.py).
+inline ffi::Error CheckLseInput(const AnyBuffer& lse, const Call& call) {
+  if (lse.element_type() != ffi::DataType::U32) return CheckLse(lse, call);
+  std::vector<int64_t> pairs = call.row_dims;
+  pairs.push_back(2);
+  if (SameDims(lse.dimensions(), pairs)) return ffi::Error::Success();
+  return InvalidArgument("lse as uint32 must have the shape of logits without the class axis, then 2, got " +
+                         DimsText(lse.dimensions()));
+}
+
 // Labels (int32/int64, one per row), class weights (float32, none or one per
 // class) and ignore_index. Only shapes and dtypes: the buffers may be device
 // memory (CUDA), so the CPU runner checks the weights' values itself.
@@ -212,7 +223,7 @@ inline ffi::Error CheckForwardOutputs(const Call& call, const AnyBuffer& logits,
 // lse, grad_loss and the grad_logits result.
 inline ffi::Error CheckBackwardBuffers(const Call& call, const AnyBuffer& logits, const AnyBuffer& lse,
                                        const AnyBuffer& grad_loss, const AnyBuffer& grad_logits) {
-  FX_FFI_RETURN_IF_ERROR(CheckLse(lse, call));
+  FX_FFI_RETURN_IF_ERROR(CheckLseInput(lse, call));
   FX_FFI_RETURN_IF_ERROR(CheckRowsOfLogitsType(grad_loss, logits, call, "grad_loss"));
   return CheckLikeLogits(grad_logits, logits, "grad_logits");
 }

@@ -6,7 +6,8 @@ per-example loss. They work eagerly and under ``jax.jit``, ``jax.grad`` and
 ``jax.vmap`` (a batch axis is more rows: one kernel call), on the CPU and, in
 CUDA builds, on the GPU. Under sharding (``jax.sharding``, Keras's
 ``DataParallel``) each device runs the kernels on its own rows
-(docs/distributed.md).
+(docs/distributed.md). On platforms without the handlers (TPU, ROCm) they
+lower to an exact jax.numpy composite instead.
 
 The first derivative is the fused backward kernel (a ``jax.custom_vjp``).
 Higher derivatives (``jax.hessian``, gradient penalties) use a composite of

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fused_xent import _core
-from fused_xent.jax import _sharding
+from fused_xent.jax import _composite, _sharding
 
 _JAX_PLATFORMS = {"cpu": "cpu", "cuda": "CUDA"}
 _lock = threading.Lock()
@@ -184,14 +184,44 @@ def _sparse_backward_jvp(opts, primals, tangents):
     return out, dout.astype(out.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+# ---------------------------------------------------------------- the losses
+
+
+def _handler_platforms():
+    return tuple(p for p in _core.ffi_targets() if p in _JAX_PLATFORMS)
+
+
+def _on_platforms(fused, composite, *operands):
+    """fused(*operands) where a handler is registered, composite(*operands) elsewhere."""
+    branches = {p: fused for p in _handler_platforms()}
+    return jax.lax.platform_dependent(*operands, default=composite, **branches)
+
+
 def sparse(opts, z, labels, weights):
+    return _on_platforms(
+        functools.partial(_fused_sparse, opts), functools.partial(_composite.sparse, opts), z, labels, weights
+    )
+
+
+def dense(opts, z, t):
+    return _on_platforms(functools.partial(_fused_dense, opts), functools.partial(_composite.dense, opts), z, t)
+
+
+def _kept_lse(lse):
+    """The rows' float64 lse kept for the backward as the uint32 halves of each value (the
+    handlers read either): so the residuals lax.platform_dependent joins across its branches
+    hold no float64, which a platform without our handlers (TPU) may not have."""
+    return jax.lax.bitcast_convert_type(lse, jnp.uint32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_sparse(opts, z, labels, weights):
     return _sparse_forward(opts, z, labels, weights)[0]
 
 
 def _sparse_vjp_forward(opts, z, labels, weights):
     loss, lse = _sparse_forward(opts, z, labels, weights)
-    return loss, (z, labels, weights, lse)
+    return loss, (z, labels, weights, _kept_lse(lse))
 
 
 def _sparse_vjp_backward(opts, residuals, g):
@@ -199,13 +229,16 @@ def _sparse_vjp_backward(opts, residuals, g):
     return _sparse_backward(opts, z, labels, weights, lse, g), None, None
 
 
-sparse.defvjp(_sparse_vjp_forward, _sparse_vjp_backward)
+_fused_sparse.defvjp(_sparse_vjp_forward, _sparse_vjp_backward)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _neg_log_softmax(axis, z, lse):
-    """lse - z from the kernel's lse; its derivative recomputes the softmax from z."""
-    return jnp.expand_dims(lse.astype(_acc(z.dtype)), axis) - z.astype(_acc(z.dtype))
+    """lse - z from the kernel's lse (float64; as kept, _kept_lse, recomputed from z); its
+    derivative recomputes the softmax from z."""
+    acc = _acc(z.dtype)
+    row_lse = jax.nn.logsumexp(z.astype(acc), axis) if lse.dtype == jnp.uint32 else lse.astype(acc)
+    return jnp.expand_dims(row_lse, axis) - z.astype(acc)
 
 
 @_neg_log_softmax.defjvp
@@ -256,13 +289,13 @@ def _dense_backward_jvp(opts, primals, tangents):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def dense(opts, z, t):
+def _fused_dense(opts, z, t):
     return _dense_forward(opts, z, t)[0]
 
 
 def _dense_vjp_forward(opts, z, t):
     loss, lse = _dense_forward(opts, z, t)
-    return loss, (z, t, lse)
+    return loss, (z, t, _kept_lse(lse))
 
 
 def _dense_vjp_backward(opts, residuals, g):
@@ -270,4 +303,4 @@ def _dense_vjp_backward(opts, residuals, g):
     return _dense_backward(opts, z, t, lse, g), _dense_label_gradient(opts, z, lse, g, t.dtype)
 
 
-dense.defvjp(_dense_vjp_forward, _dense_vjp_backward)
+_fused_dense.defvjp(_dense_vjp_forward, _dense_vjp_backward)

@@ -16,9 +16,9 @@ it twice:
   call is one call over all rows. Class weights that differ per batch element are the
   exception: those run one call per element.
 
-Operands and results have one of three roles: "z" (shaped like the logits), "r" (one
-value per row: the logits' shape without the class axis) and "w" (class weights: whole on
-every device).
+Operands and results have one of four roles (ROLES): "z" (shaped like the logits), "r" (one
+value per row: the logits' shape without the class axis), "l" (the backward's lse: per row,
+maybe as a pair of uint32) and "w" (class weights: whole on every device).
 """
 
 import functools
@@ -32,16 +32,18 @@ from jax.sharding import PartitionSpec as P
 
 from fused_xent.jax import _vocab_parallel
 
-# (operand roles, result roles) of each FFI target.
+# (operand roles, result roles) of each FFI target. "l": the backward's lse, one value per row,
+# or one pair of uint32 (the float64's halves, jax/_ffi.py: _kept_lse).
 ROLES = {
     "fused_xent_sparse_forward": (("z", "r", "w"), ("r", "r")),
-    "fused_xent_sparse_backward": (("z", "r", "w", "r", "r"), ("z",)),
+    "fused_xent_sparse_backward": (("z", "r", "w", "l", "r"), ("z",)),
     "fused_xent_dense_forward": (("z", "z"), ("r", "r")),
-    "fused_xent_dense_backward": (("z", "z", "r", "r"), ("z",)),
+    "fused_xent_dense_backward": (("z", "z", "l", "r"), ("z",)),
 }
 
 _CLASS_FACTOR = "c"
 _WEIGHT_FACTOR = "w"
+_PAIR_FACTOR = "p"
 _ROW_FACTORS = [f"r{i}" for i in range(len(string.ascii_lowercase))]
 
 
@@ -97,13 +99,22 @@ def _dims(rank, axis):
     return [_CLASS_FACTOR if d == axis else next(rows) for d in range(rank)]
 
 
+def _lse_text(rows, operand_type, logits_rank):
+    """An lse operand's factors: the rows', and one more for a pair of uint32."""
+    return rows + (" " + _PAIR_FACTOR if len(operand_type.shape) == logits_rank else "")
+
+
 def _sharding_rule(runner, name, opts, mesh, operand_types, result_types):
     rank = len(operand_types[0].shape)
     dims = _dims(rank, opts[0] % rank)
-    text = {"z": " ".join(dims), "r": " ".join(d for d in dims if d != _CLASS_FACTOR), "w": _WEIGHT_FACTOR}
+    rows = " ".join(d for d in dims if d != _CLASS_FACTOR)
+    text = {"z": " ".join(dims), "r": rows, "w": _WEIGHT_FACTOR}
     operand_roles, result_roles = ROLES[name]
-    rule = ", ".join(text[r] for r in operand_roles) + " -> " + ", ".join(text[r] for r in result_roles)
-    whole = (_WEIGHT_FACTOR,) if _VOCAB_PARALLEL.get(name) else (_CLASS_FACTOR, _WEIGHT_FACTOR)
+    operands = [_lse_text(rows, t, rank) if r == "l" else text[r] for r, t in zip(operand_roles, operand_types)]
+    rule = ", ".join(operands) + " -> " + ", ".join(text[r] for r in result_roles)
+    whole = (
+        (_WEIGHT_FACTOR, _PAIR_FACTOR) if _VOCAB_PARALLEL.get(name) else (_CLASS_FACTOR, _WEIGHT_FACTOR, _PAIR_FACTOR)
+    )
     whole = tuple(f for f in whole if f in rule.replace(",", " ").split())
     return rule, {"need_replication_factors": whole}
 
@@ -140,7 +151,11 @@ def _partition(runner, name, opts, mesh, arg_shapes, result_shape):
         "w": P(),
     }
     operand_roles, result_roles = ROLES[name]
-    arg_shardings = tuple(NamedSharding(mesh, specs[r]) for r in operand_roles)
+    specs["l"] = specs["r"]
+    arg_shardings = tuple(
+        NamedSharding(mesh, P(*specs[r], None) if r == "l" and len(a.shape) == rank else specs[r])
+        for r, a in zip(operand_roles, arg_shapes)
+    )
     result_shardings = tuple(NamedSharding(mesh, specs[r]) for r in result_roles)
     if len(result_roles) == 1:
         result_shardings = result_shardings[0]
