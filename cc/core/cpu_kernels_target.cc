@@ -623,7 +623,9 @@ template <typename T> void finish_dense_row(const DenseForwardArgs<T>& args, int
                                             const RowSums<Acc<T>>& sums, Acc<T> log_sum) {
   const double lse = lse_of(sums.max, log_sum);
   args.lse[r] = lse;
-  args.loss[r] = store_as<T>(dense_row_loss<Acc<T>>(sums, log_sum, lse, args.options));
+  args.loss[r] = store_as<T>(dense_row_loss<Acc<T>>(
+      sums, log_sum, lse, args.options, uniform_share<Acc<T>>(args.layout.classes, args.options)));
+  if (args.label_sums) args.label_sums[r] = sums.label_sum;
 }
 
 #include "core/cpu_row_groups.inc"
@@ -716,12 +718,13 @@ void dense_forward(const DenseForwardArgs<T>& args, int64_t row_begin, int64_t r
   using A = Acc<T>;
   const bool want_mean = args.options.label_smoothing > 0;
   if constexpr (kVectorized<T>) {
-    if (uses_row_groups(args.layout)) {
+    if (uses_row_groups(args.layout) && !args.options.total_classes) {  // shards: rows one by one, below
       row_begin = dense_forward_groups(args, row_begin, row_end);
       if (row_begin < row_end) dense_forward_tail(args, row_begin, row_end);
       return;
     }
-    if (uses_inner_tiles(args.layout)) return dense_forward_tiles(args, row_begin, row_end);
+    if (uses_inner_tiles(args.layout) && !args.options.total_classes)
+      return dense_forward_tiles(args, row_begin, row_end);
   }
   for (int64_t r = row_begin; r < row_end; ++r) {
     const Row<T> logits = row_of(args.logits, args.layout, r);
@@ -738,12 +741,13 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
   const int64_t stride = layout.inner;
   const bool stream = use_streaming_stores<T>(layout);
   if constexpr (kVectorized<T>) {
-    if (uses_row_groups(layout)) {
+    if (uses_row_groups(layout) && !args.options.total_classes) {  // shards: rows one by one, below
       row_begin = dense_backward_groups(args, row_begin, row_end);
       if (row_begin < row_end) dense_backward_tail(args, row_begin, row_end);
       return;
     }
-    if (uses_inner_tiles(layout)) return dense_backward_tiles(args, row_begin, row_end);
+    if (uses_inner_tiles(layout) && !args.options.total_classes)
+      return dense_backward_tiles(args, row_begin, row_end);
   }
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t offset = layout.row_offset(r);
@@ -752,9 +756,11 @@ void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t
     T* out = args.grad_logits + offset;
     const double lse = args.lse[r];
     const SplitLse<A> split = backward_lse(row_of(args.logits, layout, r), lse);
-    const A target_sum = dense_target_sum(label_sum_of(labels), args.options);
+    // A shard's label sum is the whole row's, given (the uniform part then is whole too).
+    const A label_sum = args.label_sums ? static_cast<A>(args.label_sums[r]) : label_sum_of(labels);
+    const A target_sum = dense_target_sum(label_sum, args.options);
     const auto c = backward_coefficients<A>(load_acc(args.grad_loss[r]), A(1), lse, target_sum,
-                                            layout.classes, args.options);
+                                            row_classes(layout.classes, args.options), args.options);
     if constexpr (kVectorized<T>) {
       if (stride == 1) {
         // The next row's labels are summed before its gradient is written: ask for

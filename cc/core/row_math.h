@@ -196,15 +196,17 @@ template <typename A> FX_HOST_DEVICE A sparse_row_loss(const RowSums<A>& sums, A
   return weight * (ce + z_loss_term<A>(lse, options));
 }
 
-template <typename A> FX_HOST_DEVICE A dense_target_sum(A label_sum, const Options& options) {
+// sum(q) for dense labels; a vocabulary-parallel shard holds `share` of the uniform part.
+template <typename A> FX_HOST_DEVICE A dense_target_sum(A label_sum, const Options& options, A share = A(1)) {
   const A eps = options.label_smoothing;
-  return (1 - eps) * label_sum + eps;
+  return (1 - eps) * label_sum + eps * share;
 }
 
-template <typename A>
-FX_HOST_DEVICE A dense_row_loss(const RowSums<A>& sums, A log_sum, double lse, const Options& options) {
-  const A target_sum = dense_target_sum(static_cast<A>(sums.label_sum), options);
-  return cross_entropy(log_sum, target_sum, sums.label_gap, sums.gap, options) + z_loss_term<A>(lse, options);
+template <typename A> FX_HOST_DEVICE A dense_row_loss(const RowSums<A>& sums, A log_sum, double lse,
+                                                      const Options& options, A share = A(1)) {
+  const A target_sum = dense_target_sum(static_cast<A>(sums.label_sum), options, share);
+  return cross_entropy(log_sum, target_sum, sums.label_gap, share * sums.gap, options) +
+         z_loss_term<A>(lse, options);
 }
 
 // The backward of a row is dz_j = softmax_scale * p_j - target_scale * t_j - uniform,

@@ -64,6 +64,7 @@ template <typename T> struct DenseForwardArgs {
   const T* labels = nullptr;
   T* loss = nullptr;
   double* lse = nullptr;
+  double* label_sums = nullptr;  // or null; a vocabulary-parallel shard's sum_j t_j per row, for its caller
 };
 
 template <typename T> struct DenseBackwardArgs {
@@ -73,7 +74,8 @@ template <typename T> struct DenseBackwardArgs {
   const T* labels = nullptr;
   const double* lse = nullptr;
   const T* grad_loss = nullptr;
-  T* grad_logits = nullptr;  // may alias `logits`
+  T* grad_logits = nullptr;            // may alias `logits`
+  const double* label_sums = nullptr;  // or null; for a vocabulary-parallel shard, sum_j t_j of whole rows
 };
 
 }  // namespace fused_xent

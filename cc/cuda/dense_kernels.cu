@@ -10,7 +10,9 @@ __device__ void finish_row(const DenseForwardArgs<T>& args, int64_t r, const Row
   const Acc<T> log_sum_exp = log_sum(sums);
   const double lse = lse_of(sums.max, log_sum_exp);
   args.lse[r] = lse;
-  args.loss[r] = from_acc<T>(dense_row_loss<Acc<T>>(sums, log_sum_exp, lse, args.options));
+  args.loss[r] = from_acc<T>(dense_row_loss<Acc<T>>(
+      sums, log_sum_exp, lse, args.options, uniform_share<Acc<T>>(args.layout.classes, args.options)));
+  if (args.label_sums) args.label_sums[r] = sums.label_sum;
 }
 
 // Dense kernels hold logits and labels in registers: no occupancy bound, or they spill.
@@ -64,13 +66,20 @@ template <typename T> __global__ void __launch_bounds__(kThreads)
   using A = Acc<T>;
   const Slot s = slot_of(plan, args.layout);
   // Every thread of the block takes part (the sum synchronises), so no early return before it.
-  const A label_sum = group_total(label_sums + (s.active ? s.row * plan.splits : 0), plan.splits, s.lane,
-                                  plan.group, s.active);
+  // A shard's label sums are given, of whole rows (the same for the whole launch).
+  A label_sum = 0;
+  if (args.label_sums) {
+    if (s.active) label_sum = static_cast<A>(args.label_sums[s.row]);
+  } else {
+    label_sum = group_total(label_sums + (s.active ? s.row * plan.splits : 0), plan.splits, s.lane,
+                            plan.group, s.active);
+  }
   if (!s.active) return;
   const double lse = args.lse[s.row];
   GradientVisitor<A, true> visit{
       backward_coefficients<A>(to_acc(args.grad_loss[s.row]), A(1), lse,
-                               dense_target_sum(label_sum, args.options), args.layout.classes, args.options),
+                               dense_target_sum(label_sum, args.options),
+                               row_classes(args.layout.classes, args.options), args.options),
       split_lse<A>(lse), -1};
   const int64_t offset = args.layout.row_offset(s.row);
   const RowPointers<T> row{args.logits + offset, args.labels + offset, args.grad_logits + offset,
@@ -102,7 +111,7 @@ const char* dense_backward(const DenseBackwardArgs<T>& args, void* workspace, cu
   if (const char* error = check_grid(plan)) return error;
   if (!workspace) return "fused_xent CUDA: the dense backward needs a workspace";
   auto* label_sums = static_cast<Acc<T>*>(workspace);
-  label_sum_kernel<<<grid_of(plan), kThreads, 0, stream>>>(args, plan, label_sums);
+  if (!args.label_sums) label_sum_kernel<<<grid_of(plan), kThreads, 0, stream>>>(args, plan, label_sums);
   backward_kernel<<<grid_of(plan), kThreads, 0, stream>>>(args, plan, label_sums);
   return launch_status();
 }

@@ -12,6 +12,8 @@ inline constexpr const char kSparseForwardShard[] = "fused_xent_sparse_forward_s
 inline constexpr const char kSparseBackwardShard[] = "fused_xent_sparse_backward_shard";
 inline constexpr const char kDenseForward[] = "fused_xent_dense_forward";
 inline constexpr const char kDenseBackward[] = "fused_xent_dense_backward";
+inline constexpr const char kDenseForwardShard[] = "fused_xent_dense_forward_shard";
+inline constexpr const char kDenseBackwardShard[] = "fused_xent_dense_backward_shard";
 
 }  // namespace ffi_targets
 }  // namespace fused_xent

@@ -345,15 +345,34 @@ ffi::Error SparseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_we
                                                has_ignore_index, 0, 0, std::move(ctx)...);
 }
 
+// Dense shards (the *_shard targets): the forward also returns each row's label
+// sum over its classes; the backward takes the whole rows' label sums.
+inline ffi::Error ReadDenseShard(int64_t total_classes, Call* call) {
+  if (total_classes == 0) return ffi::Error::Success();
+  if (total_classes < call->layout.classes)
+    return InvalidArgument("total_classes (" + std::to_string(total_classes) +
+                           ") must be at least the shard's classes (" + std::to_string(call->layout.classes) +
+                           ")");
+  call->options.total_classes = total_classes;
+  return ffi::Error::Success();
+}
+
+inline ffi::Error CheckLabelSums(const AnyBuffer& sums, const Call& call) {
+  FX_FFI_RETURN_IF_ERROR(CheckType(sums, ffi::DataType::F64, "label_sums", "float64"));
+  return CheckRows(sums, call, "label_sums");
+}
+
 template <typename Runner, typename... Ctx>
-ffi::Error DenseForward(AnyBuffer logits, AnyBuffer labels, Result<AnyBuffer> loss, Result<AnyBuffer> lse,
-                        Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing, float z_loss,
-                        Ctx... ctx) {
+ffi::Error DenseForwardImpl(AnyBuffer logits, AnyBuffer labels, Result<AnyBuffer> loss, Result<AnyBuffer> lse,
+                            AnyBuffer* label_sums, Result<AnyBuffer> workspace_buffer, int64_t axis,
+                            float label_smoothing, float z_loss, int64_t total_classes, Ctx... ctx) {
   Call call;
   Workspace workspace;
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
+  FX_FFI_RETURN_IF_ERROR(ReadDenseShard(total_classes, &call));
   FX_FFI_RETURN_IF_ERROR(CheckLikeLogits(labels, logits, "labels"));
   FX_FFI_RETURN_IF_ERROR(CheckForwardOutputs(call, logits, *loss, *lse));
+  if (label_sums) FX_FFI_RETURN_IF_ERROR(CheckLabelSums(*label_sums, call));
   FX_FFI_RETURN_IF_ERROR(
       ReadWorkspace(*workspace_buffer, cuda::Kernel::kDenseForward, call, logits, &workspace));
   if (call.layout.rows() == 0) return ffi::Error::Success();
@@ -362,19 +381,40 @@ ffi::Error DenseForward(AnyBuffer logits, AnyBuffer labels, Result<AnyBuffer> lo
     DenseForwardArgs<decltype(t)> args;
     FillForward<decltype(t)>(call, logits, *loss, *lse, &args);
     args.labels = In<decltype(t)>(labels);
+    if (label_sums) args.label_sums = Out<double>(*label_sums);
     return runner.Run(args, workspace);
   });
 }
 
 template <typename Runner, typename... Ctx>
-ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyBuffer grad_loss,
-                         Result<AnyBuffer> grad_logits, Result<AnyBuffer> workspace_buffer, int64_t axis,
-                         float label_smoothing, float z_loss, Ctx... ctx) {
+ffi::Error DenseForward(AnyBuffer logits, AnyBuffer labels, Result<AnyBuffer> loss, Result<AnyBuffer> lse,
+                        Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing, float z_loss,
+                        Ctx... ctx) {
+  return DenseForwardImpl<Runner, Ctx...>(logits, labels, loss, lse, nullptr, workspace_buffer, axis,
+                                          label_smoothing, z_loss, 0, std::move(ctx)...);
+}
+
+template <typename Runner, typename... Ctx>
+ffi::Error DenseForwardOfShard(AnyBuffer logits, AnyBuffer labels, Result<AnyBuffer> loss,
+                               Result<AnyBuffer> lse, Result<AnyBuffer> label_sums,
+                               Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing,
+                               float z_loss, int64_t total_classes, Ctx... ctx) {
+  return DenseForwardImpl<Runner, Ctx...>(logits, labels, loss, lse, &*label_sums, workspace_buffer, axis,
+                                          label_smoothing, z_loss, total_classes, std::move(ctx)...);
+}
+
+template <typename Runner, typename... Ctx>
+ffi::Error DenseBackwardImpl(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyBuffer grad_loss,
+                             const AnyBuffer* label_sums, Result<AnyBuffer> grad_logits,
+                             Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing,
+                             float z_loss, int64_t total_classes, Ctx... ctx) {
   Call call;
   Workspace workspace;
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
+  FX_FFI_RETURN_IF_ERROR(ReadDenseShard(total_classes, &call));
   FX_FFI_RETURN_IF_ERROR(CheckLikeLogits(labels, logits, "labels"));
   FX_FFI_RETURN_IF_ERROR(CheckBackwardBuffers(call, logits, lse, grad_loss, *grad_logits));
+  if (label_sums) FX_FFI_RETURN_IF_ERROR(CheckLabelSums(*label_sums, call));
   FX_FFI_RETURN_IF_ERROR(
       ReadWorkspace(*workspace_buffer, cuda::Kernel::kDenseBackward, call, logits, &workspace));
   if (call.layout.rows() == 0) return ffi::Error::Success();
@@ -383,8 +423,28 @@ ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyB
     DenseBackwardArgs<decltype(t)> args;
     FillBackward<decltype(t)>(call, logits, lse, grad_loss, *grad_logits, &args);
     args.labels = In<decltype(t)>(labels);
+    if (label_sums) args.label_sums = In<double>(*label_sums);
     return runner.Run(args, workspace);
   });
+}
+
+template <typename Runner, typename... Ctx>
+ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyBuffer grad_loss,
+                         Result<AnyBuffer> grad_logits, Result<AnyBuffer> workspace_buffer, int64_t axis,
+                         float label_smoothing, float z_loss, Ctx... ctx) {
+  return DenseBackwardImpl<Runner, Ctx...>(logits, labels, lse, grad_loss, nullptr, grad_logits,
+                                           workspace_buffer, axis, label_smoothing, z_loss, 0,
+                                           std::move(ctx)...);
+}
+
+template <typename Runner, typename... Ctx>
+ffi::Error DenseBackwardOfShard(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyBuffer grad_loss,
+                                AnyBuffer label_sums, Result<AnyBuffer> grad_logits,
+                                Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing,
+                                float z_loss, int64_t total_classes, Ctx... ctx) {
+  return DenseBackwardImpl<Runner, Ctx...>(logits, labels, lse, grad_loss, &label_sums, grad_logits,
+                                           workspace_buffer, axis, label_smoothing, z_loss, total_classes,
+                                           std::move(ctx)...);
 }
 
 // --- Bindings: the operands and attributes above; the variadic part appends
@@ -407,6 +467,12 @@ ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyB
   ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_SHARD_ATTRS __VA_ARGS__
 #define FX_FFI_BIND_SPARSE_BACKWARD_SHARD(...) \
   ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_SHARD_ATTRS __VA_ARGS__
+#define FX_FFI_DENSE_SHARD_ATTRS FX_FFI_COMMON_ATTRS.Attr<int64_t>("total_classes")
+#define FX_FFI_BIND_DENSE_FORWARD_SHARD(...) \
+  ::xla::ffi::Ffi::Bind()                    \
+      FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_DENSE_SHARD_ATTRS __VA_ARGS__
+#define FX_FFI_BIND_DENSE_BACKWARD_SHARD(...) \
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_DENSE_SHARD_ATTRS __VA_ARGS__
 #define FX_FFI_BIND_DENSE_FORWARD(...) \
   ::xla::ffi::Ffi::Bind() FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_COMMON_ATTRS __VA_ARGS__
 #define FX_FFI_BIND_DENSE_BACKWARD(...) \
@@ -429,13 +495,19 @@ ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyB
                          FX_FFI_BIND_DENSE_FORWARD(CONTEXTS), TRAITS);                                 \
   XLA_FFI_DEFINE_HANDLER(kDenseBackwardHandler, (&DenseBackward<Runner, __VA_ARGS__>),                 \
                          FX_FFI_BIND_DENSE_BACKWARD(CONTEXTS), TRAITS);                                \
+  XLA_FFI_DEFINE_HANDLER(kDenseForwardShardHandler, (&DenseForwardOfShard<Runner, __VA_ARGS__>),       \
+                         FX_FFI_BIND_DENSE_FORWARD_SHARD(CONTEXTS), TRAITS);                           \
+  XLA_FFI_DEFINE_HANDLER(kDenseBackwardShardHandler, (&DenseBackwardOfShard<Runner, __VA_ARGS__>),     \
+                         FX_FFI_BIND_DENSE_BACKWARD_SHARD(CONTEXTS), TRAITS);                          \
   const Target* targets_fn(int* count) {                                                               \
     static const Target targets[] = {{ffi_targets::kSparseForward, kSparseForwardHandler},             \
                                      {ffi_targets::kSparseBackward, kSparseBackwardHandler},           \
                                      {ffi_targets::kSparseForwardShard, kSparseForwardShardHandler},   \
                                      {ffi_targets::kSparseBackwardShard, kSparseBackwardShardHandler}, \
                                      {ffi_targets::kDenseForward, kDenseForwardHandler},               \
-                                     {ffi_targets::kDenseBackward, kDenseBackwardHandler}};            \
+                                     {ffi_targets::kDenseBackward, kDenseBackwardHandler},             \
+                                     {ffi_targets::kDenseForwardShard, kDenseForwardShardHandler},     \
+                                     {ffi_targets::kDenseBackwardShard, kDenseBackwardShardHandler}};  \
     *count = static_cast<int>(sizeof(targets) / sizeof(targets[0]));                                   \
     return targets;                                                                                    \
   }

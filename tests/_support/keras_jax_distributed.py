@@ -1,14 +1,16 @@
 """Run by tests/keras/test_distribution_jax.py in a fresh interpreter with KERAS_BACKEND=jax
 on 8 virtual CPU devices: trains Input(H) -> Dense(C) one step under
-keras.distribution.DataParallel with fused_xent's losses and with Keras's own, from the
-same weights, and prints as JSON after "RESULT " each step's loss and the elements its
-compiled train step moves between devices (tests/_support/hlo_collectives.py).
+keras.distribution.DataParallel (MODE data_parallel) or ModelParallel with the head's
+kernel sharded on its classes (MODE model_parallel) with fused_xent's losses and with
+Keras's own, from the same weights, and prints as JSON after "RESULT " each step's loss and
+the elements its compiled train step moves between devices (tests/_support/hlo_collectives.py).
 
 Usage: python keras_jax_distributed.py MODE PATH (both ignored: the runner's convention)
 """
 
 import json
 import os
+import sys
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
@@ -23,7 +25,7 @@ N, H, C = 64, 16, 512
 
 
 def _model(weights):
-    model = keras.Sequential([keras.Input((H,)), keras.layers.Dense(C)])
+    model = keras.Sequential([keras.Input((H,)), keras.layers.Dense(C, name="head")])
     if weights is not None:
         model.set_weights(weights)
     return model
@@ -45,9 +47,19 @@ def _step(loss, x, labels, weights):
     return {"loss": value, "moved": sum(e for _, e in found), "largest_gather": gathered}
 
 
+def _distribution(mode):
+    if mode == "data_parallel":
+        return keras.distribution.DataParallel(devices=jax.devices())
+    mesh = keras.distribution.DeviceMesh((4, 2), ["batch", "model"], devices=jax.devices())
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*head/kernel"] = (None, "model")
+    layout_map[".*head/bias"] = ("model",)
+    return keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+
+
 def main():
     assert keras.backend.backend() == "jax", keras.backend.backend()
-    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+    keras.distribution.set_distribution(_distribution(sys.argv[1]))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(N, H)).astype("float32")
     y = rng.integers(0, C, N)

@@ -166,7 +166,9 @@ def main():
     cases["rows x classes, bfloat16/sparse, every option"] = _case(
         grid, P("data", "model"), "sparse, every option", dtype=jnp.bfloat16
     )
-    cases["classes, gathered/dense"] = _case(rows_named("model"), P(None, "model"), "dense")
+    cases["classes/dense"] = _case(rows_named("model"), P(None, "model"), "dense")
+    cases["rows x classes/dense, smoothing"] = _case(grid, P("data", "model"), "dense, smoothing")
+    cases["rows x classes, class axis 1/dense"] = _case(grid, P(None, "model", "data"), "dense", (4, C, 16), axis=1)
     cases["rows, class axis 1/sparse"] = _case(rows, P(None, None, "data"), "sparse", (4, C, 16), axis=1)
     cases["rows, class axis 1/dense"] = _case(grid, P("model", None, "data"), "dense", (4, C, 16), axis=1)
     cases["rows x classes, class axis 1/sparse"] = _case(grid, P(None, "model", "data"), "sparse", (4, C, 16), axis=1)

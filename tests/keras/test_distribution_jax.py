@@ -1,8 +1,9 @@
 """Keras 3's distribution API on the JAX backend with fused_xent's losses: one train step
-under keras.distribution.DataParallel on 8 virtual CPU devices (a fresh process,
-tests/_support/keras_jax_distributed.py) gives Keras's own loss value and moves what
-Keras's own loss moves between devices (the weight gradients' all-reduce), plus the two
-scalars every device shares to turn an invalid label into an error on all of them."""
+under keras.distribution.DataParallel, and under ModelParallel with the head's kernel
+sharded on its classes, on 8 virtual CPU devices (a fresh process per mode,
+tests/_support/keras_jax_distributed.py), gives Keras's own loss value and moves no more
+between devices than Keras's own loss, plus the two scalars every device shares to turn
+an invalid sparse label into an error on all of them; nothing gathers the logits."""
 
 import pytest
 
@@ -19,10 +20,10 @@ if not _core.ffi_targets().get("cpu"):
 LABEL_CHECK_ELEMENTS = 2  # jax/_sharding.py: _share_invalid_label
 
 
-@pytest.fixture(scope="module")
-def steps(tmp_path_factory):
+@pytest.fixture(scope="module", params=["data_parallel", "model_parallel"])
+def steps(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("distributed") / "unused"
-    return run_keras_backend_script("keras_jax_distributed.py", "jax", "data_parallel", path)
+    return run_keras_backend_script("keras_jax_distributed.py", "jax", request.param, path)
 
 
 def test_eight_devices(steps):

@@ -45,14 +45,17 @@ def register_targets():
 #
 # `opts` is a hashable tuple of the static options (jax.custom_* nondiff argument):
 # sparse: (axis, label_smoothing, z_loss, ignore_index or None); dense: (axis, label_smoothing, z_loss);
-# a vocabulary-parallel shard's sparse call (jax/_sharding.py) adds (total_classes, absent_label).
-# axis is negative; the floats are what the kernel sees (float32).
+# a vocabulary-parallel shard's call (jax/_vocab_parallel.py) adds total_classes (dense) or
+# (total_classes, absent_label) (sparse). axis is negative; the floats are what the kernel sees (float32).
 
 
-def _attrs(opts):
+def _attrs(name, opts):
     attrs = dict(axis=np.int64(opts[0]), label_smoothing=np.float32(opts[1]), z_loss=np.float32(opts[2]))
-    if len(opts) >= 4:
-        attrs.update(ignore_index=np.int64(0 if opts[3] is None else opts[3]), has_ignore_index=opts[3] is not None)
+    if name.startswith("fused_xent_dense"):
+        if len(opts) == 4:
+            attrs.update(total_classes=np.int64(opts[3]))
+        return attrs
+    attrs.update(ignore_index=np.int64(0 if opts[3] is None else opts[3]), has_ignore_index=opts[3] is not None)
     if len(opts) == 6:
         attrs.update(total_classes=np.int64(opts[4]), absent_label=np.int64(opts[5]))
     return attrs
@@ -90,10 +93,11 @@ def _backward_ffi(name, opts, z, *operands):
 def _run_forward(name, opts, z, *operands):
     """The forward handler on whole arrays, or on one device's shard (jax/_sharding.py)."""
     row = _rows(z, opts[0])
-    lse = jax.ShapeDtypeStruct(row.shape, np.float64)  # float64 even without x64: the call returns it as asked
-    call = jax.ffi.ffi_call(name, (row, lse, _workspace(name, z, opts[0])), vmap_method="sequential")
-    loss, lse, _ = call(z, *operands, **_attrs(opts))
-    return loss, lse
+    per_row = jax.ShapeDtypeStruct(row.shape, np.float64)  # float64 even without x64: the call returns it as asked
+    # lse; a dense shard's call also gives its label sums
+    extra = (per_row,) if name == "fused_xent_dense_forward_shard" else ()
+    call = jax.ffi.ffi_call(name, (row, per_row, *extra, _workspace(name, z, opts[0])), vmap_method="sequential")
+    return tuple(call(z, *operands, **_attrs(name, opts))[:-1])
 
 
 def _alias_gradient():
@@ -110,7 +114,7 @@ def _run_backward(name, opts, z, *operands, aliases=None):
     call = jax.ffi.ffi_call(
         name, (out, _workspace(name, z, opts[0])), vmap_method="sequential", input_output_aliases=aliases
     )
-    return call(z, *operands, **_attrs(opts))[0]
+    return call(z, *operands, **_attrs(name, opts))[0]
 
 
 def _run_backward_over_logits(name, opts, z, *operands):

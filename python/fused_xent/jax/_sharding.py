@@ -7,10 +7,9 @@ it twice:
   runs the handler on each device's shard instead of gathering the logits. Rows are
   independent, so any sharding of the row dimensions is kept as it is: each device runs
   the kernel on its rows and the results keep the logits' row sharding (a gradient keeps
-  the logits' sharding). Sparse labels with the class axis sharded run vocabulary-parallel
-  (jax/_vocab_parallel.py): row-sized all-reduces, no gather. Dense labels, and class
-  counts the class shards do not divide, keep the class axis whole: XLA gathers it
-  (docs/distributed.md).
+  the logits' sharding). With the class axis sharded the calls run vocabulary-parallel
+  (jax/_vocab_parallel.py): row-sized all-reduces, no gather. Class counts the class
+  shards do not divide keep the class axis whole: XLA gathers it (docs/distributed.md).
 - ``jax.custom_batching.custom_vmap``, because custom_partitioning has no batching rule:
   a batch axis added by vmap is one more row dimension for the kernels, so a vmapped
   call is one call over all rows. Class weights that differ per batch element are the
@@ -123,6 +122,8 @@ def _sharding_rule(runner, name, opts, mesh, operand_types, result_types):
 _VOCAB_PARALLEL = {
     "fused_xent_sparse_forward": _vocab_parallel.forward,
     "fused_xent_sparse_backward": _vocab_parallel.backward,
+    "fused_xent_dense_forward": _vocab_parallel.dense_forward,
+    "fused_xent_dense_backward": _vocab_parallel.dense_backward,
 }
 
 

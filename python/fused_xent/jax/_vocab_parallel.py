@@ -1,4 +1,4 @@
-"""Sparse cross-entropy with the class axis sharded (vocabulary-parallel, the Megatron layout).
+"""Cross-entropy with the class axis sharded (vocabulary-parallel, the Megatron layout).
 
 Each device holds classes [offset, offset + C_s) of every row it has. Its kernel call (the
 ``*_shard`` FFI targets, core Options.total_classes) returns, per row, the shard's own
@@ -13,11 +13,16 @@ with Q_s = sum over the shard's classes of q_c, and w the row's class weight. Th
 exchange three row-sized values; the backward, given lse, is local (the kernel with the
 whole row's eps / C and the target only on its shard).
 
-Labels reach the kernel as local class indices, ABSENT where the class is on another
+Dense labels: Q_s is (1 - eps) times the shard's label sum (which its kernel returns) plus
+eps C_s / C, and the backward's kernel takes the whole rows' label sums (summed over the
+shards: one more row-sized all-reduce).
+
+Sparse labels reach the kernel as local class indices, ABSENT where the class is on another
 shard, IGNORED for ignore_index; invalid labels keep their value (never a local class),
 so the kernel names them.
 """
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -115,3 +120,26 @@ def backward(runner, opts, classes, class_axes, z, labels, class_weights, lse, g
         lse,
         scaled,
     )
+
+
+def dense_forward(runner, opts, classes, class_axes, z, t):
+    """(loss, lse) of this device's rows from its shard of their classes, dense labels."""
+    axis, eps, lam = opts
+    shard_classes = z.shape[axis]
+    part, shard_lse, label_sums = runner("fused_xent_dense_forward_shard", (axis, eps, 0.0, classes), z, t)
+    lse = _combine_lse(shard_lse, class_axes)
+    acc = _acc(z.dtype)
+    target_share = (1.0 - eps) * lax.convert_element_type(label_sums, acc) + eps * shard_classes / classes
+    shift = lax.convert_element_type(lax.sub(lse, shard_lse), acc)
+    shift = jnp.where(jnp.isnan(shift), 0.0, shift)  # all -inf rows, as the sparse forward
+    loss = lax.psum(part.astype(acc) + target_share * shift, class_axes)
+    row_lse = lax.convert_element_type(lse, acc)
+    return (loss + lam * row_lse * row_lse).astype(z.dtype), lse
+
+
+def dense_backward(runner, opts, classes, class_axes, z, t, lse, g):
+    """This device's shard of the gradient, given the rows' lse and label sums (one all-reduce)."""
+    axis, eps, lam = opts
+    with jax.enable_x64(True):  # the kernel reads the sums in float64, as it sums a row itself
+        label_sums = lax.psum(jnp.sum(t.astype(jnp.float64), axis), class_axes)
+    return runner("fused_xent_dense_backward_shard", (axis, eps, lam, classes), z, t, lse, g, label_sums)
