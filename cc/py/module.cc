@@ -436,12 +436,18 @@ py::dict build_info() {
   info["simd"] = fx::simd_level();
   // Under XLA: "custom_call" (our kernels, through the FFI handlers, where the
   // device has one; HLO elsewhere), "hlo" (re-expressed as XLA ops) or None.
-#if defined(FUSED_XENT_WITH_XLA_LOWERING) && defined(FUSED_XENT_WITH_XLA_FFI)
+#if defined(FUSED_XENT_WITH_XLA_LOWERING) && defined(FUSED_XENT_WITH_TF_XLA_FFI)
   info["xla"] = "custom_call";
 #elif defined(FUSED_XENT_WITH_XLA_LOWERING)
   info["xla"] = "hlo";
 #else
   info["xla"] = py::none();
+#endif
+  // Why "xla" is not "custom_call" (CMake's finding), None when it is.
+#ifdef FUSED_XENT_XLA_REASON
+  info["xla_reason"] = FUSED_XENT_XLA_REASON;
+#else
+  info["xla_reason"] = py::none();
 #endif
   py::list ffi_platforms;
   for (const auto& item : ffi_targets()) ffi_platforms.append(item.first);

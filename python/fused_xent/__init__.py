@@ -32,7 +32,8 @@ __version__ = _core.build_info()["version"]
 
 
 def build_info() -> dict:
-    """What this build contains: TensorFlow version built against, SIMD level, CUDA."""
+    """What this build contains: TensorFlow version built against, SIMD level, CUDA, the XLA
+    lowering and, when it is not the custom call, why (docs/install.md)."""
     return dict(_core.build_info())
 
 

@@ -476,7 +476,7 @@ def test_add_to_rows_matches_numpy(dtype):
     np.testing.assert_array_equal(got.view(np.uint8), expected.view(np.uint8))  # bitwise; NaN == NaN
     planted = expected.copy()
     bits = planted.view(f"u{planted.itemsize}")
-    bits[4, 0] ^= 1  # one unit in the last place
+    bits[4, 0] ^= bits.dtype.type(1)  # one unit in the last place (a NumPy 1 scalar would widen)
     with pytest.raises(AssertionError):
         np.testing.assert_array_equal(got.view(np.uint8), planted.view(np.uint8))
 

@@ -5,8 +5,14 @@ versions: loading it into another TensorFlow fails with undefined symbols or,
 worse, crashes later. So the version is checked before the library is loaded.
 """
 
+import importlib.metadata
+import json
 import os
+import shlex
+import sys
 import threading
+import urllib.parse
+import urllib.request
 
 from fused_xent import _core
 
@@ -14,11 +20,36 @@ _LIBRARY_NAME = "_fused_xent_ops.so"
 _lock = threading.Lock()
 _library = None
 
-REBUILD_HINT = (
-    "Reinstall fused-xent from source against the TensorFlow you run "
-    "(pip install --no-cache-dir --force-reinstall --no-binary fused-xent fused-xent, "
-    "or `pip install --force-reinstall .` in a checkout), or install the TensorFlow it was built for."
-)
+
+def installed_from():
+    """What pip installed fused-xent from (its PEP 610 direct_url.json): a checkout's or an
+    sdist's path, a VCS URL; None when unknown (e.g. a development build)."""
+    try:
+        text = importlib.metadata.distribution("fused-xent").read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if not text:
+        return None
+    origin = json.loads(text)
+    url = origin.get("url")
+    if not url:
+        return None
+    if "vcs_info" in origin:
+        return f"{origin['vcs_info']['vcs']}+{url}"
+    if url.startswith("file:"):
+        return urllib.request.url2pathname(urllib.parse.urlparse(url).path)
+    return url
+
+
+def rebuild_command(source=None):
+    """The command that rebuilds fused-xent against the TensorFlow of this environment: the
+    build compiles against the installed TensorFlow; --no-deps keeps that TensorFlow, and
+    --no-cache-dir keeps pip from reusing a wheel built against another one."""
+    where = shlex.quote(source) if source else "<a clone or sdist of fused-xent>"
+    return f"{shlex.quote(sys.executable)} -m pip install --force-reinstall --no-deps --no-cache-dir {where}"
+
+
+REBUILD_HINT = "Reinstall fused-xent to rebuild it against the TensorFlow you run: " + rebuild_command(installed_from())
 
 
 def built_tensorflow_version():
@@ -40,7 +71,7 @@ def check_tensorflow_version(built, running):
     if _minor(built) != _minor(running):
         raise ImportError(
             f"fused_xent's op library was built against TensorFlow {built}, but TensorFlow {running} "
-            f"is installed; the library works only with TensorFlow {'.'.join(_minor(built))}.x. " + REBUILD_HINT
+            f"is installed, and the library works only with TensorFlow {'.'.join(_minor(built))}.x. " + REBUILD_HINT
         )
 
 

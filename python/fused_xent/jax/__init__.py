@@ -26,8 +26,19 @@ import numpy as np
 
 from fused_xent import _checks
 from fused_xent.jax import _ffi
+from fused_xent.jax._optax import (
+    safe_softmax_cross_entropy,
+    softmax_cross_entropy,
+    softmax_cross_entropy_with_integer_labels,
+)
 
-__all__ = ["softmax_cross_entropy_with_logits", "sparse_softmax_cross_entropy_with_logits"]
+__all__ = [
+    "safe_softmax_cross_entropy",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
+    "softmax_cross_entropy_with_logits",
+    "sparse_softmax_cross_entropy_with_logits",
+]
 
 
 def _float_logits(logits):

@@ -21,16 +21,33 @@ on the CPU; on a GPU it gives NaN for its row. Gradients with respect to
 ``class_weights`` are not computed (they are constants).
 """
 
+import sys
+
 import numpy as np
 import torch
 
 from fused_xent import _checks
 from fused_xent.torch import _autograd, _ops
+from fused_xent.torch._native import CrossEntropyLoss, cross_entropy
 
-__all__ = ["softmax_cross_entropy_with_logits", "sparse_softmax_cross_entropy_with_logits"]
+__all__ = [
+    "CrossEntropyLoss",
+    "cross_entropy",
+    "softmax_cross_entropy_with_logits",
+    "sparse_softmax_cross_entropy_with_logits",
+]
+
+
+def _dtensor_rules(logits):
+    """Registers the ops' DTensor rules (torch/_dtensor.py) when DTensor logits first arrive: their
+    module imports torch.distributed.tensor (~1.5 s), which programs without DTensors never pay."""
+    api = sys.modules.get("torch.distributed.tensor")
+    if api is not None and isinstance(logits, api.DTensor):
+        import fused_xent.torch._dtensor  # noqa: F401
 
 
 def _float_logits(logits):
+    _dtensor_rules(logits)
     logits = torch.as_tensor(logits)
     _checks.logits_dtype(_ops.dtype_name(logits.dtype))
     _checks.logits_rank(logits.ndim, logits)
