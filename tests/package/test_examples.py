@@ -39,3 +39,19 @@ def test_train_digits_curves_agree_with_keras(tmp_path):
     assert gap < 1e-6, out
     accuracies = [float(a) for a in re.findall(r"^(?:fused_xent|keras)\s+([0-9.]+)", out, re.M)]
     assert len(accuracies) == 2 and min(accuracies) > 0.9, out
+
+
+def test_keras_distributed_matches_keras_loss():
+    """Data + model parallel on 8 virtual devices: our loss trains as Keras's own does."""
+    pytest.importorskip("jax")
+    pytest.importorskip("keras")
+    env_backend = os.environ.get("KERAS_BACKEND")
+    os.environ["KERAS_BACKEND"] = "jax"
+    try:
+        out = run_example("keras_distributed.py")
+    finally:
+        os.environ.pop("KERAS_BACKEND") if env_backend is None else os.environ.update(KERAS_BACKEND=env_backend)
+    pairs = re.findall(r"fused_xent ([0-9.]+)\s+Keras ([0-9.]+)", out)
+    assert len(pairs) == 3, out
+    assert all(abs(float(a) - float(b)) <= 2e-5 * float(b) for a, b in pairs), out
+    assert float(pairs[-1][0]) < float(pairs[0][0]), out
