@@ -14,12 +14,12 @@ class weight with label smoothing: one more pass over the logits each way).
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from bench_jax_step import cpu_name  # the benchmarks folder is this script's sys.path[0]
 
 import fused_xent.torch as ft
 
@@ -34,14 +34,7 @@ OPTIONS = {
 
 
 def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def step_time(loss_fn, logits, target, kwargs):
