@@ -220,6 +220,62 @@ def layout(shape, axis):
     return outer, classes, inner, tuple(shape[:axis]) + tuple(shape[axis + 1 :])
 
 
+# ---------------------------------------------------------------- the linear head
+
+
+def linear_shapes(hidden_shape, weight_shape, labels_shape, bias_shape, transpose_weight):
+    """(H, V) of a linear head's weight, after checking every shape against them (None: unknown)."""
+    if not isinstance(transpose_weight, bool):
+        raise TypeError(f"transpose_weight must be a bool, got {transpose_weight!r}")
+    weight_shape = tuple(weight_shape)
+    if len(weight_shape) != 2:
+        raise ValueError(f"weight must be a matrix, got shape {weight_shape}")
+    if None in weight_shape:
+        raise ValueError(f"weight must have a static shape, got {weight_shape}")
+    vocab, hidden_size = weight_shape if transpose_weight else weight_shape[::-1]
+    layout = "V x H (transpose_weight=True)" if transpose_weight else "H x V"
+    hidden_shape = None if hidden_shape is None else tuple(hidden_shape)
+    if hidden_shape is None or len(hidden_shape) < 2:
+        raise ValueError(f"hidden must have rank >= 2 (rows x H), got shape {hidden_shape}")
+    if hidden_shape[-1] is not None and hidden_shape[-1] != hidden_size:
+        raise ValueError(
+            f"hidden's last dimension ({hidden_shape[-1]}) must equal H={hidden_size} of weight {weight_shape} ({layout})"
+        )
+    if labels_shape is not None:
+        labels_shape, rows = tuple(labels_shape), hidden_shape[:-1]
+        if len(labels_shape) != len(rows) or any(
+            a is not None and b is not None and a != b for a, b in zip(labels_shape, rows)
+        ):
+            raise ValueError(
+                f"labels must have the shape of hidden without its last axis: labels {labels_shape}, hidden {hidden_shape}"
+            )
+    if bias_shape is not None and (len(tuple(bias_shape)) != 1 or tuple(bias_shape)[0] not in (None, vocab)):
+        raise ValueError(f"bias must be a vector of V={vocab} entries, got shape {tuple(bias_shape)}")
+    return hidden_size, vocab
+
+
+def linear_dtypes(hidden, weight, bias, labels):
+    """A linear head's dtypes, as names: floats of one type, integer labels."""
+    if hidden not in FLOAT_NAMES:
+        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden}")
+    if weight != hidden:
+        raise TypeError(f"weight ({weight}) must have hidden's dtype ({hidden})")
+    if bias is not None and bias != hidden:
+        raise TypeError(f"bias ({bias}) must have hidden's dtype ({hidden})")
+    if labels not in ("int32", "int64"):
+        raise TypeError(f"labels must be int32 or int64 class indices, got {labels}")
+
+
+def static_labels(values, classes, ignore_index):
+    """Labels known when a call is built must lie in [0, classes) or equal ignore_index."""
+    values = np.asarray(values).ravel()
+    bad = (values < 0) | (values >= classes)
+    if ignore_index is not None:
+        bad &= values != ignore_index
+    if bad.any():
+        raise ValueError(f"labels must lie in [0, {classes}) (or equal ignore_index), got {values[bad][0]}")
+
+
 # ---------------------------------------------------------------- class weights
 
 

@@ -12,9 +12,9 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 from fused_xent.linear import linear_cross_entropy  # noqa: E402
-from tests._support import ROOT, reference  # noqa: E402
+from tests._support import ROOT  # noqa: E402
+from tests._support.linear_reference import assert_matches, check, reference_result  # noqa: E402
 
-UNIT = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 IGNORE = -100
 
 
@@ -34,35 +34,6 @@ def make_case(dtype="float32", n=37, h=12, v=53, bias=False, transpose=False, le
     return hidden, weight, b, tf.constant(labels, tf.int32)
 
 
-def reference_result(hidden, weight, bias, labels, upstream, transpose=False, ignore_index=None, **options):
-    """(loss, dH, dW, db) of the composite in float64, and magnitudes for the tolerances."""
-    h = np.asarray(tf.cast(hidden, tf.float64)).reshape(-1, hidden.shape[-1])
-    w = np.asarray(tf.cast(weight, tf.float64))
-    w_hv = w.T if transpose else w
-    z = h @ w_hv + (0.0 if bias is None else np.asarray(tf.cast(bias, tf.float64)))
-    y = np.asarray(labels).reshape(-1)
-    g = np.asarray(upstream, np.float64).reshape(-1)
-    loss, grad = reference.sparse(y, z, ignore_index=ignore_index, grad_loss=g, **options)
-    # Magnitude of the terms behind each gradient entry (the label entry cancels).
-    p = np.exp(z - z.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    gmag = np.abs(grad) + np.abs(g)[:, None] * (p + 1.0 / z.shape[1] + (np.arange(z.shape[1]) == y[:, None]))
-    dw = h.T @ grad
-    mag = {
-        "loss": ((1.0 + np.abs(z).max(1)) * (1.0 + 2 * options.get("z_loss", 0.0) * np.abs(z).max(1)) ** 2).reshape(
-            np.shape(labels)
-        ),
-        "dh": np.abs(gmag) @ np.abs(w_hv.T),
-        "dw": (np.abs(h.T) @ gmag).T if transpose else np.abs(h.T) @ gmag,
-        "db": gmag.sum(0),
-        "zmax": 1.0 + np.abs(z).max(),
-    }
-    if options.get("class_weights") is not None:
-        scale = max(1.0, float(np.max(options["class_weights"])))
-        mag = {k: v * scale for k, v in mag.items()}
-    return (loss.reshape(np.shape(labels)), grad @ w_hv.T, dw.T if transpose else dw, grad.sum(0)), mag
-
-
 def run(hidden, weight, bias, labels, upstream, **kwargs):
     watched = [t for t in (hidden, weight, bias) if t is not None]
     with tf.GradientTape() as tape:
@@ -70,30 +41,6 @@ def run(hidden, weight, bias, labels, upstream, **kwargs):
         loss = linear_cross_entropy(hidden, weight, labels, bias=bias, **kwargs)
         total = tf.reduce_sum(loss * tf.cast(upstream, loss.dtype))
     return (loss, *tape.gradient(total, watched))
-
-
-def assert_matches(actual, expected, magnitude, dtype, name, factor=16.0):
-    actual = np.asarray(tf.cast(actual, tf.float64)).reshape(np.shape(expected))
-    tol = factor * UNIT[dtype] * magnitude
-    bad = np.abs(actual - expected) > tol
-    if bad.any():
-        i = tuple(np.argwhere(bad)[0])
-        raise AssertionError(
-            f"{name}: {bad.sum()} of {bad.size} entries off; at {i}: {actual[i]} vs {expected[i]} "
-            f"(tolerance {np.broadcast_to(tol, bad.shape)[i]:.3g})"
-        )
-
-
-def check(result, hidden, weight, bias, labels, upstream, dtype, transpose=False, ignore_index=None, **options):
-    expected, mag = reference_result(hidden, weight, bias, labels, upstream, transpose, ignore_index, **options)
-    # Half types: the logits themselves are rounded (error ~ u |z|), which every output inherits.
-    grow = mag["zmax"] if dtype in ("float16", "bfloat16") else 1.0
-    loss, dh, dw, *db = result
-    assert_matches(loss, expected[0], mag["loss"], dtype, "loss")
-    assert_matches(dh, expected[1], mag["dh"] * grow, dtype, "dH")
-    assert_matches(dw, expected[2], mag["dw"] * grow, dtype, "dW")
-    if bias is not None:
-        assert_matches(db[0], expected[3], mag["db"] * grow, dtype, "db")
 
 
 OPTIONS = {

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fused_xent import _checks
-from fused_xent.jax import _ffi
+from fused_xent.jax import _ffi, _linear
 from fused_xent.jax._optax import (
     safe_softmax_cross_entropy,
     softmax_cross_entropy,
@@ -33,6 +33,8 @@ from fused_xent.jax._optax import (
 )
 
 __all__ = [
+    "linear_cross_entropy",
+    "linear_logits",
     "safe_softmax_cross_entropy",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
@@ -107,3 +109,70 @@ def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothin
     labels = jnp.broadcast_to(labels, logits.shape)
     opts = (axis, *_checks.kernel_options(label_smoothing, z_loss))
     return _ffi.dense(opts, logits, labels)
+
+
+def linear_cross_entropy(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    transpose_weight=False,
+    ignore_index=None,
+    label_smoothing=0.0,
+    class_weights=None,
+    z_loss=0.0,
+    chunk_size=None,
+):
+    """Per-token softmax cross-entropy of ``hidden @ weight (+ bias)``, without the logits.
+
+    The JAX twin of ``fused_xent.linear_cross_entropy``: equal to
+    ``sparse_softmax_cross_entropy_with_logits(labels, hidden @ weight + bias)`` with the same
+    options, with gradients to ``hidden``, ``weight`` and ``bias``, while holding at most
+    ``chunk_size`` rows of logits at a time. Under sharding, hidden's rows may be split over
+    some mesh axes and the weight's classes over others (docs/distributed.md#the-linear-head).
+
+    Args:
+      hidden: (..., H) float16, bfloat16, float32 or float64 array.
+      weight: H x V matrix of hidden's dtype, or V x H with ``transpose_weight=True``.
+      labels: int32/int64 class indices, shaped like ``hidden`` without its last axis.
+      bias: optional length-V vector of hidden's dtype.
+      ignore_index, label_smoothing, class_weights, z_loss: as in
+        ``sparse_softmax_cross_entropy_with_logits``.
+      chunk_size: rows of logits per chunk (per device); default: at most 1/16 of the rows
+        and at most 128 MiB of logits, a power of two (at least 16 rows).
+
+    Returns:
+      The per-token loss, shaped like ``labels``: float32 for half-precision inputs, else
+      hidden's dtype. The weight and bias gradients accumulate in float32 (float64 for float64).
+    """
+    _ffi.register_targets()
+    hidden, weight, labels = jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(labels)
+    bias = None if bias is None else jnp.asarray(bias)
+    _checks.linear_dtypes(
+        hidden.dtype.name, weight.dtype.name, None if bias is None else bias.dtype.name, labels.dtype.name
+    )
+    hidden_size, vocab = _checks.linear_shapes(
+        hidden.shape, weight.shape, labels.shape, None if bias is None else bias.shape, transpose_weight
+    )
+    ignore_index = _checks.ignore_index_for(ignore_index, labels.dtype.name)
+    if not isinstance(labels, jax.core.Tracer):
+        _checks.static_labels(np.asarray(labels), vocab, ignore_index)
+    weights = _class_weights(class_weights, vocab)
+    smoothing, z_loss = _checks.kernel_options(label_smoothing, z_loss)
+    cfg = _linear.Config(
+        opts=(-1, smoothing, z_loss, ignore_index),
+        transpose_weight=transpose_weight,
+        chunk_size=_checks.chunk_size(chunk_size),
+        has_bias=bias is not None,
+    )
+    loss = _linear.loss(cfg, hidden.reshape(-1, hidden_size), weight, bias, labels.reshape(-1), weights)
+    out_dtype = jnp.float32 if hidden.dtype in (jnp.float16, jnp.bfloat16) else hidden.dtype
+    return loss.astype(out_dtype).reshape(labels.shape)
+
+
+def linear_logits(hidden, weight, *, bias=None, transpose_weight=False):
+    """``hidden @ weight (+ bias)``: the logits, for inference (``transpose_weight`` for V x H)."""
+    hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
+    logits = hidden @ (weight.T if transpose_weight else weight)
+    return logits if bias is None else logits + jnp.asarray(bias, logits.dtype)
