@@ -35,6 +35,10 @@ from fused_xent.jax import _composite, _ffi, _sharding, _vocab_parallel
 _CHUNK_BYTES = 128 << 20
 _CHUNK_FRACTION = 16
 _MIN_CHUNK = 16
+# A slab of the weight gradient (_add_weight_gradient): at most this fraction of a chunk's
+# logits, at least _MIN_SLAB classes (thinner matmuls run slower).
+_SLAB_FRACTION = 0.75
+_MIN_SLAB = 16
 
 LOSS, FORWARD, WEIGHTS = "loss", "forward", "weights"
 
@@ -121,6 +125,20 @@ def _weight_gradient(cfg, h, dz, dtype):
     return _dot(dz, h, ((0,), (0,)), dtype) if cfg.transpose_weight else _dot(h, dz, ((0,), (0,)), dtype)
 
 
+def _add_weight_gradient(cfg, dw, h, dz):
+    """dw += the chunk's weight gradient, a slab of classes at a time: each product is at most
+    _SLAB_FRACTION of the chunk's logits, never W-sized (XLA adds a product to dw after it)."""
+    class_dim = 0 if cfg.transpose_weight else 1
+    classes, hidden_size = dw.shape[class_dim], dw.shape[1 - class_dim]
+    step = max(_MIN_SLAB, int(h.shape[0] * classes * _SLAB_FRACTION) // hidden_size)
+    for start in range(0, classes, step):
+        size = min(step, classes - start)
+        part = _weight_gradient(cfg, h, lax.slice_in_dim(dz, start, start + size, axis=1), dw.dtype)
+        old = lax.slice_in_dim(dw, start, start + size, axis=class_dim)
+        dw = lax.dynamic_update_slice_in_dim(dw, old + part, start, class_dim)
+    return dw
+
+
 # ---------------------------------------------------------------- the loop over chunks
 
 
@@ -172,7 +190,7 @@ def _chunk_step(cfg, mode, ops, kernels, start, size, state):
         dz = kernels.backward(z, labels, lse, jnp.ones_like(loss))
         loss_all, lse_all, dh, dw, db = state
         state_head = (put(loss_all, loss), put(lse_all, lse), put(dh, _hidden_gradient(cfg, dz, ops.weight)))
-    dw = dw + _weight_gradient(cfg, h, dz, dw.dtype)
+    dw = _add_weight_gradient(cfg, dw, h, dz)
     db = None if db is None else db + jnp.sum(dz.astype(db.dtype), 0)
     return (dw, db) if mode == WEIGHTS else (*state_head, dw, db)
 
@@ -187,9 +205,7 @@ def run_chunks(cfg, mode, ops, kernels, row_axes=(), class_axes=()):
     state = _initial_state(cfg, mode, ops, kernels)
     full = rows // chunk
     if full:
-        state = lax.fori_loop(
-            0, full, lambda i, s: _chunk_step(cfg, mode, ops, kernels, i * chunk, chunk, s), state
-        )
+        state = lax.fori_loop(0, full, lambda i, s: _chunk_step(cfg, mode, ops, kernels, i * chunk, chunk, s), state)
     if rows > full * chunk:
         state = _chunk_step(cfg, mode, ops, kernels, full * chunk, rows - full * chunk, state)
     return _reduce_over_shards(mode, state, row_axes, class_axes)
