@@ -17,9 +17,11 @@ tokens that count (not ``ignore_index``) to the model's losses, so a model
 built as ``keras.Model([tokens, labels], loss)`` trains with
 ``model.compile(optimizer)`` and ``model.fit([tokens, labels])``: no Keras loss,
 no ``y``. docs/linear_head.md shows both layers in a model.
-"""
 
-import tensorflow as tf
+They run on Keras's TensorFlow backend (``fused_xent.linear_cross_entropy``) and its JAX
+backend (``fused_xent.jax.linear_cross_entropy``, which also runs sharded: a ``LayoutMap``
+may split the kernel over the vocabulary, docs/distributed.md#the-linear-head).
+"""
 
 try:
     import keras
@@ -27,10 +29,20 @@ except ImportError as error:  # pragma: no cover
     raise ImportError(f"fused_xent.layers needs Keras: {error}") from None
 
 from fused_xent import _checks, _registration
-from fused_xent._keras.backend_check import require_tensorflow_backend
-from fused_xent._tf.linear import linear_cross_entropy, linear_logits
+from fused_xent._keras.backend_check import BACKEND, require_backend
 
 __all__ = ["LinearCrossEntropy", "TiedEmbedding"]
+
+_BACKENDS = ("tensorflow", "jax")
+
+
+def _head():
+    """linear_cross_entropy of Keras's backend."""
+    if BACKEND == "jax":
+        from fused_xent.jax import linear_cross_entropy
+    else:
+        from fused_xent._tf.linear import linear_cross_entropy
+    return linear_cross_entropy
 
 
 def _loss_options(ignore_index, label_smoothing, class_weights, z_loss, chunk_size):
@@ -44,10 +56,13 @@ def _loss_options(ignore_index, label_smoothing, class_weights, z_loss, chunk_si
 
 
 def _mean_loss(loss, labels, ignore_index):
-    """Mean over the tokens that count. (Keras's trainer divides added losses by the
-    number of replicas itself, and multiplies the reported loss back.)"""
-    counted = tf.ones_like(loss) if ignore_index is None else tf.cast(tf.not_equal(labels, ignore_index), loss.dtype)
-    return tf.math.divide_no_nan(tf.reduce_sum(loss), tf.reduce_sum(counted))
+    """Mean over the tokens that count, 0 where none does. (Keras's trainer divides added
+    losses by the number of replicas itself, and multiplies the reported loss back.)"""
+    ops = keras.ops
+    if ignore_index is None:
+        return ops.mean(loss)
+    counted = ops.cast(ops.not_equal(labels, ignore_index), loss.dtype)
+    return ops.sum(loss) / ops.maximum(ops.sum(counted), 1.0)
 
 
 class _FusedHead:
@@ -61,19 +76,17 @@ class _FusedHead:
         return dict(self._options, add_loss=self.add_loss_to_model)
 
     def _token_loss(self, hidden, weight, labels, bias, transpose_weight):
-        labels = tf.convert_to_tensor(labels)
-        if not labels.dtype.is_integer:
-            labels = tf.cast(labels, tf.int32)
-        loss = linear_cross_entropy(
-            hidden, weight, labels, bias=bias, transpose_weight=transpose_weight, **self._options
-        )
+        labels = keras.ops.convert_to_tensor(labels)
+        if keras.backend.standardize_dtype(labels.dtype) not in ("int32", "int64"):
+            labels = keras.ops.cast(labels, "int32")
+        loss = _head()(hidden, weight, labels, bias=bias, transpose_weight=transpose_weight, **self._options)
         if self.add_loss_to_model:
             self.add_loss(_mean_loss(loss, labels, self._options["ignore_index"]))
         return loss
 
     def top_k(self, hidden, k=1):
         """(values, indices) of the k largest logits per token: for generation and accuracy."""
-        return tf.math.top_k(self.logits(hidden), k=k)
+        return keras.ops.top_k(self.logits(hidden), k=k)
 
 
 @keras.saving.register_keras_serializable(package="fused_xent")
@@ -102,7 +115,7 @@ class LinearCrossEntropy(_FusedHead, keras.layers.Layer):
         add_loss=True,
         **kwargs,
     ):
-        require_tensorflow_backend(type(self).__name__, "layers")
+        require_backend(type(self).__name__, "layers", _BACKENDS)
         super().__init__(**kwargs)
         self.vocab_size = _checks.keras_positive_integer("vocab_size", vocab_size)
         self.use_bias = bool(use_bias)
@@ -125,14 +138,15 @@ class LinearCrossEntropy(_FusedHead, keras.layers.Layer):
     def call(self, hidden, labels=None):
         if labels is None:
             return self.logits(hidden)
-        bias = None if self.bias is None else tf.cast(self.bias, hidden.dtype)
-        return self._token_loss(hidden, tf.cast(self.kernel, hidden.dtype), labels, bias, False)
+        hidden = keras.ops.convert_to_tensor(hidden, self.compute_dtype)
+        bias = None if self.bias is None else keras.ops.cast(self.bias, hidden.dtype)
+        return self._token_loss(hidden, keras.ops.cast(self.kernel, hidden.dtype), labels, bias, False)
 
     def logits(self, hidden):
         """hidden @ kernel (+ bias): the full logits, for inference."""
-        hidden = tf.convert_to_tensor(hidden, self.compute_dtype)
-        bias = None if self.bias is None else tf.cast(self.bias, hidden.dtype)
-        return linear_logits(hidden, tf.cast(self.kernel, hidden.dtype), bias=bias)
+        hidden = keras.ops.convert_to_tensor(hidden, self.compute_dtype)
+        logits = keras.ops.matmul(hidden, keras.ops.cast(self.kernel, hidden.dtype))
+        return logits if self.bias is None else logits + keras.ops.cast(self.bias, hidden.dtype)
 
     def compute_output_spec(self, hidden, labels=None):
         if labels is None:
@@ -173,7 +187,7 @@ class TiedEmbedding(_FusedHead, keras.layers.Embedding):
         add_loss=True,
         **kwargs,
     ):
-        require_tensorflow_backend(type(self).__name__, "layers")
+        require_backend(type(self).__name__, "layers", _BACKENDS)
         super().__init__(input_dim, output_dim, **kwargs)
         self._init_head(ignore_index, label_smoothing, class_weights, z_loss, chunk_size, add_loss)
 
@@ -184,12 +198,12 @@ class TiedEmbedding(_FusedHead, keras.layers.Embedding):
             return super().call(inputs)
         if labels is None:
             return self.logits(inputs)
-        hidden = tf.convert_to_tensor(inputs, self.compute_dtype)
-        return self._token_loss(hidden, tf.cast(self.embeddings, hidden.dtype), labels, None, True)
+        hidden = keras.ops.convert_to_tensor(inputs, self.compute_dtype)
+        return self._token_loss(hidden, keras.ops.cast(self.embeddings, hidden.dtype), labels, None, True)
 
     def logits(self, hidden):
-        hidden = tf.convert_to_tensor(hidden, self.compute_dtype)
-        return linear_logits(hidden, tf.cast(self.embeddings, hidden.dtype), transpose_weight=True)
+        hidden = keras.ops.convert_to_tensor(hidden, self.compute_dtype)
+        return keras.ops.matmul(hidden, keras.ops.transpose(keras.ops.cast(self.embeddings, hidden.dtype)))
 
     def compute_output_spec(self, inputs, labels=None, reverse=False):
         if not reverse:

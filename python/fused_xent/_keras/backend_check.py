@@ -29,11 +29,12 @@ def require_supported_backend(class_name, module):
         )
 
 
-def require_tensorflow_backend(class_name, module):
-    """For the classes that run on Keras's TensorFlow backend only."""
+def require_backend(class_name, module, backends):
+    """For the classes that run on some of Keras's backends only."""
     require_supported_backend(class_name, module)
-    if BACKEND != "tensorflow":
+    if BACKEND not in backends:
+        names = " or ".join(f"{b!r}" for b in backends)
         raise RuntimeError(
-            f"fused_xent.{module}.{class_name} needs Keras's TensorFlow backend (KERAS_BACKEND=tensorflow), "
+            f"fused_xent.{module}.{class_name} needs Keras's {names} backend (KERAS_BACKEND), "
             f"but Keras runs on the {BACKEND!r} backend."
         )
