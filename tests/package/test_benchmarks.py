@@ -186,3 +186,19 @@ def test_bench_jax_step_quick_runs_both_studies(tmp_path):
         (d, n, c) for d in ("float32", "bfloat16") for n, c in ((256, 4000), (4, 40000))
     }
     assert all(r["step_ms"] > 0 and r["floor_ms"] > 0 for r in rows)
+
+
+def test_bench_linear_jax_runs(tmp_path):
+    """benchmarks/bench_linear_jax.py end to end on tiny shapes: a row per head and layout."""
+    pytest.importorskip("jax")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_linear_jax.py"), "--n", "64", "--h", "16", "--v", "128"]
+        + ["--sharded-n", "64", "--rounds", "1", "--markdown"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(table) == 1 + 2 * 4  # header; fused_xent and jnp on one device and three layouts
