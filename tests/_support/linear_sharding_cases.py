@@ -136,8 +136,8 @@ def _shards(mesh, entry):
 
 def memory_case(mesh):
     """A larger Megatron step with the default chunking: its per-device temporaries against
-    the per-device logits (2048 x 4096 float32 over 4 x 2 devices: 4 MiB each)."""
-    n, h, v = 2048, 64, 4096
+    the per-device logits (8192 x 4096 float32 over 4 x 2 devices: 16 MiB each)."""
+    n, h, v = 8192, 64, 4096
     shapes = [
         jax.ShapeDtypeStruct((n, h), jnp.float32, sharding=NamedSharding(mesh, P("data", None))),
         jax.ShapeDtypeStruct((h, v), jnp.float32, sharding=NamedSharding(mesh, P(None, "model"))),
