@@ -225,6 +225,29 @@ def _run(case):
         return {"exception": f"{type(error).__name__}: {error}"}
 
 
+def _second_order_case(mesh, placement, kind):
+    """The error a second derivative (double backward) of a loss on DTensor logits raises."""
+    torch.manual_seed(7)
+    z = distribute_tensor(torch.randn(8, 10, dtype=torch.float64), mesh, [placement]).requires_grad_()
+    if kind == "sparse":
+        loss = ft.sparse_softmax_cross_entropy_with_logits(torch.arange(8) % 10, z).sum()
+    else:
+        loss = ft.softmax_cross_entropy_with_logits(torch.full((8, 10), 0.1, dtype=torch.float64), z).sum()
+    (grad,) = torch.autograd.grad(loss, z, create_graph=True)
+    try:
+        torch.autograd.grad(grad.sum(), z)
+    except NotImplementedError as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
+SECOND_ORDER_CASES = {
+    f"second derivative, {kind}, {name}": (placement, kind)
+    for kind in ("sparse", "dense")
+    for name, placement in (("rows", Shard(0)), ("classes", Shard(1)))
+}
+
+
 def main():
     rank, port = int(sys.argv[1]), int(sys.argv[2])
     dist.init_process_group(
@@ -241,6 +264,8 @@ def main():
         results[name] = _run(lambda: _bad_label_case(mesh, spec, seed))
     for name, placements in COLLECTIVE_CASES.items():
         results[name] = _run(lambda: _collectives_case(mesh, *placements))
+    for name, (placement, kind) in SECOND_ORDER_CASES.items():
+        results[name] = _run(lambda: _second_order_case(mesh, placement, kind))
     dist.barrier()
     dist.destroy_process_group()
     print("RESULT " + json.dumps({"rank": rank, "cases": results}))

@@ -139,3 +139,11 @@ def test_row_sharded_losses_run_locally(ranks):
         # the ranks agree on the labels' validity: one (found, value) pair from each
         assert report["forward"] == [["c10d::allgather_", 2 + 2 * WORLD]], report["forward"]
         assert report["backward"] == []
+
+
+@pytest.mark.parametrize("name", list(dtensor_worker.SECOND_ORDER_CASES))
+def test_second_derivatives_raise_a_clear_error(ranks, name):
+    """Double backward on DTensor logits is not supported: a NotImplementedError naming it, not
+    DTensor's mixed-tensor error or a wrong value."""
+    for report in _case(ranks, name):
+        assert report["error"] is not None and "on DTensor logits is not supported" in report["error"]

@@ -82,6 +82,17 @@ def _refuse_nested_forward_mode():
         )
 
 
+def _refuse_dtensor(logits, what):
+    """The second-order formulas below are torch ops on whole rows; on DTensors (which the first
+    derivatives support, python/fused_xent/torch/_dtensor.py) they would mix plain tensors and
+    DTensors. Refused with a clear error rather than DTensor's."""
+    if any(cls.__name__ == "DTensor" for cls in type(logits).__mro__):
+        raise NotImplementedError(
+            f"fused_xent.torch: {what} on DTensor logits is not supported (the loss and its first "
+            "derivative are); compute it on the local or full tensors"
+        )
+
+
 def _zero_if_none(tangent, like):
     return torch.zeros_like(like) if tangent is None else tangent
 
@@ -115,6 +126,7 @@ class SparseLoss(torch.autograd.Function):
     def jvp(ctx, d_logits, _d_labels, _d_weights, _d_options):
         _refuse_nested_forward_mode()
         logits, labels, weights, lse = ctx.saved_tensors
+        _refuse_dtensor(logits, "forward-mode differentiation")
         if d_logits is None:
             return torch.zeros(lse.shape, dtype=logits.dtype, device=logits.device), None
         ones = torch.ones(lse.shape, dtype=logits.dtype, device=logits.device)
@@ -142,6 +154,7 @@ class SparseGrad(torch.autograd.Function):
     @staticmethod
     def _parts(ctx):
         logits, labels, weights, grad_loss = ctx.saved_tensors
+        _refuse_dtensor(logits, "a second derivative (double backward, or forward mode over the gradient)")
         axis, eps, lam, ignore_index = ctx.options
         z, lse, p = _softmax_parts(logits, axis)
         w, q = _sparse_parts(z, labels, weights, axis, eps, ignore_index)
@@ -207,6 +220,7 @@ class DenseLoss(torch.autograd.Function):
     def jvp(ctx, d_logits, d_labels, _d_options):
         _refuse_nested_forward_mode()
         logits, labels, lse = ctx.saved_tensors
+        _refuse_dtensor(logits, "forward-mode differentiation")
         axis, eps, _ = ctx.options
         ones = torch.ones(lse.shape, dtype=logits.dtype, device=logits.device)
         acc = _acc(logits.dtype)
@@ -237,6 +251,7 @@ class DenseGrad(torch.autograd.Function):
     @staticmethod
     def _parts(ctx):
         logits, labels, grad_loss = ctx.saved_tensors
+        _refuse_dtensor(logits, "a second derivative (double backward, or forward mode over the gradient)")
         axis, eps, lam = ctx.options
         z, lse, p = _softmax_parts(logits, axis)
         q = (1.0 - eps) * labels.to(z.dtype) + eps / z.shape[axis]
