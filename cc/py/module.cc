@@ -165,9 +165,28 @@ Call sparse_call(const py::array& labels, int64_t outer, int64_t classes, int64_
   return call;
 }
 
-Call dense_call(int64_t outer, int64_t classes, int64_t inner, double label_smoothing, double z_loss) {
-  return Call{make_layout(outer, classes, inner),
-              make_options(label_smoothing, z_loss, std::nullopt, std::nullopt, classes)};
+// total_classes > 0: a vocabulary-parallel shard holding `classes` of each row's total_classes.
+Call dense_call(int64_t outer, int64_t classes, int64_t inner, double label_smoothing, double z_loss,
+                int64_t total_classes = 0) {
+  Call call{make_layout(outer, classes, inner),
+            make_options(label_smoothing, z_loss, std::nullopt, std::nullopt, classes)};
+  if (total_classes > 0) {
+    require(total_classes >= classes, "total_classes must be at least the shard's classes");
+    call.options.total_classes = total_classes;
+  }
+  return call;
+}
+
+// A shard's per-row label sums (float64): written by its forward, the whole rows' read by its backward.
+const double* shard_label_sums(const Call& call, const std::optional<py::array>& sums, bool writable) {
+  if (!sums) {
+    require(call.options.total_classes == 0 || writable,
+            "a vocabulary-parallel dense backward needs label_sums: the whole rows' sums of the labels");
+    return nullptr;
+  }
+  require(call.options.total_classes > 0, "label_sums is for a vocabulary-parallel call (total_classes > 0)");
+  require_lse(*sums, call.rows(), "label_sums", writable);
+  return static_cast<const double*>(sums->data());
 }
 
 // Calls fn(tag, label_tag, kinds) for the logits' and the (int32 or int64) labels' types.
@@ -249,8 +268,10 @@ void run_sparse_backward(const Call& call, const py::array& logits, const py::ar
 }
 
 template <typename T> void run_dense_forward(const Call& call, const py::array& logits,
-                                             const py::array& labels, py::array& loss, py::array& lse) {
+                                             const py::array& labels, py::array& loss, py::array& lse,
+                                             double* label_sums = nullptr) {
   fx::DenseForwardArgs<T> args;
+  args.label_sums = label_sums;
   args.layout = call.layout;
   args.options = call.options;
   args.logits = static_cast<const T*>(logits.data());
@@ -262,8 +283,10 @@ template <typename T> void run_dense_forward(const Call& call, const py::array& 
 
 template <typename T> void run_dense_backward(const Call& call, const py::array& logits,
                                               const py::array& labels, const py::array& lse,
-                                              const py::array& grad_loss, py::array& grad_logits) {
+                                              const py::array& grad_loss, py::array& grad_logits,
+                                              const double* label_sums = nullptr) {
   fx::DenseBackwardArgs<T> args;
+  args.label_sums = label_sums;
   args.layout = call.layout;
   args.options = call.options;
   args.logits = static_cast<const T*>(logits.data());
@@ -309,27 +332,32 @@ void sparse_backward(const std::string& dtype, py::array logits, py::array label
   });
 }
 
+// A shard's call (total_classes > 0) also writes each row's sum of its labels into label_sums.
 void dense_forward(const std::string& dtype, py::array logits, py::array labels, int64_t outer,
                    int64_t classes, int64_t inner, double label_smoothing, double z_loss, py::array loss,
-                   py::array lse) {
-  const Call call = dense_call(outer, classes, inner, label_smoothing, z_loss);
+                   py::array lse, int64_t total_classes, std::optional<py::array> label_sums) {
+  const Call call = dense_call(outer, classes, inner, label_smoothing, z_loss, total_classes);
+  double* sums = const_cast<double*>(shard_label_sums(call, label_sums, true));
   dispatch_float(dtype, [&](auto tag, const char* kinds) {
     using T = decltype(tag);
     check_dense_inputs<T>(call, logits, labels, kinds);
     check_forward_outputs<T>(call, loss, lse, kinds);
-    run_dense_forward<T>(call, logits, labels, loss, lse);
+    run_dense_forward<T>(call, logits, labels, loss, lse, sums);
   });
 }
 
+// A shard's call (total_classes > 0) reads the whole rows' label sums from label_sums.
 void dense_backward(const std::string& dtype, py::array logits, py::array labels, int64_t outer,
                     int64_t classes, int64_t inner, double label_smoothing, double z_loss, py::array lse,
-                    py::array grad_loss, py::array grad_logits) {
-  const Call call = dense_call(outer, classes, inner, label_smoothing, z_loss);
+                    py::array grad_loss, py::array grad_logits, int64_t total_classes,
+                    std::optional<py::array> label_sums) {
+  const Call call = dense_call(outer, classes, inner, label_smoothing, z_loss, total_classes);
+  const double* sums = shard_label_sums(call, label_sums, false);
   dispatch_float(dtype, [&](auto tag, const char* kinds) {
     using T = decltype(tag);
     check_dense_inputs<T>(call, logits, labels, kinds);
     check_backward_buffers<T>(call, lse, grad_loss, grad_logits, kinds);
-    run_dense_backward<T>(call, logits, labels, lse, grad_loss, grad_logits);
+    run_dense_backward<T>(call, logits, labels, lse, grad_loss, grad_logits, sums);
   });
 }
 
@@ -470,10 +498,11 @@ PYBIND11_MODULE(_core, m) {
         py::arg("grad_logits"), py::arg("total_classes") = 0, py::arg("absent_label") = 0);
   m.def("dense_forward", &dense_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
-        py::arg("loss"), py::arg("lse"));
+        py::arg("loss"), py::arg("lse"), py::arg("total_classes") = 0, py::arg("label_sums") = py::none());
   m.def("dense_backward", &dense_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
-        py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"));
+        py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"), py::arg("total_classes") = 0,
+        py::arg("label_sums") = py::none());
   m.def("sparse", &sparse, py::arg("dtype"), py::arg("logits"), py::arg("labels"), py::arg("outer"),
         py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("ignore_index"), py::arg("class_weights"), py::arg("loss"), py::arg("lse"),

@@ -73,6 +73,8 @@ def dense_forward(
     z_loss: _Float,
     loss: numpy.ndarray,
     lse: numpy.ndarray,
+    total_classes: _Int = 0,
+    label_sums: numpy.ndarray | None = None,
 ) -> None: ...
 def dense_backward(
     dtype: str,
@@ -86,6 +88,8 @@ def dense_backward(
     lse: numpy.ndarray,
     grad_loss: numpy.ndarray,
     grad_logits: numpy.ndarray,
+    total_classes: _Int = 0,
+    label_sums: numpy.ndarray | None = None,
 ) -> None: ...
 
 # Forward and, when grad_loss and grad_logits are given, backward in one call (the benchmarks use it).

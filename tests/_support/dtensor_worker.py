@@ -67,6 +67,9 @@ DENSE_CASES = {
     "dense rows": ((8, 10), -1, Shard(0), Shard(0), dict(label_smoothing=0.1, z_loss=1e-3)),
     "dense classes": ((8, 10), -1, Shard(1), Shard(1), dict(label_smoothing=0.1, z_loss=1e-3)),
     "dense classes, plain labels": ((6, 11), -1, Shard(1), "plain", {}),
+    # rows summing to 1.7: the shards' target shares do not add up to 1
+    "dense classes, labels not summing to 1": ((8, 10), -1, Shard(1), Shard(1), dict(z_loss=1e-3), 1.7),
+    "dense classes, middle axis": ((4, 10, 3), 1, Shard(1), Replicate(), dict(label_smoothing=0.2)),
 }
 
 # name: (logits placement, labels placement, the bad label, the row that holds it)
@@ -151,10 +154,10 @@ def _sparse_case(meshes, case, seed):
 
 
 def _dense_case(mesh, spec, seed):
-    shape, axis, logits_placement, labels_placement, options = spec
+    shape, axis, logits_placement, labels_placement, options, *scale = spec
     generator = torch.Generator().manual_seed(seed)
     logits = 3 * torch.randn(shape, generator=generator)
-    labels = torch.softmax(torch.randn(shape, generator=generator), axis)
+    labels = torch.softmax(torch.randn(shape, generator=generator), axis) * (scale[0] if scale else 1.0)
 
     whole, whole_labels = logits.clone().requires_grad_(), labels.clone().requires_grad_()
     want = ft.softmax_cross_entropy_with_logits(whole_labels, whole, axis, **options)
@@ -218,6 +221,21 @@ def _collectives_case(mesh, logits_placement, labels_placement):
     }
 
 
+def _dense_collectives_case(mesh):
+    """The collectives of a class-sharded dense forward and backward."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(ROWS, CLASSES, generator=generator)
+    labels = torch.softmax(torch.randn(ROWS, CLASSES, generator=generator), -1)
+    sharded = distribute_tensor(logits, mesh, [Shard(1)]).requires_grad_()
+    labels = distribute_tensor(labels, mesh, [Shard(1)])
+    with CollectiveLog() as forward:
+        loss = ft.softmax_cross_entropy_with_logits(labels, sharded, label_smoothing=0.1)
+    total = loss.sum()
+    with CollectiveLog() as backward:
+        total.backward()
+    return {"forward": forward.calls, "backward": backward.calls, "local_logits": sharded.to_local().numel()}
+
+
 def _run(case):
     try:
         return case()
@@ -264,6 +282,7 @@ def main():
         results[name] = _run(lambda: _bad_label_case(mesh, spec, seed))
     for name, placements in COLLECTIVE_CASES.items():
         results[name] = _run(lambda: _collectives_case(mesh, *placements))
+    results["collectives, dense classes"] = _run(lambda: _dense_collectives_case(mesh))
     for name, (placement, kind) in SECOND_ORDER_CASES.items():
         results[name] = _run(lambda: _second_order_case(mesh, placement, kind))
     dist.barrier()

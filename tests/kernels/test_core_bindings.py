@@ -310,15 +310,16 @@ def test_bindings_take_the_cuda_bindings_keywords():
     """Same names and order as cc/py/cuda_bindings.cc, minus the stream and the CUDA launchers'
     optional device workspace (the CPU kernels need none); the CPU sparse bindings add the
     vocabulary-parallel keywords last (tests/kernels/test_shard_mode.py), which the CUDA ones lack."""
-    shard = ", total_classes, absent_label"
+    shard, dense_shard = ", total_classes, absent_label", ", total_classes, label_sums"
     expected = {
         "sparse_forward": "dtype, logits, labels, outer, classes, inner, label_smoothing, z_loss, ignore_index, "
         "class_weights, loss, lse" + shard,
         "sparse_backward": "dtype, logits, labels, outer, classes, inner, label_smoothing, z_loss, ignore_index, "
         "class_weights, lse, grad_loss, grad_logits" + shard,
-        "dense_forward": "dtype, logits, labels, outer, classes, inner, label_smoothing, z_loss, loss, lse",
+        "dense_forward": "dtype, logits, labels, outer, classes, inner, label_smoothing, z_loss, loss, lse"
+        + dense_shard,
         "dense_backward": "dtype, logits, labels, outer, classes, inner, label_smoothing, z_loss, lse, grad_loss, "
-        "grad_logits",
+        "grad_logits" + dense_shard,
     }
     for name, parameters in expected.items():
         signature = getattr(_core, name).__doc__.strip().splitlines()[0]
@@ -327,7 +328,7 @@ def test_bindings_take_the_cuda_bindings_keywords():
         cuda = getattr(_core, "cuda_" + name, None)
         if cuda is not None:
             cuda_names = re.findall(r"(\w+): ", cuda.__doc__.strip().splitlines()[0][len(name) + 5 :])
-            cpu_only = ("total_classes", "absent_label")
+            cpu_only = ("total_classes", "absent_label", "label_sums")
             assert [n for n in cuda_names if n != "workspace"] == [n for n in names if n not in cpu_only] + [
                 "stream"
             ], cuda_names

@@ -131,6 +131,16 @@ def test_the_class_sharded_loss_all_reduces_row_sized_tensors(ranks):
         assert report["backward"] == []  # given the rows' lse, each shard's gradient is local
 
 
+def test_the_class_sharded_dense_loss_all_reduces_row_sized_tensors(ranks):
+    """Dense labels sharded with the logits: no gather; a max and one sum of three values per row
+    forward, the whole rows' label sums backward."""
+    rows = dtensor_worker.ROWS
+    for report in _case(ranks, "collectives, dense classes"):
+        assert report["forward"] == [["c10d::allreduce_", rows], ["c10d::allreduce_", 3 * rows]], report["forward"]
+        assert report["backward"] == [["c10d::allreduce_", rows]], report["backward"]
+        assert 3 * rows < report["local_logits"]
+
+
 def test_row_sharded_losses_run_locally(ranks):
     for report in _case(ranks, "collectives, rows"):
         assert report["forward"] == report["backward"] == []

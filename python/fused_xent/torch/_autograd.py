@@ -93,6 +93,14 @@ def _refuse_dtensor(logits, what):
         )
 
 
+def _placed_like(grad, tensor):
+    """A DTensor gradient laid out as its input (the labels' gradient follows the logits' placements)."""
+    placements = getattr(tensor, "placements", None)
+    if placements is None or getattr(grad, "placements", placements) == placements:
+        return grad
+    return grad.redistribute(tensor.device_mesh, placements)
+
+
 def _zero_if_none(tangent, like):
     return torch.zeros_like(like) if tangent is None else tangent
 
@@ -213,7 +221,7 @@ class DenseLoss(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_logits = DenseGrad.apply(logits, labels, lse, grad, ctx.options)
         if ctx.needs_input_grad[1]:
-            grad_labels = _dense_label_gradient(logits, lse, grad, axis, eps, labels.dtype)
+            grad_labels = _placed_like(_dense_label_gradient(logits, lse, grad, axis, eps, labels.dtype), labels)
         return grad_logits, grad_labels, None
 
     @staticmethod

@@ -19,9 +19,10 @@ Placements, for logits sharded or replicated on each mesh dimension (Partial: re
   all-reduces of row-sized tensors over the class mesh dimensions (a max, then one sum of two
   values per row). The backward, given the row's lse, is local. CPU only: the CUDA bindings
   have no shard mode (NotImplementedError).
-* Classes, dense labels: the logits and labels are all-gathered along the class mesh
-  dimensions and the rows run as above (exact); the gradient is sliced back to the logits'
-  placements.
+* Classes, dense labels: vocabulary-parallel too. Each rank's kernel also returns its
+  classes' sum of the labels, and Q_s, the row's target share on the shard, is (1 - eps) times
+  it plus eps C_s / C; the row's values come from a max and one sum of three values per row.
+  The backward reads the whole rows' label sums (one more row-sized all-reduce).
 
 Plain tensors passed with DTensor logits (labels, class weights, the loss's gradient) are
 taken as whole tensors, the same on every rank. A label outside ``[0, C)`` that is not
@@ -109,11 +110,6 @@ class _Layout:
         if placement.is_shard() and placement.dim != self.axis:
             return Shard(placement.dim - (placement.dim > self.axis))  # the row shape lacks the class axis
         return Replicate()
-
-    def gathered(self):
-        """This layout with the classes all-gathered: rows only."""
-        placements = [Replicate() if p.is_shard(self.axis) else p for p in self.placements]
-        return _Layout(self.mesh, placements, self.shape, self.axis)
 
     def local(self, tensor):
         """This rank's piece of a logits-shaped tensor, moved to this layout."""
@@ -255,23 +251,27 @@ def _all_reduce(tensor, op, groups):
     return tensor
 
 
-def _combine(part, shard_lse, share, groups):
+def _combine(part, shard_lse, share, groups, shares_sum_to_one=True):
     """(lse, loss before weights and z-loss) of whole rows from every shard's (L_s, lse_s, Q_s):
 
         lse  = log(sum_s exp(lse_s))
         loss = sum_s (L_s + Q_s (lse - lse_s))
 
     The parts are first moved to the common base M = max_s lse_s, so that one sum carries both
-    sums; sum_s Q_s = 1 for a kept row, so moving all of them from M to lse adds lse - M once."""
+    sums; moving all of them from M to lse then adds (sum_s Q_s)(lse - M). That sum is 1 for a
+    kept row with sparse labels; dense labels need not sum to 1, so it is summed too."""
     top = _all_reduce(shard_lse.clone(), dist.ReduceOp.MAX, groups)
     finite = torch.isfinite(top)
     base = torch.where(finite, top, 0.0)
     # a shard with no target share adds nothing, even where its lse_s is -inf (Q_s * inf)
     moved = torch.where(share > 0, share * (base - shard_lse), 0.0)
-    sums = torch.stack([torch.exp(shard_lse - base), part.to(torch.float64) + moved], dim=-1)
-    sums = _all_reduce(sums, dist.ReduceOp.SUM, groups)
+    columns = [torch.exp(shard_lse - base), part.to(torch.float64) + moved]
+    if not shares_sum_to_one:
+        columns.append(share.to(torch.float64))
+    sums = _all_reduce(torch.stack(columns, dim=-1), dist.ReduceOp.SUM, groups)
     lse = torch.where(finite, base + torch.log(sums[..., 0]), top)
-    return lse, sums[..., 1] + torch.where(finite, lse - base, 0.0)
+    total_share = 1.0 if shares_sum_to_one else sums[..., 2]
+    return lse, sums[..., 1] + torch.where(finite, total_share * (lse - base), 0.0)
 
 
 def _vocab_parallel_forward(logits, labels, weights, layout, eps, lam, ignore_index):
@@ -300,6 +300,52 @@ def _vocab_parallel_backward(logits, labels, weights, lse, grad_loss, layout, ep
     grad = _ops._empty(tuple(logits.shape), logits.dtype)
     _core.sparse_backward(
         **call, lse=_ops._host(lse.contiguous()), grad_loss=_ops._host(scaled), grad_logits=_ops._host(grad)
+    )
+    return grad
+
+
+# ---------------------------------------------------------------- vocabulary-parallel (dense, classes sharded)
+
+
+def _dense_shard_call(logits, labels, axis, eps, lam, classes):
+    layout = _checks.layout(tuple(logits.shape), axis)
+    return layout[3], dict(_ops._host_call(logits, labels, layout, eps, lam), total_classes=classes)
+
+
+def _dense_vocab_parallel_forward(logits, labels, layout, eps, lam):
+    """(loss, lse) of whole rows: each shard's kernel gives L_s, lse_s and its label sums, and
+    Q_s = (1 - eps) sum_s t + eps C_s / C moves L_s to the row's lse (three row-sized sums)."""
+    _refuse_cuda(logits)
+    offset, width = layout.class_range()
+    classes = layout.shape[layout.axis]
+    reduced = _ops._reduced(logits.shape, layout.axis)
+    part, shard_lse = torch.zeros(reduced, dtype=logits.dtype), torch.full(reduced, -math.inf, dtype=torch.float64)
+    label_sums = torch.zeros(reduced, dtype=torch.float64)
+    if width:  # an empty shard (fewer classes than shards) has no mass and no target
+        logits = logits.contiguous()
+        reduced, call = _dense_shard_call(logits, _ops._dense_labels(logits, labels), layout.axis, eps, 0.0, classes)
+        _core.dense_forward(**call, loss=_ops._host(part), lse=_ops._host(shard_lse), label_sums=_ops._host(label_sums))
+    share = (1.0 - eps) * label_sums + eps * width / classes
+    lse, loss = _combine(part, shard_lse, share, layout.class_groups(), shares_sum_to_one=False)
+    return (loss + lam * lse * lse).to(logits.dtype), lse
+
+
+def _dense_vocab_parallel_backward(logits, labels, lse, grad_loss, layout, eps, lam):
+    """This shard's gradient given the rows' lse and label sums (one row-sized all-reduce)."""
+    _refuse_cuda(logits)
+    if logits.shape[layout.axis] == 0:
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+    logits = logits.contiguous()
+    labels = _ops._dense_labels(logits, labels)
+    label_sums = _all_reduce(labels.sum(layout.axis, dtype=torch.float64), dist.ReduceOp.SUM, layout.class_groups())
+    reduced, call = _dense_shard_call(logits, labels, layout.axis, eps, lam, layout.shape[layout.axis])
+    grad = _ops._empty(tuple(logits.shape), logits.dtype)
+    _core.dense_backward(
+        **call,
+        lse=_ops._host(lse.contiguous()),
+        grad_loss=_ops._host_grad_loss(grad_loss, logits, reduced),
+        grad_logits=_ops._host(grad),
+        label_sums=_ops._host(label_sums.contiguous()),
     )
     return grad
 
@@ -333,19 +379,25 @@ def _sparse_backward_rule(cls, op, types, args, kwargs):
 
 def _dense_forward_rule(cls, op, types, args, kwargs):
     logits, labels, axis, eps, lam = _arguments(op, args, kwargs)
-    layout = _Layout.of(logits, axis).gathered()  # dense targets span the classes: all-gather them
-    loss, lse = _ops._dense_forward_kernel(layout.local(logits), layout.local(labels), axis, eps, lam)
+    layout = _Layout.of(logits, axis)
+    z, t = layout.local(logits), layout.local(labels)
+    if layout.class_dims:
+        loss, lse = _dense_vocab_parallel_forward(z, t, layout, eps, lam)
+    else:
+        loss, lse = _ops._dense_forward_kernel(z, t, axis, eps, lam)
     return layout.wrap_rows(loss), layout.wrap_rows(lse)
 
 
 def _dense_backward_rule(cls, op, types, args, kwargs):
     logits, labels, lse, grad_loss, axis, eps, lam = _arguments(op, args, kwargs)
-    given = _Layout.of(logits, axis)
-    layout = given.gathered()
+    layout = _Layout.of(logits, axis)
     z, t = layout.local(logits), layout.local(labels)
-    grad = _ops._dense_backward_kernel(z, t, layout.local_rows(lse), layout.local_rows(grad_loss), axis, eps, lam)
-    offset, width = given.class_range()
-    return given.wrap(grad.narrow(axis, offset, width).contiguous())  # back to the logits' placements
+    lse, grad_loss = layout.local_rows(lse), layout.local_rows(grad_loss)
+    if layout.class_dims:
+        grad = _dense_vocab_parallel_backward(z, t, lse, grad_loss, layout, eps, lam)
+    else:
+        grad = _ops._dense_backward_kernel(z, t, lse, grad_loss, axis, eps, lam)
+    return layout.wrap(grad)
 
 
 def _register():
