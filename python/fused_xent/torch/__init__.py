@@ -33,6 +33,7 @@ from fused_xent.torch._native import CrossEntropyLoss, cross_entropy
 __all__ = [
     "CrossEntropyLoss",
     "cross_entropy",
+    "release_cached_memory",
     "softmax_cross_entropy_with_logits",
     "sparse_softmax_cross_entropy_with_logits",
 ]
@@ -115,3 +116,9 @@ def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothin
     if torch.compiler.is_compiling():
         return _ops.dense_forward(logits, labels, axis, smoothing, z_loss)[0]
     return _autograd.DenseLoss.apply(logits, labels, _autograd.Options(axis, smoothing, z_loss))[0]  # (loss, lse)
+
+
+def release_cached_memory():
+    """Drops the CPU gradient buffer the backward keeps for reuse (the last large gradient's
+    memory, reused once nothing else references it: fresh memory costs page faults)."""
+    _ops._gradient_buffer.release()
