@@ -9,7 +9,6 @@ differentiate a composite of torch ops for that op's output (exact, not fused; i
 lse from the logits and never differentiates through the lse input).
 """
 
-import sys
 import threading
 from typing import Optional
 
