@@ -9,9 +9,11 @@ CUDA builds, on the GPU. Under sharding (``jax.sharding``, Keras's
 (docs/distributed.md). On platforms without the handlers (TPU, ROCm) they
 lower to an exact jax.numpy composite instead.
 
-The first derivative is the fused backward kernel (a ``jax.custom_vjp``).
-Higher derivatives (``jax.hessian``, gradient penalties) use a composite of
-jax.numpy ops for the derivative of that kernel: exact, but not fused.
+The first derivative is the fused backward kernel, in reverse mode (``jax.grad``,
+``jacrev``: the kernel with the upstream gradient) and forward mode (``jax.jvp``,
+``jacfwd``, ``linearize``: the row dot of the kernel's gradient with the tangent).
+Higher derivatives (``jax.hessian``, forward over reverse, gradient penalties) use a
+composite of jax.numpy ops for the derivative of that kernel: exact, but not fused.
 
 A label outside ``[0, C)`` that is not ``ignore_index`` raises the handler's
 ``INVALID_ARGUMENT`` error on the CPU (a ``JaxRuntimeError``); on a GPU it gives

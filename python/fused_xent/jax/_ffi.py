@@ -1,9 +1,9 @@
 """The XLA FFI calls behind fused_xent.jax, and their derivative rules.
 
 ``sparse(opts, logits, labels, weights)`` and ``dense(opts, logits, labels)`` give the
-per-example loss; their first derivative is the fused backward kernel (a
-``jax.custom_vjp``), higher ones differentiate a composite of jax.numpy ops for that
-kernel's output (exact, not fused). The forward keeps each row's logsumexp in float64
+per-example loss; their first derivative is the fused backward kernel (a ``jax.custom_jvp``
+whose tangent primitive transposes into it), higher ones differentiate a composite of
+jax.numpy ops for that kernel's output (exact, not fused). The forward keeps each row's logsumexp in float64
 for the backward: an internal value, so ``jax_enable_x64`` may stay off.
 """
 
@@ -14,6 +14,9 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from fused_xent import _core
 from fused_xent.jax import _composite, _sharding
@@ -218,22 +221,111 @@ def _kept_lse(lse):
     return jax.lax.bitcast_convert_type(lse, jnp.uint32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+# ---------------------------------------------------------------- the losses' derivative
+#
+# The losses are custom_jvp functions whose tangent is _LOSS_TANGENT, a primitive linear in the
+# tangent it is given: evaluated (forward mode), the row dot of the fused gradient with that
+# tangent; transposed (reverse mode), the fused backward kernel with the cotangent as the
+# upstream gradient. So jit(grad) runs the same two kernels a custom_vjp would (the forward
+# keeps z and its lse; no extra pass over the logits), and jax.jvp, jacfwd and
+# forward-over-reverse work too.
+
+_LOSS_TANGENT = Primitive("fused_xent_loss_tangent")
+
+
+def _gradient(kind, opts, residuals, g):
+    """The gradient of sum(loss * g) for the logits (or, kind "dense_labels", the dense labels)."""
+    if kind == "sparse":
+        return _sparse_backward(opts, *residuals, g)
+    z, t, lse = residuals
+    if kind == "dense":
+        return _dense_backward(opts, z, t, lse, g)
+    return _dense_label_gradient(opts, z, lse, g, t.dtype)
+
+
+def _tangent_value(dx, *residuals, kind, opts):
+    z = residuals[0]
+    ones = jnp.ones(_rows(z, opts[0]).shape, z.dtype)
+    return _row_dot(_gradient(kind, opts, residuals, ones), dx, opts[0], z.dtype)
+
+
+def _tangent_abstract(dx, *residuals, kind, opts):
+    z = residuals[0]
+    return jax.core.ShapedArray(_rows(z, opts[0]).shape, z.dtype)
+
+
+def _tangent_transpose(ct, dx, *residuals, kind, opts):
+    if type(ct) is ad.Zero:
+        return [ad.Zero(dx.aval), *([None] * len(residuals))]
+    return [_gradient(kind, opts, residuals, ct.astype(residuals[0].dtype)), *([None] * len(residuals))]
+
+
+def _tangent_jvp(primals, tangents, *, kind, opts):
+    """Second order (jacfwd of jacfwd, forward over forward): the fused gradient's derivative along
+    the tangents of z (and of dense labels) comes from its own custom_jvp, a composite. The
+    tangents of class weights and of the internal lse are ignored, as in the first derivative."""
+    dx, *residuals = primals
+    out = _LOSS_TANGENT.bind(dx, *residuals, kind=kind, opts=opts)
+    d_out = jnp.zeros_like(out)
+    if type(tangents[0]) is not ad.Zero:
+        d_out = d_out + _LOSS_TANGENT.bind(tangents[0], *residuals, kind=kind, opts=opts)
+    varying = (0,) if kind == "sparse" else (0, 1)  # residual positions: z, and dense labels
+    moving = [i for i in varying if type(tangents[1 + i]) is not ad.Zero]
+    if moving:
+
+        def value(*moved):
+            current = list(residuals)
+            for i, x in zip(moving, moved):
+                current[i] = x
+            return _tangent_value(dx, *current, kind=kind, opts=opts)
+
+        d_out = d_out + jax.jvp(value, tuple(residuals[i] for i in moving), tuple(tangents[1 + i] for i in moving))[1]
+    return out, d_out
+
+
+def _tangent_batch(args, dims, *, kind, opts):
+    """vmap: a batch axis is one more row axis (opts' axis counts from the end); class weights
+    that differ per element take one call per element."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+
+    def leading(a, d):
+        return jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
+
+    weights_index = 3 if kind == "sparse" else None
+    if weights_index is not None and dims[weights_index] is not None:
+        stacked = [leading(a, d) for a, d in zip(args, dims)]
+        return jax.lax.map(lambda ops: _LOSS_TANGENT.bind(*ops, kind=kind, opts=opts), stacked), 0
+    moved = [a if i == weights_index else leading(a, d) for i, (a, d) in enumerate(zip(args, dims))]
+    return _LOSS_TANGENT.bind(*moved, kind=kind, opts=opts), 0
+
+
+_LOSS_TANGENT.def_abstract_eval(_tangent_abstract)
+_LOSS_TANGENT.def_impl(functools.partial(jax.jit, static_argnames=("kind", "opts"))(_tangent_value))
+mlir.register_lowering(_LOSS_TANGENT, mlir.lower_fun(_tangent_value, multiple_results=False))
+ad.primitive_transposes[_LOSS_TANGENT] = _tangent_transpose
+ad.primitive_jvps[_LOSS_TANGENT] = _tangent_jvp
+batching.primitive_batchers[_LOSS_TANGENT] = _tangent_batch
+
+
+def _is_zero(tangent):
+    return type(tangent) is SymbolicZero
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _fused_sparse(opts, z, labels, weights):
     return _sparse_forward(opts, z, labels, weights)[0]
 
 
-def _sparse_vjp_forward(opts, z, labels, weights):
+def _fused_sparse_jvp(opts, primals, tangents):
+    z, labels, weights = primals
     loss, lse = _sparse_forward(opts, z, labels, weights)
-    return loss, (z, labels, weights, _kept_lse(lse))
+    if _is_zero(tangents[0]):
+        return loss, jnp.zeros_like(loss)
+    residuals = (z, labels, weights, _kept_lse(lse))
+    return loss, _LOSS_TANGENT.bind(tangents[0], *residuals, kind="sparse", opts=opts)
 
 
-def _sparse_vjp_backward(opts, residuals, g):
-    z, labels, weights, lse = residuals
-    return _sparse_backward(opts, z, labels, weights, lse, g), None, None
-
-
-_fused_sparse.defvjp(_sparse_vjp_forward, _sparse_vjp_backward)
+_fused_sparse.defjvp(_fused_sparse_jvp, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -292,19 +384,20 @@ def _dense_backward_jvp(opts, primals, tangents):
     return out, dout.astype(out.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _fused_dense(opts, z, t):
     return _dense_forward(opts, z, t)[0]
 
 
-def _dense_vjp_forward(opts, z, t):
+def _fused_dense_jvp(opts, primals, tangents):
+    z, t = primals
     loss, lse = _dense_forward(opts, z, t)
-    return loss, (z, t, _kept_lse(lse))
+    residuals = (z, t, _kept_lse(lse))
+    out = jnp.zeros_like(loss)
+    for kind, tangent in (("dense", tangents[0]), ("dense_labels", tangents[1])):
+        if not _is_zero(tangent):
+            out = out + _LOSS_TANGENT.bind(tangent, *residuals, kind=kind, opts=opts)
+    return loss, out
 
 
-def _dense_vjp_backward(opts, residuals, g):
-    z, t, lse = residuals
-    return _dense_backward(opts, z, t, lse, g), _dense_label_gradient(opts, z, lse, g, t.dtype)
-
-
-_fused_dense.defvjp(_dense_vjp_forward, _dense_vjp_backward)
+_fused_dense.defjvp(_fused_dense_jvp, symbolic_zeros=True)
