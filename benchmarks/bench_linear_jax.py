@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_sharding import print_table  # noqa: E402  (this script's folder is sys.path[0])
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -102,13 +103,7 @@ def main():
         f"hidden {args.n}x{args.h} (sharded: {args.sharded_n}x{args.h}), weight {args.h}x{args.v}, {args.dtype}, "
         f"jit(value_and_grad(mean loss)) to hidden and weight; {os.cpu_count()} cores ({cpu}), JAX {jax.__version__}"
     )
-    if args.markdown:
-        print("| " + " | ".join(rows[0]) + " |\n|" + " --- |" * len(rows[0]))
-        for r in rows[1:]:
-            print("| " + " | ".join(r) + " |")
-    else:
-        for r in rows:
-            print("  ".join(f"{c:>24}" for c in r))
+    print_table(rows, args.markdown, width=24)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,17 @@ def _measure(fn, z, labels, rounds):
     return moved, gathers, compiled.memory_analysis().temp_size_in_bytes, statistics.median(times) * 1e3
 
 
+def print_table(rows, markdown, width=22):
+    """rows[0] is the header: a Markdown table, or aligned columns."""
+    if markdown:
+        print("| " + " | ".join(rows[0]) + " |\n|" + " --- |" * len(rows[0]))
+        for r in rows[1:]:
+            print("| " + " | ".join(r) + " |")
+    else:
+        for r in rows:
+            print("  ".join(f"{c:>{width}}" for c in r))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1024)
@@ -86,13 +97,7 @@ def main():
         f"{args.rows}x{args.classes} float32, jit(value_and_grad(mean loss)), 8 virtual CPU devices on "
         f"{os.cpu_count()} cores ({cpu}), JAX {jax.__version__}"
     )
-    if args.markdown:
-        print("| " + " | ".join(rows[0]) + " |\n|" + " --- |" * len(rows[0]))
-        for r in rows[1:]:
-            print("| " + " | ".join(r) + " |")
-    else:
-        for r in rows:
-            print("  ".join(f"{c:>22}" for c in r))
+    print_table(rows, args.markdown)
 
 
 if __name__ == "__main__":

@@ -167,14 +167,8 @@ def _checked_rows(hidden, labels):
 def _check_static_labels(labels, vocab, ignore_index):
     """Labels known when the graph is built are checked here; others by the kernel."""
     values = tf.get_static_value(labels)
-    if values is None:
-        return
-    values = np.asarray(values).ravel()
-    bad = (values < 0) | (values >= vocab)
-    if ignore_index is not None:
-        bad &= values != ignore_index
-    if bad.any():
-        raise ValueError(f"labels must lie in [0, {vocab}) (or equal ignore_index), got {values[bad][0]}")
+    if values is not None:
+        _checks.static_labels(values, vocab, ignore_index)
 
 
 # ------------------------------------------------------------------ one chunk
