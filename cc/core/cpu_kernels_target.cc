@@ -597,10 +597,10 @@ template <typename T> SplitLse<Acc<T>> backward_lse(const Row<T>& row, double ls
   return SplitLse<A>{sums.max, log_sum(sums)};
 }
 
-// Loss and lse of sparse row r from its sums.
-template <typename T, typename Label> void finish_sparse_row(const SparseForwardArgs<T, Label>& args,
-                                                             int64_t r, const RowSums<Acc<T>>& sums,
-                                                             Acc<T> log_sum, const Row<T>& row) {
+// Loss and lse of sparse row r from its sums; `row` holds its logits as read (capped or not).
+template <typename T, typename Label, typename R>
+void finish_sparse_row(const SparseForwardArgs<T, Label>& args, int64_t r, const RowSums<Acc<T>>& sums,
+                       Acc<T> log_sum, const R& row) {
   using A = Acc<T>;
   const double lse = lse_of(sums.max, log_sum);
   args.lse[r] = lse;
@@ -630,6 +630,7 @@ template <typename T> void finish_dense_row(const DenseForwardArgs<T>& args, int
 
 #include "core/cpu_row_groups.inc"
 #include "core/cpu_inner_tiles.inc"
+#include "core/cpu_softcap.inc"
 
 }  // namespace
 
@@ -639,6 +640,7 @@ int64_t row_granularity(const Layout& layout) {
 
 template <typename T, typename Label>
 void sparse_forward(const SparseForwardArgs<T, Label>& args, int64_t row_begin, int64_t row_end) {
+  if (args.options.softcap > 0) return sparse_forward_capped(args, row_begin, row_end);
   using A = Acc<T>;
   const Layout& layout = args.layout;
   const bool want_mean = args.options.label_smoothing > 0;
@@ -660,6 +662,7 @@ void sparse_forward(const SparseForwardArgs<T, Label>& args, int64_t row_begin, 
 
 template <typename T, typename Label>
 void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin, int64_t row_end) {
+  if (args.options.softcap > 0) return sparse_backward_capped(args, row_begin, row_end);
   using A = Acc<T>;
   const Layout& layout = args.layout;
   const int64_t classes = layout.classes;
@@ -715,6 +718,7 @@ void sparse_backward(const SparseBackwardArgs<T, Label>& args, int64_t row_begin
 
 template <typename T>
 void dense_forward(const DenseForwardArgs<T>& args, int64_t row_begin, int64_t row_end) {
+  if (args.options.softcap > 0) return dense_forward_capped(args, row_begin, row_end);
   using A = Acc<T>;
   const bool want_mean = args.options.label_smoothing > 0;
   if constexpr (kVectorized<T>) {
@@ -736,6 +740,7 @@ void dense_forward(const DenseForwardArgs<T>& args, int64_t row_begin, int64_t r
 
 template <typename T>
 void dense_backward(const DenseBackwardArgs<T>& args, int64_t row_begin, int64_t row_end) {
+  if (args.options.softcap > 0) return dense_backward_capped(args, row_begin, row_end);
   using A = Acc<T>;
   const Layout& layout = args.layout;
   const int64_t stride = layout.inner;

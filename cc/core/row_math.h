@@ -8,6 +8,8 @@
 //   dloss/dz_j = w * ((sum(q) + 2 lambda lse) * p_j - q_j)
 // Sparse labels: q = (1 - eps) onehot(y) + eps / C, so sum(q) = 1.
 // Dense labels t: q = (1 - eps) t + eps / C.
+// With a softcap, every formula reads z_j = cap * tanh(x_j / cap) for the
+// given logits x, and the backward multiplies dloss/dz_j by dz_j/dx_j.
 #pragma once
 
 #include <cmath>
@@ -207,6 +209,28 @@ template <typename A> FX_HOST_DEVICE A dense_row_loss(const RowSums<A>& sums, A 
   const A target_sum = dense_target_sum(static_cast<A>(sums.label_sum), options, share);
   return cross_entropy(log_sum, target_sum, sums.label_gap, share * sums.gap, options) +
          z_loss_term<A>(lse, options);
+}
+
+// Final-logit softcap: z = cap * tanh(x / cap) and its slope dz/dx = 1 - tanh^2,
+// both from e = exp(-2|x| / cap): tanh = (1 - e) / (1 + e) with 1 - e = -expm1
+// (exact for small x), and slope = 4 e / (1 + e)^2, which keeps its relative
+// accuracy where tanh nears 1 and 1 - tanh^2 would cancel. x = +-inf gives
+// +-cap with slope 0; NaN stays NaN.
+template <typename A> struct Softcapped {
+  A value;
+  A slope;
+};
+template <typename A> FX_HOST_DEVICE Softcapped<A> softcap_at(A x, A cap) {
+  const A u = (x < 0 ? x : -x) * (A(2) / cap);  // -2|x| / cap
+  const A e = fx_exp(u);
+  const A one_minus_e = -fx_expm1(u);
+  const A tanh = one_minus_e / (A(1) + e);
+  const A value = cap * tanh;
+  return Softcapped<A>{x < 0 ? -value : value, A(4) * e / ((A(1) + e) * (A(1) + e))};
+}
+// The logit a formula reads: capped when a cap is set.
+template <typename A> FX_HOST_DEVICE A capped_logit(A x, const Options& options) {
+  return options.softcap > 0 ? softcap_at<A>(x, static_cast<A>(options.softcap)).value : x;
 }
 
 // The backward of a row is dz_j = softmax_scale * p_j - target_scale * t_j - uniform,

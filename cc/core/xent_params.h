@@ -27,6 +27,7 @@ struct Layout {
 struct Options {
   float label_smoothing = 0.0f;   // epsilon: target = (1 - eps) * onehot + eps / C
   float z_loss = 0.0f;            // lambda: adds lambda * lse^2 to each row's loss
+  float softcap = 0.0f;           // cap: each logit is read as cap * tanh(z / cap); 0: not capped
   bool has_ignore_index = false;  // rows whose label equals ignore_index give 0
   int64_t ignore_index = 0;
   const float* class_weights = nullptr;  // length `classes`, or null for all ones

@@ -104,9 +104,11 @@ fx::Layout make_layout(int64_t outer, int64_t classes, int64_t inner) {
 using ClassWeights = std::optional<py::array_t<float, py::array::c_style>>;
 
 fx::Options make_options(double label_smoothing, double z_loss, std::optional<int64_t> ignore_index,
-                         const ClassWeights& class_weights, int64_t classes) {
+                         const ClassWeights& class_weights, int64_t classes, double softcap) {
   require(label_smoothing >= 0.0 && label_smoothing <= 1.0, "label_smoothing must lie in [0, 1]");
+  require(std::isfinite(softcap) && softcap >= 0.0, "softcap must be finite and >= 0 (0: no cap)");
   fx::Options options;
+  options.softcap = static_cast<float>(softcap);
   options.label_smoothing = static_cast<float>(label_smoothing);
   options.z_loss = static_cast<float>(z_loss);
   options.has_ignore_index = ignore_index.has_value();
@@ -149,9 +151,9 @@ struct ShardOptions {
 
 Call sparse_call(const py::array& labels, int64_t outer, int64_t classes, int64_t inner,
                  double label_smoothing, double z_loss, std::optional<int64_t> ignore_index,
-                 const ClassWeights& class_weights, const ShardOptions& shard = {}) {
+                 const ClassWeights& class_weights, double softcap, const ShardOptions& shard = {}) {
   Call call{make_layout(outer, classes, inner),
-            make_options(label_smoothing, z_loss, ignore_index, class_weights, classes)};
+            make_options(label_smoothing, z_loss, ignore_index, class_weights, classes, softcap)};
   require(labels.dtype().kind() == 'i' && (labels.itemsize() == 4 || labels.itemsize() == 8),
           "labels must be int32 or int64");
   if (shard.total_classes > 0) {
@@ -167,9 +169,9 @@ Call sparse_call(const py::array& labels, int64_t outer, int64_t classes, int64_
 
 // total_classes > 0: a vocabulary-parallel shard holding `classes` of each row's total_classes.
 Call dense_call(int64_t outer, int64_t classes, int64_t inner, double label_smoothing, double z_loss,
-                int64_t total_classes = 0) {
+                double softcap, int64_t total_classes = 0) {
   Call call{make_layout(outer, classes, inner),
-            make_options(label_smoothing, z_loss, std::nullopt, std::nullopt, classes)};
+            make_options(label_smoothing, z_loss, std::nullopt, std::nullopt, classes, softcap)};
   if (total_classes > 0) {
     require(total_classes >= classes, "total_classes must be at least the shard's classes");
     call.options.total_classes = total_classes;
@@ -303,9 +305,9 @@ template <typename T> void run_dense_backward(const Call& call, const py::array&
 void sparse_forward(const std::string& dtype, py::array logits, py::array labels, int64_t outer,
                     int64_t classes, int64_t inner, double label_smoothing, double z_loss,
                     std::optional<int64_t> ignore_index, ClassWeights class_weights, py::array loss,
-                    py::array lse, int64_t total_classes, int64_t absent_label) {
+                    py::array lse, int64_t total_classes, int64_t absent_label, double softcap) {
   const Call call = sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index,
-                                class_weights, ShardOptions{total_classes, absent_label});
+                                class_weights, softcap, ShardOptions{total_classes, absent_label});
   dispatch_sparse(dtype, labels, [&](auto tag, auto label_tag, const char* kinds) {
     using T = decltype(tag);
     using Label = decltype(label_tag);
@@ -320,9 +322,9 @@ void sparse_backward(const std::string& dtype, py::array logits, py::array label
                      int64_t classes, int64_t inner, double label_smoothing, double z_loss,
                      std::optional<int64_t> ignore_index, ClassWeights class_weights, py::array lse,
                      py::array grad_loss, py::array grad_logits, int64_t total_classes,
-                     int64_t absent_label) {
+                     int64_t absent_label, double softcap) {
   const Call call = sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index,
-                                class_weights, ShardOptions{total_classes, absent_label});
+                                class_weights, softcap, ShardOptions{total_classes, absent_label});
   dispatch_sparse(dtype, labels, [&](auto tag, auto label_tag, const char* kinds) {
     using T = decltype(tag);
     using Label = decltype(label_tag);
@@ -335,8 +337,9 @@ void sparse_backward(const std::string& dtype, py::array logits, py::array label
 // A shard's call (total_classes > 0) also writes each row's sum of its labels into label_sums.
 void dense_forward(const std::string& dtype, py::array logits, py::array labels, int64_t outer,
                    int64_t classes, int64_t inner, double label_smoothing, double z_loss, py::array loss,
-                   py::array lse, int64_t total_classes, std::optional<py::array> label_sums) {
-  const Call call = dense_call(outer, classes, inner, label_smoothing, z_loss, total_classes);
+                   py::array lse, int64_t total_classes, std::optional<py::array> label_sums,
+                   double softcap) {
+  const Call call = dense_call(outer, classes, inner, label_smoothing, z_loss, softcap, total_classes);
   double* sums = const_cast<double*>(shard_label_sums(call, label_sums, true));
   dispatch_float(dtype, [&](auto tag, const char* kinds) {
     using T = decltype(tag);
@@ -350,8 +353,8 @@ void dense_forward(const std::string& dtype, py::array logits, py::array labels,
 void dense_backward(const std::string& dtype, py::array logits, py::array labels, int64_t outer,
                     int64_t classes, int64_t inner, double label_smoothing, double z_loss, py::array lse,
                     py::array grad_loss, py::array grad_logits, int64_t total_classes,
-                    std::optional<py::array> label_sums) {
-  const Call call = dense_call(outer, classes, inner, label_smoothing, z_loss, total_classes);
+                    std::optional<py::array> label_sums, double softcap) {
+  const Call call = dense_call(outer, classes, inner, label_smoothing, z_loss, softcap, total_classes);
   const double* sums = shard_label_sums(call, label_sums, false);
   dispatch_float(dtype, [&](auto tag, const char* kinds) {
     using T = decltype(tag);
@@ -367,9 +370,9 @@ void dense_backward(const std::string& dtype, py::array logits, py::array labels
 void sparse(const std::string& dtype, py::array logits, py::array labels, int64_t outer, int64_t classes,
             int64_t inner, double label_smoothing, double z_loss, std::optional<int64_t> ignore_index,
             ClassWeights class_weights, py::array loss, py::array lse, std::optional<py::array> grad_loss,
-            std::optional<py::array> grad_logits) {
-  const Call call =
-      sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index, class_weights);
+            std::optional<py::array> grad_logits, double softcap) {
+  const Call call = sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index,
+                                class_weights, softcap);
   require(grad_loss.has_value() == grad_logits.has_value(), "grad_loss and grad_logits go together");
   dispatch_sparse(dtype, labels, [&](auto tag, auto label_tag, const char* kinds) {
     using T = decltype(tag);
@@ -384,8 +387,8 @@ void sparse(const std::string& dtype, py::array logits, py::array labels, int64_
 
 void dense(const std::string& dtype, py::array logits, py::array labels, int64_t outer, int64_t classes,
            int64_t inner, double label_smoothing, double z_loss, py::array loss, py::array lse,
-           std::optional<py::array> grad_loss, std::optional<py::array> grad_logits) {
-  const Call call = dense_call(outer, classes, inner, label_smoothing, z_loss);
+           std::optional<py::array> grad_loss, std::optional<py::array> grad_logits, double softcap) {
+  const Call call = dense_call(outer, classes, inner, label_smoothing, z_loss, softcap);
   require(grad_loss.has_value() == grad_logits.has_value(), "grad_loss and grad_logits go together");
   dispatch_float(dtype, [&](auto tag, const char* kinds) {
     using T = decltype(tag);
@@ -491,25 +494,25 @@ PYBIND11_MODULE(_core, m) {
   m.def("sparse_forward", &sparse_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("ignore_index"), py::arg("class_weights"), py::arg("loss"), py::arg("lse"),
-        py::arg("total_classes") = 0, py::arg("absent_label") = 0);
+        py::arg("total_classes") = 0, py::arg("absent_label") = 0, py::arg("softcap") = 0.0);
   m.def("sparse_backward", &sparse_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("ignore_index"), py::arg("class_weights"), py::arg("lse"), py::arg("grad_loss"),
-        py::arg("grad_logits"), py::arg("total_classes") = 0, py::arg("absent_label") = 0);
+        py::arg("grad_logits"), py::arg("total_classes") = 0, py::arg("absent_label") = 0, py::arg("softcap") = 0.0);
   m.def("dense_forward", &dense_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
-        py::arg("loss"), py::arg("lse"), py::arg("total_classes") = 0, py::arg("label_sums") = py::none());
+        py::arg("loss"), py::arg("lse"), py::arg("total_classes") = 0, py::arg("label_sums") = py::none(), py::arg("softcap") = 0.0);
   m.def("dense_backward", &dense_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"), py::arg("total_classes") = 0,
-        py::arg("label_sums") = py::none());
+        py::arg("label_sums") = py::none(), py::arg("softcap") = 0.0);
   m.def("sparse", &sparse, py::arg("dtype"), py::arg("logits"), py::arg("labels"), py::arg("outer"),
         py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("ignore_index"), py::arg("class_weights"), py::arg("loss"), py::arg("lse"),
-        py::arg("grad_loss"), py::arg("grad_logits"));
+        py::arg("grad_loss"), py::arg("grad_logits"), py::arg("softcap") = 0.0);
   m.def("dense", &dense, py::arg("dtype"), py::arg("logits"), py::arg("labels"), py::arg("outer"),
         py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"), py::arg("loss"),
-        py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"));
+        py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"), py::arg("softcap") = 0.0);
   m.def("build_info", &build_info);
   m.def("ffi_targets", &ffi_targets);
   m.def("workspace_bytes", &workspace_bytes, py::arg("kind"), py::arg("outer"), py::arg("classes"),
