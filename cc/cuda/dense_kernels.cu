@@ -21,7 +21,8 @@ template <typename T> __global__ void __launch_bounds__(kThreads)
   using A = Acc<T>;
   const Slot s = slot_of(plan, args.layout);
   const bool mean = args.options.label_smoothing > 0;
-  SumsVisitor<A, true> visit{RowSums<A>(), mean, A(1) / static_cast<A>(args.layout.classes)};
+  SumsVisitor<A, true> visit{RowSums<A>(), mean, A(1) / static_cast<A>(args.layout.classes),
+                             A(args.options.softcap)};
   if (s.active) {
     const int64_t offset = args.layout.row_offset(s.row);
     const RowPointers<T> row{args.logits + offset, args.labels + offset, nullptr, args.layout.inner};
@@ -80,7 +81,7 @@ template <typename T> __global__ void __launch_bounds__(kThreads)
       backward_coefficients<A>(to_acc(args.grad_loss[s.row]), A(1), lse,
                                dense_target_sum(label_sum, args.options),
                                row_classes(args.layout.classes, args.options), args.options),
-      split_lse<A>(lse), -1};
+      split_lse<A>(lse), -1, A(args.options.softcap)};
   const int64_t offset = args.layout.row_offset(s.row);
   const RowPointers<T> row{args.logits + offset, args.labels + offset, args.grad_logits + offset,
                            args.layout.inner};

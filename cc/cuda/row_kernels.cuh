@@ -422,14 +422,19 @@ struct Max {  // ignores NaN: a NaN still reaches the row through rest
 
 // Sums of one batch relative to its own max, as the CPU's block_sums, then
 // merged into the thread's running sums (online softmax). N is a power of two.
+// With a softcap, the batch is capped first (row_math's softcap_at).
 template <typename A, bool kLabels> struct SumsVisitor {
   RowSums<A> sums;
   bool want_mean;
   A inv_classes;
+  A cap;  // 0: not capped
 
   template <int N, int W>
-  __device__ __forceinline__ void operator()(const A (&z)[N], const A (&t)[N], int n, int64_t, int64_t) {
+  __device__ __forceinline__ void operator()(const A (&logits)[N], const A (&t)[N], int n, int64_t, int64_t) {
     const A kInf = -negative_infinity<A>();
+    A z[N];
+#pragma unroll
+    for (int e = 0; e < N; ++e) z[e] = cap > 0 ? softcap_at(logits[e], cap).value : logits[e];
     A v[N];
 #pragma unroll
     for (int e = 0; e < N; ++e) v[e] = e < n ? z[e] : -kInf;
@@ -498,10 +503,12 @@ template <typename A> struct FillVisitor {
 // dz_j = a * p_j - b * [j == label] - u for sparse labels, or a * p_j - b * t_j - u
 // for dense ones, by row_math's gradient_from, with p_j = exp((z_j - hi) - lo) as
 // in row_math's softmax_at (the low part folded into the exponent's scaling for float).
+// With a softcap, on the capped logits, times the cap's slope.
 template <typename A, bool kDense> struct GradientVisitor {
   BackwardCoefficients<A> c;
   SplitLse<A> lse;
   int64_t label;  // sparse: the target class, or -1
+  A cap;          // 0: not capped
 
   __device__ __forceinline__ A softmax(A z) const {
     if constexpr (sizeof(A) == 4) return exp2_ftz(fmaf(z - lse.hi, kLog2e, -lse.lo * kLog2e));
@@ -526,11 +533,22 @@ template <typename A, bool kDense> struct GradientVisitor {
         }
       }
     }
+    A slope[N];
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      slope[e] = A(1);
+      if (cap > 0) {
+        const Softcapped<A> capped = softcap_at(z[e], cap);
+        z[e] = capped.value;
+        slope[e] = capped.slope;
+      }
+    }
 #pragma unroll
     for (int e = 0; e < N; ++e) {
       const A p = softmax(z[e]);
       z[e] = p > A(0.5) ? gradient_from(c.softmax_scale, target[e], log_softmax_at(z[e], lse), p)
                         : c.softmax_scale * p - target[e];
+      if (cap > 0) z[e] *= slope[e];
     }
   }
 };

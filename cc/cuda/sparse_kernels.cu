@@ -18,7 +18,8 @@ __device__ LabelLogit<Acc<T>> label_logit(const SparseForwardArgs<T, Label>& arg
   LabelLogit<Acc<T>> l{classify_label(label, args.layout.classes, args.options), static_cast<int64_t>(label),
                        0};
   if (l.kind == LabelKind::kValid)
-    l.z_label = to_acc(args.logits[args.layout.row_offset(r) + l.label * args.layout.inner]);
+    l.z_label = capped_logit(to_acc(args.logits[args.layout.row_offset(r) + l.label * args.layout.inner]),
+                             args.options);
   return l;
 }
 
@@ -51,7 +52,8 @@ template <typename T, typename Label> __global__ void __launch_bounds__(kThreads
   const bool mean = args.options.label_smoothing > 0;
   const bool finishes = s.active && s.lane == 0 && plan.splits == 1;
   const Label label = finishes ? args.labels[s.row] : Label(0);  // in flight during the walk
-  SumsVisitor<A, false> visit{RowSums<A>(), mean, A(1) / static_cast<A>(args.layout.classes)};
+  SumsVisitor<A, false> visit{RowSums<A>(), mean, A(1) / static_cast<A>(args.layout.classes),
+                              A(args.options.softcap)};
   if (s.active) {
     const RowPointers<T> row{args.logits + args.layout.row_offset(s.row), nullptr, nullptr,
                              args.layout.inner};
@@ -100,7 +102,7 @@ template <typename T, typename Label> __global__ void __launch_bounds__(kThreads
       backward_coefficients<A>(to_acc(args.grad_loss[s.row]),
                                absent ? A(1) : A(label_weight(y, args.options)), lse, A(1),
                                row_classes(classes, args.options), args.options),
-      split_lse<A>(lse), y};
+      split_lse<A>(lse), y, A(args.options.softcap)};
   walk_slice<false, true>(row, s.begin, s.end, s.lane, plan.group, plan.vectorized, visit);
 }
 

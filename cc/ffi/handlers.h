@@ -12,7 +12,7 @@
 // result so that XLA allocates it with the other buffers; it holds nothing
 // afterwards. The same size on every platform; the CPU handlers leave it alone.
 //
-// Attributes: axis (i64), label_smoothing (f32), z_loss (f32) and, for the
+// Attributes: axis (i64), label_smoothing (f32), z_loss (f32), softcap (f32, 0: none) and, for the
 // sparse targets, ignore_index (i64) and has_ignore_index (i1).
 #pragma once
 

@@ -64,7 +64,7 @@ struct Call {
 };
 
 inline ffi::Error ReadCall(const AnyBuffer& logits, int64_t axis, float label_smoothing, float z_loss,
-                           Call* call) {
+                           float softcap, Call* call) {
   if (!IsFloatType(logits.element_type()))
     return InvalidArgument("logits must be float16, bfloat16, float32 or float64");
   const auto dims = logits.dimensions();
@@ -87,8 +87,11 @@ inline ffi::Error ReadCall(const AnyBuffer& logits, int64_t axis, float label_sm
     return InvalidArgument("label_smoothing must lie in [0, 1], got " + std::to_string(label_smoothing));
   if (!std::isfinite(z_loss) || z_loss < 0.0f)
     return InvalidArgument("z_loss must be finite and >= 0, got " + std::to_string(z_loss));
+  if (!std::isfinite(softcap) || softcap < 0.0f)
+    return InvalidArgument("softcap must be finite and >= 0 (0: no cap), got " + std::to_string(softcap));
   call->options.label_smoothing = label_smoothing;
   call->options.z_loss = z_loss;
+  call->options.softcap = softcap;
   return ffi::Error::Success();
 }
 
@@ -282,10 +285,10 @@ ffi::Error SparseForwardOfShard(AnyBuffer logits, AnyBuffer labels, AnyBuffer cl
                                 Result<AnyBuffer> loss, Result<AnyBuffer> lse,
                                 Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing,
                                 float z_loss, int64_t ignore_index, bool has_ignore_index,
-                                int64_t total_classes, int64_t absent_label, Ctx... ctx) {
+                                int64_t total_classes, int64_t absent_label, float softcap, Ctx... ctx) {
   Call call;
   Workspace workspace;
-  FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
+  FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, softcap, &call));
   FX_FFI_RETURN_IF_ERROR(ReadSparseInputs(labels, class_weights, ignore_index, has_ignore_index, &call));
   FX_FFI_RETURN_IF_ERROR(ReadShard(Shard{total_classes, absent_label}, &call));
   FX_FFI_RETURN_IF_ERROR(CheckForwardOutputs(call, logits, *loss, *lse));
@@ -306,10 +309,10 @@ ffi::Error SparseBackwardOfShard(AnyBuffer logits, AnyBuffer labels, AnyBuffer c
                                  AnyBuffer grad_loss, Result<AnyBuffer> grad_logits,
                                  Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing,
                                  float z_loss, int64_t ignore_index, bool has_ignore_index,
-                                 int64_t total_classes, int64_t absent_label, Ctx... ctx) {
+                                 int64_t total_classes, int64_t absent_label, float softcap, Ctx... ctx) {
   Call call;
   Workspace workspace;
-  FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
+  FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, softcap, &call));
   FX_FFI_RETURN_IF_ERROR(ReadSparseInputs(labels, class_weights, ignore_index, has_ignore_index, &call));
   FX_FFI_RETURN_IF_ERROR(ReadShard(Shard{total_classes, absent_label}, &call));
   FX_FFI_RETURN_IF_ERROR(CheckBackwardBuffers(call, logits, lse, grad_loss, *grad_logits));
@@ -329,20 +332,20 @@ template <typename Runner, typename... Ctx>
 ffi::Error SparseForward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_weights, Result<AnyBuffer> loss,
                          Result<AnyBuffer> lse, Result<AnyBuffer> workspace_buffer, int64_t axis,
                          float label_smoothing, float z_loss, int64_t ignore_index, bool has_ignore_index,
-                         Ctx... ctx) {
+                         float softcap, Ctx... ctx) {
   return SparseForwardOfShard<Runner, Ctx...>(logits, labels, class_weights, loss, lse, workspace_buffer,
                                               axis, label_smoothing, z_loss, ignore_index, has_ignore_index,
-                                              0, 0, std::move(ctx)...);
+                                              0, 0, softcap, std::move(ctx)...);
 }
 
 template <typename Runner, typename... Ctx>
 ffi::Error SparseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_weights, AnyBuffer lse,
                           AnyBuffer grad_loss, Result<AnyBuffer> grad_logits,
                           Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing,
-                          float z_loss, int64_t ignore_index, bool has_ignore_index, Ctx... ctx) {
+                          float z_loss, int64_t ignore_index, bool has_ignore_index, float softcap, Ctx... ctx) {
   return SparseBackwardOfShard<Runner, Ctx...>(logits, labels, class_weights, lse, grad_loss, grad_logits,
                                                workspace_buffer, axis, label_smoothing, z_loss, ignore_index,
-                                               has_ignore_index, 0, 0, std::move(ctx)...);
+                                               has_ignore_index, 0, 0, softcap, std::move(ctx)...);
 }
 
 // Dense shards (the *_shard targets): the forward also returns each row's label
@@ -365,10 +368,10 @@ inline ffi::Error CheckLabelSums(const AnyBuffer& sums, const Call& call) {
 template <typename Runner, typename... Ctx>
 ffi::Error DenseForwardImpl(AnyBuffer logits, AnyBuffer labels, Result<AnyBuffer> loss, Result<AnyBuffer> lse,
                             AnyBuffer* label_sums, Result<AnyBuffer> workspace_buffer, int64_t axis,
-                            float label_smoothing, float z_loss, int64_t total_classes, Ctx... ctx) {
+                            float label_smoothing, float z_loss, int64_t total_classes, float softcap, Ctx... ctx) {
   Call call;
   Workspace workspace;
-  FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
+  FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, softcap, &call));
   FX_FFI_RETURN_IF_ERROR(ReadDenseShard(total_classes, &call));
   FX_FFI_RETURN_IF_ERROR(CheckLikeLogits(labels, logits, "labels"));
   FX_FFI_RETURN_IF_ERROR(CheckForwardOutputs(call, logits, *loss, *lse));
@@ -389,28 +392,28 @@ ffi::Error DenseForwardImpl(AnyBuffer logits, AnyBuffer labels, Result<AnyBuffer
 template <typename Runner, typename... Ctx>
 ffi::Error DenseForward(AnyBuffer logits, AnyBuffer labels, Result<AnyBuffer> loss, Result<AnyBuffer> lse,
                         Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing, float z_loss,
-                        Ctx... ctx) {
+                        float softcap, Ctx... ctx) {
   return DenseForwardImpl<Runner, Ctx...>(logits, labels, loss, lse, nullptr, workspace_buffer, axis,
-                                          label_smoothing, z_loss, 0, std::move(ctx)...);
+                                          label_smoothing, z_loss, 0, softcap, std::move(ctx)...);
 }
 
 template <typename Runner, typename... Ctx>
 ffi::Error DenseForwardOfShard(AnyBuffer logits, AnyBuffer labels, Result<AnyBuffer> loss,
                                Result<AnyBuffer> lse, Result<AnyBuffer> label_sums,
                                Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing,
-                               float z_loss, int64_t total_classes, Ctx... ctx) {
+                               float z_loss, int64_t total_classes, float softcap, Ctx... ctx) {
   return DenseForwardImpl<Runner, Ctx...>(logits, labels, loss, lse, &*label_sums, workspace_buffer, axis,
-                                          label_smoothing, z_loss, total_classes, std::move(ctx)...);
+                                          label_smoothing, z_loss, total_classes, softcap, std::move(ctx)...);
 }
 
 template <typename Runner, typename... Ctx>
 ffi::Error DenseBackwardImpl(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyBuffer grad_loss,
                              const AnyBuffer* label_sums, Result<AnyBuffer> grad_logits,
                              Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing,
-                             float z_loss, int64_t total_classes, Ctx... ctx) {
+                             float z_loss, int64_t total_classes, float softcap, Ctx... ctx) {
   Call call;
   Workspace workspace;
-  FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, &call));
+  FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, softcap, &call));
   FX_FFI_RETURN_IF_ERROR(ReadDenseShard(total_classes, &call));
   FX_FFI_RETURN_IF_ERROR(CheckLikeLogits(labels, logits, "labels"));
   FX_FFI_RETURN_IF_ERROR(CheckBackwardBuffers(call, logits, lse, grad_loss, *grad_logits));
@@ -431,20 +434,20 @@ ffi::Error DenseBackwardImpl(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, 
 template <typename Runner, typename... Ctx>
 ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyBuffer grad_loss,
                          Result<AnyBuffer> grad_logits, Result<AnyBuffer> workspace_buffer, int64_t axis,
-                         float label_smoothing, float z_loss, Ctx... ctx) {
+                         float label_smoothing, float z_loss, float softcap, Ctx... ctx) {
   return DenseBackwardImpl<Runner, Ctx...>(logits, labels, lse, grad_loss, nullptr, grad_logits,
                                            workspace_buffer, axis, label_smoothing, z_loss, 0,
-                                           std::move(ctx)...);
+                                           softcap, std::move(ctx)...);
 }
 
 template <typename Runner, typename... Ctx>
 ffi::Error DenseBackwardOfShard(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyBuffer grad_loss,
                                 AnyBuffer label_sums, Result<AnyBuffer> grad_logits,
                                 Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing,
-                                float z_loss, int64_t total_classes, Ctx... ctx) {
+                                float z_loss, int64_t total_classes, float softcap, Ctx... ctx) {
   return DenseBackwardImpl<Runner, Ctx...>(logits, labels, lse, grad_loss, &label_sums, grad_logits,
                                            workspace_buffer, axis, label_smoothing, z_loss, total_classes,
-                                           std::move(ctx)...);
+                                           softcap, std::move(ctx)...);
 }
 
 // --- Bindings: the operands and attributes above; the variadic part appends
@@ -456,27 +459,28 @@ ffi::Error DenseBackwardOfShard(AnyBuffer logits, AnyBuffer labels, AnyBuffer ls
 #define FX_FFI_ARGS2 .Arg<::xla::ffi::AnyBuffer>().Arg<::xla::ffi::AnyBuffer>()
 #define FX_FFI_ARGS3 FX_FFI_ARGS2.Arg<::xla::ffi::AnyBuffer>()
 #define FX_FFI_RET .Ret<::xla::ffi::AnyBuffer>()
+#define FX_FFI_CAP .Attr<float>("softcap")
 
 // The last result of each is the workspace.
 #define FX_FFI_BIND_SPARSE_FORWARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_SPARSE_ATTRS __VA_ARGS__
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_SPARSE_ATTRS FX_FFI_CAP __VA_ARGS__
 #define FX_FFI_BIND_SPARSE_BACKWARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_SPARSE_ATTRS __VA_ARGS__
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_SPARSE_ATTRS FX_FFI_CAP __VA_ARGS__
 #define FX_FFI_SHARD_ATTRS FX_FFI_SPARSE_ATTRS.Attr<int64_t>("total_classes").Attr<int64_t>("absent_label")
 #define FX_FFI_BIND_SPARSE_FORWARD_SHARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_SHARD_ATTRS __VA_ARGS__
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_SHARD_ATTRS FX_FFI_CAP __VA_ARGS__
 #define FX_FFI_BIND_SPARSE_BACKWARD_SHARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_SHARD_ATTRS __VA_ARGS__
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_SHARD_ATTRS FX_FFI_CAP __VA_ARGS__
 #define FX_FFI_DENSE_SHARD_ATTRS FX_FFI_COMMON_ATTRS.Attr<int64_t>("total_classes")
 #define FX_FFI_BIND_DENSE_FORWARD_SHARD(...) \
   ::xla::ffi::Ffi::Bind()                    \
-      FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_DENSE_SHARD_ATTRS __VA_ARGS__
+      FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_DENSE_SHARD_ATTRS FX_FFI_CAP __VA_ARGS__
 #define FX_FFI_BIND_DENSE_BACKWARD_SHARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_DENSE_SHARD_ATTRS __VA_ARGS__
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_DENSE_SHARD_ATTRS FX_FFI_CAP __VA_ARGS__
 #define FX_FFI_BIND_DENSE_FORWARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_COMMON_ATTRS __VA_ARGS__
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_COMMON_ATTRS FX_FFI_CAP __VA_ARGS__
 #define FX_FFI_BIND_DENSE_BACKWARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS2 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_COMMON_ATTRS __VA_ARGS__
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS2 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_COMMON_ATTRS FX_FFI_CAP __VA_ARGS__
 
 // Defines the four handlers over Runner, whose contexts are bound by
 // CONTEXTS (e.g. .Ctx<ffi::ThreadPool>()) and arrive as the types listed after

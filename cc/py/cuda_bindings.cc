@@ -165,10 +165,13 @@ fx::Layout make_layout(int64_t outer, int64_t classes, int64_t inner) {
   return layout;
 }
 
-fx::Options make_options(double label_smoothing, double z_loss, std::optional<int64_t> ignore_index) {
+fx::Options make_options(double label_smoothing, double z_loss, std::optional<int64_t> ignore_index,
+                         double softcap) {
   require(label_smoothing >= 0.0 && label_smoothing <= 1.0, "label_smoothing must lie in [0, 1]");
   require(std::isfinite(z_loss) && z_loss >= 0.0, "z_loss must be finite and >= 0");
+  require(std::isfinite(softcap) && softcap >= 0.0, "softcap must be finite and >= 0 (0: no cap)");
   fx::Options options;
+  options.softcap = static_cast<float>(softcap);
   options.label_smoothing = static_cast<float>(label_smoothing);
   options.z_loss = static_cast<float>(z_loss);
   options.has_ignore_index = ignore_index.has_value();
@@ -198,10 +201,11 @@ struct SparseCall {
 
 SparseCall sparse_call(const py::object& logits, const py::object& labels, int64_t outer, int64_t classes,
                        int64_t inner, double label_smoothing, double z_loss,
-                       std::optional<int64_t> ignore_index, const std::optional<py::object>& class_weights) {
+                       std::optional<int64_t> ignore_index, const std::optional<py::object>& class_weights,
+                       double softcap) {
   SparseCall call;
   call.layout = make_layout(outer, classes, inner);
-  call.options = make_options(label_smoothing, z_loss, ignore_index);
+  call.options = make_options(label_smoothing, z_loss, ignore_index, softcap);
   call.logits = device_array(logits, "logits");
   call.labels = device_array(labels, "labels");
   call.device = use_device_of(call.logits);
@@ -220,9 +224,9 @@ void sparse_forward(const std::string& dtype, py::object logits, py::object labe
                     int64_t classes, int64_t inner, double label_smoothing, double z_loss,
                     std::optional<int64_t> ignore_index, std::optional<py::object> class_weights,
                     py::object loss, py::object lse, uintptr_t stream,
-                    std::optional<py::object> workspace_array) {
+                    std::optional<py::object> workspace_array, double softcap) {
   const SparseCall call = sparse_call(logits, labels, outer, classes, inner, label_smoothing, z_loss,
-                                      ignore_index, class_weights);
+                                      ignore_index, class_weights, softcap);
   const int64_t rows = call.layout.rows();
   const DeviceArray loss_array = device_array(loss, "loss"), lse_array = device_array(lse, "lse");
   dispatch_float(dtype, [&](auto tag, const char* kinds) {
@@ -250,9 +254,10 @@ void sparse_forward(const std::string& dtype, py::object logits, py::object labe
 void sparse_backward(const std::string& dtype, py::object logits, py::object labels, int64_t outer,
                      int64_t classes, int64_t inner, double label_smoothing, double z_loss,
                      std::optional<int64_t> ignore_index, std::optional<py::object> class_weights,
-                     py::object lse, py::object grad_loss, py::object grad_logits, uintptr_t stream) {
+                     py::object lse, py::object grad_loss, py::object grad_logits, uintptr_t stream,
+                     double softcap) {
   const SparseCall call = sparse_call(logits, labels, outer, classes, inner, label_smoothing, z_loss,
-                                      ignore_index, class_weights);
+                                      ignore_index, class_weights, softcap);
   const int64_t rows = call.layout.rows();
   const DeviceArray lse_array = device_array(lse, "lse"),
                     grad_loss_array = device_array(grad_loss, "grad_loss");
@@ -281,9 +286,10 @@ void sparse_backward(const std::string& dtype, py::object logits, py::object lab
 
 void dense_forward(const std::string& dtype, py::object logits, py::object labels, int64_t outer,
                    int64_t classes, int64_t inner, double label_smoothing, double z_loss, py::object loss,
-                   py::object lse, uintptr_t stream, std::optional<py::object> workspace_array) {
+                   py::object lse, uintptr_t stream, std::optional<py::object> workspace_array,
+                   double softcap) {
   const fx::Layout layout = make_layout(outer, classes, inner);
-  const fx::Options options = make_options(label_smoothing, z_loss, std::nullopt);
+  const fx::Options options = make_options(label_smoothing, z_loss, std::nullopt, softcap);
   const DeviceArray z = device_array(logits, "logits"), t = device_array(labels, "labels");
   const DeviceArray loss_array = device_array(loss, "loss"), lse_array = device_array(lse, "lse");
   const int device = use_device_of(z);
@@ -310,9 +316,9 @@ void dense_forward(const std::string& dtype, py::object logits, py::object label
 void dense_backward(const std::string& dtype, py::object logits, py::object labels, int64_t outer,
                     int64_t classes, int64_t inner, double label_smoothing, double z_loss, py::object lse,
                     py::object grad_loss, py::object grad_logits, uintptr_t stream,
-                    std::optional<py::object> workspace_array) {
+                    std::optional<py::object> workspace_array, double softcap) {
   const fx::Layout layout = make_layout(outer, classes, inner);
-  const fx::Options options = make_options(label_smoothing, z_loss, std::nullopt);
+  const fx::Options options = make_options(label_smoothing, z_loss, std::nullopt, softcap);
   const DeviceArray z = device_array(logits, "logits"), t = device_array(labels, "labels");
   const DeviceArray lse_array = device_array(lse, "lse"),
                     grad_loss_array = device_array(grad_loss, "grad_loss");
@@ -357,16 +363,16 @@ void register_cuda_bindings(py::module_& m) {
   m.def("cuda_sparse_forward", &sparse_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("ignore_index"), py::arg("class_weights"), py::arg("loss"), py::arg("lse"), py::arg("stream"),
-        py::arg("workspace") = py::none());
+        py::arg("workspace") = py::none(), py::arg("softcap") = 0.0);
   m.def("cuda_sparse_backward", &sparse_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("ignore_index"), py::arg("class_weights"), py::arg("lse"), py::arg("grad_loss"),
-        py::arg("grad_logits"), py::arg("stream"));
+        py::arg("grad_logits"), py::arg("stream"), py::arg("softcap") = 0.0);
   m.def("cuda_dense_forward", &dense_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
-        py::arg("loss"), py::arg("lse"), py::arg("stream"), py::arg("workspace") = py::none());
+        py::arg("loss"), py::arg("lse"), py::arg("stream"), py::arg("workspace") = py::none(), py::arg("softcap") = 0.0);
   m.def("cuda_dense_backward", &dense_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"), py::arg("stream"),
-        py::arg("workspace") = py::none());
+        py::arg("workspace") = py::none(), py::arg("softcap") = 0.0);
 }

@@ -73,6 +73,11 @@ inline absl::Status ReadOptions(tensorflow::OpKernelConstruction* ctx, bool spar
   if (!std::isfinite(options->z_loss) || options->z_loss < 0.0f) {
     return absl::InvalidArgumentError(absl::StrCat("z_loss must be finite and >= 0, got ", options->z_loss));
   }
+  TF_RETURN_IF_ERROR(ctx->GetAttr("softcap", &options->softcap));
+  if (!std::isfinite(options->softcap) || options->softcap < 0.0f) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("softcap must be finite and >= 0 (0: no cap), got ", options->softcap));
+  }
   if (sparse) {
     TF_RETURN_IF_ERROR(ctx->GetAttr("has_ignore_index", &options->has_ignore_index));
     TF_RETURN_IF_ERROR(ctx->GetAttr("ignore_index", &options->ignore_index));

@@ -100,7 +100,8 @@ absl::Status BackwardShape(InferenceContext* c, bool sparse) {
   Attr("T: {half, bfloat16, float, double}") \
       .Attr("axis: int = -1")                \
       .Attr("label_smoothing: float = 0.0")  \
-      .Attr("z_loss: float = 0.0")
+      .Attr("z_loss: float = 0.0")           \
+      .Attr("softcap: float = 0.0")
 
 #define FX_SPARSE_ATTRS                                      \
   FX_COMMON_ATTRS.Attr("Tlabels: {int32, int64} = DT_INT64") \

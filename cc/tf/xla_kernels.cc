@@ -133,9 +133,37 @@ struct LogSumExp {
   XlaOp lse;      // shift + log_sum, in float64
 };
 
-LogSumExp ComputeLogSumExp(const Rows& rows, XlaOp logits) {
+// row_math's softcap_at: z = cap tanh(x / cap) and dz/dx, from e = exp(-2|x| / cap).
+struct Capped {
+  XlaOp value;
+  XlaOp slope;
+};
+
+Capped Softcap(const Rows& rows, XlaOp x, const Options& o) {
+  const XlaOp u = xla::Mul(xla::Neg(xla::Abs(x)), rows.Const(2.0 / static_cast<double>(o.softcap)));
+  const XlaOp e = xla::Exp(u);
+  const XlaOp one_plus_e = xla::Add(rows.Const(1), e);
+  const XlaOp value = xla::Mul(rows.Const(o.softcap), xla::Div(xla::Neg(xla::Expm1(u)), one_plus_e));
+  Capped c;
+  c.value = xla::Select(xla::Lt(x, xla::ZerosLike(x)), xla::Neg(value), value);
+  c.slope = xla::Div(xla::Mul(rows.Const(4), e), xla::Mul(one_plus_e, one_plus_e));
+  return c;
+}
+
+// The logits in the accumulation type as the formulas read them: capped when a cap is set.
+XlaOp ReadLogits(const Rows& rows, XlaOp logits, const Options& o) {
+  const XlaOp x = rows.ToAcc(logits);
+  return o.softcap > 0 ? Softcap(rows, x, o).value : x;
+}
+
+// A gradient for the capped logits carried back to the logits (times the cap's slope).
+XlaOp ToLogitsGradient(const Rows& rows, XlaOp dz, XlaOp logits, const Options& o) {
+  return o.softcap > 0 ? xla::Mul(dz, Softcap(rows, rows.ToAcc(logits), o).slope) : dz;
+}
+
+LogSumExp ComputeLogSumExp(const Rows& rows, XlaOp logits, const Options& o) {
   LogSumExp s;
-  s.z = rows.ToAcc(logits);
+  s.z = ReadLogits(rows, logits, o);
   const XlaOp max = rows.Max(s.z);
   s.shift = xla::Select(xla::Eq(max, xla::MinValue(rows.builder(), rows.acc())), xla::ZerosLike(max), max);
   // The max's own terms (exactly 1) are counted apart, so log1p keeps a small log_sum accurate.
@@ -337,7 +365,7 @@ std::string F32Attribute(float value) {
 std::string HandlerAttributes(int64_t axis, const Options& o, bool sparse) {
   std::string text =
       absl::StrCat("{axis = ", axis, " : i64, label_smoothing = ", F32Attribute(o.label_smoothing),
-                   ", z_loss = ", F32Attribute(o.z_loss));
+                   ", z_loss = ", F32Attribute(o.z_loss), ", softcap = ", F32Attribute(o.softcap));
   if (sparse) {
     absl::StrAppend(&text, ", ignore_index = ", o.ignore_index,
                     " : i64, has_ignore_index = ", o.has_ignore_index ? "true" : "false");
@@ -481,8 +509,8 @@ class SparseForwardXla : public SparseXlaKernel {
   void CompileSparse(XlaOpKernelContext* ctx, const Rows& rows, const TensorShape& row_shape,
                      const SparseLabels& labels) override {
     const PrimitiveType acc = rows.acc();
-    const LogSumExp s = ComputeLogSumExp(rows, ctx->Input(0));
-    const XlaOp z_label = rows.ToAcc(rows.AtClass(ctx->Input(0), labels.index));
+    const LogSumExp s = ComputeLogSumExp(rows, ctx->Input(0), options_);
+    const XlaOp z_label = rows.AtClass(s.z, labels.index);
     const XlaOp ce = CrossEntropy(rows, s, rows.Const(1), xla::Sub(s.shift, z_label), options_);
     XlaOp loss = xla::Mul(labels.weight, xla::Add(ce, ZLossTerm(rows, s.lse, options_)));
     loss = xla::Select(labels.ignored, xla::ZerosLike(loss), loss);
@@ -515,7 +543,8 @@ class SparseBackwardXla : public SparseXlaKernel {
     const Coefficients c = BackwardCoefficients(rows, scale, lse, rows.Const(1), options_);
     const XlaOp uniform = rows.Expand(c.uniform);
     const XlaOp target = xla::Select(labels.onehot, xla::Add(uniform, rows.Expand(c.target_scale)), uniform);
-    XlaOp dz = Gradient(rows, c.softmax_scale, target, LogSoftmax(rows, rows.ToAcc(ctx->Input(0)), lse));
+    XlaOp dz = Gradient(rows, c.softmax_scale, target, LogSoftmax(rows, ReadLogits(rows, ctx->Input(0), options_), lse));
+    dz = ToLogitsGradient(rows, dz, ctx->Input(0), options_);
     dz = FillRows(rows, dz, labels.ignored, rows.Const(0));  // exactly 0, whatever the logits
     dz = FillRows(rows, dz, labels.invalid, xla::NanValue(ctx->builder(), acc));
     ctx->SetOutput(0, xla::ConvertElementType(dz, ctx->input_xla_type(0)));
@@ -568,7 +597,7 @@ class DenseForwardXla : public DenseXlaKernel {
 
  protected:
   void CompileHlo(XlaOpKernelContext* ctx, const Rows& rows, const TensorShape&) override {
-    const LogSumExp s = ComputeLogSumExp(rows, ctx->Input(0));
+    const LogSumExp s = ComputeLogSumExp(rows, ctx->Input(0), options_);
     const DenseLabelSums d = SumDenseLabels(rows, ctx->Input(1), &s);
     const XlaOp target_sum = DenseTargetSum(rows, d.label_sum, options_);
     const XlaOp ce = CrossEntropy(rows, s, target_sum, d.label_gap, options_);
@@ -597,9 +626,10 @@ class DenseBackwardXla : public DenseXlaKernel {
     const Coefficients c = BackwardCoefficients(rows, rows.ToAcc(ctx->Input(3)), lse,
                                                 DenseTargetSum(rows, d.label_sum, options_), options_);
     const XlaOp target = xla::Add(xla::Mul(rows.Expand(c.target_scale), d.t), rows.Expand(c.uniform));
-    const XlaOp dz =
-        Gradient(rows, c.softmax_scale, target, LogSoftmax(rows, rows.ToAcc(ctx->Input(0)), lse));
-    ctx->SetOutput(0, xla::ConvertElementType(dz, ctx->input_xla_type(0)));
+    const XlaOp dz = Gradient(rows, c.softmax_scale, target,
+                              LogSoftmax(rows, ReadLogits(rows, ctx->Input(0), options_), lse));
+    ctx->SetOutput(0, xla::ConvertElementType(ToLogitsGradient(rows, dz, ctx->Input(0), options_),
+                                              ctx->input_xla_type(0)));
   }
 };
 

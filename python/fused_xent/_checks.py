@@ -102,6 +102,17 @@ def z_loss(value):
     return number
 
 
+def softcap(value):
+    """The final-logit cap as the float32 value the kernels see: 0.0 for None (no cap)."""
+    if value is None:
+        return 0.0
+    number = plain_number(value)
+    valid = number is not None and number > 0 and _finite_float32(number)
+    if not valid or np.float32(number) < np.finfo(np.float32).tiny:
+        raise ValueError(f"softcap must be None (no cap) or a finite number > 0, got {value!r}")
+    return kernel_float(number)
+
+
 def kernel_options(smoothing, lam):
     """(label_smoothing, z_loss) checked, as the float32 values the kernels see."""
     return kernel_float(label_smoothing(smoothing)), kernel_float(z_loss(lam))
@@ -329,6 +340,21 @@ def keras_fraction(name, value):
     number = _fraction(value)
     if number is None:
         raise ValueError(f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}")
+    return number
+
+
+def keras_softcap(value, from_logits):
+    """None (no cap) or the cap, a finite number > 0; it caps logits, so it needs from_logits."""
+    if value is None:
+        return None
+    number = plain_number(value)
+    if number is None or not (number > 0 and _finite_float32(number)) or np.float32(number) < np.finfo(np.float32).tiny:
+        raise ValueError(f"`softcap` must be None or a finite number > 0. Received: softcap={value!r}")
+    if not from_logits:
+        raise ValueError(
+            f"`softcap` caps logits (softcap * tanh(logits / softcap)), so it needs `from_logits=True`. "
+            f"Received: softcap={value!r}, from_logits={from_logits!r}"
+        )
     return number
 
 

@@ -45,8 +45,9 @@ def _head():
     return linear_cross_entropy
 
 
-def _loss_options(ignore_index, label_smoothing, class_weights, z_loss, chunk_size):
+def _loss_options(ignore_index, label_smoothing, class_weights, z_loss, chunk_size, softcap):
     return {
+        "softcap": _checks.keras_softcap(softcap, from_logits=True),
         "ignore_index": _checks.keras_ignore_class(ignore_index, name="ignore_index"),
         "label_smoothing": _checks.keras_fraction("label_smoothing", label_smoothing),
         "class_weights": _checks.keras_class_weights(class_weights),
@@ -68,8 +69,8 @@ def _mean_loss(loss, labels, ignore_index):
 class _FusedHead:
     """What both layers share: options, the loss call and inference helpers."""
 
-    def _init_head(self, ignore_index, label_smoothing, class_weights, z_loss, chunk_size, add_loss):
-        self._options = _loss_options(ignore_index, label_smoothing, class_weights, z_loss, chunk_size)
+    def _init_head(self, ignore_index, label_smoothing, class_weights, z_loss, chunk_size, add_loss, softcap):
+        self._options = _loss_options(ignore_index, label_smoothing, class_weights, z_loss, chunk_size, softcap)
         self.add_loss_to_model = bool(add_loss)
 
     def _head_config(self):
@@ -83,6 +84,11 @@ class _FusedHead:
         if self.add_loss_to_model:
             self.add_loss(_mean_loss(loss, labels, self._options["ignore_index"]))
         return loss
+
+    def _capped(self, logits):
+        """The logits as the loss reads them: softcap * tanh(logits / softcap) with a softcap."""
+        cap = self._options["softcap"]
+        return logits if cap is None else keras.ops.multiply(cap, keras.ops.tanh(logits / cap))
 
     def top_k(self, hidden, k=1):
         """(values, indices) of the k largest logits per token: for generation and accuracy."""
@@ -113,6 +119,7 @@ class LinearCrossEntropy(_FusedHead, keras.layers.Layer):
         z_loss=0.0,
         chunk_size=None,
         add_loss=True,
+        softcap=None,
         **kwargs,
     ):
         require_backend(type(self).__name__, "layers", _BACKENDS)
@@ -122,7 +129,7 @@ class LinearCrossEntropy(_FusedHead, keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self._init_head(ignore_index, label_smoothing, class_weights, z_loss, chunk_size, add_loss)
+        self._init_head(ignore_index, label_smoothing, class_weights, z_loss, chunk_size, add_loss, softcap)
 
     def build(self, hidden_shape, labels_shape=None):
         self.kernel = self.add_weight(
@@ -146,7 +153,7 @@ class LinearCrossEntropy(_FusedHead, keras.layers.Layer):
         """hidden @ kernel (+ bias): the full logits, for inference."""
         hidden = keras.ops.convert_to_tensor(hidden, self.compute_dtype)
         logits = keras.ops.matmul(hidden, keras.ops.cast(self.kernel, hidden.dtype))
-        return logits if self.bias is None else logits + keras.ops.cast(self.bias, hidden.dtype)
+        return self._capped(logits if self.bias is None else logits + keras.ops.cast(self.bias, hidden.dtype))
 
     def compute_output_spec(self, hidden, labels=None):
         if labels is None:
@@ -185,11 +192,12 @@ class TiedEmbedding(_FusedHead, keras.layers.Embedding):
         z_loss=0.0,
         chunk_size=None,
         add_loss=True,
+        softcap=None,
         **kwargs,
     ):
         require_backend(type(self).__name__, "layers", _BACKENDS)
         super().__init__(input_dim, output_dim, **kwargs)
-        self._init_head(ignore_index, label_smoothing, class_weights, z_loss, chunk_size, add_loss)
+        self._init_head(ignore_index, label_smoothing, class_weights, z_loss, chunk_size, add_loss, softcap)
 
     def call(self, inputs, labels=None, reverse=False):
         if not reverse:
@@ -203,7 +211,9 @@ class TiedEmbedding(_FusedHead, keras.layers.Embedding):
 
     def logits(self, hidden):
         hidden = keras.ops.convert_to_tensor(hidden, self.compute_dtype)
-        return keras.ops.matmul(hidden, keras.ops.transpose(keras.ops.cast(self.embeddings, hidden.dtype)))
+        return self._capped(
+            keras.ops.matmul(hidden, keras.ops.transpose(keras.ops.cast(self.embeddings, hidden.dtype)))
+        )
 
     def compute_output_spec(self, inputs, labels=None, reverse=False):
         if not reverse:

@@ -56,13 +56,14 @@ def _registered(cls):
 class _FusedCrossentropy(_arguments.CrossentropyArguments, _LossBase):
     """Shared __call__: like Keras's, but on TensorFlow y_pred keeps its float dtype."""
 
-    def __init__(self, *, from_logits, label_smoothing, axis, z_loss, reduction, name, dtype):
+    def __init__(self, *, from_logits, label_smoothing, axis, z_loss, softcap, reduction, name, dtype):
         require_supported_backend(type(self).__name__, "losses")
         super().__init__(name=name, reduction=reduction, dtype=dtype)  # checks `reduction`
         self.from_logits = bool(from_logits)
         self.label_smoothing = _checks.keras_fraction("label_smoothing", label_smoothing)
         self.axis = _checks.keras_axis(axis)
         self.z_loss = _checks.keras_z_loss(z_loss)
+        self.softcap = _checks.keras_softcap(softcap, self.from_logits)
         self._dtype_argument = None if dtype is None else self._dtype_policy.name
 
     def __call__(self, y_true, y_pred, sample_weight=None):
@@ -121,6 +122,8 @@ class CategoricalCrossentropy(_FusedCrossentropy):
       name: the loss's name.
       dtype: dtype (or policy) of the result; None means ``keras.config.floatx()``.
       z_loss: lambda >= 0 of the z-loss.
+      softcap: None, or cap > 0 (with ``from_logits=True``): the loss reads
+        ``cap * tanh(logits / cap)`` (Gemma's final-logit softcapping), fused.
     """
 
     def __init__(
@@ -133,12 +136,14 @@ class CategoricalCrossentropy(_FusedCrossentropy):
         dtype=None,
         *,
         z_loss=0.0,
+        softcap=None,
     ):
         super().__init__(
             from_logits=from_logits,
             label_smoothing=label_smoothing,
             axis=axis,
             z_loss=z_loss,
+            softcap=softcap,
             reduction=reduction,
             name=name,
             dtype=dtype,
@@ -175,6 +180,8 @@ class SparseCategoricalCrossentropy(_FusedCrossentropy):
       label_smoothing: epsilon in [0, 1].
       class_weights: optional length-C vector of per-class weights.
       z_loss: lambda >= 0; adds ``z_loss * logsumexp(logits)**2`` per element.
+      softcap: None, or cap > 0 (with ``from_logits=True``): the loss reads
+        ``cap * tanh(logits / cap)``, fused.
     """
 
     def __init__(
@@ -189,12 +196,14 @@ class SparseCategoricalCrossentropy(_FusedCrossentropy):
         label_smoothing=0.0,
         class_weights=None,
         z_loss=0.0,
+        softcap=None,
     ):
         super().__init__(
             from_logits=from_logits,
             label_smoothing=label_smoothing,
             axis=axis,
             z_loss=z_loss,
+            softcap=softcap,
             reduction=reduction,
             name=name,
             dtype=dtype,

@@ -70,13 +70,25 @@ class CategoricalCrossentropy(_FusedCrossentropyMetric):
         normalised and clipped as Keras does.
       label_smoothing: epsilon in [0, 1]; targets become ``(1 - eps) * y_true + eps / C``.
       axis: the class axis.
+      softcap: None, or cap > 0 (with ``from_logits=True``; beyond Keras), as the loss.
     """
 
-    def __init__(self, name="categorical_crossentropy", dtype=None, from_logits=False, label_smoothing=0.0, axis=-1):
+    def __init__(
+        self,
+        name="categorical_crossentropy",
+        dtype=None,
+        from_logits=False,
+        label_smoothing=0.0,
+        axis=-1,
+        *,
+        softcap=None,
+    ):
         require_supported_backend(type(self).__name__, "metrics")
         from fused_xent import losses as _losses
 
-        loss = _losses.CategoricalCrossentropy(from_logits=from_logits, label_smoothing=label_smoothing, axis=axis)
+        loss = _losses.CategoricalCrossentropy(
+            from_logits=from_logits, label_smoothing=label_smoothing, axis=axis, softcap=softcap
+        )
         super().__init__(loss, name=name, dtype=dtype)
 
 
@@ -94,9 +106,10 @@ class SparseCategoricalCrossentropy(_FusedCrossentropyMetric):
       axis: the class axis (any axis).
       label_smoothing: epsilon in [0, 1] (beyond Keras): targets
         ``(1 - eps) * onehot + eps / C``, as the loss of the same name.
+      softcap: None, or cap > 0 (with ``from_logits=True``; beyond Keras), as the loss.
     """
 
-    _CONFIG_ARGUMENTS = ("from_logits", "ignore_class", "axis", "label_smoothing")
+    _CONFIG_ARGUMENTS = ("from_logits", "ignore_class", "axis", "label_smoothing", "softcap")
 
     def __init__(
         self,
@@ -107,12 +120,17 @@ class SparseCategoricalCrossentropy(_FusedCrossentropyMetric):
         axis=-1,
         *,
         label_smoothing=0.0,
+        softcap=None,
     ):
         require_supported_backend(type(self).__name__, "metrics")
         from fused_xent import losses as _losses
 
         loss = _losses.SparseCategoricalCrossentropy(
-            from_logits=from_logits, ignore_class=ignore_class, axis=axis, label_smoothing=label_smoothing
+            from_logits=from_logits,
+            ignore_class=ignore_class,
+            axis=axis,
+            label_smoothing=label_smoothing,
+            softcap=softcap,
         )
         super().__init__(loss, name=name, dtype=dtype)
 

@@ -98,10 +98,13 @@ def sparse_softmax_cross_entropy_with_logits(
     z_loss=0.0,
     grad_loss=None,
     compute_gradient=True,
+    softcap=None,
 ):
     """Sparse softmax cross-entropy: returns ``(loss, grad_logits)``.
 
-    Same options as ``fused_xent.sparse_softmax_cross_entropy_with_logits``.
+    Same options as ``fused_xent.sparse_softmax_cross_entropy_with_logits``
+    (``softcap``: the loss of ``softcap * tanh(logits / softcap)``, its gradient
+    for ``logits``).
     ``labels`` may have any integer dtype: unsigned ones are range-checked
     before they are converted, so a large value cannot wrap into range.
     """
@@ -129,11 +132,20 @@ def sparse_softmax_cross_entropy_with_logits(
         z_loss=z_loss,
         ignore_index=ignore_index,
         class_weights=class_weights,
+        softcap=_checks.softcap(softcap),
     )
 
 
 def softmax_cross_entropy_with_logits(
-    labels, logits, axis=-1, *, label_smoothing=0.0, z_loss=0.0, grad_loss=None, compute_gradient=True
+    labels,
+    logits,
+    axis=-1,
+    *,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    grad_loss=None,
+    compute_gradient=True,
+    softcap=None,
 ):
     """Softmax cross-entropy against dense labels: returns ``(loss, grad_logits)``.
 
@@ -158,4 +170,5 @@ def softmax_cross_entropy_with_logits(
         inner=inner,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
+        softcap=_checks.softcap(softcap),
     )

@@ -178,3 +178,27 @@ def dense_hvp(labels, logits, v, label_smoothing=0.0, z_loss=0.0, power=2, magni
         grad_labels = (1 - label_smoothing) * ((np.abs(lse) + np.abs(z)) if magnitudes else (lse - z))
         d_labels = 2 * np.sum(grad * v, -1, keepdims=True) * grad_labels + 2 * loss[..., None] * d_labels
     return total, hv, d_labels
+
+
+# --- Final-logit softcap (issue 29): the composite, cap * tanh(x / cap) then cross-entropy ---------
+
+
+def softcapped(logits, cap):
+    """(capped logits, d capped / d logits) in float64, by NumPy's tanh."""
+    x = np.asarray(logits, np.float64)
+    tanh = np.tanh(x / cap)
+    return cap * tanh, 1.0 - tanh * tanh
+
+
+def sparse_softcap(labels, logits, cap, axis=-1, grad_loss=None, **options):
+    """(loss, grad_logits) in float64 of the loss of the capped logits: the chain rule by hand."""
+    z, slope = softcapped(logits, cap)
+    loss, grad = sparse(labels, z, axis=axis, grad_loss=grad_loss, **options)
+    return loss, grad * slope
+
+
+def dense_softcap(labels, logits, cap, axis=-1, grad_loss=None, **options):
+    """(loss, grad_logits, grad_labels) in float64 of the loss of the capped logits."""
+    z, slope = softcapped(logits, cap)
+    loss, grad, grad_labels = dense(labels, z, axis=axis, grad_loss=grad_loss, **options)
+    return loss, grad * slope, grad_labels

@@ -248,7 +248,7 @@ def test_composite_equals_the_kernels():
     from fused_xent.jax import _linear
 
     hidden, weight, b, labels = make_case(bias=True, transpose=True)
-    cfg = _linear.Config(opts=(-1, 0.1, 0.01, IGNORE), transpose_weight=True, chunk_size=8, has_bias=True)
+    cfg = _linear.Config(opts=(-1, 0.1, 0.01, IGNORE, 0.0), transpose_weight=True, chunk_size=8, has_bias=True)
     weights = jnp.zeros([0], jnp.float32)
     upstream = jnp.asarray(np.random.default_rng(10).uniform(size=labels.shape), jnp.float32)
 

@@ -22,6 +22,7 @@ SPARSE_OPTIONS = [
     {},
     dict(label_smoothing=0.1, z_loss=1e-3),
     dict(ignore_index=2, class_weights=WEIGHTS, label_smoothing=0.2),
+    dict(label_smoothing=0.1, z_loss=1e-3, softcap=3.0),
 ]
 
 
@@ -82,6 +83,7 @@ def test_sparse_composite_equals_the_kernels(options):
         np.float32(options.get("label_smoothing", 0.0)),
         np.float32(options.get("z_loss", 0.0)),
         options.get("ignore_index"),
+        np.float32(options.get("softcap") or 0.0),
     )
     composite = jax.value_and_grad(lambda z: _composite.sparse(opts, z, jnp.asarray(y), weights).sum())
     (v0, g0), (v1, g1) = fused(z), composite(z)
@@ -89,14 +91,14 @@ def test_sparse_composite_equals_the_kernels(options):
     assert _relative(g1, np.asarray(g0, np.float64)) < 1e-5
 
 
-def test_dense_composite_equals_the_kernels():
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_dense_composite_equals_the_kernels(softcap):
     z, _, t = _data()
     fused = jax.value_and_grad(
-        lambda z: fj.softmax_cross_entropy_with_logits(t, z, label_smoothing=0.1, z_loss=1e-3).sum()
+        lambda z: fj.softmax_cross_entropy_with_logits(t, z, label_smoothing=0.1, z_loss=1e-3, softcap=softcap).sum()
     )
-    composite = jax.value_and_grad(
-        lambda z: _composite.dense((-1, np.float32(0.1), np.float32(1e-3)), z, jnp.asarray(t)).sum()
-    )
+    opts = (-1, np.float32(0.1), np.float32(1e-3), np.float32(softcap or 0.0))
+    composite = jax.value_and_grad(lambda z: _composite.dense(opts, z, jnp.asarray(t)).sum())
     (v0, g0), (v1, g1) = fused(z), composite(z)
     assert _relative(v1, np.asarray(v0, np.float64)) < 1e-5
     assert _relative(g1, np.asarray(g0, np.float64)) < 1e-5
@@ -105,13 +107,13 @@ def test_dense_composite_equals_the_kernels():
 def test_composite_gives_nan_for_an_out_of_range_label():
     z, y, _ = _data()
     y[0] = C + 3
-    loss = _composite.sparse((-1, 0.0, 0.0, None), jnp.asarray(z), jnp.asarray(y), jnp.zeros([0], jnp.float32))
+    loss = _composite.sparse((-1, 0.0, 0.0, None, 0.0), jnp.asarray(z), jnp.asarray(y), jnp.zeros([0], jnp.float32))
     assert np.isnan(loss[0]) and np.all(np.isfinite(loss[1:]))
 
 
 def test_the_comparison_rejects_a_planted_error():
     z, y, _ = _data()
-    composite = _composite.sparse((-1, 0.0, 0.0, None), jnp.asarray(z), jnp.asarray(y), jnp.zeros([0], jnp.float32))
+    composite = _composite.sparse((-1, 0.0, 0.0, None, 0.0), jnp.asarray(z), jnp.asarray(y), jnp.zeros([0], jnp.float32))
     fused = fj.sparse_softmax_cross_entropy_with_logits(y, z)
     assert _relative(composite, np.asarray(fused, np.float64)) < 1e-5
     assert _relative(composite * 1.001, np.asarray(fused, np.float64)) > 1e-5

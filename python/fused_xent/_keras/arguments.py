@@ -6,7 +6,7 @@ class CrossentropyArguments:
     """What the Keras 3 and tf_keras losses and metrics keep of their arguments: the per-element
     functions' options and the config entries (attributes of the same names)."""
 
-    _CONFIG_ARGUMENTS = ("from_logits", "label_smoothing", "axis", "z_loss")
+    _CONFIG_ARGUMENTS = ("from_logits", "label_smoothing", "axis", "z_loss", "softcap")
 
     def _argument_config(self):
         return {name: getattr(self, name) for name in self._CONFIG_ARGUMENTS}
@@ -18,6 +18,7 @@ class CrossentropyArguments:
             label_smoothing=self.label_smoothing,
             axis=self.axis,
             z_loss=self.z_loss,
+            softcap=self.softcap,
             epsilon=epsilon,
             loss_dtype=loss_dtype,
             name=self.name,

@@ -64,7 +64,9 @@ def _sparse_labels(y_true, logits, axis):
     return labels
 
 
-def categorical(y_true, y_pred, *, from_logits, label_smoothing, axis, z_loss, epsilon, loss_dtype, name):
+def categorical(
+    y_true, y_pred, *, from_logits, label_smoothing, axis, z_loss, softcap=None, epsilon, loss_dtype, name
+):
     """Per-element losses of one-hot or soft labels (Keras's values, probabilities included)."""
     _check_rank(y_pred, axis)
     if tuple(y_true.shape) != tuple(y_pred.shape):
@@ -73,7 +75,7 @@ def categorical(y_true, y_pred, *, from_logits, label_smoothing, axis, z_loss, e
             f"Received: y_true.shape={tuple(y_true.shape)}, y_pred.shape={tuple(y_pred.shape)}"
         )
     fused = _fused().softmax_cross_entropy_with_logits
-    options = dict(axis=axis, label_smoothing=label_smoothing, z_loss=z_loss)
+    options = dict(axis=axis, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     if from_logits:
         return fused(y_true, y_pred, **options)
     y_pred = ops.cast(y_pred, loss_dtype)  # probabilities: Keras's normalisation and clipping in the loss dtype
@@ -94,6 +96,7 @@ def sparse(
     z_loss,
     class_weights,
     ignore_class,
+    softcap=None,
     epsilon,
     loss_dtype,
     name,
@@ -110,6 +113,7 @@ def sparse(
         class_weights=None if class_weights is None else np.asarray(class_weights, np.float32),
         z_loss=z_loss,
         axis=axis,
+        softcap=softcap,
     )
     return losses, labels
 

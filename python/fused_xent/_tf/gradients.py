@@ -24,16 +24,25 @@ import tensorflow as tf
 
 from fused_xent._tf.loader import load_op_library
 
-_SPARSE_ATTRS = ("axis", "label_smoothing", "z_loss", "ignore_index", "has_ignore_index")
-_DENSE_ATTRS = ("axis", "label_smoothing", "z_loss")
+_SPARSE_ATTRS = ("axis", "label_smoothing", "z_loss", "softcap", "ignore_index", "has_ignore_index")
+_DENSE_ATTRS = ("axis", "label_smoothing", "z_loss", "softcap")
 
 
 def _attrs(op, names):
     attrs = {name: op.get_attr(name) for name in names}
     # The kernel sees float attrs as float32; eager ops report them as passed.
-    for name in ("label_smoothing", "z_loss"):
+    for name in ("label_smoothing", "z_loss", "softcap"):
         attrs[name] = float(np.float32(attrs[name]))
     return attrs
+
+
+def _capped(logits, cap):
+    """(c, s, s') in float64 for a softcap: c = cap tanh(x / cap) (what the kernels read), s = dc/dx
+    and s' = ds/dx, as TensorFlow ops so that higher derivatives see them."""
+    x = tf.cast(logits, tf.float64)
+    tanh = tf.tanh(x / cap)
+    slope = 1.0 - tanh * tanh
+    return cap * tanh, slope, -2.0 * tanh * slope / cap
 
 
 def _input_gradient_needed(op, index):
@@ -113,7 +122,8 @@ def _dense_forward_grad(op, grad_loss, _):
     if _input_gradient_needed(op, 1):
         # d loss / d t_j = (1 - eps) * (lse - z_j) = -(1 - eps) * log_softmax(z)_j
         scale = tf.cast(grad_loss, lse.dtype) * (1.0 - attrs["label_smoothing"])
-        grad_labels = tf.cast(tf.expand_dims(scale, axis) * _neg_log_softmax(logits, lse, axis), labels.dtype)
+        z = _capped(logits, attrs["softcap"])[0] if attrs["softcap"] else logits
+        grad_labels = tf.cast(tf.expand_dims(scale, axis) * _neg_log_softmax(z, lse, axis), labels.dtype)
     return grad_logits, grad_labels
 
 
@@ -154,6 +164,19 @@ def _sparse_row_weights(labels, class_weights, attrs, dtype):
 #   d/dg: w (a (p . v) - q . v)
 #   d/dt (dense labels): g (1 - eps) ((p . v) - v)
 # and none for the lse input (the recomputed lse replaces it) or for grad_lse.
+# With a softcap z = c(x), the op's output is s dz (s = c'(x)): the same terms with s v for v,
+# and for x: s (d/dz along s v) + s' dz v.
+
+
+def _logits_parts(logits, cap, v, axis):
+    """(p, lse, v as the capped logits see it, finish) where finish(d_dz, dz) gives d/dx."""
+    if not cap:
+        p, lse = _softmax_and_lse(logits, axis)
+        return p, lse, tf.cast(v, lse.dtype), lambda d_dz, dz: d_dz
+    z, slope, slope_prime = _capped(logits, cap)
+    p, lse = _softmax_and_lse(z, axis)
+    v = tf.cast(v, lse.dtype)
+    return p, lse, slope * v, lambda d_dz, dz: slope * d_dz + slope_prime * dz * v
 
 
 @tf.RegisterGradient("FusedXent>SparseSoftmaxCrossEntropyGrad")
@@ -161,9 +184,8 @@ def _sparse_backward_grad(op, v):
     logits, labels, class_weights, _, grad_loss, _ = op.inputs
     attrs = _attrs(op, _SPARSE_ATTRS)
     axis, eps, lam = attrs["axis"], attrs["label_smoothing"], attrs["z_loss"]
-    p, lse = _softmax_and_lse(logits, axis)
+    p, lse, v, finish = _logits_parts(logits, attrs["softcap"], v, axis)
     acc = lse.dtype
-    v = tf.cast(v, acc)
     g = tf.cast(grad_loss, acc)
     w = _sparse_row_weights(labels, class_weights, attrs, acc)
     classes = tf.cast(tf.shape(logits)[axis], acc)
@@ -173,6 +195,9 @@ def _sparse_backward_grad(op, v):
     a = 1.0 + 2.0 * lam * lse
     gw = g * w
     grad_logits = p * (tf.expand_dims(gw * a, axis) * v + tf.expand_dims(gw * (2.0 * lam - a) * p_dot_v, axis))
+    if attrs["softcap"]:
+        dz = tf.expand_dims(gw, axis) * (tf.expand_dims(a, axis) * p - ((1.0 - eps) * onehot + eps / classes))
+        grad_logits = finish(grad_logits, dz)
     grad_grad_loss = w * (a * p_dot_v - q_dot_v)
     return (
         tf.cast(grad_logits, logits.dtype),
@@ -189,9 +214,8 @@ def _dense_backward_grad(op, v):
     logits, labels, _, grad_loss, _ = op.inputs
     attrs = _attrs(op, _DENSE_ATTRS)
     axis, eps, lam = attrs["axis"], attrs["label_smoothing"], attrs["z_loss"]
-    p, lse = _softmax_and_lse(logits, axis)
+    p, lse, v, finish = _logits_parts(logits, attrs["softcap"], v, axis)
     acc = lse.dtype
-    v = tf.cast(v, acc)
     t = tf.cast(labels, acc)
     g = tf.cast(grad_loss, acc)
     classes = tf.cast(tf.shape(logits)[axis], acc)
@@ -199,6 +223,9 @@ def _dense_backward_grad(op, v):
     q_dot_v = (1.0 - eps) * tf.reduce_sum(t * v, axis) + eps / classes * tf.reduce_sum(v, axis)
     a = (1.0 - eps) * tf.reduce_sum(t, axis) + eps + 2.0 * lam * lse
     grad_logits = p * (tf.expand_dims(g * a, axis) * v + tf.expand_dims(g * (2.0 * lam - a) * p_dot_v, axis))
+    if attrs["softcap"]:
+        dz = tf.expand_dims(g, axis) * (tf.expand_dims(a, axis) * p - ((1.0 - eps) * t + eps / classes))
+        grad_logits = finish(grad_logits, dz)
     grad_grad_loss = a * p_dot_v - q_dot_v
     grad_labels = tf.expand_dims(g * (1.0 - eps), axis) * (tf.expand_dims(p_dot_v, axis) - v)
     return (

@@ -119,11 +119,13 @@ def _checked_scores(y_pred, from_logits, axis, loss_dtype, name):
     return scores(y_pred, from_logits, name)
 
 
-def categorical(y_true, y_pred, *, from_logits, label_smoothing, axis, z_loss, epsilon, loss_dtype, name):
+def categorical(
+    y_true, y_pred, *, from_logits, label_smoothing, axis, z_loss, softcap=None, epsilon, loss_dtype, name
+):
     """Per-element losses of one-hot or soft labels (Keras's values, probabilities included)."""
     logits, is_logits = _checked_scores(y_pred, from_logits, axis, loss_dtype, name)
     labels = dense_labels(y_true, logits)
-    options = dict(axis=axis, label_smoothing=label_smoothing, z_loss=z_loss)
+    options = dict(axis=axis, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     if is_logits:
         return softmax_cross_entropy_with_logits(labels, logits, **options)
     # Keras sums -q * log(clipped p) without renormalising after the clip; the
@@ -144,6 +146,7 @@ def sparse(
     z_loss,
     class_weights,
     ignore_class,
+    softcap=None,
     epsilon,
     loss_dtype,
     name,
@@ -161,6 +164,7 @@ def sparse(
         class_weights=class_weights,
         z_loss=z_loss,
         axis=axis,
+        softcap=softcap,
     )
     return losses, labels
 

@@ -455,7 +455,7 @@ def _prepare(hidden, weight, labels, bias, transpose_weight, class_weights, chun
     _checked_dtypes(hidden, weight, labels, bias)
     hidden_size, vocab = _checked_shapes(hidden, weight, labels, bias, transpose_weight)
     attrs = dict(
-        **option_attrs(options["label_smoothing"], options["z_loss"]),
+        **option_attrs(options["label_smoothing"], options["z_loss"], options["softcap"]),
         **ignore_index_attrs(options["ignore_index"]),
     )
     _check_static_labels(labels, vocab, options["ignore_index"])
@@ -485,6 +485,7 @@ def linear_cross_entropy(
     class_weights=None,
     z_loss=0.0,
     chunk_size=None,
+    softcap=None,
     _strategy="auto",
 ):
     """Per-token softmax cross-entropy of ``hidden @ weight (+ bias)``, without the logits.
@@ -501,8 +502,9 @@ def linear_cross_entropy(
       labels: int32/int64 class indices, shaped like ``hidden`` without its last axis.
       bias: optional length-V vector of hidden's dtype.
       transpose_weight: whether ``weight`` is V x H.
-      ignore_index, label_smoothing, class_weights, z_loss: as in
-        ``fused_xent.sparse_softmax_cross_entropy_with_logits``.
+      ignore_index, label_smoothing, class_weights, z_loss, softcap: as in
+        ``fused_xent.sparse_softmax_cross_entropy_with_logits`` (softcap caps the logits,
+        ``cap * tanh(z / cap)``, inside the fused kernels).
       chunk_size: rows of logits per chunk; default: at most 1/16 of the rows and at
         most 128 MiB of logits, rounded down to a power of two (at least 16 rows).
 
@@ -525,6 +527,7 @@ def linear_cross_entropy(
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
             z_loss=z_loss,
+            softcap=softcap,
         )
         hidden, labels = _checked_rows(hidden, labels)
         h = tf.reshape(hidden, [-1, cfg.hidden_size])
@@ -533,9 +536,13 @@ def linear_cross_entropy(
         return tf.reshape(loss, tf.shape(labels))
 
 
-def linear_logits(hidden, weight, *, bias=None, transpose_weight=False):
-    """``hidden @ weight (+ bias)``: the logits, for inference (with ``transpose_weight`` for V x H)."""
+def linear_logits(hidden, weight, *, bias=None, transpose_weight=False, softcap=None):
+    """``hidden @ weight (+ bias)``: the logits, for inference (with ``transpose_weight`` for V x H),
+    capped as the loss reads them (``softcap * tanh(logits / softcap)``) with a softcap."""
     hidden = _float_tensor(hidden, "hidden")
     weight = _float_tensor(weight, "weight")
+    cap = _checks.softcap(softcap)
     logits = tf.linalg.matmul(hidden, weight, transpose_b=transpose_weight)
-    return logits if bias is None else tf.nn.bias_add(logits, tf.convert_to_tensor(bias, logits.dtype))
+    if bias is not None:
+        logits = tf.nn.bias_add(logits, tf.convert_to_tensor(bias, logits.dtype))
+    return logits if not cap else cap * tf.tanh(logits / cap)

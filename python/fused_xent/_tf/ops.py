@@ -57,8 +57,12 @@ def ignore_index_attrs(ignore_index):
     return {"has_ignore_index": index is not None, "ignore_index": 0 if index is None else index}
 
 
-def option_attrs(label_smoothing, z_loss):
-    return {"label_smoothing": _checks.label_smoothing(label_smoothing), "z_loss": _checks.z_loss(z_loss)}
+def option_attrs(label_smoothing, z_loss, softcap=None):
+    return {
+        "label_smoothing": _checks.label_smoothing(label_smoothing),
+        "z_loss": _checks.z_loss(z_loss),
+        "softcap": _checks.softcap(softcap),
+    }
 
 
 def _check_sparse_shapes(labels, logits, axis):
@@ -68,7 +72,16 @@ def _check_sparse_shapes(labels, logits, axis):
 
 
 def sparse_softmax_cross_entropy_with_logits(
-    labels, logits, *, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0, axis=-1, name=None
+    labels,
+    logits,
+    *,
+    ignore_index=None,
+    label_smoothing=0.0,
+    class_weights=None,
+    z_loss=0.0,
+    axis=-1,
+    softcap=None,
+    name=None,
 ):
     """Per-example softmax cross-entropy with integer class labels.
 
@@ -92,6 +105,8 @@ def sparse_softmax_cross_entropy_with_logits(
         row's loss and gradient are multiplied by the weight of its label.
       z_loss: lambda >= 0; adds ``lambda * logsumexp(logits)**2`` to each row.
       axis: the class axis of ``logits`` (default: the last).
+      softcap: None, or cap > 0: the loss reads ``cap * tanh(logits / cap)``
+        (Gemma's final-logit softcapping), fused; the gradient includes the tanh.
       name: name scope for the ops.
 
     Returns:
@@ -109,7 +124,7 @@ def sparse_softmax_cross_entropy_with_logits(
             labels,
             class_weights_tensor(class_weights, _static_classes(logits, axis)),
             axis=axis,
-            **option_attrs(label_smoothing, z_loss),
+            **option_attrs(label_smoothing, z_loss, softcap),
             **ignore_index_attrs(ignore_index),
         )
         return loss
@@ -123,7 +138,9 @@ def _broadcast_labels(labels, logits):
     return tf.broadcast_to(labels, tf.shape(logits))
 
 
-def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothing=0.0, z_loss=0.0, name=None):
+def softmax_cross_entropy_with_logits(
+    labels, logits, axis=-1, *, label_smoothing=0.0, z_loss=0.0, softcap=None, name=None
+):
     """Per-example softmax cross-entropy with a probability distribution as labels.
 
     A drop-in for ``tf.nn.softmax_cross_entropy_with_logits``: ``labels`` are
@@ -137,6 +154,7 @@ def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothin
       label_smoothing: epsilon in [0, 1]; the target becomes
         ``(1 - eps) * labels + eps / C``.
       z_loss: lambda >= 0; adds ``lambda * logsumexp(logits)**2`` to each row.
+      softcap: None, or cap > 0: the loss reads ``cap * tanh(logits / cap)``, fused.
       name: name scope for the ops.
 
     Returns:
@@ -154,7 +172,7 @@ def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothin
             logits,
             labels,
             axis=axis,
-            **option_attrs(label_smoothing, z_loss),
+            **option_attrs(label_smoothing, z_loss, softcap),
         )
         return loss
 

@@ -75,14 +75,22 @@ def _class_weights(class_weights, classes):
 
 
 def sparse_softmax_cross_entropy_with_logits(
-    labels, logits, *, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0, axis=-1
+    labels,
+    logits,
+    *,
+    ignore_index=None,
+    label_smoothing=0.0,
+    class_weights=None,
+    z_loss=0.0,
+    axis=-1,
+    softcap=None,
 ):
     """Per-example softmax cross-entropy with integer class labels, fused.
 
     The JAX twin of ``fused_xent.sparse_softmax_cross_entropy_with_logits``: the
     same arguments (labels int32/int64 shaped like ``logits`` without ``axis``;
-    ``ignore_index``, ``label_smoothing``, ``class_weights``, ``z_loss``) and the
-    same values. Returns the loss, shaped like ``labels``, in the logits' dtype.
+    ``ignore_index``, ``label_smoothing``, ``class_weights``, ``z_loss``, ``softcap``) and
+    the same values. Returns the loss, shaped like ``labels``, in the logits' dtype.
     """
     _ffi.register_targets()
     logits = _float_logits(logits)
@@ -92,11 +100,12 @@ def sparse_softmax_cross_entropy_with_logits(
     _checks.sparse_shapes(labels.shape, logits.shape, axis)
     weights = _class_weights(class_weights, logits.shape[axis])
     smoothing, z_loss = _checks.kernel_options(label_smoothing, z_loss)
-    opts = (axis, smoothing, z_loss, _checks.ignore_index_for(ignore_index, labels.dtype.name))
+    ignore_index = _checks.ignore_index_for(ignore_index, labels.dtype.name)
+    opts = (axis, smoothing, z_loss, ignore_index, _checks.softcap(softcap))
     return _ffi.sparse(opts, logits, labels, weights)
 
 
-def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothing=0.0, z_loss=0.0):
+def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothing=0.0, z_loss=0.0, softcap=None):
     """Per-example softmax cross-entropy with a distribution as labels, fused.
 
     The JAX twin of ``fused_xent.softmax_cross_entropy_with_logits``: ``labels``
@@ -109,7 +118,7 @@ def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothin
     labels = jnp.asarray(labels).astype(logits.dtype)
     _checks.dense_label_shape(labels.shape, logits.shape)
     labels = jnp.broadcast_to(labels, logits.shape)
-    opts = (axis, *_checks.kernel_options(label_smoothing, z_loss))
+    opts = (axis, *_checks.kernel_options(label_smoothing, z_loss), _checks.softcap(softcap))
     return _ffi.dense(opts, logits, labels)
 
 
@@ -125,6 +134,7 @@ def linear_cross_entropy(
     class_weights=None,
     z_loss=0.0,
     chunk_size=None,
+    softcap=None,
 ):
     """Per-token softmax cross-entropy of ``hidden @ weight (+ bias)``, without the logits.
 
@@ -139,8 +149,8 @@ def linear_cross_entropy(
       weight: H x V matrix of hidden's dtype, or V x H with ``transpose_weight=True``.
       labels: int32/int64 class indices, shaped like ``hidden`` without its last axis.
       bias: optional length-V vector of hidden's dtype.
-      ignore_index, label_smoothing, class_weights, z_loss: as in
-        ``sparse_softmax_cross_entropy_with_logits``.
+      ignore_index, label_smoothing, class_weights, z_loss, softcap: as in
+        ``sparse_softmax_cross_entropy_with_logits`` (softcap caps the logits: cap * tanh(z / cap)).
       chunk_size: rows of logits per chunk (per device); default: at most 1/16 of the rows
         and at most 128 MiB of logits, a power of two (at least 16 rows).
 
@@ -163,7 +173,7 @@ def linear_cross_entropy(
     weights = _class_weights(class_weights, vocab)
     smoothing, z_loss = _checks.kernel_options(label_smoothing, z_loss)
     cfg = _linear.Config(
-        opts=(-1, smoothing, z_loss, ignore_index),
+        opts=(-1, smoothing, z_loss, ignore_index, _checks.softcap(softcap)),
         transpose_weight=transpose_weight,
         chunk_size=_checks.chunk_size(chunk_size),
         has_bias=bias is not None,
@@ -173,8 +183,11 @@ def linear_cross_entropy(
     return loss.astype(out_dtype).reshape(labels.shape)
 
 
-def linear_logits(hidden, weight, *, bias=None, transpose_weight=False):
-    """``hidden @ weight (+ bias)``: the logits, for inference (``transpose_weight`` for V x H)."""
+def linear_logits(hidden, weight, *, bias=None, transpose_weight=False, softcap=None):
+    """``hidden @ weight (+ bias)``: the logits, for inference (``transpose_weight`` for V x H),
+    capped as the loss reads them (``softcap * tanh(logits / softcap)``) with a softcap."""
     hidden, weight = jnp.asarray(hidden), jnp.asarray(weight)
+    cap = _checks.softcap(softcap)
     logits = hidden @ (weight.T if transpose_weight else weight)
-    return logits if bias is None else logits + jnp.asarray(bias, logits.dtype)
+    logits = logits if bias is None else logits + jnp.asarray(bias, logits.dtype)
+    return logits if not cap else (cap * jnp.tanh(logits / cap)).astype(logits.dtype)

@@ -23,10 +23,24 @@ def _gaps(z, lse, weights):
     return jnp.where(weights != 0, weights * (lse - z), 0.0)
 
 
+def capped(z, cap):
+    """The logits the kernels read: cap * tanh(z / cap) in the accumulation type, or z (cap 0)."""
+    if not cap:
+        return z
+    z = z.astype(_acc(z.dtype))
+    return cap * jnp.tanh(z / cap)
+
+
+def cap_slope(z, cap):
+    """d capped / dz = 1 - tanh(z / cap)^2 (for the composite derivatives)."""
+    tanh = jnp.tanh(z.astype(_acc(z.dtype)) / cap)
+    return 1.0 - tanh * tanh
+
+
 def sparse(opts, z, labels, class_weights):
-    axis, eps, lam, ignore_index = opts
+    axis, eps, lam, ignore_index, cap = opts
     out_dtype = z.dtype
-    z, lse = _row_terms(z, axis)
+    z, lse = _row_terms(capped(z, cap), axis)
     classes = z.shape[axis]
     kept = labels != ignore_index if ignore_index is not None else jnp.ones(labels.shape, bool)
     in_range = (labels >= 0) & (labels < classes)
@@ -39,9 +53,9 @@ def sparse(opts, z, labels, class_weights):
 
 
 def dense(opts, z, t):
-    axis, eps, lam = opts
+    axis, eps, lam, cap = opts
     out_dtype = z.dtype
-    z, lse = _row_terms(z, axis)
+    z, lse = _row_terms(capped(z, cap), axis)
     q = (1.0 - eps) * t.astype(z.dtype) + eps / z.shape[axis]
     row_lse = jnp.squeeze(lse, axis)
     return (jnp.sum(_gaps(z, lse, q), axis) + lam * row_lse * row_lse).astype(out_dtype)

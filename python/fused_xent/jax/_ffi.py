@@ -47,19 +47,26 @@ def register_targets():
 # ---------------------------------------------------------------- the FFI calls
 #
 # `opts` is a hashable tuple of the static options (jax.custom_* nondiff argument):
-# sparse: (axis, label_smoothing, z_loss, ignore_index or None); dense: (axis, label_smoothing, z_loss);
-# a vocabulary-parallel shard's call (jax/_vocab_parallel.py) adds total_classes (dense) or
-# (total_classes, absent_label) (sparse). axis is negative; the floats are what the kernel sees (float32).
+# sparse: (axis, label_smoothing, z_loss, ignore_index or None, softcap);
+# dense: (axis, label_smoothing, z_loss, softcap); a vocabulary-parallel shard's call
+# (jax/_vocab_parallel.py) has total_classes (dense) or (total_classes, absent_label) (sparse)
+# before softcap. axis is negative; the floats are what the kernel sees (float32; softcap 0: none).
 
 
 def _attrs(name, opts):
-    attrs = dict(axis=np.int64(opts[0]), label_smoothing=np.float32(opts[1]), z_loss=np.float32(opts[2]))
+    attrs = dict(
+        axis=np.int64(opts[0]),
+        label_smoothing=np.float32(opts[1]),
+        z_loss=np.float32(opts[2]),
+        softcap=np.float32(opts[-1]),
+    )
+    shard = name.endswith("_shard")
     if name.startswith("fused_xent_dense"):
-        if len(opts) == 4:
+        if shard:
             attrs.update(total_classes=np.int64(opts[3]))
         return attrs
     attrs.update(ignore_index=np.int64(0 if opts[3] is None else opts[3]), has_ignore_index=opts[3] is not None)
-    if len(opts) == 6:
+    if shard:
         attrs.update(total_classes=np.int64(opts[4]), absent_label=np.int64(opts[5]))
     return attrs
 
@@ -138,9 +145,9 @@ def _softmax_parts(z, axis):
 # differentiated, for the second derivative; the first is the fused kernel.
 
 
-def _sparse_gradient_composite(opts, z, labels, weights, g):
-    axis, eps, lam, ignore_index = opts
-    z, lse, p = _softmax_parts(z, axis)
+def _sparse_gradient_composite(opts, x, labels, weights, g):
+    axis, eps, lam, ignore_index, cap = opts
+    z, lse, p = _softmax_parts(_composite.capped(x, cap), axis)
     acc = z.dtype
     classes = z.shape[axis]
     valid = labels != ignore_index if ignore_index is not None else jnp.ones(labels.shape, bool)
@@ -148,15 +155,20 @@ def _sparse_gradient_composite(opts, z, labels, weights, g):
     q = (1.0 - eps) * jax.nn.one_hot(safe, classes, axis=axis, dtype=acc) + eps / classes
     w = weights[safe].astype(acc) if weights.shape[0] else jnp.ones(labels.shape, acc)
     scale = jnp.expand_dims(g.astype(acc) * jnp.where(valid, w, 0.0), axis)
-    return scale * ((1.0 + 2.0 * lam * lse) * p - q)
+    return _times_slope(scale * ((1.0 + 2.0 * lam * lse) * p - q), x, cap)
 
 
-def _dense_gradient_composite(opts, z, t, g):
-    axis, eps, lam = opts
-    z, lse, p = _softmax_parts(z, axis)
+def _dense_gradient_composite(opts, x, t, g):
+    axis, eps, lam, cap = opts
+    z, lse, p = _softmax_parts(_composite.capped(x, cap), axis)
     q = (1.0 - eps) * t.astype(z.dtype) + eps / z.shape[axis]
     a = jnp.sum(q, axis, keepdims=True) + 2.0 * lam * lse
-    return jnp.expand_dims(g.astype(z.dtype), axis) * (a * p - q)
+    return _times_slope(jnp.expand_dims(g.astype(z.dtype), axis) * (a * p - q), x, cap)
+
+
+def _times_slope(gradient, x, cap):
+    """The gradient for the capped logits carried back to the logits x."""
+    return gradient * _composite.cap_slope(x, cap) if cap else gradient
 
 
 def _row_dot(a, b, axis, dtype):
@@ -347,10 +359,10 @@ def _neg_log_softmax_jvp(axis, primals, tangents):
 
 
 def _dense_label_gradient(opts, z, lse, g, t_dtype):
-    """d loss / d t = -(1 - eps) * log_softmax(z), times g."""
-    axis, eps, _ = opts
+    """d loss / d t = -(1 - eps) * log_softmax(z), times g (z capped, if a cap is set)."""
+    axis, eps, _, cap = opts
     scale = jnp.expand_dims(g.astype(_acc(z.dtype)) * (1.0 - eps), axis)
-    return (scale * _neg_log_softmax(axis, z, lse)).astype(t_dtype)
+    return (scale * _neg_log_softmax(axis, _composite.capped(z, cap), lse)).astype(t_dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

@@ -48,7 +48,7 @@ LOSS, FORWARD, WEIGHTS = "loss", "forward", "weights"
 class Config(NamedTuple):
     """The static part of a call (hashable: a custom_partitioning static argument)."""
 
-    opts: tuple  # the sparse kernels' (axis=-1, label_smoothing, z_loss, ignore_index or None)
+    opts: tuple  # the sparse kernels' (axis=-1, label_smoothing, z_loss, ignore_index or None, softcap)
     transpose_weight: bool
     chunk_size: int | None
     has_bias: bool
@@ -81,7 +81,7 @@ class _Kernels:
     def forward(self, z, labels):
         """(loss, lse as kept for the backward)."""
         if not self.fused:
-            lse = jax.nn.logsumexp(z.astype(_acc(z.dtype)), axis=-1)
+            lse = jax.nn.logsumexp(_composite.capped(z, self.opts[-1]).astype(_acc(z.dtype)), axis=-1)
             return _composite.sparse(self.opts, z, labels, self.class_weights), lse
         if self.class_axes:
             loss, lse = _vocab_parallel.forward(

@@ -64,7 +64,7 @@ class Rows:
 def shard_opts(opts, classes, labels_dtype, z_loss):
     """The attributes of the *_shard call: the row's classes and the two sentinels."""
     ignored_value, absent_value, _ = _sentinels(labels_dtype)
-    return (opts[0], opts[1], z_loss, ignored_value, classes, absent_value)
+    return (opts[0], opts[1], z_loss, ignored_value, classes, absent_value, opts[-1])
 
 
 def _acc(dtype):
@@ -124,9 +124,9 @@ def backward(runner, opts, classes, class_axes, z, labels, class_weights, lse, g
 
 def dense_forward(runner, opts, classes, class_axes, z, t):
     """(loss, lse) of this device's rows from its shard of their classes, dense labels."""
-    axis, eps, lam = opts
+    axis, eps, lam, cap = opts
     shard_classes = z.shape[axis]
-    part, shard_lse, label_sums = runner("fused_xent_dense_forward_shard", (axis, eps, 0.0, classes), z, t)
+    part, shard_lse, label_sums = runner("fused_xent_dense_forward_shard", (axis, eps, 0.0, classes, cap), z, t)
     lse = _combine_lse(shard_lse, class_axes)
     acc = _acc(z.dtype)
     target_share = (1.0 - eps) * lax.convert_element_type(label_sums, acc) + eps * shard_classes / classes
@@ -139,7 +139,7 @@ def dense_forward(runner, opts, classes, class_axes, z, t):
 
 def dense_backward(runner, opts, classes, class_axes, z, t, lse, g):
     """This device's shard of the gradient, given the rows' lse and label sums (one all-reduce)."""
-    axis, eps, lam = opts
+    axis, eps, lam, cap = opts
     with jax.enable_x64(True):  # the kernel reads the sums in float64, as it sums a row itself
         label_sums = lax.psum(jnp.sum(t.astype(jnp.float64), axis), class_axes)
-    return runner("fused_xent_dense_backward_shard", (axis, eps, lam, classes), z, t, lse, g, label_sums)
+    return runner("fused_xent_dense_backward_shard", (axis, eps, lam, classes, cap), z, t, lse, g, label_sums)

@@ -27,12 +27,13 @@ def _registered(cls):
 class _FusedCrossentropy(_arguments.CrossentropyArguments, tf_keras.losses.Loss):
     """Shared arguments and the per-element ``call``."""
 
-    def __init__(self, *, from_logits, label_smoothing, axis, z_loss, reduction, name):
+    def __init__(self, *, from_logits, label_smoothing, axis, z_loss, softcap, reduction, name):
         super().__init__(reduction=reduction, name=name)  # checks `reduction`
         self.from_logits = bool(from_logits)
         self.label_smoothing = _checks.keras_fraction("label_smoothing", label_smoothing)
         self.axis = _checks.keras_axis(axis)
         self.z_loss = _checks.keras_z_loss(z_loss)
+        self.softcap = _checks.keras_softcap(softcap, self.from_logits)
 
     # No Python control flow on tensors: AutoGraph (tf_keras converts `call`) would only cost.
     @tf.autograph.experimental.do_not_convert
@@ -73,6 +74,8 @@ class CategoricalCrossentropy(_FusedCrossentropy):
       reduction: a ``tf_keras.losses.Reduction``.
       name: the loss's name.
       z_loss: lambda >= 0; adds ``z_loss * logsumexp(logits)**2`` per element.
+      softcap: None, or cap > 0 (with ``from_logits=True``): the loss reads
+        ``cap * tanh(logits / cap)``, fused.
     """
 
     def __init__(
@@ -84,12 +87,14 @@ class CategoricalCrossentropy(_FusedCrossentropy):
         name="categorical_crossentropy",
         *,
         z_loss=0.0,
+        softcap=None,
     ):
         super().__init__(
             from_logits=from_logits,
             label_smoothing=label_smoothing,
             axis=axis,
             z_loss=z_loss,
+            softcap=softcap,
             reduction=reduction,
             name=name,
         )
@@ -117,6 +122,8 @@ class SparseCategoricalCrossentropy(_FusedCrossentropy):
       class_weights: optional length-C vector; each element's loss is scaled by
         its label's weight.
       z_loss: lambda >= 0; adds ``z_loss * logsumexp(logits)**2`` per element.
+      softcap: None, or cap > 0 (with ``from_logits=True``): the loss reads
+        ``cap * tanh(logits / cap)``, fused.
     """
 
     def __init__(
@@ -130,12 +137,14 @@ class SparseCategoricalCrossentropy(_FusedCrossentropy):
         label_smoothing=0.0,
         class_weights=None,
         z_loss=0.0,
+        softcap=None,
     ):
         super().__init__(
             from_logits=from_logits,
             label_smoothing=label_smoothing,
             axis=axis,
             z_loss=z_loss,
+            softcap=softcap,
             reduction=reduction,
             name=name,
         )

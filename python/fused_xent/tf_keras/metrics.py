@@ -22,7 +22,7 @@ def _registered(cls):
 class _FusedCrossentropyMetric(_arguments.CrossentropyArguments, tf_keras.metrics.MeanMetricWrapper):
     """The mean of a fused loss's per-element values, as tf_keras's metrics take it."""
 
-    _CONFIG_ARGUMENTS = ("from_logits", "label_smoothing", "axis")
+    _CONFIG_ARGUMENTS = ("from_logits", "label_smoothing", "axis", "softcap")
 
     def __init__(self, loss, name, dtype):
         super().__init__(loss.call, name, dtype=dtype)
@@ -45,10 +45,22 @@ class CategoricalCrossentropy(_FusedCrossentropyMetric):
       from_logits: whether ``y_pred`` holds logits; otherwise probabilities.
       label_smoothing: epsilon in [0, 1]; targets become ``(1 - eps) * y_true + eps / C``.
       axis: the class axis.
+      softcap: None, or cap > 0 (with ``from_logits=True``), as the loss.
     """
 
-    def __init__(self, name="categorical_crossentropy", dtype=None, from_logits=False, label_smoothing=0.0, axis=-1):
-        loss = _losses.CategoricalCrossentropy(from_logits=from_logits, label_smoothing=label_smoothing, axis=axis)
+    def __init__(
+        self,
+        name="categorical_crossentropy",
+        dtype=None,
+        from_logits=False,
+        label_smoothing=0.0,
+        axis=-1,
+        *,
+        softcap=None,
+    ):
+        loss = _losses.CategoricalCrossentropy(
+            from_logits=from_logits, label_smoothing=label_smoothing, axis=axis, softcap=softcap
+        )
         super().__init__(loss, name=name, dtype=dtype)
 
 
