@@ -102,13 +102,16 @@ def z_loss(value):
     return number
 
 
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # a cap below it would make 2 / cap overflow
+
+
 def softcap(value):
     """The final-logit cap as the float32 value the kernels see: 0.0 for None (no cap)."""
     if value is None:
         return 0.0
     number = plain_number(value)
     valid = number is not None and number > 0 and _finite_float32(number)
-    if not valid or np.float32(number) < np.finfo(np.float32).tiny:
+    if not valid or kernel_float(number) < _FLOAT32_TINY:
         raise ValueError(f"softcap must be None (no cap) or a finite number > 0, got {value!r}")
     return kernel_float(number)
 
@@ -348,7 +351,7 @@ def keras_softcap(value, from_logits):
     if value is None:
         return None
     number = plain_number(value)
-    if number is None or not (number > 0 and _finite_float32(number)) or np.float32(number) < np.finfo(np.float32).tiny:
+    if number is None or not (number > 0 and _finite_float32(number)) or kernel_float(number) < _FLOAT32_TINY:
         raise ValueError(f"`softcap` must be None or a finite number > 0. Received: softcap={value!r}")
     if not from_logits:
         raise ValueError(

@@ -44,6 +44,7 @@ def sparse_forward(
     lse: numpy.ndarray,
     total_classes: _Int = 0,
     absent_label: _Int = 0,
+    softcap: _Float = 0.0,
 ) -> None: ...
 def sparse_backward(
     dtype: str,
@@ -61,6 +62,7 @@ def sparse_backward(
     grad_logits: numpy.ndarray,
     total_classes: _Int = 0,
     absent_label: _Int = 0,
+    softcap: _Float = 0.0,
 ) -> None: ...
 def dense_forward(
     dtype: str,
@@ -75,6 +77,7 @@ def dense_forward(
     lse: numpy.ndarray,
     total_classes: _Int = 0,
     label_sums: numpy.ndarray | None = None,
+    softcap: _Float = 0.0,
 ) -> None: ...
 def dense_backward(
     dtype: str,
@@ -90,6 +93,7 @@ def dense_backward(
     grad_logits: numpy.ndarray,
     total_classes: _Int = 0,
     label_sums: numpy.ndarray | None = None,
+    softcap: _Float = 0.0,
 ) -> None: ...
 
 # Forward and, when grad_loss and grad_logits are given, backward in one call (the benchmarks use it).
@@ -109,6 +113,7 @@ def sparse(
     lse: numpy.ndarray,
     grad_loss: numpy.ndarray | None,
     grad_logits: numpy.ndarray | None,
+    softcap: _Float = 0.0,
 ) -> None: ...
 def dense(
     dtype: str,
@@ -123,12 +128,14 @@ def dense(
     lse: numpy.ndarray,
     grad_loss: numpy.ndarray | None,
     grad_logits: numpy.ndarray | None,
+    softcap: _Float = 0.0,
 ) -> None: ...
 
 # CUDA builds only (build_info()["cuda"]): arrays with __cuda_array_interface__, and a CUDA
 # stream handle; the kernels are enqueued on it and the calls return without synchronising.
 # workspace: device memory of at least workspace_bytes(...) bytes, or None to have the binding
-# allocate it (stream-ordered) when the kernel needs one.
+# allocate it (stream-ordered) when the kernel needs one. softcap (every kernel binding): the
+# loss reads softcap * tanh(logits / softcap) and the gradient is for the logits; 0: no cap.
 
 def cuda_device_count() -> int: ...
 def cuda_sparse_forward(
@@ -146,6 +153,7 @@ def cuda_sparse_forward(
     lse: object,
     stream: _Int,
     workspace: object | None = None,
+    softcap: _Float = 0.0,
 ) -> None: ...
 def cuda_sparse_backward(
     dtype: str,
@@ -162,6 +170,7 @@ def cuda_sparse_backward(
     grad_loss: object,
     grad_logits: object,
     stream: _Int,
+    softcap: _Float = 0.0,
 ) -> None: ...
 def cuda_dense_forward(
     dtype: str,
@@ -176,6 +185,7 @@ def cuda_dense_forward(
     lse: object,
     stream: _Int,
     workspace: object | None = None,
+    softcap: _Float = 0.0,
 ) -> None: ...
 def cuda_dense_backward(
     dtype: str,
@@ -191,4 +201,5 @@ def cuda_dense_backward(
     grad_logits: object,
     stream: _Int,
     workspace: object | None = None,
+    softcap: _Float = 0.0,
 ) -> None: ...

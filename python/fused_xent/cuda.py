@@ -151,7 +151,7 @@ class _Call:
         return self.backend.empty((size,), "uint8") if size else None
 
 
-def _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weights, z_loss):
+def _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weights, z_loss, softcap=None):
     backend = _backend(logits)
     logits, name = _prepare_logits(backend, logits)
     labels = backend.as_array(labels)
@@ -180,11 +180,12 @@ def _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weig
         z_loss=z_loss,
         ignore_index=ignore_index,
         class_weights=weights,
+        softcap=_checks.softcap(softcap),
     )
     return _Call(backend, logits, name, reduced, common)
 
 
-def _dense_call(labels, logits, axis, label_smoothing, z_loss):
+def _dense_call(labels, logits, axis, label_smoothing, z_loss, softcap=None):
     backend = _backend(logits)
     logits, name = _prepare_logits(backend, logits)
     labels = backend.as_array(labels, name)
@@ -201,6 +202,7 @@ def _dense_call(labels, logits, axis, label_smoothing, z_loss):
         inner=inner,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
+        softcap=_checks.softcap(softcap),
     )
     return _Call(backend, logits, name, reduced, common)
 
@@ -237,9 +239,11 @@ def _backward(binding, call, lse, grad_loss, kind=None):
     return grad
 
 
-def sparse_forward(labels, logits, *, axis=-1, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0):
+def sparse_forward(
+    labels, logits, *, axis=-1, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0, softcap=None
+):
     """The sparse forward alone: ``(loss, lse)``, lse the float64 logsumexp of each row."""
-    call = _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weights, z_loss)
+    call = _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weights, z_loss, softcap)
     return _forward(_core.cuda_sparse_forward, call, "sparse_forward")
 
 
@@ -254,23 +258,23 @@ def sparse_backward(
     label_smoothing=0.0,
     class_weights=None,
     z_loss=0.0,
+    softcap=None,
 ):
     """The sparse backward alone: ``grad_logits``, the gradient of ``sum(loss * grad_loss)``, from the
     forward's ``lse`` (float64, shaped like the loss)."""
-    call = _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weights, z_loss)
+    call = _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weights, z_loss, softcap)
     return _backward(_core.cuda_sparse_backward, call, lse, grad_loss)
 
 
-def dense_forward(labels, logits, axis=-1, *, label_smoothing=0.0, z_loss=0.0):
+def dense_forward(labels, logits, axis=-1, *, label_smoothing=0.0, z_loss=0.0, softcap=None):
     """The dense forward alone: ``(loss, lse)``, lse the float64 logsumexp of each row."""
-    return _forward(
-        _core.cuda_dense_forward, _dense_call(labels, logits, axis, label_smoothing, z_loss), "dense_forward"
-    )
+    call = _dense_call(labels, logits, axis, label_smoothing, z_loss, softcap)
+    return _forward(_core.cuda_dense_forward, call, "dense_forward")
 
 
-def dense_backward(labels, logits, lse, grad_loss=None, axis=-1, *, label_smoothing=0.0, z_loss=0.0):
+def dense_backward(labels, logits, lse, grad_loss=None, axis=-1, *, label_smoothing=0.0, z_loss=0.0, softcap=None):
     """The dense backward alone: ``grad_logits`` from the forward's ``lse``, as ``sparse_backward``."""
-    call = _dense_call(labels, logits, axis, label_smoothing, z_loss)
+    call = _dense_call(labels, logits, axis, label_smoothing, z_loss, softcap)
     return _backward(_core.cuda_dense_backward, call, lse, grad_loss, "dense_backward")
 
 
@@ -285,9 +289,10 @@ def sparse_softmax_cross_entropy_with_logits(
     z_loss=0.0,
     grad_loss=None,
     compute_gradient=True,
+    softcap=None,
 ):
     """Sparse softmax cross-entropy on CUDA arrays: returns ``(loss, grad_logits)``."""
-    call = _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weights, z_loss)
+    call = _sparse_call(labels, logits, axis, ignore_index, label_smoothing, class_weights, z_loss, softcap)
     loss, lse = _forward(_core.cuda_sparse_forward, call, "sparse_forward")
     if not compute_gradient:
         return loss, None
@@ -295,13 +300,21 @@ def sparse_softmax_cross_entropy_with_logits(
 
 
 def softmax_cross_entropy_with_logits(
-    labels, logits, axis=-1, *, label_smoothing=0.0, z_loss=0.0, grad_loss=None, compute_gradient=True
+    labels,
+    logits,
+    axis=-1,
+    *,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    grad_loss=None,
+    compute_gradient=True,
+    softcap=None,
 ):
     """Softmax cross-entropy against dense labels on CUDA arrays: returns ``(loss, grad_logits)``.
 
     ``labels`` are cast to the logits' dtype and broadcast to their shape.
     """
-    call = _dense_call(labels, logits, axis, label_smoothing, z_loss)
+    call = _dense_call(labels, logits, axis, label_smoothing, z_loss, softcap)
     loss, lse = _forward(_core.cuda_dense_forward, call, "dense_forward")
     if not compute_gradient:
         return loss, None

@@ -30,7 +30,7 @@ def _registered(cls):
 class _FusedCrossentropyMetric(_arguments.CrossentropyArguments, _MetricBase):
     """The mean of a fused loss's per-element values (its ``call``), as Keras's metrics take it."""
 
-    _CONFIG_ARGUMENTS = ("from_logits", "label_smoothing", "axis")
+    _CONFIG_ARGUMENTS = ("from_logits", "label_smoothing", "axis", "softcap")
 
     def __init__(self, loss, name, dtype):
         super().__init__(fn=loss.call, name=name, dtype=dtype)

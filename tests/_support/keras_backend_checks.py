@@ -59,6 +59,19 @@ def values():
         as_list(fl.CategoricalCrossentropy(from_logits=True, axis=1)(np.moveaxis(soft, 2, 1), zt)),
         as_list(keras.losses.CategoricalCrossentropy(from_logits=True)(soft, z)),
     )
+    # softcap: Keras's loss of the capped logits.
+    capped = np.asarray(keras.ops.convert_to_numpy(3.0 * keras.ops.tanh(z / 3.0)))
+    for reduction in ("sum_over_batch_size", "none"):
+        ours = fl.SparseCategoricalCrossentropy(from_logits=True, softcap=3.0, reduction=reduction)(y, z, sw)
+        theirs = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)(y, capped, sw)
+        out[f"sparse softcap {reduction}"] = (as_list(ours), as_list(theirs))
+        ours = fl.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1, softcap=3.0, reduction=reduction)(
+            soft, z
+        )
+        theirs = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1, reduction=reduction)(
+            soft, capped
+        )
+        out[f"dense softcap {reduction}"] = (as_list(ours), as_list(theirs))
     # class_weights: the same as per-element sample weights of each label's weight.
     weights = np.array([0.5, 2.0, 1.0, 3.0, 0.25], np.float32)
     for reduction in ("sum_over_batch_size", "mean_with_sample_weight"):

@@ -113,7 +113,9 @@ def test_composite_gives_nan_for_an_out_of_range_label():
 
 def test_the_comparison_rejects_a_planted_error():
     z, y, _ = _data()
-    composite = _composite.sparse((-1, 0.0, 0.0, None, 0.0), jnp.asarray(z), jnp.asarray(y), jnp.zeros([0], jnp.float32))
+    composite = _composite.sparse(
+        (-1, 0.0, 0.0, None, 0.0), jnp.asarray(z), jnp.asarray(y), jnp.zeros([0], jnp.float32)
+    )
     fused = fj.sparse_softmax_cross_entropy_with_logits(y, z)
     assert _relative(composite, np.asarray(fused, np.float64)) < 1e-5
     assert _relative(composite * 1.001, np.asarray(fused, np.float64)) > 1e-5

@@ -52,8 +52,13 @@ def workspace(kind, shape, axis, dtype):
     return jax.ShapeDtypeStruct((size,), jnp.uint8)
 
 
-def _attrs(axis, label_smoothing=0.0, z_loss=0.0, ignore_index=None):
-    attrs = dict(axis=np.int64(axis), label_smoothing=np.float32(label_smoothing), z_loss=np.float32(z_loss))
+def _attrs(axis, label_smoothing=0.0, z_loss=0.0, ignore_index=None, softcap=0.0):
+    attrs = dict(
+        axis=np.int64(axis),
+        label_smoothing=np.float32(label_smoothing),
+        z_loss=np.float32(z_loss),
+        softcap=np.float32(softcap),
+    )
     return attrs, ignore_index
 
 

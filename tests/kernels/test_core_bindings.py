@@ -309,8 +309,9 @@ def test_dense_backward_rejects_bad_buffers():
 def test_bindings_take_the_cuda_bindings_keywords():
     """Same names and order as cc/py/cuda_bindings.cc, minus the stream and the CUDA launchers'
     optional device workspace (the CPU kernels need none); the CPU sparse bindings add the
-    vocabulary-parallel keywords last (tests/kernels/test_shard_mode.py), which the CUDA ones lack."""
-    shard, dense_shard = ", total_classes, absent_label", ", total_classes, label_sums"
+    vocabulary-parallel keywords (tests/kernels/test_shard_mode.py), which the CUDA ones lack; both
+    end with softcap."""
+    shard, dense_shard = ", total_classes, absent_label, softcap", ", total_classes, label_sums, softcap"
     expected = {
         "sparse_forward": "dtype, logits, labels, outer, classes, inner, label_smoothing, z_loss, ignore_index, "
         "class_weights, loss, lse" + shard,
@@ -329,9 +330,8 @@ def test_bindings_take_the_cuda_bindings_keywords():
         if cuda is not None:
             cuda_names = re.findall(r"(\w+): ", cuda.__doc__.strip().splitlines()[0][len(name) + 5 :])
             cpu_only = ("total_classes", "absent_label", "label_sums")
-            assert [n for n in cuda_names if n != "workspace"] == [n for n in names if n not in cpu_only] + [
-                "stream"
-            ], cuda_names
+            shared = [n for n in names if n not in cpu_only and n != "softcap"]
+            assert [n for n in cuda_names if n != "workspace"] == shared + ["stream", "softcap"], cuda_names
 
 
 # ---------------------------------------------------------------- PyTorch: one forward kernel per step

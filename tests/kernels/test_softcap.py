@@ -58,7 +58,9 @@ def test_sparse_equals_the_capped_composite(dtype, shape, axis, options, cap):
     logits, labels = _data(shape, axis, dtype)
     options = _options(options, shape[axis])
     loss, grad = fxn.sparse_softmax_cross_entropy_with_logits(labels, logits, axis=axis, softcap=cap, **options)
-    expected_loss, expected_grad = reference.sparse_softcap(labels, logits.astype(np.float64), cap, axis=axis, **options)
+    expected_loss, expected_grad = reference.sparse_softcap(
+        labels, logits.astype(np.float64), cap, axis=axis, **options
+    )
     assert_close(loss, expected_loss, dtype, scale=_scale(dtype, cap))
     assert_close(grad, expected_grad, dtype, scale=_scale(dtype, cap))
 
@@ -142,12 +144,27 @@ def test_shards_of_capped_rows_combine_to_the_whole_row(inner):
     width = classes // shards
     parts, lses, grads = [], [], []
     for s in range(shards):
-        block = np.ascontiguousarray(z[:, s * width : (s + 1) * width].reshape(rows // inner, inner, width).transpose(0, 2, 1))
+        block = np.ascontiguousarray(
+            z[:, s * width : (s + 1) * width].reshape(rows // inner, inner, width).transpose(0, 2, 1)
+        )
         local = np.where((y >= s * width) & (y < (s + 1) * width), y - s * width, -7).reshape(-1)
         loss, lse = np.empty(rows), np.empty(rows)
         _core.sparse_forward(
-            "float64", block, local, rows // inner, width, inner, 0.0, 0.0, None, None, loss, lse,
-            total_classes=classes, absent_label=-7, softcap=cap,
+            "float64",
+            block,
+            local,
+            rows // inner,
+            width,
+            inner,
+            0.0,
+            0.0,
+            None,
+            None,
+            loss,
+            lse,
+            total_classes=classes,
+            absent_label=-7,
+            softcap=cap,
         )
         parts.append(loss)
         lses.append(lse)
@@ -156,12 +173,28 @@ def test_shards_of_capped_rows_combine_to_the_whole_row(inner):
     combined = sum(p + q * (lse - l) for p, q, l in zip(parts, target, lses))
     np.testing.assert_allclose(combined.reshape(-1), expected_loss, rtol=1e-12)
     for s in range(shards):
-        block = np.ascontiguousarray(z[:, s * width : (s + 1) * width].reshape(rows // inner, inner, width).transpose(0, 2, 1))
+        block = np.ascontiguousarray(
+            z[:, s * width : (s + 1) * width].reshape(rows // inner, inner, width).transpose(0, 2, 1)
+        )
         local = np.where((y >= s * width) & (y < (s + 1) * width), y - s * width, -7).reshape(-1)
         grad = np.empty_like(block)
         _core.sparse_backward(
-            "float64", block, local, rows // inner, width, inner, 0.0, 0.0, None, None, lse, np.ones(rows), grad,
-            total_classes=classes, absent_label=-7, softcap=cap,
+            "float64",
+            block,
+            local,
+            rows // inner,
+            width,
+            inner,
+            0.0,
+            0.0,
+            None,
+            None,
+            lse,
+            np.ones(rows),
+            grad,
+            total_classes=classes,
+            absent_label=-7,
+            softcap=cap,
         )
         got = grad.transpose(0, 2, 1).reshape(rows, width)
         np.testing.assert_allclose(got, expected_grad[:, s * width : (s + 1) * width], rtol=1e-10, atol=1e-15)

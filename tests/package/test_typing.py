@@ -114,13 +114,13 @@ def test_stub_matches_the_compiled_module():
         ),
         ("def ffi_targets() -> dict[str, dict[str, Any]]: ...\n", "", "ffi_targets is in the module but not"),
         (
-            "    grad_logits: numpy.ndarray | None,\n) -> None: ...\ndef dense",
-            "    grad_logits: numpy.ndarray,\n) -> None: ...\ndef dense",
+            "    grad_logits: numpy.ndarray | None,\n    softcap: _Float = 0.0,\n) -> None: ...\ndef dense",
+            "    grad_logits: numpy.ndarray,\n    softcap: _Float = 0.0,\n) -> None: ...\ndef dense",
             "sparse: the module has",
         ),
         (
-            "    grad_logits: numpy.ndarray | None,\n) -> None: ...\n\n# CUDA",
-            "    grad_logits: numpy.ndarray | None = None,\n) -> None: ...\n\n# CUDA",
+            "    grad_logits: numpy.ndarray | None,\n    softcap: _Float = 0.0,\n) -> None: ...\n\n# CUDA",
+            "    grad_logits: numpy.ndarray | None = None,\n    softcap: _Float = 0.0,\n) -> None: ...\n\n# CUDA",
             "dense: the module has",
         ),
         ("def build_info() -> dict[str, Any]: ...", "def build_info() -> str: ...", "build_info: the module has"),

@@ -6,7 +6,8 @@ out-of-range label raises the same error on both ranks; the class-sharded forwar
 row-sized tensors only, and row sharding communicates nothing but a label check.
 
 One pair of processes runs every case (tests/_support/dtensor_worker.py) and reports; the
-tests below read its report."""
+tests below read its report. Another pair runs the same kinds of case with a softcap
+(tests/torch/dtensor_softcap_worker.py)."""
 
 import json
 import os
@@ -27,10 +28,12 @@ pytest.importorskip("torch.distributed.tensor")
 from torch.distributed.tensor import Replicate, Shard  # noqa: E402
 
 from tests._support import dtensor_worker  # noqa: E402
+from tests.torch import dtensor_softcap_worker  # noqa: E402
 
 WORLD = dtensor_worker.WORLD
 TIMEOUT = 120  # seconds for both processes: they take 10-20 s on two busy cores
 WORKER = pathlib.Path(dtensor_worker.__file__)
+SOFTCAP_WORKER = pathlib.Path(dtensor_softcap_worker.__file__)
 
 
 def _free_port():
@@ -45,14 +48,13 @@ def _result(process, output, error):
     return json.loads(lines[-1][len("RESULT ") :])["cases"]
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """Each rank's report, {case name: what it gave}, rank 0 first."""
+def _launch(worker, tmp_path_factory):
+    """Each rank's report from `worker`, {case name: what it gave}, rank 0 first."""
     environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     port = _free_port()
     processes = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(rank), str(port)],
+            [sys.executable, str(worker), str(rank), str(port)],
             cwd=tmp_path_factory.mktemp("dtensor"),
             env=environment,
             stdout=subprocess.PIPE,
@@ -69,6 +71,18 @@ def ranks(tmp_path_factory):
             p.kill()
         pytest.fail(f"the DTensor workers did not finish in {TIMEOUT} s (a hang?)")
     return [_result(p, *output) for p, output in zip(processes, outputs)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Each rank's report, {case name: what it gave}, rank 0 first."""
+    return _launch(WORKER, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def softcap_ranks(tmp_path_factory):
+    """The same from the softcap cases' worker."""
+    return _launch(SOFTCAP_WORKER, tmp_path_factory)
 
 
 def _case(ranks, name):
@@ -157,3 +171,24 @@ def test_second_derivatives_raise_a_clear_error(ranks, name):
     DTensor's mixed-tensor error or a wrong value."""
     for report in _case(ranks, name):
         assert report["error"] is not None and "on DTensor logits is not supported" in report["error"]
+
+
+@pytest.mark.parametrize("name", list(dtensor_softcap_worker.SPARSE_CASES))
+def test_sparse_with_softcap_equals_the_unsharded_loss(softcap_ranks, name):
+    """Each shard's kernels cap their own logits (vocabulary-parallel too): the same values and
+    gradients as the unsharded call with the same softcap (tests/torch/test_softcap.py checks
+    that one against torch's own ops)."""
+    case = dtensor_softcap_worker.SPARSE_CASES[name]
+    assert case.options["softcap"] == dtensor_softcap_worker.CAP
+    for report in _case(softcap_ranks, name):
+        _assert_matches(report, ("loss", "want_loss"), ("grad", "want_grad"))
+        assert report["grad_placements"] == report["logits_placements"]
+        assert report["loss_placements"] == _loss_placements(case)
+
+
+@pytest.mark.parametrize("name", list(dtensor_softcap_worker.DENSE_CASES))
+def test_dense_with_softcap_equals_the_unsharded_loss(softcap_ranks, name):
+    for report in _case(softcap_ranks, name):
+        _assert_matches(report, ("loss", "want_loss"), ("grad", "want_grad"))
+        _assert_matches(report, ("labels_grad", "want_labels_grad"))
+        assert report["grad_placements"] == report["logits_placements"]

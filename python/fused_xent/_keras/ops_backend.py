@@ -64,9 +64,7 @@ def _sparse_labels(y_true, logits, axis):
     return labels
 
 
-def categorical(
-    y_true, y_pred, *, from_logits, label_smoothing, axis, z_loss, softcap=None, epsilon, loss_dtype, name
-):
+def categorical(y_true, y_pred, *, from_logits, label_smoothing, axis, z_loss, softcap=None, epsilon, loss_dtype, name):
     """Per-element losses of one-hot or soft labels (Keras's values, probabilities included)."""
     _check_rank(y_pred, axis)
     if tuple(y_true.shape) != tuple(y_pred.shape):

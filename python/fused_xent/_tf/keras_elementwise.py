@@ -119,9 +119,7 @@ def _checked_scores(y_pred, from_logits, axis, loss_dtype, name):
     return scores(y_pred, from_logits, name)
 
 
-def categorical(
-    y_true, y_pred, *, from_logits, label_smoothing, axis, z_loss, softcap=None, epsilon, loss_dtype, name
-):
+def categorical(y_true, y_pred, *, from_logits, label_smoothing, axis, z_loss, softcap=None, epsilon, loss_dtype, name):
     """Per-element losses of one-hot or soft labels (Keras's values, probabilities included)."""
     logits, is_logits = _checked_scores(y_pred, from_logits, axis, loss_dtype, name)
     labels = dense_labels(y_true, logits)

@@ -16,6 +16,10 @@ them is supported; forward over forward raises ``NotImplementedError``. The grad
 with respect to dense labels is ``g * (1 - eps) * (logsumexp(z) - z)``, computed with
 torch ops. Under ``torch.compile`` only reverse mode is available.
 
+``softcap=cap`` (Gemma 2/3's final-logit cap) computes the loss on ``cap * tanh(z / cap)``
+inside the kernels; every derivative above is with respect to the uncapped logits, and the
+closed forms include the cap's slope and curvature. ``None`` (the default) is no cap.
+
 A label outside ``[0, C)`` that is not ``ignore_index`` raises ``ValueError``
 on the CPU; on a GPU it gives NaN for its row. Gradients with respect to
 ``class_weights`` are not computed (they are constants).
@@ -76,14 +80,24 @@ def _class_weights(class_weights, classes, device):
 
 
 def sparse_softmax_cross_entropy_with_logits(
-    labels, logits, *, ignore_index=None, label_smoothing=0.0, class_weights=None, z_loss=0.0, axis=-1
+    labels,
+    logits,
+    *,
+    ignore_index=None,
+    label_smoothing=0.0,
+    class_weights=None,
+    z_loss=0.0,
+    axis=-1,
+    softcap=None,
 ):
     """Per-example softmax cross-entropy with integer class labels, fused.
 
     The PyTorch twin of ``fused_xent.sparse_softmax_cross_entropy_with_logits``:
     the same arguments (labels int32/int64 shaped like ``logits`` without
     ``axis``; ``ignore_index``, ``label_smoothing``, ``class_weights``,
-    ``z_loss``) and the same values. Returns the loss, shaped like ``labels``,
+    ``z_loss``) and the same values. ``softcap`` (a number > 0, or None for
+    none) caps the logits first: the loss is that of ``softcap * tanh(logits / softcap)``,
+    its gradient is for ``logits``. Returns the loss, shaped like ``labels``,
     in the logits' dtype, on their device.
     """
     logits = _float_logits(logits)
@@ -94,18 +108,20 @@ def sparse_softmax_cross_entropy_with_logits(
     weights = _class_weights(class_weights, logits.shape[axis], logits.device)
     smoothing, z_loss = _checks.kernel_options(label_smoothing, z_loss)
     ignore_index = _checks.ignore_index_for(ignore_index, _ops.dtype_name(labels.dtype))
+    cap = _ops.softcap(softcap)
     if torch.compiler.is_compiling():  # Dynamo traces the custom ops (reverse mode), not Functions with a jvp
-        return _ops.sparse_forward(logits, labels, weights, axis, smoothing, z_loss, ignore_index)[0]
-    options = _autograd.Options(axis, smoothing, z_loss, ignore_index)
+        return _ops.sparse_forward(logits, labels, weights, axis, smoothing, z_loss, ignore_index, cap)[0]
+    options = _autograd.Options(axis, smoothing, z_loss, ignore_index, cap)
     return _autograd.SparseLoss.apply(logits, labels, weights, options)[0]  # (loss, lse)
 
 
-def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothing=0.0, z_loss=0.0):
+def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothing=0.0, z_loss=0.0, softcap=None):
     """Per-example softmax cross-entropy with a distribution as labels, fused.
 
     The PyTorch twin of ``fused_xent.softmax_cross_entropy_with_logits``:
     ``labels`` are cast to the logits' dtype and broadcast to their shape; the
-    gradient flows to both ``logits`` and ``labels``.
+    gradient flows to both ``logits`` and ``labels``. ``softcap`` as in
+    ``sparse_softmax_cross_entropy_with_logits``.
     """
     logits = _float_logits(logits)
     axis = _checks.axis(axis, logits.ndim) % logits.ndim
@@ -113,9 +129,11 @@ def softmax_cross_entropy_with_logits(labels, logits, axis=-1, *, label_smoothin
     _checks.dense_label_shape(labels.shape, logits.shape)
     labels = labels.expand(logits.shape)
     smoothing, z_loss = _checks.kernel_options(label_smoothing, z_loss)
+    cap = _ops.softcap(softcap)
     if torch.compiler.is_compiling():
-        return _ops.dense_forward(logits, labels, axis, smoothing, z_loss)[0]
-    return _autograd.DenseLoss.apply(logits, labels, _autograd.Options(axis, smoothing, z_loss))[0]  # (loss, lse)
+        return _ops.dense_forward(logits, labels, axis, smoothing, z_loss, cap)[0]
+    options = _autograd.Options(axis, smoothing, z_loss, cap)
+    return _autograd.DenseLoss.apply(logits, labels, options)[0]  # (loss, lse)
 
 
 def release_cached_memory():

@@ -13,6 +13,16 @@ times its class weight, p = softmax(z), q the (smoothed) target and a = sum(q) +
 
 The Hessian is symmetric, so H v is both the backward op's vector-Jacobian and Jacobian-vector
 product in the logits.
+
+With a softcap the loss reads the capped logits c = cap tanh(x / cap) of the logits x. With
+sl = dc/dx = 1 - tanh^2, sl' = d sl / dx = -2 tanh sl / cap and g_c the gradient for c above
+(softmax of c, lse of c), the fused op returns dx = sl g_c, and its derivatives are
+
+    H_x v = sl H_c (sl v) + sl' g_c v                           (still symmetric)
+
+with the products in (sl v) for the rows' and labels' terms: the closed forms above run on c
+and on vectors carried into c's space by sl, and their result is carried back (_Cap). g_c is
+computed from c, never as dx / sl (sl underflows for logits far beyond the cap).
 """
 
 import torch
@@ -21,8 +31,9 @@ from fused_xent.torch import _ops
 
 
 class Options:
-    """The static options of a call (axis, label_smoothing, z_loss[, ignore_index]): one object,
-    not a tuple, so that torch.func sees one non-tensor input rather than a pytree of them."""
+    """The static options of a call, as the ops take them (axis, label_smoothing, z_loss[,
+    ignore_index], softcap; softcap 0.0: none): one object, not a tuple, so that torch.func sees
+    one non-tensor input rather than a pytree of them."""
 
     __slots__ = ("values",)
 
@@ -61,6 +72,28 @@ def _sparse_parts(z, labels, weights, axis, eps, ignore_index):
 
 def _hessian_product(s, a, lam, p, v, axis):
     return s * a * p * v + s * (2.0 * lam - a) * _row_dot(p, v, axis) * p
+
+
+class _Cap:
+    """The chain rule through the softcap c = cap tanh(x / cap), in the accumulation dtype:
+    ``into`` carries a vector of the logits' space into c's (times sl), ``out_of`` carries a
+    product computed in c's space back and adds the curvature term sl' g_c v. Without a cap
+    both are the identity and c is x."""
+
+    def __init__(self, x, cap):
+        self.cap = cap
+        self.capped = _ops.capped(x, cap)
+        if cap:
+            tanh = torch.tanh(x / cap)
+            self.slope = 1.0 - tanh * tanh
+            self.curvature = -2.0 * tanh * self.slope / cap
+
+    def into(self, v):
+        return v * self.slope if self.cap else v
+
+    def out_of(self, product, gradient, v):
+        """sl * product + sl' * gradient() * v; gradient: a function giving g_c (called only with a cap)."""
+        return self.slope * product + self.curvature * gradient() * v if self.cap else product
 
 
 def _refuse_nested_forward_mode():
@@ -163,38 +196,41 @@ class SparseGrad(torch.autograd.Function):
     def _parts(ctx):
         logits, labels, weights, grad_loss = ctx.saved_tensors
         _refuse_dtensor(logits, "a second derivative (double backward, or forward mode over the gradient)")
-        axis, eps, lam, ignore_index = ctx.options
-        z, lse, p = _softmax_parts(logits, axis)
+        axis, eps, lam, ignore_index, cap = ctx.options
+        cap = _Cap(logits.to(_acc(logits.dtype)), cap)
+        z, lse, p = _softmax_parts(cap.capped, axis)
         w, q = _sparse_parts(z, labels, weights, axis, eps, ignore_index)
         a = 1.0 + 2.0 * lam * lse
-        return logits, grad_loss, axis, lam, p, w, q, a
+        s = grad_loss.to(p.dtype).unsqueeze(axis) * w
+        return logits, grad_loss, axis, lam, p, w, q, a, s, cap
 
     @staticmethod
     def backward(ctx, v):
-        logits, grad_loss, axis, lam, p, w, q, a = SparseGrad._parts(ctx)
-        s = grad_loss.to(p.dtype).unsqueeze(axis) * w
+        logits, grad_loss, axis, lam, p, w, q, a, s, cap = SparseGrad._parts(ctx)
         v = v.to(p.dtype)
-        d_logits = _hessian_product(s, a, lam, p, v, axis)
-        d_grad_loss = (w * (a * _row_dot(p, v, axis) - _row_dot(q, v, axis))).squeeze(axis)
+        u = cap.into(v)
+        d_logits = cap.out_of(_hessian_product(s, a, lam, p, u, axis), lambda: s * (a * p - q), v)
+        d_grad_loss = (w * (a * _row_dot(p, u, axis) - _row_dot(q, u, axis))).squeeze(axis)
         return d_logits.to(logits.dtype), None, None, None, d_grad_loss.to(grad_loss.dtype), None
 
     @staticmethod
     def jvp(ctx, d_logits, _d_labels, _d_weights, _d_lse, d_grad_loss, _d_options):
         _refuse_nested_forward_mode()
-        logits, grad_loss, axis, lam, p, w, q, a = SparseGrad._parts(ctx)
-        s = grad_loss.to(p.dtype).unsqueeze(axis) * w
-        out = _hessian_product(s, a, lam, p, _zero_if_none(d_logits, logits).to(p.dtype), axis)
+        logits, grad_loss, axis, lam, p, w, q, a, s, cap = SparseGrad._parts(ctx)
+        d = _zero_if_none(d_logits, logits).to(p.dtype)
+        out = _hessian_product(s, a, lam, p, cap.into(d), axis)
         if d_grad_loss is not None:
             out = out + d_grad_loss.to(p.dtype).unsqueeze(axis) * w * (a * p - q)
-        return out.to(logits.dtype)
+        return cap.out_of(out, lambda: s * (a * p - q), d).to(logits.dtype)
 
 
 # ---------------------------------------------------------------- dense labels
 
 
-def _dense_label_gradient(logits, lse, grad, axis, eps, dtype):
-    """d loss / d t = g (1 - eps) (lse - z), lse recomputed so that it is differentiable."""
-    z, lse, _ = _softmax_parts(logits, axis)
+def _dense_label_gradient(logits, grad, axis, eps, cap, dtype):
+    """d loss / d t = g (1 - eps) (lse - z) = -g (1 - eps) log_softmax(z), z the (capped) logits,
+    lse recomputed so that it is differentiable."""
+    z, lse, _ = _softmax_parts(_ops.capped(logits.to(_acc(logits.dtype)), cap), axis)
     return (grad.to(z.dtype).unsqueeze(axis) * (1.0 - eps) * (lse - z)).to(dtype)
 
 
@@ -216,12 +252,12 @@ class DenseLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _lse_grad):
         logits, labels, lse = ctx.saved_tensors
-        axis, eps, _ = ctx.options
+        axis, eps, _, cap = ctx.options
         grad_logits = grad_labels = None
         if ctx.needs_input_grad[0]:
             grad_logits = DenseGrad.apply(logits, labels, lse, grad, ctx.options)
         if ctx.needs_input_grad[1]:
-            grad_labels = _placed_like(_dense_label_gradient(logits, lse, grad, axis, eps, labels.dtype), labels)
+            grad_labels = _placed_like(_dense_label_gradient(logits, grad, axis, eps, cap, labels.dtype), labels)
         return grad_logits, grad_labels, None
 
     @staticmethod
@@ -229,7 +265,7 @@ class DenseLoss(torch.autograd.Function):
         _refuse_nested_forward_mode()
         logits, labels, lse = ctx.saved_tensors
         _refuse_dtensor(logits, "forward-mode differentiation")
-        axis, eps, _ = ctx.options
+        axis, eps, _, cap = ctx.options
         ones = torch.ones(lse.shape, dtype=logits.dtype, device=logits.device)
         acc = _acc(logits.dtype)
         out = torch.zeros(lse.shape, dtype=acc, device=logits.device)
@@ -237,7 +273,7 @@ class DenseLoss(torch.autograd.Function):
             grad = DenseGrad.apply(logits, labels, lse, ones, ctx.options)
             out = out + _row_dot(grad.to(acc), d_logits, axis).squeeze(axis)
         if d_labels is not None:
-            grad_t = _dense_label_gradient(logits, lse, ones, axis, eps, acc)
+            grad_t = _dense_label_gradient(logits, ones, axis, eps, cap, acc)
             out = out + _row_dot(grad_t, d_labels, axis).squeeze(axis)
         return out.to(logits.dtype), None
 
@@ -260,32 +296,34 @@ class DenseGrad(torch.autograd.Function):
     def _parts(ctx):
         logits, labels, grad_loss = ctx.saved_tensors
         _refuse_dtensor(logits, "a second derivative (double backward, or forward mode over the gradient)")
-        axis, eps, lam = ctx.options
-        z, lse, p = _softmax_parts(logits, axis)
+        axis, eps, lam, cap = ctx.options
+        cap = _Cap(logits.to(_acc(logits.dtype)), cap)
+        z, lse, p = _softmax_parts(cap.capped, axis)
         q = (1.0 - eps) * labels.to(z.dtype) + eps / z.shape[axis]
         a = q.sum(axis, keepdim=True) + 2.0 * lam * lse
-        return logits, labels, grad_loss, axis, eps, lam, p, q, a
+        g = grad_loss.to(p.dtype).unsqueeze(axis)
+        return logits, labels, grad_loss, axis, eps, lam, p, q, a, g, cap
 
     @staticmethod
     def backward(ctx, v):
-        logits, labels, grad_loss, axis, eps, lam, p, q, a = DenseGrad._parts(ctx)
-        g = grad_loss.to(p.dtype).unsqueeze(axis)
+        logits, labels, grad_loss, axis, eps, lam, p, q, a, g, cap = DenseGrad._parts(ctx)
         v = v.to(p.dtype)
-        p_dot_v = _row_dot(p, v, axis)
-        d_logits = _hessian_product(g, a, lam, p, v, axis)
-        d_labels = g * (1.0 - eps) * (p_dot_v - v)
-        d_grad_loss = (a * p_dot_v - _row_dot(q, v, axis)).squeeze(axis)
+        u = cap.into(v)
+        p_dot_u = _row_dot(p, u, axis)
+        d_logits = cap.out_of(_hessian_product(g, a, lam, p, u, axis), lambda: g * (a * p - q), v)
+        d_labels = g * (1.0 - eps) * (p_dot_u - u)
+        d_grad_loss = (a * p_dot_u - _row_dot(q, u, axis)).squeeze(axis)
         return d_logits.to(logits.dtype), d_labels.to(labels.dtype), None, d_grad_loss.to(grad_loss.dtype), None
 
     @staticmethod
     def jvp(ctx, d_logits, d_labels, _d_lse, d_grad_loss, _d_options):
         _refuse_nested_forward_mode()
-        logits, labels, grad_loss, axis, eps, lam, p, q, a = DenseGrad._parts(ctx)
-        g = grad_loss.to(p.dtype).unsqueeze(axis)
-        out = _hessian_product(g, a, lam, p, _zero_if_none(d_logits, logits).to(p.dtype), axis)
+        logits, labels, grad_loss, axis, eps, lam, p, q, a, g, cap = DenseGrad._parts(ctx)
+        d = _zero_if_none(d_logits, logits).to(p.dtype)
+        out = _hessian_product(g, a, lam, p, cap.into(d), axis)
         if d_labels is not None:
             d_t = d_labels.to(p.dtype)
             out = out + g * (1.0 - eps) * (d_t.sum(axis, keepdim=True) * p - d_t)
         if d_grad_loss is not None:
             out = out + d_grad_loss.to(p.dtype).unsqueeze(axis) * (a * p - q)
-        return out.to(logits.dtype)
+        return cap.out_of(out, lambda: g * (a * p - q), d).to(logits.dtype)

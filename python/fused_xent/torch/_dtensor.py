@@ -24,6 +24,9 @@ Placements, for logits sharded or replicated on each mesh dimension (Partial: re
   it plus eps C_s / C; the row's values come from a max and one sum of three values per row.
   The backward reads the whole rows' label sums (one more row-sized all-reduce).
 
+A softcap (cap tanh(z / cap), elementwise) is applied by each shard's kernels to its own
+logits, so the combine math above is the same with or without one.
+
 Plain tensors passed with DTensor logits (labels, class weights, the loss's gradient) are
 taken as whole tensors, the same on every rank. A label outside ``[0, C)`` that is not
 ``ignore_index`` raises the same ``ValueError`` on every rank: where labels are sharded, the
@@ -139,9 +142,11 @@ class _Layout:
 
 
 def _arguments(op, args, kwargs):
-    """The op's arguments in schema order, however they were passed."""
-    names = [argument.name for argument in op._schema.arguments]
-    return list(args) + [kwargs[name] for name in names[len(args) :]]
+    """The op's arguments in schema order, however they were passed (an argument left out: its
+    schema default, as for the softcap)."""
+    schema = op._schema.arguments
+    rest = schema[len(args) :]
+    return list(args) + [kwargs[a.name] if a.name in kwargs else a.default_value for a in rest]
 
 
 # ---------------------------------------------------------------- labels
@@ -224,22 +229,22 @@ def _refuse_cuda(logits):
         )
 
 
-def _shard_kernel_call(logits, rows, axis, eps, lam, classes):
+def _shard_kernel_call(logits, rows, axis, eps, lam, cap, classes):
     layout = _checks.layout(tuple(logits.shape), axis)
     ignored_value, absent_value = _sentinels(rows.local.dtype)
-    call = _ops._host_call(logits, rows.local, layout, eps, lam)
+    call = _ops._host_call(logits, rows.local, layout, eps, lam, cap)
     return layout[3], dict(
         call, ignore_index=ignored_value, class_weights=None, total_classes=classes, absent_label=absent_value
     )
 
 
-def _shard_forward(logits, rows, axis, eps, classes):
+def _shard_forward(logits, rows, axis, eps, cap, classes):
     """(L_s, lse_s) of this shard's classes; z-loss is of the row's lse, added once after."""
     if logits.shape[axis] == 0:  # an empty shard (fewer classes than shards): no mass, no target
         reduced = _ops._reduced(logits.shape, axis)
         return torch.zeros(reduced, dtype=logits.dtype), torch.full(reduced, -math.inf, dtype=torch.float64)
     logits = logits.contiguous()
-    reduced, call = _shard_kernel_call(logits, rows, axis, eps, 0.0, classes)
+    reduced, call = _shard_kernel_call(logits, rows, axis, eps, 0.0, cap, classes)
     part, lse = torch.empty(reduced, dtype=logits.dtype), torch.empty(reduced, dtype=torch.float64)
     _core.sparse_forward(**call, loss=_ops._host(part), lse=_ops._host(lse))
     return part, lse
@@ -274,18 +279,18 @@ def _combine(part, shard_lse, share, groups, shares_sum_to_one=True):
     return lse, sums[..., 1] + torch.where(finite, total_share * (lse - base), 0.0)
 
 
-def _vocab_parallel_forward(logits, labels, weights, layout, eps, lam, ignore_index):
+def _vocab_parallel_forward(logits, labels, weights, layout, eps, lam, ignore_index, cap):
     _refuse_cuda(logits)
     offset, width = layout.class_range()
     classes = layout.shape[layout.axis]
     rows = _ShardRows(labels, ignore_index, offset, width)
-    part, shard_lse = _shard_forward(logits, rows, layout.axis, eps, classes)
+    part, shard_lse = _shard_forward(logits, rows, layout.axis, eps, cap, classes)
     lse, loss = _combine(part, shard_lse, rows.target_share(eps, width, classes), layout.class_groups())
     loss = rows.weights(weights, torch.float64) * (loss + lam * lse * lse)
     return torch.where(rows.ignored, 0.0, loss).to(logits.dtype), lse
 
 
-def _vocab_parallel_backward(logits, labels, weights, lse, grad_loss, layout, eps, lam, ignore_index):
+def _vocab_parallel_backward(logits, labels, weights, lse, grad_loss, layout, eps, lam, ignore_index, cap):
     """This shard's gradient given the rows' lse: the kernel with the whole row's eps / C and the
     target only where it lies on this shard; no communication."""
     _refuse_cuda(logits)
@@ -294,7 +299,7 @@ def _vocab_parallel_backward(logits, labels, weights, lse, grad_loss, layout, ep
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
     rows = _ShardRows(labels, ignore_index, offset, width)
     logits = logits.contiguous()
-    reduced, call = _shard_kernel_call(logits, rows, layout.axis, eps, lam, layout.shape[layout.axis])
+    reduced, call = _shard_kernel_call(logits, rows, layout.axis, eps, lam, cap, layout.shape[layout.axis])
     acc = _acc(logits.dtype)
     scaled = (grad_loss.to(acc) * rows.weights(weights, acc)).to(logits.dtype).expand(reduced).contiguous()
     grad = _ops._empty(tuple(logits.shape), logits.dtype)
@@ -307,12 +312,12 @@ def _vocab_parallel_backward(logits, labels, weights, lse, grad_loss, layout, ep
 # ---------------------------------------------------------------- vocabulary-parallel (dense, classes sharded)
 
 
-def _dense_shard_call(logits, labels, axis, eps, lam, classes):
+def _dense_shard_call(logits, labels, axis, eps, lam, cap, classes):
     layout = _checks.layout(tuple(logits.shape), axis)
-    return layout[3], dict(_ops._host_call(logits, labels, layout, eps, lam), total_classes=classes)
+    return layout[3], dict(_ops._host_call(logits, labels, layout, eps, lam, cap), total_classes=classes)
 
 
-def _dense_vocab_parallel_forward(logits, labels, layout, eps, lam):
+def _dense_vocab_parallel_forward(logits, labels, layout, eps, lam, cap):
     """(loss, lse) of whole rows: each shard's kernel gives L_s, lse_s and its label sums, and
     Q_s = (1 - eps) sum_s t + eps C_s / C moves L_s to the row's lse (three row-sized sums)."""
     _refuse_cuda(logits)
@@ -323,14 +328,15 @@ def _dense_vocab_parallel_forward(logits, labels, layout, eps, lam):
     label_sums = torch.zeros(reduced, dtype=torch.float64)
     if width:  # an empty shard (fewer classes than shards) has no mass and no target
         logits = logits.contiguous()
-        reduced, call = _dense_shard_call(logits, _ops._dense_labels(logits, labels), layout.axis, eps, 0.0, classes)
+        labels = _ops._dense_labels(logits, labels)
+        reduced, call = _dense_shard_call(logits, labels, layout.axis, eps, 0.0, cap, classes)
         _core.dense_forward(**call, loss=_ops._host(part), lse=_ops._host(shard_lse), label_sums=_ops._host(label_sums))
     share = (1.0 - eps) * label_sums + eps * width / classes
     lse, loss = _combine(part, shard_lse, share, layout.class_groups(), shares_sum_to_one=False)
     return (loss + lam * lse * lse).to(logits.dtype), lse
 
 
-def _dense_vocab_parallel_backward(logits, labels, lse, grad_loss, layout, eps, lam):
+def _dense_vocab_parallel_backward(logits, labels, lse, grad_loss, layout, eps, lam, cap):
     """This shard's gradient given the rows' lse and label sums (one row-sized all-reduce)."""
     _refuse_cuda(logits)
     if logits.shape[layout.axis] == 0:
@@ -338,7 +344,7 @@ def _dense_vocab_parallel_backward(logits, labels, lse, grad_loss, layout, eps, 
     logits = logits.contiguous()
     labels = _ops._dense_labels(logits, labels)
     label_sums = _all_reduce(labels.sum(layout.axis, dtype=torch.float64), dist.ReduceOp.SUM, layout.class_groups())
-    reduced, call = _dense_shard_call(logits, labels, layout.axis, eps, lam, layout.shape[layout.axis])
+    reduced, call = _dense_shard_call(logits, labels, layout.axis, eps, lam, cap, layout.shape[layout.axis])
     grad = _ops._empty(tuple(logits.shape), logits.dtype)
     _core.dense_backward(
         **call,
@@ -354,49 +360,49 @@ def _dense_vocab_parallel_backward(logits, labels, lse, grad_loss, layout, eps, 
 
 
 def _sparse_forward_rule(cls, op, types, args, kwargs):
-    logits, labels, weights, axis, eps, lam, ignore_index = _arguments(op, args, kwargs)
+    logits, labels, weights, axis, eps, lam, ignore_index, cap = _arguments(op, args, kwargs)
     layout = _Layout.of(logits, axis)
     labels = _sparse_labels(labels, layout, ignore_index)
     z, weights = layout.local(logits), _whole(weights)
     if layout.class_dims:
-        loss, lse = _vocab_parallel_forward(z, labels, weights, layout, eps, lam, ignore_index)
+        loss, lse = _vocab_parallel_forward(z, labels, weights, layout, eps, lam, ignore_index, cap)
     else:
-        loss, lse = _ops._sparse_forward_kernel(z, labels, weights, axis, eps, lam, ignore_index)
+        loss, lse = _ops._sparse_forward_kernel(z, labels, weights, axis, eps, lam, ignore_index, cap)
     return layout.wrap_rows(loss), layout.wrap_rows(lse)
 
 
 def _sparse_backward_rule(cls, op, types, args, kwargs):
-    logits, labels, weights, lse, grad_loss, axis, eps, lam, ignore_index = _arguments(op, args, kwargs)
+    logits, labels, weights, lse, grad_loss, axis, eps, lam, ignore_index, cap = _arguments(op, args, kwargs)
     layout = _Layout.of(logits, axis)
     z, weights = layout.local(logits), _whole(weights)
     labels, lse, grad_loss = (layout.local_rows(t) for t in (labels, lse, grad_loss))
     if layout.class_dims:
-        grad = _vocab_parallel_backward(z, labels, weights, lse, grad_loss, layout, eps, lam, ignore_index)
+        grad = _vocab_parallel_backward(z, labels, weights, lse, grad_loss, layout, eps, lam, ignore_index, cap)
     else:
-        grad = _ops._sparse_backward_kernel(z, labels, weights, lse, grad_loss, axis, eps, lam, ignore_index)
+        grad = _ops._sparse_backward_kernel(z, labels, weights, lse, grad_loss, axis, eps, lam, ignore_index, cap)
     return layout.wrap(grad)
 
 
 def _dense_forward_rule(cls, op, types, args, kwargs):
-    logits, labels, axis, eps, lam = _arguments(op, args, kwargs)
+    logits, labels, axis, eps, lam, cap = _arguments(op, args, kwargs)
     layout = _Layout.of(logits, axis)
     z, t = layout.local(logits), layout.local(labels)
     if layout.class_dims:
-        loss, lse = _dense_vocab_parallel_forward(z, t, layout, eps, lam)
+        loss, lse = _dense_vocab_parallel_forward(z, t, layout, eps, lam, cap)
     else:
-        loss, lse = _ops._dense_forward_kernel(z, t, axis, eps, lam)
+        loss, lse = _ops._dense_forward_kernel(z, t, axis, eps, lam, cap)
     return layout.wrap_rows(loss), layout.wrap_rows(lse)
 
 
 def _dense_backward_rule(cls, op, types, args, kwargs):
-    logits, labels, lse, grad_loss, axis, eps, lam = _arguments(op, args, kwargs)
+    logits, labels, lse, grad_loss, axis, eps, lam, cap = _arguments(op, args, kwargs)
     layout = _Layout.of(logits, axis)
     z, t = layout.local(logits), layout.local(labels)
     lse, grad_loss = layout.local_rows(lse), layout.local_rows(grad_loss)
     if layout.class_dims:
-        grad = _dense_vocab_parallel_backward(z, t, lse, grad_loss, layout, eps, lam)
+        grad = _dense_vocab_parallel_backward(z, t, lse, grad_loss, layout, eps, lam, cap)
     else:
-        grad = _ops._dense_backward_kernel(z, t, lse, grad_loss, axis, eps, lam)
+        grad = _ops._dense_backward_kernel(z, t, lse, grad_loss, axis, eps, lam, cap)
     return layout.wrap(grad)
 
 

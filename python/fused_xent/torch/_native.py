@@ -10,8 +10,9 @@ rows for probability targets); with ``label_smoothing`` ε as well, a row's loss
 TensorFlow-style functions of fused_xent.torch (``w[y]`` times the whole smoothed loss, Keras's).
 
 Beyond PyTorch: ``z_loss`` adds ``z_loss * logsumexp(z)**2`` per row (times the row's class weight
-for class indices); int32 targets are accepted as well as int64 and uint8; a ``weight`` that
-requires grad gets its gradient with class-index targets too. Where they differ from PyTorch: a
+for class indices); ``softcap`` computes the loss on the capped logits ``softcap * tanh(z / softcap)``
+(Gemma 2/3), the gradient being for z; int32 targets are accepted as well as int64 and uint8; a
+``weight`` that requires grad gets its gradient with class-index targets too. Where they differ from PyTorch: a
 ``-inf`` logit whose target probability is 0 adds 0 (PyTorch: NaN), and on a GPU a class index
 outside [0, C) that is not ``ignore_index`` gives NaN for its row (PyTorch's CUDA kernels assert;
 on the CPU both raise IndexError). The kernels take ``label_smoothing`` as a float32.
@@ -162,7 +163,9 @@ def _reduced(rows, denominator, reduction, dtype):
 # ---------------------------------------------------------------- the loss
 
 
-def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *, z_loss=0.0):
+def cross_entropy(
+    input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None
+):
     """``torch.nn.functional.cross_entropy``, fused: the same arguments, values and gradients.
 
     ``input`` is (N, C), (N, C, d1, ..., dk) or (C,) logits; ``target`` either class indices
@@ -170,7 +173,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     the input. ``weight`` (C,) weighs each class; ``ignore_index`` (class indices only) marks
     targets that add nothing; ``reduction`` is "none", "mean" or "sum"; ``label_smoothing`` mixes
     the target with the uniform distribution. ``z_loss`` (keyword, not in PyTorch) adds
-    ``z_loss * logsumexp(z)**2`` per row, weighted like the row. See the module's notes for
+    ``z_loss * logsumexp(z)**2`` per row, weighted like the row. ``softcap`` (keyword, not in
+    PyTorch; None: no cap) gives the loss of ``softcap * tanh(input / softcap)``, as
+    ``F.cross_entropy`` of those capped logits, computed in the kernels. See the module's notes for
     PyTorch's weighted mean and its rule for weight with label smoothing.
 
     Everything runs in the fused kernels, except class indices with both ``weight`` and
@@ -183,20 +188,21 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     reduction = _reduction(reduction)
     smoothing = _label_smoothing(label_smoothing)
     z_loss = _checks.z_loss(z_loss)
+    cap = _ops.softcap(softcap)
     ignore_index = _ignore_index(ignore_index)
     _input(input)
     if input.shape == target.shape:  # PyTorch's rule: probabilities when the shapes are equal
-        rows, denominator, dtype = _probability_rows(input, target, weight, ignore_index, smoothing, z_loss)
+        rows, denominator, dtype = _probability_rows(input, target, weight, ignore_index, smoothing, z_loss, cap)
     else:
-        rows, denominator, dtype = _class_rows(input, target, weight, ignore_index, smoothing, z_loss)
+        rows, denominator, dtype = _class_rows(input, target, weight, ignore_index, smoothing, z_loss, cap)
     return _reduced(rows, denominator, reduction, dtype)
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss``, fused (see ``cross_entropy``): the same constructor (weight,
     the deprecated size_average and reduce, ignore_index, reduction, label_smoothing) and the
-    keyword ``z_loss``. An instance of ``torch.nn.CrossEntropyLoss``, so code that checks for one
-    accepts it."""
+    keywords ``z_loss`` and ``softcap``. An instance of ``torch.nn.CrossEntropyLoss``, so code
+    that checks for one accepts it."""
 
     def __init__(
         self,
@@ -208,9 +214,12 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         label_smoothing=0.0,
         *,
         z_loss=0.0,
+        softcap=None,
     ):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = _checks.z_loss(z_loss)
+        _checks.softcap(softcap)
+        self.softcap = None if softcap is None else float(softcap)
 
     def forward(self, input, target):
         return cross_entropy(
@@ -221,16 +230,20 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
+            softcap=self.softcap,
         )
 
     def extra_repr(self):
-        return f"z_loss={self.z_loss}" if self.z_loss else ""
+        parts = [f"z_loss={self.z_loss}"] if self.z_loss else []
+        if self.softcap is not None:
+            parts.append(f"softcap={self.softcap}")
+        return ", ".join(parts)
 
 
 # ---------------------------------------------------------------- class probabilities
 
 
-def _probability_rows(input, target, weight, ignore_index, smoothing, z_loss):
+def _probability_rows(input, target, weight, ignore_index, smoothing, z_loss, cap):
     """(per-row loss, mean's denominator, result dtype) for class-probability targets."""
     if not target.is_floating_point():
         raise RuntimeError(
@@ -248,7 +261,7 @@ def _probability_rows(input, target, weight, ignore_index, smoothing, z_loss):
         return (input * target).sum(class_dim).to(_acc(dtype)), rows_count, dtype
     if weight is None:
         rows = fused.softmax_cross_entropy_with_logits(
-            target, input, axis=class_dim, label_smoothing=smoothing, z_loss=z_loss
+            target, input, axis=class_dim, label_smoothing=smoothing, z_loss=z_loss, softcap=cap or None
         )
         return rows.to(_acc(dtype)), rows_count, dtype
     # -sum_c w_c q_c log p_c is the kernel's loss for labels w * q, q the smoothed target.
@@ -256,7 +269,7 @@ def _probability_rows(input, target, weight, ignore_index, smoothing, z_loss):
     # eps/C * w_c can fall below float16's normals: those labels (and so the logits) in float32
     logits = input.float() if smoothing and input.dtype == torch.float16 else input
     rows = fused.softmax_cross_entropy_with_logits(
-        smoothed * _along_class_dim(weight, input), logits, axis=class_dim, z_loss=z_loss
+        smoothed * _along_class_dim(weight, input), logits, axis=class_dim, z_loss=z_loss, softcap=cap or None
     )
     return rows.to(_acc(dtype)), rows_count, dtype
 
@@ -264,7 +277,7 @@ def _probability_rows(input, target, weight, ignore_index, smoothing, z_loss):
 # ---------------------------------------------------------------- class indices
 
 
-def _class_rows(input, target, weight, ignore_index, smoothing, z_loss):
+def _class_rows(input, target, weight, ignore_index, smoothing, z_loss, cap):
     """(per-row loss, mean's denominator, result dtype) for class-index targets."""
     target = _class_target(input, target)
     class_dim, classes = _class_dim(input), input.shape[_class_dim(input)]
@@ -278,16 +291,22 @@ def _class_rows(input, target, weight, ignore_index, smoothing, z_loss):
         return input.sum(class_dim).to(acc), valid.sum().to(acc), input.dtype
     if weight is None:
         rows = fused.sparse_softmax_cross_entropy_with_logits(
-            labels, input, axis=class_dim, ignore_index=ignore, label_smoothing=smoothing, z_loss=z_loss
+            labels,
+            input,
+            axis=class_dim,
+            ignore_index=ignore,
+            label_smoothing=smoothing,
+            z_loss=z_loss,
+            softcap=cap or None,
         )
         return rows.to(acc), valid.sum().to(acc), input.dtype
     _, _, label_weight = _label_parts(labels, weight, ignore, acc)
     if smoothing:
-        options = _autograd.Options(class_dim, smoothing, _checks.kernel_float(z_loss), ignore)
+        options = _autograd.Options(class_dim, smoothing, _checks.kernel_float(z_loss), ignore, cap)
         rows = _weighted_smoothing(input, labels, weight, options)
     else:
         nll = fused.sparse_softmax_cross_entropy_with_logits(
-            labels, input, axis=class_dim, ignore_index=ignore, z_loss=z_loss
+            labels, input, axis=class_dim, ignore_index=ignore, z_loss=z_loss, softcap=cap or None
         )
         rows = nll.to(acc) * label_weight
     # where, not the product alone: an ignored row's gradient stays 0 when the mean's 1/0 is inf
@@ -306,7 +325,8 @@ def _class_rows(input, target, weight, ignore_index, smoothing, z_loss):
 #                 = a (p - e_y)  +  (eps W / C + 2 lam w_y lse) e_y  -  eps/C w,
 # is the fused backward op at the row scale a, then two corrections in place: one element per row
 # and a pass adding the outer product of the rows' upstream gradients and w. No gradient buffer
-# but the op's.
+# but the op's. With a softcap, z is the capped logits cap tanh(x / cap): the op's gradient is
+# already for x, and the two corrections are carried to x by the cap's slope 1 - tanh(x / cap)^2.
 
 
 def _weighted_smoothing(input, labels, weight, options):
@@ -335,7 +355,7 @@ def _label_parts(labels, weight, ignore, dtype):
 
 def _smoothing_rows(z, nll, lse, label_weight, weight, options):
     """The rows' loss from nll and lse (float tensors of z's dtype) and z.w."""
-    class_dim, eps, lam, _ = options
+    class_dim, eps, lam = options[:3]
     smooth = weight.sum() * lse - _class_dot(z, weight)
     rows = (1.0 - eps) * label_weight * nll + (eps / z.shape[class_dim]) * smooth
     return rows + lam * label_weight * lse * lse if lam else rows
@@ -344,14 +364,15 @@ def _smoothing_rows(z, nll, lse, label_weight, weight, options):
 def _weighted_smoothing_graph(input, labels, weight, options):
     """The rows' loss as torch ops on the fused op's outputs: lse is the kernel's float64 value,
     made differentiable as (lse - z_y) + z_y, whose gradient is softmax(z)."""
-    class_dim, _, _, ignore = options
+    class_dim, _, _, ignore, cap = options
     acc = _acc(input.dtype)
     if torch.compiler.is_compiling():  # as the public functions: Dynamo traces the custom op
-        nll, lse = _ops.sparse_forward(input, labels, None, class_dim, 0.0, 0.0, ignore)
+        nll, lse = _ops.sparse_forward(input, labels, None, class_dim, 0.0, 0.0, ignore, cap)
     else:
-        nll, lse = _autograd.SparseLoss.apply(input, labels, None, _autograd.Options(class_dim, 0.0, 0.0, ignore))
+        unweighted = _autograd.Options(class_dim, 0.0, 0.0, ignore, cap)
+        nll, lse = _autograd.SparseLoss.apply(input, labels, None, unweighted)
     valid, safe, label_weight = _label_parts(labels, weight, ignore, acc)
-    z, nll = input.to(acc), nll.to(acc)
+    z, nll = _ops.capped(input.to(acc), cap), nll.to(acc)
     through_nll = nll + z.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
     lse = lse.to(acc) + (through_nll - through_nll.detach())
     return torch.where(valid, _smoothing_rows(z, nll, lse, label_weight, weight.to(acc), options), 0.0)
@@ -361,17 +382,21 @@ def _smoothing_gradient(input, labels, weight, kernel_lse, lse, grad, options):
     """d sum(rows * grad) / dz by the fused backward op and the two corrections (see above).
     `lse` is the kernel's (kernel_lse, float64) or, for second derivatives, one autograd can
     differentiate; the op is the differentiable SparseGrad Function either way."""
-    class_dim, eps, lam, ignore = options
+    class_dim, eps, lam, ignore, cap = options
     acc = _acc(input.dtype)
     valid, safe, label_weight = _label_parts(labels, weight, ignore, acc)
     weight = weight.to(acc)
     grad = torch.where(valid, grad.to(acc), 0.0)
     at_label = grad * (eps * weight.sum() / input.shape[class_dim] + 2.0 * lam * label_weight * lse)
     scale = grad * (1.0 - eps) * label_weight + at_label
-    unweighted = _autograd.Options(class_dim, 0.0, 0.0, ignore)
+    unweighted = _autograd.Options(class_dim, 0.0, 0.0, ignore, cap)
     out = _autograd.SparseGrad.apply(input, labels, None, kernel_lse, scale, unweighted)
-    out.scatter_add_(class_dim, safe.unsqueeze(class_dim), at_label.unsqueeze(class_dim).to(out.dtype))
-    per_class = _along_class_dim(weight, input)
+    index = safe.unsqueeze(class_dim)
+    at_label, per_class = at_label.unsqueeze(class_dim), _along_class_dim(weight, input)
+    if cap:  # the corrections are for the capped logits: times the cap's slope
+        slope = _ops.cap_slope(input.to(acc), cap)
+        at_label, per_class = at_label * slope.gather(class_dim, index), per_class * slope
+    out.scatter_add_(class_dim, index, at_label.to(out.dtype))
     return out.addcmul_(grad.unsqueeze(class_dim), per_class, value=-eps / input.shape[class_dim])
 
 
@@ -384,11 +409,12 @@ class _WeightedSmoothing(torch.autograd.Function):
 
     @staticmethod
     def forward(input, labels, weight, options):
-        class_dim, _, _, ignore = options
+        class_dim, _, _, ignore, cap = options
         acc = _acc(input.dtype)
-        nll, lse = _ops.sparse_forward(input, labels, None, class_dim, 0.0, 0.0, ignore)
+        nll, lse = _ops.sparse_forward(input, labels, None, class_dim, 0.0, 0.0, ignore, cap)
         valid, _, label_weight = _label_parts(labels, weight, ignore, acc)
-        rows = _smoothing_rows(input.to(acc), nll.to(acc), lse.to(acc), label_weight, weight.to(acc), options)
+        z = _ops.capped(input.to(acc), cap)
+        rows = _smoothing_rows(z, nll.to(acc), lse.to(acc), label_weight, weight.to(acc), options)
         return torch.where(valid, rows, 0.0), lse
 
     @staticmethod
@@ -404,7 +430,7 @@ class _WeightedSmoothing(torch.autograd.Function):
         input, labels, weight, kernel_lse = ctx.saved_tensors
         lse = kernel_lse.to(_acc(input.dtype))
         if torch.is_grad_enabled():  # create_graph: an lse that autograd differentiates
-            lse = torch.logsumexp(input.to(lse.dtype), ctx.options[0])
+            lse = torch.logsumexp(_ops.capped(input.to(lse.dtype), ctx.options[4]), ctx.options[0])
         gradient = _smoothing_gradient(input, labels, weight, kernel_lse, lse, grad, ctx.options)
         return gradient, None, None, None
 
