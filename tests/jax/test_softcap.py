@@ -80,7 +80,7 @@ def test_every_derivative_mode_in_float64():
 
 def test_vmap_equals_the_stacked_calls():
     z, y, _ = _data((4, 5, 11), seed=4)
-    fn = lambda x, l: fj.sparse_softmax_cross_entropy_with_logits(l, x, softcap=CAP)  # noqa: E731
+    fn = lambda x, labels: fj.sparse_softmax_cross_entropy_with_logits(labels, x, softcap=CAP)  # noqa: E731
     batched = jax.vmap(fn)(jnp.asarray(z), jnp.asarray(y))
     for i in range(4):
         np.testing.assert_array_equal(batched[i], fn(jnp.asarray(z[i]), jnp.asarray(y[i])))

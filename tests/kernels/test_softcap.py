@@ -142,7 +142,7 @@ def test_shards_of_capped_rows_combine_to_the_whole_row(inner):
     y = rng.integers(0, classes, rows)
     expected_loss, expected_grad = reference.sparse_softcap(y, z, cap)
     width = classes // shards
-    parts, lses, grads = [], [], []
+    parts, lses = [], []
     for s in range(shards):
         block = np.ascontiguousarray(
             z[:, s * width : (s + 1) * width].reshape(rows // inner, inner, width).transpose(0, 2, 1)
@@ -170,7 +170,7 @@ def test_shards_of_capped_rows_combine_to_the_whole_row(inner):
         lses.append(lse)
     lse = np.logaddexp.reduce(np.stack(lses), axis=0)
     target = [((y >= s * width) & (y < (s + 1) * width)).astype(float) for s in range(shards)]
-    combined = sum(p + q * (lse - l) for p, q, l in zip(parts, target, lses))
+    combined = sum(p + q * (lse - shard_lse) for p, q, shard_lse in zip(parts, target, lses))
     np.testing.assert_allclose(combined.reshape(-1), expected_loss, rtol=1e-12)
     for s in range(shards):
         block = np.ascontiguousarray(
