@@ -408,7 +408,8 @@ FX_ALWAYS_INLINE ExpAndComplement exp_and_complement(vfloat x) {
   vfloat r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   const vfloat r2 = r * r;
-  const vfloat s = r2 * (r2 * (r * 8.31251219e-3f + 4.18900885e-2f) + (r * 1.66671142e-1f + 4.99992311e-1f)) + r;
+  const vfloat s =
+      r2 * (r2 * (r * 8.31251219e-3f + 4.18900885e-2f) + (r * 1.66671142e-1f + 4.99992311e-1f)) + r;
   const vfloat scale = reinterpret_cast<vfloat>(reinterpret_cast<vint>(shifted) << 23);
   return ExpAndComplement{scale + scale * s, (1.0f - scale) - scale * s};
 }

@@ -342,7 +342,8 @@ template <typename Runner, typename... Ctx>
 ffi::Error SparseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer class_weights, AnyBuffer lse,
                           AnyBuffer grad_loss, Result<AnyBuffer> grad_logits,
                           Result<AnyBuffer> workspace_buffer, int64_t axis, float label_smoothing,
-                          float z_loss, int64_t ignore_index, bool has_ignore_index, float softcap, Ctx... ctx) {
+                          float z_loss, int64_t ignore_index, bool has_ignore_index, float softcap,
+                          Ctx... ctx) {
   return SparseBackwardOfShard<Runner, Ctx...>(logits, labels, class_weights, lse, grad_loss, grad_logits,
                                                workspace_buffer, axis, label_smoothing, z_loss, ignore_index,
                                                has_ignore_index, 0, 0, softcap, std::move(ctx)...);
@@ -368,7 +369,8 @@ inline ffi::Error CheckLabelSums(const AnyBuffer& sums, const Call& call) {
 template <typename Runner, typename... Ctx>
 ffi::Error DenseForwardImpl(AnyBuffer logits, AnyBuffer labels, Result<AnyBuffer> loss, Result<AnyBuffer> lse,
                             AnyBuffer* label_sums, Result<AnyBuffer> workspace_buffer, int64_t axis,
-                            float label_smoothing, float z_loss, int64_t total_classes, float softcap, Ctx... ctx) {
+                            float label_smoothing, float z_loss, int64_t total_classes, float softcap,
+                            Ctx... ctx) {
   Call call;
   Workspace workspace;
   FX_FFI_RETURN_IF_ERROR(ReadCall(logits, axis, label_smoothing, z_loss, softcap, &call));
@@ -436,8 +438,8 @@ ffi::Error DenseBackward(AnyBuffer logits, AnyBuffer labels, AnyBuffer lse, AnyB
                          Result<AnyBuffer> grad_logits, Result<AnyBuffer> workspace_buffer, int64_t axis,
                          float label_smoothing, float z_loss, float softcap, Ctx... ctx) {
   return DenseBackwardImpl<Runner, Ctx...>(logits, labels, lse, grad_loss, nullptr, grad_logits,
-                                           workspace_buffer, axis, label_smoothing, z_loss, 0,
-                                           softcap, std::move(ctx)...);
+                                           workspace_buffer, axis, label_smoothing, z_loss, 0, softcap,
+                                           std::move(ctx)...);
 }
 
 template <typename Runner, typename... Ctx>
@@ -463,24 +465,31 @@ ffi::Error DenseBackwardOfShard(AnyBuffer logits, AnyBuffer labels, AnyBuffer ls
 
 // The last result of each is the workspace.
 #define FX_FFI_BIND_SPARSE_FORWARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_SPARSE_ATTRS FX_FFI_CAP __VA_ARGS__
+  ::xla::ffi::Ffi::Bind()               \
+      FX_FFI_ARGS3 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_SPARSE_ATTRS FX_FFI_CAP __VA_ARGS__
 #define FX_FFI_BIND_SPARSE_BACKWARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_SPARSE_ATTRS FX_FFI_CAP __VA_ARGS__
+  ::xla::ffi::Ffi::Bind()                \
+      FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_SPARSE_ATTRS FX_FFI_CAP __VA_ARGS__
 #define FX_FFI_SHARD_ATTRS FX_FFI_SPARSE_ATTRS.Attr<int64_t>("total_classes").Attr<int64_t>("absent_label")
 #define FX_FFI_BIND_SPARSE_FORWARD_SHARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_SHARD_ATTRS FX_FFI_CAP __VA_ARGS__
+  ::xla::ffi::Ffi::Bind()                     \
+      FX_FFI_ARGS3 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_SHARD_ATTRS FX_FFI_CAP __VA_ARGS__
 #define FX_FFI_BIND_SPARSE_BACKWARD_SHARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_SHARD_ATTRS FX_FFI_CAP __VA_ARGS__
+  ::xla::ffi::Ffi::Bind()                      \
+      FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_SHARD_ATTRS FX_FFI_CAP __VA_ARGS__
 #define FX_FFI_DENSE_SHARD_ATTRS FX_FFI_COMMON_ATTRS.Attr<int64_t>("total_classes")
-#define FX_FFI_BIND_DENSE_FORWARD_SHARD(...) \
-  ::xla::ffi::Ffi::Bind()                    \
-      FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_DENSE_SHARD_ATTRS FX_FFI_CAP __VA_ARGS__
+#define FX_FFI_BIND_DENSE_FORWARD_SHARD(...)                                                                \
+  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_DENSE_SHARD_ATTRS \
+      FX_FFI_CAP __VA_ARGS__
 #define FX_FFI_BIND_DENSE_BACKWARD_SHARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_DENSE_SHARD_ATTRS FX_FFI_CAP __VA_ARGS__
+  ::xla::ffi::Ffi::Bind()                     \
+      FX_FFI_ARGS3 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_DENSE_SHARD_ATTRS FX_FFI_CAP __VA_ARGS__
 #define FX_FFI_BIND_DENSE_FORWARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_COMMON_ATTRS FX_FFI_CAP __VA_ARGS__
+  ::xla::ffi::Ffi::Bind()              \
+      FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_RET FX_FFI_COMMON_ATTRS FX_FFI_CAP __VA_ARGS__
 #define FX_FFI_BIND_DENSE_BACKWARD(...) \
-  ::xla::ffi::Ffi::Bind() FX_FFI_ARGS2 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_COMMON_ATTRS FX_FFI_CAP __VA_ARGS__
+  ::xla::ffi::Ffi::Bind()               \
+      FX_FFI_ARGS2 FX_FFI_ARGS2 FX_FFI_RET FX_FFI_RET FX_FFI_COMMON_ATTRS FX_FFI_CAP __VA_ARGS__
 
 // Defines the four handlers over Runner, whose contexts are bound by
 // CONTEXTS (e.g. .Ctx<ffi::ThreadPool>()) and arrive as the types listed after

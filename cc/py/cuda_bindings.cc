@@ -370,7 +370,8 @@ void register_cuda_bindings(py::module_& m) {
         py::arg("grad_logits"), py::arg("stream"), py::arg("softcap") = 0.0);
   m.def("cuda_dense_forward", &dense_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
-        py::arg("loss"), py::arg("lse"), py::arg("stream"), py::arg("workspace") = py::none(), py::arg("softcap") = 0.0);
+        py::arg("loss"), py::arg("lse"), py::arg("stream"), py::arg("workspace") = py::none(),
+        py::arg("softcap") = 0.0);
   m.def("cuda_dense_backward", &dense_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"), py::arg("stream"),

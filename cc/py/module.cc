@@ -321,8 +321,8 @@ void sparse_forward(const std::string& dtype, py::array logits, py::array labels
 void sparse_backward(const std::string& dtype, py::array logits, py::array labels, int64_t outer,
                      int64_t classes, int64_t inner, double label_smoothing, double z_loss,
                      std::optional<int64_t> ignore_index, ClassWeights class_weights, py::array lse,
-                     py::array grad_loss, py::array grad_logits, int64_t total_classes,
-                     int64_t absent_label, double softcap) {
+                     py::array grad_loss, py::array grad_logits, int64_t total_classes, int64_t absent_label,
+                     double softcap) {
   const Call call = sparse_call(labels, outer, classes, inner, label_smoothing, z_loss, ignore_index,
                                 class_weights, softcap, ShardOptions{total_classes, absent_label});
   dispatch_sparse(dtype, labels, [&](auto tag, auto label_tag, const char* kinds) {
@@ -498,10 +498,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("sparse_backward", &sparse_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("ignore_index"), py::arg("class_weights"), py::arg("lse"), py::arg("grad_loss"),
-        py::arg("grad_logits"), py::arg("total_classes") = 0, py::arg("absent_label") = 0, py::arg("softcap") = 0.0);
+        py::arg("grad_logits"), py::arg("total_classes") = 0, py::arg("absent_label") = 0,
+        py::arg("softcap") = 0.0);
   m.def("dense_forward", &dense_forward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
-        py::arg("loss"), py::arg("lse"), py::arg("total_classes") = 0, py::arg("label_sums") = py::none(), py::arg("softcap") = 0.0);
+        py::arg("loss"), py::arg("lse"), py::arg("total_classes") = 0, py::arg("label_sums") = py::none(),
+        py::arg("softcap") = 0.0);
   m.def("dense_backward", &dense_backward, py::arg("dtype"), py::arg("logits"), py::arg("labels"),
         py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("label_smoothing"), py::arg("z_loss"),
         py::arg("lse"), py::arg("grad_loss"), py::arg("grad_logits"), py::arg("total_classes") = 0,

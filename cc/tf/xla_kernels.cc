@@ -543,7 +543,8 @@ class SparseBackwardXla : public SparseXlaKernel {
     const Coefficients c = BackwardCoefficients(rows, scale, lse, rows.Const(1), options_);
     const XlaOp uniform = rows.Expand(c.uniform);
     const XlaOp target = xla::Select(labels.onehot, xla::Add(uniform, rows.Expand(c.target_scale)), uniform);
-    XlaOp dz = Gradient(rows, c.softmax_scale, target, LogSoftmax(rows, ReadLogits(rows, ctx->Input(0), options_), lse));
+    XlaOp dz = Gradient(rows, c.softmax_scale, target,
+                        LogSoftmax(rows, ReadLogits(rows, ctx->Input(0), options_), lse));
     dz = ToLogitsGradient(rows, dz, ctx->Input(0), options_);
     dz = FillRows(rows, dz, labels.ignored, rows.Const(0));  // exactly 0, whatever the logits
     dz = FillRows(rows, dz, labels.invalid, xla::NanValue(ctx->builder(), acc));
