@@ -53,6 +53,7 @@ SPARSE_CASES = {
     "classes, middle axis": Sparse((4, 10, 3), 1, Shard(1), Replicate(), WEIGHTED),
     "classes, float64": Sparse((8, 10), -1, Shard(1), Replicate(), WEIGHTED, dtype=torch.float64),
     "classes, fewer than ranks": Sparse((5, 1), -1, Shard(1), Replicate(), dict(label_smoothing=0.1)),
+    "classes, uneven, middle axis": Sparse((4, 11, 3), 1, Shard(1), Replicate(), WEIGHTED),
     # 2-D meshes of the two ranks: rows on one mesh dimension and classes on the other
     "2-D mesh, classes on the ranks": Sparse(
         (8, 10), -1, [Shard(0), Shard(1)], [Shard(0), Replicate()], WEIGHTED, mesh=(1, WORLD)
@@ -70,6 +71,9 @@ DENSE_CASES = {
     # rows summing to 1.7: the shards' target shares do not add up to 1
     "dense classes, labels not summing to 1": ((8, 10), -1, Shard(1), Shard(1), dict(z_loss=1e-3), 1.7),
     "dense classes, middle axis": ((4, 10, 3), 1, Shard(1), Replicate(), dict(label_smoothing=0.2)),
+    # classes the ranks do not divide (torch.chunk: 6 and 5), and fewer classes than ranks
+    "dense classes, uneven": ((6, 11), -1, Shard(1), Shard(1), dict(label_smoothing=0.1, z_loss=1e-3)),
+    "dense classes, fewer than ranks": ((5, 1), -1, Shard(1), Shard(1), dict(label_smoothing=0.1)),
 }
 
 # name: (logits placement, labels placement, the bad label, the row that holds it)

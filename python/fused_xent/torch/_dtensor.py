@@ -333,11 +333,12 @@ def _dense_vocab_parallel_forward(logits, labels, layout, eps, lam):
 def _dense_vocab_parallel_backward(logits, labels, lse, grad_loss, layout, eps, lam):
     """This shard's gradient given the rows' lse and label sums (one row-sized all-reduce)."""
     _refuse_cuda(logits)
-    if logits.shape[layout.axis] == 0:
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
     logits = logits.contiguous()
     labels = _ops._dense_labels(logits, labels)
+    # every shard joins the all-reduce, an empty one (fewer classes than shards) with zeros
     label_sums = _all_reduce(labels.sum(layout.axis, dtype=torch.float64), dist.ReduceOp.SUM, layout.class_groups())
+    if logits.shape[layout.axis] == 0:
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
     reduced, call = _dense_shard_call(logits, labels, layout.axis, eps, lam, layout.shape[layout.axis])
     grad = _ops._empty(tuple(logits.shape), logits.dtype)
     _core.dense_backward(
