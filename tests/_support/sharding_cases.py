@@ -268,7 +268,37 @@ def uneven_cases():
         "rows x 1999 classes over 2, class axis 1/dense": (grid, P(None, "model", "data"), "dense", (4, 1999, 16), 1),
     }
     value_cases = {name: _uneven_values(*args) for name, args in values.items()}
+    value_cases["320 classes over 8, a shard's logits all -inf"] = _masked_shard(320)
+    value_cases["2001 classes over 8, a shard's logits all -inf"] = _masked_shard(2001)
     return cases, value_cases
+
+
+def _masked_shard(classes):
+    """Rows whose logits are -inf on all of one shard's classes (a masked vocabulary block), the
+    labels elsewhere: the loss stays finite and equal to the one-device call's (a shard with no
+    target share adds nothing, though its lse is -inf)."""
+    mesh = rows_named("model")
+    width = -(-classes // 8)
+    z, y, _ = _data((16, classes))
+    z[:4, width : 2 * width] = -np.inf  # shard 1, the labels below are on shard 0
+    z[4:8, 7 * width :] = -np.inf  # the last shard (uneven: fewer columns)
+    y[:8] = np.arange(8)
+
+    def loss(sharded):
+        def total(z, y):
+            if sharded:
+                z = jax.lax.with_sharding_constraint(z * 1, NamedSharding(mesh, P(None, "model")))
+            return fj.sparse_softmax_cross_entropy_with_logits(y, z, z_loss=1e-3).sum()
+
+        return jax.jit(jax.value_and_grad(total))
+
+    (value, grad), (expected_value, expected_grad) = loss(True)(z, y), loss(False)(z, y)
+    return {
+        "value_error": _max_relative(value, expected_value),
+        "grad_error": _max_relative(grad, expected_grad),
+        "finite": bool(np.isfinite(value)),
+        "dtype": "float32",
+    }
 
 
 def _bad_label_error(mesh, spec=P("data", None)):

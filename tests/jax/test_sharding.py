@@ -90,7 +90,12 @@ def test_temporaries_within_twice_the_reference(sharded):
 
 def test_uneven_cases_ran(sharded):
     assert len(sharded["uneven_cases"]) == 20
-    assert len(sharded["uneven_values"]) == 2
+    assert len(sharded["uneven_values"]) == 4
+
+
+def test_a_shard_whose_logits_are_all_minus_infinity(sharded):
+    for name, case in sharded["uneven_values"].items():
+        assert "finite" not in case or case["finite"], (name, case)
 
 
 @pytest.mark.parametrize("quantity", ["value_error", "grad_error"])

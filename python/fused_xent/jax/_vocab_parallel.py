@@ -30,6 +30,8 @@ the gradient back with zeros; a shard without classes gives the neutral statisti
 loss part 0, label sums 0). The collectives stay outside the switch.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -100,10 +102,12 @@ class Shard:
         """True on the valid columns of an array shaped like this device's logits."""
         return lax.broadcasted_iota(jnp.int32, shape, axis % len(shape)) < self.valid
 
-    def run(self, axis, call, empty, cut, kept=(), pad_result=False):
+    def run(self, axis, call, empty, cut, kept=(), pad_result=False, call_on_copies=None):
         """call(*cut, *kept) with the operands `cut` (shaped like the logits) cut to this shard's
         valid columns; empty(*cut, *kept) on a shard without any. pad_result: the result is
-        shaped like the cut operands, padded back to the shard's columns with zeros."""
+        shaped like the cut operands, padded back to the shard's columns with zeros.
+        call_on_copies: call for the cut copies of a partly valid shard (which it may overwrite)."""
+        call_on_copies = call_on_copies or call
         if self.even:
             return call(*cut, *kept)
 
@@ -113,7 +117,7 @@ class Shard:
                     return empty(*cut, *kept)
                 if v == self.padded:
                     return call(*cut, *kept)
-                out = call(*(lax.slice_in_dim(x, 0, v, axis=axis) for x in cut), *kept)
+                out = call_on_copies(*(lax.slice_in_dim(x, 0, v, axis=axis) for x in cut), *kept)
                 if not pad_result:
                     return out
                 padding = [(0, 0, 0)] * out.ndim
@@ -145,10 +149,14 @@ def _neutral(x, value):
     return lax.select(lax.ne(x, x), x, lax.full_like(x, value))
 
 
-def _spread(target_share, shift):
-    """target_share * shift, 0 where the share is 0 (a shard whose logits of a row are all
-    -inf, or that holds no classes, has shift = +inf)."""
-    return jnp.where(target_share != 0, target_share * shift, 0.0)
+def _moved_part(part, shard_lse, target_share, shift, acc):
+    """L_s + Q_s (lse - lse_s) of each row. A shard with no target share adds nothing where it
+    has no mass either (its logits of the row all -inf, a masked block, or no classes at all):
+    there shift is +inf and the kernel's L_s NaN, as -inf - (-inf)."""
+    nothing = target_share == 0
+    no_mass = lax.eq(shard_lse, lax.full_like(shard_lse, -jnp.inf))
+    part = jnp.where(nothing & no_mass, 0.0, part.astype(acc))
+    return part + jnp.where(nothing, 0.0, target_share * shift)
 
 
 def shard_opts(opts, classes, labels_dtype, z_loss):
@@ -187,7 +195,7 @@ def forward(runner, opts, classes, class_axes, z, labels, class_weights):
     shift = lax.convert_element_type(lax.sub(lse, shard_lse), acc)  # float64 lse: lax keeps it without x64
     # An all -inf row has lse = lse_s = -inf: its parts are already right.
     shift = jnp.where(jnp.isnan(shift), 0.0, shift)
-    loss = lax.psum(part.astype(acc) + _spread(target_share, shift), class_axes)
+    loss = lax.psum(_moved_part(part, shard_lse, target_share, shift, acc), class_axes)
     row_lse = lax.convert_element_type(lse, acc)
     loss = rows.weights(class_weights, acc) * (loss + lam * row_lse * row_lse)
     loss = jnp.where(rows.ignored, 0.0, jnp.where(rows.invalid, jnp.nan, loss))
@@ -214,13 +222,15 @@ def backward(runner, opts, classes, class_axes, z, labels, class_weights, lse, g
     empty = jnp.zeros([0], jnp.float32)
     shard_opts_ = shard_opts(opts, classes, labels.dtype, opts[2])
 
-    def kernel(z, local, lse, scaled):
-        return runner("fused_xent_sparse_backward_shard", shard_opts_, z, local, empty, lse, scaled)
+    def kernel(z, local, lse, scaled, **over):
+        return runner("fused_xent_sparse_backward_shard", shard_opts_, z, local, empty, lse, scaled, **over)
 
     def no_classes(z, *_):
         return jnp.zeros_like(z)
 
-    return shard.run(axis, kernel, no_classes, (z,), (local, lse, scaled), pad_result=True)
+    # a partly valid shard's gradient is written over its copy of the valid logits
+    over_copy = functools.partial(kernel, aliases={0: 0})
+    return shard.run(axis, kernel, no_classes, (z,), (local, lse, scaled), True, over_copy)
 
 
 def dense_forward(runner, opts, classes, class_axes, z, t):
@@ -242,7 +252,7 @@ def dense_forward(runner, opts, classes, class_axes, z, t):
     target_share = (1.0 - eps) * lax.convert_element_type(label_sums, acc) + eps * shard.share(acc)
     shift = lax.convert_element_type(lax.sub(lse, shard_lse), acc)
     shift = jnp.where(jnp.isnan(shift), 0.0, shift)  # all -inf rows, as the sparse forward
-    loss = lax.psum(part.astype(acc) + _spread(target_share, shift), class_axes)
+    loss = lax.psum(_moved_part(part, shard_lse, target_share, shift, acc), class_axes)
     row_lse = lax.convert_element_type(lse, acc)
     return (loss + lam * row_lse * row_lse).astype(z.dtype), lse
 
@@ -251,16 +261,23 @@ def dense_backward(runner, opts, classes, class_axes, z, t, lse, g):
     """This device's shard of the gradient, given the rows' lse and label sums (one all-reduce)."""
     axis, eps, lam = opts
     shard = Shard(classes, z.shape[axis], class_axes)
-    with jax.enable_x64(True):  # the kernel reads the sums in float64, as it sums a row itself
-        t64 = t.astype(jnp.float64)
-        if not shard.even:  # the padding's labels are not labels
-            t64 = jnp.where(shard.valid_mask(t.shape, axis), t64, 0.0)
-        label_sums = lax.psum(jnp.sum(t64, axis), class_axes)
 
-    def kernel(z, t, lse, g, label_sums):
-        return runner("fused_xent_dense_backward_shard", (axis, eps, lam, classes), z, t, lse, g, label_sums)
+    def sums(t):
+        with jax.enable_x64(True):  # the kernel reads the sums in float64, as it sums a row itself
+            return jnp.sum(t.astype(jnp.float64), axis)
+
+    def no_sums(t):
+        with jax.enable_x64(True):
+            return jnp.zeros(sums(t).shape, jnp.float64)
+
+    # the padding's labels are not labels: the sums of the valid prefix (a slice the sum reads)
+    label_sums = lax.psum(shard.run(axis, sums, no_sums, (t,)), class_axes)
+
+    def kernel(z, t, lse, g, label_sums, **over):
+        return runner("fused_xent_dense_backward_shard", (axis, eps, lam, classes), z, t, lse, g, label_sums, **over)
 
     def no_classes(z, *_):
         return jnp.zeros_like(z)
 
-    return shard.run(axis, kernel, no_classes, (z, t), (lse, g, label_sums), pad_result=True)
+    over_copy = functools.partial(kernel, aliases={0: 0})  # as the sparse backward
+    return shard.run(axis, kernel, no_classes, (z, t), (lse, g, label_sums), True, over_copy)
