@@ -263,9 +263,11 @@ def _combine(part, shard_lse, share, groups, shares_sum_to_one=True):
     top = _all_reduce(shard_lse.clone(), dist.ReduceOp.MAX, groups)
     finite = torch.isfinite(top)
     base = torch.where(finite, top, 0.0)
-    # a shard with no target share adds nothing, even where its lse_s is -inf (Q_s * inf)
+    # a shard with no target share adds nothing, even where its lse_s is -inf (Q_s * inf, and
+    # the kernel's L_s is NaN where the shard's logits of the row are all -inf: a masked block)
     moved = torch.where(share > 0, share * (base - shard_lse), 0.0)
-    columns = [torch.exp(shard_lse - base), part.to(torch.float64) + moved]
+    part = torch.where((share == 0) & (shard_lse == -math.inf), 0.0, part.to(torch.float64))
+    columns = [torch.exp(shard_lse - base), part + moved]
     if not shares_sum_to_one:
         columns.append(share.to(torch.float64))
     sums = _all_reduce(torch.stack(columns, dim=-1), dist.ReduceOp.SUM, groups)
