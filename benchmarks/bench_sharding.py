@@ -5,6 +5,11 @@ devices (its collectives, read from the optimized HLO), its temporary bytes per 
 
     python benchmarks/bench_sharding.py [--rows 1024] [--classes 32000] [--rounds 5] [--markdown]
 
+The last layout has one class more (32001 over 8: shards of 4001 columns, the last with 3994
+valid). A jax.Array cannot be split so, so its step takes the logits (and dense labels) padded
+to 32008 columns, evenly sharded, and cuts them to 32001 inside (each device keeps its own
+columns: nothing moves); the loss then sees classes the shards do not divide.
+
 The devices share this machine's cores, so the wall times compare the two programs, not a
 real cluster. Run from the repository root (it reads the HLO with tests/_support)."""
 
@@ -26,11 +31,24 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import fused_xent.jax as fj  # noqa: E402
 from tests._support.hlo_collectives import collectives  # noqa: E402
 
-LAYOUTS = {  # name: (mesh shape, mesh axes, logits spec)
-    "rows (8)": ((8,), ("data",), P("data", None)),
-    "classes (8)": ((8,), ("model",), P(None, "model")),
-    "rows (4) x classes (2)": ((4, 2), ("data", "model"), P("data", "model")),
+LAYOUTS = {  # name: (mesh shape, mesh axes, logits spec, classes more than --classes)
+    "rows (8)": ((8,), ("data",), P("data", None), 0),
+    "classes (8)": ((8,), ("model",), P(None, "model"), 0),
+    "rows (4) x classes (2)": ((4, 2), ("data", "model"), P("data", "model"), 0),
+    "classes (8), one class more (uneven)": ((8,), ("model",), P(None, "model"), 1),
 }
+
+
+def _cut(fn, classes, sharding, dense):
+    """fn on the first `classes` columns of padded logits (and dense labels), split like them."""
+
+    def cut(z, labels):
+        z = jax.lax.with_sharding_constraint(z[:, :classes], sharding)
+        if dense:
+            labels = jax.lax.with_sharding_constraint(labels[:, :classes], sharding)
+        return fn(z, labels)
+
+    return cut
 
 
 def _losses(labels_kind):
@@ -76,11 +94,15 @@ def main():
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    z = rng.standard_normal((args.rows, args.classes)).astype(np.float32)
-    y = rng.integers(0, args.classes, args.rows).astype(np.int32)
-    t = np.full_like(z, 1.0 / args.classes)
     rows = [("layout", "labels", "loss", "moved elements", "largest all-gather", "temp MiB/device", "step ms")]
-    for layout, (shape, names, spec) in LAYOUTS.items():
+    for layout, (shape, names, spec, more) in LAYOUTS.items():
+        classes = args.classes + more
+        padded = -(-classes // 8) * 8
+        z = np.zeros((args.rows, padded), np.float32)
+        z[:, :classes] = rng.standard_normal((args.rows, classes))
+        y = rng.integers(0, classes, args.rows).astype(np.int32)
+        t = np.zeros_like(z)
+        t[:, :classes] = 1.0 / classes
         mesh = jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
         zs = jax.device_put(z, NamedSharding(mesh, spec))
         for kind in ("sparse", "dense"):
@@ -90,6 +112,8 @@ def main():
                 else jax.device_put(t, NamedSharding(mesh, spec))
             )
             for name, fn in _losses(kind).items():
+                if more:
+                    fn = _cut(fn, classes, NamedSharding(mesh, spec), kind == "dense")
                 moved, gathered, temp, ms = _measure(fn, zs, labels, args.rounds)
                 rows.append((layout, kind, name, str(moved), str(gathered), f"{temp / 2**20:.1f}", f"{ms:.1f}"))
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")

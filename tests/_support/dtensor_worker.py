@@ -36,6 +36,14 @@ class Sparse(NamedTuple):
     label_dtype: torch.dtype = torch.int64
     reduction: str = "sum"
     mesh: tuple = (WORLD,)
+    masked: bool = False  # rows 0 and 1: -inf on the last rank's classes (a masked block), labels 0
+
+
+def _mask(logits, labels=None):
+    """-inf on the second half of the classes (the last rank's) of rows 0 and 1, class axis last."""
+    logits[:2, logits.shape[-1] // 2 :] = -float("inf")
+    if labels is not None:
+        labels[:2] = 0
 
 
 WEIGHTED = dict(OPTIONS, class_weights=True)
@@ -53,6 +61,10 @@ SPARSE_CASES = {
     "classes, middle axis": Sparse((4, 10, 3), 1, Shard(1), Replicate(), WEIGHTED),
     "classes, float64": Sparse((8, 10), -1, Shard(1), Replicate(), WEIGHTED, dtype=torch.float64),
     "classes, fewer than ranks": Sparse((5, 1), -1, Shard(1), Replicate(), dict(label_smoothing=0.1)),
+    "classes, uneven, middle axis": Sparse((4, 11, 3), 1, Shard(1), Replicate(), WEIGHTED),
+    "classes, a rank's logits all -inf": Sparse(
+        (6, 11), -1, Shard(1), Replicate(), dict(z_loss=1e-3, class_weights=True), masked=True
+    ),
     # 2-D meshes of the two ranks: rows on one mesh dimension and classes on the other
     "2-D mesh, classes on the ranks": Sparse(
         (8, 10), -1, [Shard(0), Shard(1)], [Shard(0), Replicate()], WEIGHTED, mesh=(1, WORLD)
@@ -70,6 +82,11 @@ DENSE_CASES = {
     # rows summing to 1.7: the shards' target shares do not add up to 1
     "dense classes, labels not summing to 1": ((8, 10), -1, Shard(1), Shard(1), dict(z_loss=1e-3), 1.7),
     "dense classes, middle axis": ((4, 10, 3), 1, Shard(1), Replicate(), dict(label_smoothing=0.2)),
+    # classes the ranks do not divide (torch.chunk: 6 and 5), and fewer classes than ranks
+    "dense classes, uneven": ((6, 11), -1, Shard(1), Shard(1), dict(label_smoothing=0.1, z_loss=1e-3)),
+    "dense classes, fewer than ranks": ((5, 1), -1, Shard(1), Shard(1), dict(label_smoothing=0.1)),
+    # labels 0 where the logits are -inf: a masked block of the last rank
+    "dense classes, a rank's logits all -inf": ((6, 11), -1, Shard(1), "plain", dict(z_loss=1e-3), 1.0, True),
 }
 
 # name: (logits placement, labels placement, the bad label, the row that holds it)
@@ -141,6 +158,8 @@ def _inputs(shape, axis, label_dtype, options, seed):
 def _sparse_case(meshes, case, seed):
     mesh = meshes[case.mesh]
     logits, labels, kwargs = _inputs(case.shape, case.axis, case.label_dtype, case.options, seed)
+    if case.masked:
+        _mask(logits, labels)
     logits, axis, reduction = logits.to(case.dtype), case.axis, case.reduction
 
     whole = logits.clone().requires_grad_()
@@ -154,10 +173,13 @@ def _sparse_case(meshes, case, seed):
 
 
 def _dense_case(mesh, spec, seed):
-    shape, axis, logits_placement, labels_placement, options, *scale = spec
+    shape, axis, logits_placement, labels_placement, options, *rest = spec
     generator = torch.Generator().manual_seed(seed)
     logits = 3 * torch.randn(shape, generator=generator)
-    labels = torch.softmax(torch.randn(shape, generator=generator), axis) * (scale[0] if scale else 1.0)
+    labels = torch.softmax(torch.randn(shape, generator=generator), axis) * (rest[0] if rest else 1.0)
+    if len(rest) > 1 and rest[1]:
+        _mask(logits)
+        labels[:2, shape[-1] // 2 :] = 0.0
 
     whole, whole_labels = logits.clone().requires_grad_(), labels.clone().requires_grad_()
     want = ft.softmax_cross_entropy_with_logits(whole_labels, whole, axis, **options)

@@ -9,6 +9,7 @@ sized data, and whether each gradient keeps its input's sharding. Run in a fresh
 
 import json
 import os
+import re
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
@@ -19,7 +20,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import fused_xent.jax as fj  # noqa: E402
-from tests._support.hlo_collectives import collectives, moved_per_step  # noqa: E402
+from tests._support.hlo_collectives import moved_per_step  # noqa: E402
 
 N, H, V = 256, 32, 512
 IGNORE = -100
@@ -59,10 +60,12 @@ def _loss(transpose, options, chunk_size, upstream, weight_sharding=None):
     return total
 
 
-def _reference(transpose, bias=True):
+def _reference(transpose, bias=True, weight_sharding=None):
     """The jax.numpy head XLA partitions itself: the logits whole per device's shard."""
 
     def logits(h, w, b):
+        if weight_sharding is not None:
+            w = jax.lax.with_sharding_constraint(w, weight_sharding)
         z = h @ (w.T if transpose else w)
         return (z + b if bias else z).astype(jnp.float32)
 
@@ -77,6 +80,27 @@ def _reference(transpose, bias=True):
 def _max_relative(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+_ALL_GATHER = re.compile(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(")
+
+
+def _gathered_shapes(hlo):
+    """The result shapes of the compiled program's all-gathers."""
+    return [
+        tuple(int(d) for d in filter(None, m.group(1).split(",")))
+        for m in map(_ALL_GATHER.search, hlo.splitlines())
+        if m
+    ]
+
+
+_BACKWARD = re.compile(r"= \(\w+\[(\d+),(\d+)\].*custom_call_target=\"(fused_xent_\w*backward\w*)\"")
+
+
+def _backward_calls(hlo):
+    return sorted(
+        {(m.group(3), int(m.group(1)), int(m.group(2))) for m in map(_BACKWARD.search, hlo.splitlines()) if m}
+    )
 
 
 def _step_facts(step, args):
@@ -96,21 +120,35 @@ def case(mesh, hidden_spec, weight_spec, *, transpose=False, every=False, dtype=
     uneven = v % _shards(mesh, class_entry) != 0
     inner = NamedSharding(mesh, weight_spec) if uneven else None
     step = jax.jit(jax.value_and_grad(_loss(transpose, options, 16, g, inner), argnums=(0, 1, 2)))
-    expected_value, expected_grads = step(hidden, weight, bias, labels)
+    one_device = jax.jit(jax.value_and_grad(_loss(transpose, options, 16, g), argnums=(0, 1, 2)))
+    expected_value, expected_grads = one_device(hidden, weight, bias, labels)
     if uneven:
         weight_spec, class_entry = P(), None
     shardings = [NamedSharding(mesh, s) for s in (hidden_spec, weight_spec, P(class_entry), P(row_entry))]
     args = [jax.device_put(x, s) for x, s in zip((hidden, weight, bias, labels), shardings)]
     value, grads = step(*args)
     hlo, temp = _step_facts(step, args)
-    row_shards, class_shards = _shards(mesh, row_entry), _shards(mesh, class_entry)
-    logits_per_device = (N // row_shards) * (v // class_shards) * jnp.dtype(dtype).itemsize
+    row_shards, class_shards = (
+        _shards(mesh, row_entry),
+        _shards(mesh, _entry(inner.spec, class_dim) if uneven else class_entry),
+    )
+    padded = -(-v // class_shards) * class_shards
+    logits_per_device = (N // row_shards) * (padded // class_shards) * jnp.dtype(dtype).itemsize
+    # A weight placed whole gets its gradient whole: where the step shards its classes inside,
+    # the gradients of the weight and bias (padded) are gathered at the end, as for the
+    # jax.numpy head. Any other gather of that size would be of logits.
+    own = {(padded, H) if transpose else (H, padded), (padded,)} if uneven else set()
+    gathered = [shape for shape in _gathered_shapes(hlo) if shape not in own]
     result = {
         "value_error": _max_relative(value, expected_value),
         "grad_error": max(_max_relative(a, e) for a, e in zip(grads, expected_grads)),
         "moved": moved_per_step(hlo),
         "moved_recomputing": moved_per_step(hlo, max),
-        "gathers_logits": any(op == "all-gather" and e >= N * v // 8 for op, e in collectives(hlo)),
+        "gathers_logits": any(int(np.prod(shape)) >= N * v // 8 for shape in gathered),
+        "gathered_shapes": _gathered_shapes(hlo),
+        # the backward kernels' logits gradients: (target, rows, classes) of each call
+        "backward_calls": _backward_calls(hlo),
+        "shard_classes": padded // class_shards,
         "same_shardings": [bool(gr.sharding.is_equivalent_to(a.sharding, a.ndim)) for gr, a in zip(grads, args[:3])],
         "temp_bytes": temp,
         "logits_bytes_per_device": logits_per_device,
@@ -118,7 +156,7 @@ def case(mesh, hidden_spec, weight_spec, *, transpose=False, every=False, dtype=
         "dtype": jnp.dtype(dtype).name,
     }
     if not every and not upstream and dtype == jnp.float32:
-        ref_step = jax.jit(jax.value_and_grad(_reference(transpose), argnums=(0, 1, 2)))
+        ref_step = jax.jit(jax.value_and_grad(_reference(transpose, weight_sharding=inner), argnums=(0, 1, 2)))
         ref_hlo, ref_temp = _step_facts(ref_step, args)
         result["reference_moved"] = moved_per_step(ref_hlo)
         result["reference_temp_bytes"] = ref_temp
@@ -134,27 +172,36 @@ def _shards(mesh, entry):
     return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
 
 
-def memory_case(mesh):
+def memory_case(mesh, v=4096):
     """A larger Megatron step with the default chunking: its per-device temporaries against
-    the per-device logits (8192 x 4096 float32 over 4 x 2 devices: 16 MiB each)."""
-    n, h, v = 8192, 64, 4096
+    the per-device logits (8192 x 4096 float32 over 4 x 2 devices: 16 MiB each). With classes
+    the shards do not divide (v=4095), the weight comes whole and its classes are split inside
+    the step; its gradient is then gathered whole, for the jax.numpy head too."""
+    n, h = 8192, 64
+    uneven = v % mesh.shape["model"] != 0
+    inner = NamedSharding(mesh, P(None, "model")) if uneven else None
     shapes = [
         jax.ShapeDtypeStruct((n, h), jnp.float32, sharding=NamedSharding(mesh, P("data", None))),
-        jax.ShapeDtypeStruct((h, v), jnp.float32, sharding=NamedSharding(mesh, P(None, "model"))),
+        jax.ShapeDtypeStruct((h, v), jnp.float32, sharding=NamedSharding(mesh, P() if uneven else P(None, "model"))),
         jax.ShapeDtypeStruct((n,), jnp.int32, sharding=NamedSharding(mesh, P("data"))),
     ]
 
     def ours(hd, w, y):
+        if inner is not None:
+            w = jax.lax.with_sharding_constraint(w, inner)
         return fj.linear_cross_entropy(hd, w, y).mean()
 
     def temp(f):
         return jax.jit(jax.grad(f, (0, 1))).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
 
+    shard = -(-v // mesh.shape["model"])
     return {
         "temp_bytes": temp(ours),
-        "reference_temp_bytes": temp(_reference(False, bias=False)),
-        "logits_bytes_per_device": n * v * 4 // 8,
-        "weight_bytes_per_device": h * v * 4 // 2,
+        "reference_temp_bytes": temp(_reference(False, bias=False, weight_sharding=inner)),
+        "logits_bytes_per_device": n * shard * 4 // mesh.shape["data"],
+        "weight_bytes_per_device": h * shard * 4,
+        # the whole weight's gradient (a gathered W-sized buffer) where the weight comes whole
+        "whole_weight_bytes": h * v * 4 if uneven else 0,
     }
 
 
@@ -171,16 +218,27 @@ def counter_check(mesh):
     return {"min": moved_per_step(hlo), "max": moved_per_step(hlo, max)}
 
 
-def bad_label_error(mesh):
-    hidden, weight, bias, labels = _data()
-    labels[N - 3] = V + 5
+def bad_label_error(mesh, v=V):
+    """An invalid label on one device; v=5 over 8 class shards: split inside the step, 3 shards
+    without any class."""
+    hidden, weight, bias, labels = _data(v=v)
+    labels[N - 3] = v + 5
+    uneven = v % mesh.shape["model"] != 0
+    inner = NamedSharding(mesh, P(None, "model")) if uneven else None
+    rows = "data" if "data" in mesh.axis_names else None
     args = [
-        jax.device_put(hidden, NamedSharding(mesh, P("data", None))),
-        jax.device_put(weight, NamedSharding(mesh, P(None, "model"))),
-        jax.device_put(labels, NamedSharding(mesh, P("data"))),
+        jax.device_put(hidden, NamedSharding(mesh, P(rows, None))),
+        jax.device_put(weight, NamedSharding(mesh, P() if uneven else P(None, "model"))),
+        jax.device_put(labels, NamedSharding(mesh, P(rows))),
     ]
+
+    def total(h, w, y):
+        if inner is not None:
+            w = jax.lax.with_sharding_constraint(w, inner)
+        return fj.linear_cross_entropy(h, w, y).sum()
+
     try:
-        jax.block_until_ready(jax.jit(lambda h, w, y: fj.linear_cross_entropy(h, w, y).sum())(*args))
+        jax.block_until_ready(jax.jit(jax.value_and_grad(total, argnums=(0, 1)))(*args))
     except Exception as error:  # noqa: BLE001  (the runtime's error type varies by version)
         return str(error)
     return None
@@ -201,12 +259,22 @@ def main():
         "rows x classes, per-row upstream": case(grid, *megatron, upstream=True),
         "rows x classes, bfloat16": case(grid, *megatron, dtype=jnp.bfloat16),
         "rows x uneven classes": case(grid, *megatron, v=V - 3),
+        "uneven classes over 8": case(classes, P(), P(None, "model"), v=V - 3),
+        "5 classes over 8 (3 shards without any)": case(classes, P(), P(None, "model"), v=5),
+        "uneven classes over two mesh axes": case(grid, P(), P(None, ("data", "model")), v=V - 3),
+        "rows x uneven classes, V x H weight, every option": case(
+            grid, P("data", None), P("model", None), transpose=True, every=True, v=V - 1
+        ),
+        "rows x uneven classes, per-row upstream": case(grid, *megatron, upstream=True, v=V - 3),
+        "rows x uneven classes, bfloat16": case(grid, *megatron, dtype=jnp.bfloat16, v=V - 3),
     }
     result = {
         "cases": cases,
         "memory": memory_case(grid),
+        "memory_uneven": memory_case(grid, v=4095),
         "counter": counter_check(rows),
         "bad_label_error": bad_label_error(grid),
+        "bad_label_error_uneven": bad_label_error(classes, v=5),
         "devices": len(jax.devices()),
     }
     print("RESULT " + json.dumps(result))

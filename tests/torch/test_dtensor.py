@@ -1,7 +1,8 @@
 """fused_xent.torch on DTensors (python/fused_xent/torch/_dtensor.py), on two gloo processes on
 127.0.0.1 (CPU) over meshes of both (1-D; 2-D with a dimension of size 1): losses and gradients equal the unsharded functions' on
 the whole tensors, for logits sharded on rows (run locally) and on classes (vocabulary-parallel
-for sparse labels, all-gathered for dense ones); gradients keep the logits' placements; an
+for sparse and dense labels, also with class counts the ranks do not divide and with fewer
+classes than ranks); gradients keep the logits' placements; an
 out-of-range label raises the same error on both ranks; the class-sharded forward all-reduces
 row-sized tensors only, and row sharding communicates nothing but a label check.
 

@@ -120,6 +120,8 @@ def _alias_gradient():
 
 
 def _run_backward(name, opts, z, *operands, aliases=None):
+    """The backward handler; aliases={0: 0} writes the gradient over z's buffer (where z is a
+    temporary nothing reads afterwards, as the copy of an uneven class shard's valid columns)."""
     out = jax.ShapeDtypeStruct(z.shape, z.dtype)
     call = jax.ffi.ffi_call(
         name, (out, _workspace(name, z, opts[0])), vmap_method="sequential", input_output_aliases=aliases
@@ -127,7 +129,7 @@ def _run_backward(name, opts, z, *operands, aliases=None):
     return call(z, *operands, **_attrs(name, opts))[0]
 
 
-def _run_backward_over_logits(name, opts, z, *operands):
+def _run_backward_over_logits(name, opts, z, *operands, aliases=None):
     return _run_backward(name, opts, z, *operands, aliases={0: 0})
 
 

@@ -22,7 +22,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
@@ -272,15 +271,25 @@ def _axes(entry):
 
 def _layout(cfg, mesh, arg_shapes):
     """(row axes, class axes) from hidden's and the weight's shardings. Classes stay whole (gathered)
-    where their shards would be uneven or use an axis the rows use."""
+    where their shards would use an axis the rows use. Class shards that do not divide the class
+    count are padded by XLA: the kernels read only each shard's valid columns (_valid_classes)."""
     row_axes = _axes(_spec(arg_shapes[0], 2)[0])
     weight_spec = _spec(arg_shapes[1], 2)
     class_dim = 0 if cfg.transpose_weight else 1
     class_axes = tuple(a for a in _axes(weight_spec[class_dim]) if a not in row_axes)
-    shards = int(np.prod([mesh.shape[a] for a in class_axes], dtype=np.int64))
-    if arg_shapes[1].shape[class_dim] % shards:
-        class_axes = ()
     return row_axes, class_axes
+
+
+def _valid_classes(cfg, ops, classes, class_axes):
+    """ops with the padding of the weight's (and bias's) last class shards zeroed: XLA leaves it
+    unspecified, and dH = dZ W^T reads it (dZ is 0 there). Nothing to do where shards are even."""
+    class_dim = 0 if cfg.transpose_weight else 1
+    shard = _vocab_parallel.Shard(classes, ops.weight.shape[class_dim], class_axes)
+    if shard.even:
+        return ops
+    weight = jnp.where(shard.valid_mask(ops.weight.shape, class_dim), ops.weight, 0)
+    bias = None if ops.bias is None else jnp.where(shard.valid_mask(ops.bias.shape, 0), ops.bias, 0)
+    return ops._replace(weight=weight, bias=bias)
 
 
 def _spec(shape, rank):
@@ -304,6 +313,8 @@ def _partition(cfg, mode, mesh, arg_shapes, result_shape):
         ops = split_operands(cfg, mode, operands)
         if mode != WEIGHTS and mesh.size > 1:
             ops = ops._replace(labels=_sharding._share_invalid_label(ops.labels, all_classes, cfg.opts, mesh))
+        if class_axes:
+            ops = _valid_classes(cfg, ops, all_classes, class_axes)
         kernels = _Kernels(cfg, all_classes, class_axes, ops.class_weights)
         return _results(cfg, mode, run_chunks(cfg, mode, ops, kernels, row_axes, class_axes))
 

@@ -8,8 +8,8 @@ it twice:
   independent, so any sharding of the row dimensions is kept as it is: each device runs
   the kernel on its rows and the results keep the logits' row sharding (a gradient keeps
   the logits' sharding). With the class axis sharded the calls run vocabulary-parallel
-  (jax/_vocab_parallel.py): row-sized all-reduces, no gather. Class counts the class
-  shards do not divide keep the class axis whole: XLA gathers it (docs/distributed.md).
+  (jax/_vocab_parallel.py): row-sized all-reduces, no gather, also where the class shards
+  do not divide the class count (each kernel reads only its shard's valid columns).
 - ``jax.custom_batching.custom_vmap``, because custom_partitioning has no batching rule:
   a batch axis added by vmap is one more row dimension for the kernels, so a vmapped
   call is one call over all rows. Class weights that differ per batch element are the
@@ -127,16 +127,12 @@ _VOCAB_PARALLEL = {
 }
 
 
-def _class_axes(name, spec, axis, classes, mesh):
+def _class_axes(name, spec, axis):
     """The mesh axes the class axis stays sharded over: () unless the call runs vocabulary-parallel."""
     axes = spec[axis]
     if axes is None or name not in _VOCAB_PARALLEL:
         return ()
-    axes = axes if isinstance(axes, tuple) else (axes,)
-    shards = 1
-    for a in axes:
-        shards *= mesh.shape[a]
-    return axes if classes % shards == 0 else ()  # uneven shards would hold padding: kept whole
+    return axes if isinstance(axes, tuple) else (axes,)
 
 
 def _partition(runner, name, opts, mesh, arg_shapes, result_shape):
@@ -145,7 +141,7 @@ def _partition(runner, name, opts, mesh, arg_shapes, result_shape):
     axis = opts[0] % rank
     spec = tuple(logits.sharding.spec) + (None,) * (rank - len(logits.sharding.spec))
     classes = logits.shape[axis]
-    class_axes = _class_axes(name, spec, axis, classes, mesh)
+    class_axes = _class_axes(name, spec, axis)
     specs = {
         "z": P(*((class_axes or None) if d == axis else s for d, s in enumerate(spec))),
         "r": P(*(s for d, s in enumerate(spec) if d != axis)),

@@ -268,9 +268,11 @@ def _combine(part, shard_lse, share, groups, shares_sum_to_one=True):
     top = _all_reduce(shard_lse.clone(), dist.ReduceOp.MAX, groups)
     finite = torch.isfinite(top)
     base = torch.where(finite, top, 0.0)
-    # a shard with no target share adds nothing, even where its lse_s is -inf (Q_s * inf)
+    # a shard with no target share adds nothing, even where its lse_s is -inf (Q_s * inf, and
+    # the kernel's L_s is NaN where the shard's logits of the row are all -inf: a masked block)
     moved = torch.where(share > 0, share * (base - shard_lse), 0.0)
-    columns = [torch.exp(shard_lse - base), part.to(torch.float64) + moved]
+    part = torch.where((share == 0) & (shard_lse == -math.inf), 0.0, part.to(torch.float64))
+    columns = [torch.exp(shard_lse - base), part + moved]
     if not shares_sum_to_one:
         columns.append(share.to(torch.float64))
     sums = _all_reduce(torch.stack(columns, dim=-1), dist.ReduceOp.SUM, groups)
@@ -339,11 +341,12 @@ def _dense_vocab_parallel_forward(logits, labels, layout, eps, lam, cap):
 def _dense_vocab_parallel_backward(logits, labels, lse, grad_loss, layout, eps, lam, cap):
     """This shard's gradient given the rows' lse and label sums (one row-sized all-reduce)."""
     _refuse_cuda(logits)
-    if logits.shape[layout.axis] == 0:
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
     logits = logits.contiguous()
     labels = _ops._dense_labels(logits, labels)
+    # every shard joins the all-reduce, an empty one (fewer classes than shards) with zeros
     label_sums = _all_reduce(labels.sum(layout.axis, dtype=torch.float64), dist.ReduceOp.SUM, layout.class_groups())
+    if logits.shape[layout.axis] == 0:
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
     reduced, call = _dense_shard_call(logits, labels, layout.axis, eps, lam, cap, layout.shape[layout.axis])
     grad = _ops._empty(tuple(logits.shape), logits.dtype)
     _core.dense_backward(
