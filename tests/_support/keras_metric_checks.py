@@ -30,7 +30,7 @@ def as_float(x):
 def inputs():
     rng = np.random.default_rng(0)
     z = (rng.normal(size=(6, 4, CLASSES)) * 2).astype(np.float32)
-    probs = np.asarray(keras.ops.convert_to_numpy(keras.ops.softmax(z)))
+    probs = np.array(keras.ops.convert_to_numpy(keras.ops.softmax(z)))  # a copy: Keras 3.2's may be read-only
     probs[0, 0] = np.eye(CLASSES)[1]  # saturated: clipping shows
     y = rng.integers(0, CLASSES, size=(6, 4))
     y[0, :2] = 2
