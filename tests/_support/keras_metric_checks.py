@@ -69,7 +69,12 @@ def keras_metric(cls, **kwargs):
     the metric is from 3.14."""
     metric_class = getattr(keras.metrics, cls)
     if "ignore_class" in kwargs and "ignore_class" not in inspect.signature(metric_class.__init__).parameters:
-        return keras.metrics.MeanMetricWrapper(keras.losses.sparse_categorical_crossentropy, name=cls, **kwargs)
+        # Tensors: on PyTorch, Keras's function multiplies its (NumPy) inputs by tensors.
+        def loss(y_true, y_pred, **options):
+            y_true, y_pred = keras.ops.convert_to_tensor(y_true), keras.ops.convert_to_tensor(y_pred)
+            return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, **options)
+
+        return keras.metrics.MeanMetricWrapper(loss, name=cls, **kwargs)
     return metric_class(**kwargs)
 
 
