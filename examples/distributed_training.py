@@ -4,9 +4,9 @@ Starts `--workers` worker processes on 127.0.0.1, each with its own TF_CONFIG,
 which train one Keras model together with tf.distribute.MultiWorkerMirroredStrategy
 on scikit-learn's bundled digits data (no download). The loss is
 fused_xent.losses.SparseCategoricalCrossentropy: inside the strategy it divides
-its mean by the number of replicas (as Keras's losses do) and the Keras
-optimizer sums the gradients over the workers, so every worker ends with the
-same weights, which this script checks. Keras 3's model.fit fails under this
+its mean by the number of replicas (as Keras's losses do, from Keras 3.8 on:
+this script needs it) and the Keras optimizer sums the gradients over the
+workers, so every worker ends with the same weights, which this script checks. Keras 3's model.fit fails under this
 strategy whatever the loss (keras-team/keras#20585), so the workers run the
 equivalent custom loop. On real hosts, run the worker part (`--worker`) on each
 host with TF_CONFIG naming all of them.

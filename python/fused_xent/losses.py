@@ -26,6 +26,7 @@ from fused_xent._keras.backend_check import keras, require_supported_backend
 from fused_xent._keras.tf_keras_guard import called_by_tf_keras, tf_keras_refusal
 
 if _BACKEND in _BACKENDS:
+    from fused_xent._keras import compat as _compat
     from fused_xent._keras import reduction as _reduction
 
     # The per-element functions of this backend: TensorFlow's (which keep half-precision logits
@@ -58,17 +59,17 @@ class _FusedCrossentropy(_arguments.CrossentropyArguments, _LossBase):
 
     def __init__(self, *, from_logits, label_smoothing, axis, z_loss, softcap, reduction, name, dtype):
         require_supported_backend(type(self).__name__, "losses")
-        super().__init__(name=name, reduction=reduction, dtype=dtype)  # checks `reduction`
+        super().__init__(name=name, reduction=reduction, dtype=_compat.loss_dtype(dtype))  # checks `reduction`
         self.from_logits = bool(from_logits)
         self.label_smoothing = _checks.keras_fraction("label_smoothing", label_smoothing)
         self.axis = _checks.keras_axis(axis)
         self.z_loss = _checks.keras_z_loss(z_loss)
         self.softcap = _checks.keras_softcap(softcap, self.from_logits)
-        self._dtype_argument = None if dtype is None else self._dtype_policy.name
+        self._dtype_argument = None if dtype is None else _compat.loss_dtype_name(self, dtype)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         _refuse_tf_keras("losses", type(self).__name__)
-        input_mask = _reduction.keras_mask(y_pred)
+        input_mask = _compat.get_keras_mask(y_pred)
         with keras.name_scope(self.name):
             losses, loss_mask, extra_weight = self._losses(y_true, y_pred)
             if extra_weight is not None:
@@ -84,7 +85,7 @@ class _FusedCrossentropy(_arguments.CrossentropyArguments, _LossBase):
         if extra_weight is not None:
             losses = losses * keras.ops.cast(extra_weight, self.dtype)
         if mask is not None:
-            _reduction.set_keras_mask(losses, mask)
+            _compat.set_keras_mask(losses, mask)
         return losses
 
     def _inputs(self, y_true, y_pred):

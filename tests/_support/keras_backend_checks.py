@@ -15,7 +15,12 @@ import numpy as np
 import fused_xent  # noqa: F401  (registers the losses for loading, as users do)
 from fused_xent import losses as fl
 
-REDUCTIONS = ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none"]
+try:
+    from tests._support import keras_versions
+except ImportError:  # run as a script: this folder is sys.path[0]
+    import keras_versions
+
+REDUCTIONS = keras_versions.reductions(["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none"])
 
 
 def as_list(x):
@@ -74,7 +79,7 @@ def values():
         out[f"dense softcap {reduction}"] = (as_list(ours), as_list(theirs))
     # class_weights: the same as per-element sample weights of each label's weight.
     weights = np.array([0.5, 2.0, 1.0, 3.0, 0.25], np.float32)
-    for reduction in ("sum_over_batch_size", "mean_with_sample_weight"):
+    for reduction in keras_versions.reductions(["sum_over_batch_size", "mean_with_sample_weight"]):
         ours = fl.SparseCategoricalCrossentropy(from_logits=True, class_weights=weights, reduction=reduction)(y, z, sw)
         theirs = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)(
             y, z, sw * weights[y]

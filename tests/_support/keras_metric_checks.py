@@ -6,6 +6,7 @@ Prints the numbers as JSON after "RESULT " (the test compares them).
 Usage: python keras_metric_checks.py run|load PATH.keras
 """
 
+import inspect
 import json
 import sys
 
@@ -13,6 +14,11 @@ import keras
 import numpy as np
 
 import fused_xent  # registers the metrics for loading, as users do
+
+try:
+    from tests._support import keras_versions
+except ImportError:  # run as a script: this folder is sys.path[0]
+    import keras_versions
 
 CLASSES = 5
 
@@ -24,7 +30,7 @@ def as_float(x):
 def inputs():
     rng = np.random.default_rng(0)
     z = (rng.normal(size=(6, 4, CLASSES)) * 2).astype(np.float32)
-    probs = np.asarray(keras.ops.convert_to_numpy(keras.ops.softmax(z)))
+    probs = np.array(keras.ops.convert_to_numpy(keras.ops.softmax(z)))  # a copy: Keras 3.2's may be read-only
     probs[0, 0] = np.eye(CLASSES)[1]  # saturated: clipping shows
     y = rng.integers(0, CLASSES, size=(6, 4))
     y[0, :2] = 2
@@ -46,7 +52,7 @@ def values():
     out = {}
     for name, (cls, kwargs, y_true, y_pred) in cases.items():
         results = []
-        for metric in (getattr(fused_xent.metrics, cls)(**kwargs), getattr(keras.metrics, cls)(**kwargs)):
+        for metric in (getattr(fused_xent.metrics, cls)(**kwargs), keras_metric(cls, **kwargs)):
             metric.update_state(y_true, y_pred, sw)
             metric.update_state(y_true[:3], y_pred[:3])
             first = as_float(metric.result())
@@ -55,6 +61,21 @@ def values():
             results.append([first, as_float(metric.result())])
         out[name] = results
     return out
+
+
+def keras_metric(cls, **kwargs):
+    """Keras's metric `cls`. Keras's SparseCategoricalCrossentropy metric takes no ignore_class
+    before 3.14: there it is the MeanMetricWrapper of Keras's loss function with it, which is what
+    the metric is from 3.14."""
+    metric_class = getattr(keras.metrics, cls)
+    if "ignore_class" in kwargs and "ignore_class" not in inspect.signature(metric_class.__init__).parameters:
+        # Tensors: on PyTorch, Keras's function multiplies its (NumPy) inputs by tensors.
+        def loss(y_true, y_pred, **options):
+            y_true, y_pred = keras.ops.convert_to_tensor(y_true), keras.ops.convert_to_tensor(y_pred)
+            return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, **options)
+
+        return keras.metrics.MeanMetricWrapper(loss, name=cls, **kwargs)
+    return metric_class(**kwargs)
 
 
 def data():
@@ -70,11 +91,11 @@ def model(seed=3):
 
 
 def compiled(policy="float32"):
-    keras.config.set_dtype_policy(policy)
+    keras_versions.set_dtype_policy(keras, policy)
     try:
         m = model()
     finally:
-        keras.config.set_dtype_policy("float32")
+        keras_versions.set_dtype_policy(keras, "float32")
     m.compile(
         optimizer=keras.optimizers.SGD(0.1),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -10,8 +10,9 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 from fused_xent import losses as fused_losses  # noqa: E402
+from tests._support import keras_versions  # noqa: E402
 
-REDUCTIONS = ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", None, "none"]
+REDUCTIONS = keras_versions.reductions(["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", None, "none"])
 CLASSES = 5
 RTOL, ATOL = 2e-5, 2e-6  # float32 rounding of two different summation orders
 
@@ -200,12 +201,14 @@ def test_segmentation_maps_with_void_class(label_shape, reduction):
     if label_shape == "trailing_one":
         y_true = y_true[..., None]
     kwargs = dict(from_logits=True, ignore_class=255, reduction=reduction)
-    assert_same_as_keras(
-        fused_losses.SparseCategoricalCrossentropy(**kwargs),
-        keras.losses.SparseCategoricalCrossentropy(**kwargs),
-        y_true.astype(np.uint8),
-        _logits(shape),
-    )
+    ours = fused_losses.SparseCategoricalCrossentropy(**kwargs)
+    theirs = keras.losses.SparseCategoricalCrossentropy(**kwargs)
+    if label_shape == "trailing_one" and not keras_versions.SQUEEZES_LABELS_BEFORE_IGNORE_CLASS:
+        # Keras 3.0 to 3.3 raise on these labels (their mask broadcasts against the logits):
+        # their value is that of the same labels without the size-1 axis.
+        theirs_call = theirs.__call__
+        theirs = lambda y_true, y_pred, sample_weight=None: theirs_call(y_true[..., 0], y_pred, sample_weight)  # noqa: E731
+    assert_same_as_keras(ours, theirs, y_true.astype(np.uint8), _logits(shape))
 
 
 def test_call_gives_the_per_element_losses():
@@ -311,12 +314,23 @@ def test_dtype_argument_sets_the_result_dtype(dtype, loss_class):
     logits, labels = _logits((32, CLASSES)), _labels(32)
     y_true = labels if loss_class.startswith("Sparse") else np.eye(CLASSES, dtype=np.float32)[labels]
     value = getattr(fused_losses, loss_class)(from_logits=True, dtype=dtype)(y_true, logits)
-    keras_value = getattr(keras.losses, loss_class)(from_logits=True, dtype=dtype)(y_true, logits)
-    exact = getattr(keras.losses, loss_class)(from_logits=True, dtype="float64")(y_true, logits)
+    keras_value = _keras_loss_in(loss_class, dtype)(y_true, logits)
+    exact = _keras_loss_in(loss_class, "float64")(y_true, logits)
     assert value.dtype == keras_value.dtype
     rtol = {"bfloat16": 8e-3, "float16": 1e-3, "float64": 1e-6}[value.dtype.name]
     np.testing.assert_allclose(float(value), float(exact), rtol=rtol)  # ours: float32 math, then rounded
     np.testing.assert_allclose(float(value), float(keras_value), rtol=2 * rtol)
+
+
+def _keras_loss_in(loss_class, dtype):
+    """Keras's loss computing in `dtype` (or a policy's compute dtype). Keras before 3.5 takes no
+    policy in its losses (before 3.4 no dtype at all): there its Loss computes in its plain
+    `dtype` attribute, set here."""
+    if keras_versions.LOSS_DTYPE_POLICIES:
+        return getattr(keras.losses, loss_class)(from_logits=True, dtype=dtype)
+    loss = getattr(keras.losses, loss_class)(from_logits=True)
+    loss.dtype = keras.mixed_precision.DTypePolicy(dtype).compute_dtype
+    return loss
 
 
 def test_labels_stay_integers_whatever_the_dtype():
@@ -350,7 +364,7 @@ def _categorical_full():
         from_logits=True,
         label_smoothing=0.2,
         axis=1,
-        reduction="mean_with_sample_weight",
+        reduction="mean_with_sample_weight" if keras_versions.MEAN_REDUCTIONS else "sum",
         name="cce",
         dtype="float16",
         z_loss=1e-3,
@@ -425,11 +439,23 @@ def test_out_of_range_labels_reach_the_op_error():
     traced = tf.function(lambda y, x: loss(y, x))
     with pytest.raises(tf.errors.InvalidArgumentError, match="label value of -2"):
         traced(tf.constant([0, -2]), tf.constant(_logits((2, CLASSES))))
-    weighted = fused_losses.SparseCategoricalCrossentropy(
-        from_logits=True, class_weights=np.ones(CLASSES), reduction="mean_with_sample_weight"
-    )
-    with pytest.raises(tf.errors.InvalidArgumentError, match="label value of 9"):
-        weighted(np.array([9, 0]), _logits((2, CLASSES)))
+    if keras_versions.MEAN_REDUCTIONS:  # the class weights go into the sample weights (label_weights)
+        weighted = fused_losses.SparseCategoricalCrossentropy(
+            from_logits=True, class_weights=np.ones(CLASSES), reduction="mean_with_sample_weight"
+        )
+        with pytest.raises(tf.errors.InvalidArgumentError, match="label value of 9"):
+            weighted(np.array([9, 0]), _logits((2, CLASSES)))
+
+
+@pytest.mark.skipif(keras_versions.MEAN_REDUCTIONS, reason="Keras 3.7 and later have these reductions")
+@pytest.mark.parametrize("reduction", ["mean", "mean_with_sample_weight"])
+@pytest.mark.parametrize("loss_class", ["SparseCategoricalCrossentropy", "CategoricalCrossentropy"])
+def test_reductions_keras_lacks_are_refused_as_keras_does(loss_class, reduction):
+    with pytest.raises(ValueError) as theirs:
+        getattr(keras.losses, loss_class)(reduction=reduction)
+    with pytest.raises(ValueError) as ours:
+        getattr(fused_losses, loss_class)(reduction=reduction)
+    assert str(ours.value) == str(theirs.value)
 
 
 @pytest.mark.parametrize(

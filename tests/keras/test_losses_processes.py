@@ -16,7 +16,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 from fused_xent import losses as fused_losses  # noqa: E402
-from tests._support import ROOT  # noqa: E402
+from tests._support import ROOT, keras_versions  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
 RESULT = "RESULT "
@@ -193,13 +193,20 @@ print("RESULT " + json.dumps({
 def test_mirrored_strategy_trains_like_one_device(tmp_path):
     result = run_script(MIRRORED, cwd=tmp_path, timeout=150)
     assert result["replicas"] == 2
-    assert result["vs_single_device"] < 1e-5, result
     assert result["vs_keras_loss"] < 1e-5, result
     ours, single, theirs = result["losses"]
-    np.testing.assert_allclose(ours, single, rtol=1e-5)
     np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    if not keras_versions.LOSSES_SCALED_FOR_REPLICAS:
+        pytest.skip(keras_versions.NOT_SCALED_FOR_REPLICAS + " (ours trained as Keras's did)")
+    assert result["vs_single_device"] < 1e-5, result
+    np.testing.assert_allclose(ours, single, rtol=1e-5)
 
 
+@pytest.mark.skipif(
+    not keras_versions.LOSSES_SCALED_FOR_REPLICAS,
+    reason=keras_versions.NOT_SCALED_FOR_REPLICAS + "; with Keras 3.0 the example's two workers even end with "
+    "different weights, keras.losses' own loss in it too",
+)
 def test_multi_worker_example_trains_like_one_process(tmp_path):
     """Two workers end with the weights of one process trained on the same global batches.
 

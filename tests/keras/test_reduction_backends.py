@@ -12,8 +12,10 @@ import textwrap
 import numpy as np
 import pytest
 
+from tests._support import keras_versions
+
 N, T, C = 4, 3, 5
-REDUCTIONS = ("sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none")
+REDUCTIONS = tuple(keras_versions.reductions(["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none"]))
 IGNORE = 2
 CLASS_WEIGHTS = [1.0, 0.5, 2.0, 1.5, 0.25]
 

@@ -72,6 +72,28 @@ def test_extras_follow_the_window_and_the_requirements_are_the_providers():
         assert WINDOW.contains(version), version
 
 
+# The oldest Keras each TensorFlow of the window accepts: its wheels' `Requires-Dist: keras>=...`.
+OLDEST_KERAS_OF_TENSORFLOW = {
+    "2.16": "3.0.0",
+    "2.17": "3.2.0",
+    "2.18": "3.5.0",
+    "2.19": "3.5.0",
+    "2.20": "3.10.0",
+    "2.21": "3.12.0",
+}
+
+
+def test_the_keras_requirement_keeps_the_oldest_keras_each_tensorflow_accepts():
+    """So installing the package upgrades no Keras that the user's TensorFlow accepts (.ci/run
+    installs it beside TensorFlow 2.16 and Keras 3.0.0, and checks that both stay)."""
+    assert {f"2.{minor}" for minor in range(16, 22)} == set(OLDEST_KERAS_OF_TENSORFLOW)  # the window
+    requires = PYPROJECT["tool"]["scikit-build"]["metadata"]["dependencies"]["requires"]
+    [keras] = [Requirement(text) for text in requires if Requirement(text).name == "keras"]
+    assert keras.specifier == SpecifierSet(">=3.0")
+    for tensorflow, oldest in OLDEST_KERAS_OF_TENSORFLOW.items():
+        assert keras.specifier.contains(oldest), tensorflow
+
+
 def test_readme_and_install_doc_state_the_window():
     for doc in ("README.md", "docs/install.md"):
         assert "TensorFlow 2.16 to 2.21" in (REPO / doc).read_text(), doc
@@ -165,6 +187,7 @@ def test_the_provider_gives_a_wheel_built_against_2_16_its_requirements(monkeypa
     extras = backend.dynamic_metadata("optional-dependencies", settings)
     dependencies = backend.dynamic_metadata("dependencies", {"requires": metadata["dependencies"]["requires"]})
     assert "tensorflow<2.17,>=2.16" in dependencies
+    assert "keras>=3.0" in dependencies  # not narrowed: Keras is plain Python
     assert extras["tf_keras"] == ["tf_keras<2.17,>=2.16"]
     assert not [text for text in extras["test"] if text.startswith("jax")]
     assert extras["jax"] == ["jax>=0.10"]  # asked for by name, pip says why it cannot install

@@ -1,31 +1,18 @@
 """The one reduction rule of the Keras 3 losses, on every backend (TensorFlow, JAX, PyTorch).
 
-Keras's own ``reduce_weighted_values`` (masks, sample weights, every reduction, the division by
-the replica count under a ``tf.distribute`` strategy), with one extension where Keras raises or
-broadcasts wrongly: a sample weight of lower rank than the losses (one weight per sequence over
-per-token losses) is read as Keras reads the same weight with trailing size-1 axes, (N,) as (N, 1).
+The running Keras's own ``reduce_weighted_values`` (masks, sample weights, every reduction it
+offers, and where it does so, Keras 3.8 and later, the division by the replica count under a
+``tf.distribute`` strategy), with one extension where Keras raises or broadcasts wrongly: a sample
+weight of lower rank than the losses (one weight per sequence over per-token losses) is read as
+Keras reads the same weight with trailing size-1 axes, (N,) as (N, 1). What differs between Keras
+versions is in fused_xent._keras.compat.
 """
 
 import keras
-from keras.src.losses.loss import reduce_weighted_values, squeeze_or_expand_to_same_rank
+
+from fused_xent._keras.compat import reduce_weighted_values, squeeze_or_expand_to_same_rank
 
 ops = keras.ops
-
-
-def keras_mask(tensor):
-    try:  # Keras keeps masks in a private attribute (or a side table for C types)
-        from keras.src.backend import get_keras_mask
-    except ImportError:
-        return getattr(tensor, "_keras_mask", None)
-    return get_keras_mask(tensor)
-
-
-def set_keras_mask(tensor, mask):
-    try:
-        from keras.src.backend import set_keras_mask as set_mask
-    except ImportError:
-        return
-    set_mask(tensor, mask)
 
 
 def and_masks(first, second):

@@ -274,7 +274,9 @@ def dense_backward(runner, opts, classes, class_axes, z, t, lse, g):
     label_sums = lax.psum(shard.run(axis, sums, no_sums, (t,)), class_axes)
 
     def kernel(z, t, lse, g, label_sums, **over):
-        return runner("fused_xent_dense_backward_shard", (axis, eps, lam, classes, cap), z, t, lse, g, label_sums, **over)
+        return runner(
+            "fused_xent_dense_backward_shard", (axis, eps, lam, classes, cap), z, t, lse, g, label_sums, **over
+        )
 
     def no_classes(z, *_):
         return jnp.zeros_like(z)
