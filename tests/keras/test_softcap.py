@@ -11,6 +11,7 @@ import fused_xent  # noqa: E402
 from fused_xent import layers as fused_layers  # noqa: E402
 from fused_xent import losses as fused_losses  # noqa: E402
 from fused_xent import metrics as fused_metrics  # noqa: E402
+from tests._support import keras_versions  # noqa: E402
 
 CAP = 2.5
 
@@ -27,7 +28,9 @@ def _capped(z):
     return CAP * np.tanh(z.astype(np.float64) / CAP)
 
 
-@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "mean_with_sample_weight", "none"])
+@pytest.mark.parametrize(
+    "reduction", keras_versions.reductions(["sum_over_batch_size", "sum", "mean_with_sample_weight", "none"])
+)
 def test_losses_equal_keras_on_capped_logits(reduction):
     z, y, soft, sw = _data()
     ours = fused_losses.SparseCategoricalCrossentropy(from_logits=True, softcap=CAP, reduction=reduction)

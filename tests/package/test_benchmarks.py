@@ -202,3 +202,20 @@ def test_bench_linear_jax_runs(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     table = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(table) == 1 + 2 * 4  # header; fused_xent and jnp on one device and three layouts
+
+
+def test_bench_softcap_runs(tmp_path):
+    """benchmarks/bench_softcap.py end to end on a tiny shape: one row per dtype, both timings positive."""
+    out_json = tmp_path / "softcap.json"
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_softcap.py"), "--reps", "1", "--shapes", "64x300"]
+        + ["--json", str(out_json)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out_json.read_text())["results"]
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    assert all(r["plain_ms"] > 0 and r["softcap_ms"] > 0 for r in rows)
