@@ -49,10 +49,11 @@ def test_comparison_rejects_planted_error():
 def test_values_equal_keras(backend, tmp_path_factory):
     result, _ = results(backend, tmp_path_factory)
     assert result["backend"] == backend
-    # keras_backend_checks.values(): 8 cases per reduction, 2 other axes, class weights per reduction.
+    # keras_backend_checks.values(): 8 cases per reduction, 2 other axes, class weights per reduction,
+    # and softcap (sparse and dense) under two reductions.
     reductions = keras_versions.reductions(["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none"])
     class_weight_reductions = keras_versions.reductions(["sum_over_batch_size", "mean_with_sample_weight"])
-    assert len(result["values"]) == 8 * len(reductions) + 2 + len(class_weight_reductions)
+    assert len(result["values"]) == 8 * len(reductions) + 2 + len(class_weight_reductions) + 2 * 2
     for name, (ours, theirs) in result["values"].items():
         try:
             assert_same_as_keras(ours, theirs)
