@@ -142,59 +142,28 @@ def test_shards_of_capped_rows_combine_to_the_whole_row(inner):
     y = rng.integers(0, classes, rows)
     expected_loss, expected_grad = reference.sparse_softcap(y, z, cap)
     width = classes // shards
+    # the kernels' buffers: shard s's classes as [outer, width, inner], labels local or absent (-7)
+    blocks = [
+        np.ascontiguousarray(z[:, s * width : (s + 1) * width].reshape(rows // inner, inner, width).transpose(0, 2, 1))
+        for s in range(shards)
+    ]
+    here = [(y >= s * width) & (y < (s + 1) * width) for s in range(shards)]
+    locals_ = [np.where(here[s], y - s * width, -7) for s in range(shards)]
+    layout = dict(outer=rows // inner, classes=width, inner=inner, label_smoothing=0.0, z_loss=0.0)
+    shard = dict(ignore_index=None, class_weights=None, total_classes=classes, absent_label=-7, softcap=cap)
     parts, lses = [], []
-    for s in range(shards):
-        block = np.ascontiguousarray(
-            z[:, s * width : (s + 1) * width].reshape(rows // inner, inner, width).transpose(0, 2, 1)
-        )
-        local = np.where((y >= s * width) & (y < (s + 1) * width), y - s * width, -7).reshape(-1)
+    for block, local in zip(blocks, locals_):
         loss, lse = np.empty(rows), np.empty(rows)
-        _core.sparse_forward(
-            "float64",
-            block,
-            local,
-            rows // inner,
-            width,
-            inner,
-            0.0,
-            0.0,
-            None,
-            None,
-            loss,
-            lse,
-            total_classes=classes,
-            absent_label=-7,
-            softcap=cap,
-        )
+        _core.sparse_forward("float64", block, local, loss=loss, lse=lse, **layout, **shard)
         parts.append(loss)
         lses.append(lse)
     lse = np.logaddexp.reduce(np.stack(lses), axis=0)
-    target = [((y >= s * width) & (y < (s + 1) * width)).astype(float) for s in range(shards)]
-    combined = sum(p + q * (lse - shard_lse) for p, q, shard_lse in zip(parts, target, lses))
-    np.testing.assert_allclose(combined.reshape(-1), expected_loss, rtol=1e-12)
-    for s in range(shards):
-        block = np.ascontiguousarray(
-            z[:, s * width : (s + 1) * width].reshape(rows // inner, inner, width).transpose(0, 2, 1)
-        )
-        local = np.where((y >= s * width) & (y < (s + 1) * width), y - s * width, -7).reshape(-1)
+    combined = sum(p + q * (lse - shard_lse) for p, q, shard_lse in zip(parts, here, lses))
+    np.testing.assert_allclose(combined, expected_loss, rtol=1e-12)
+    for s, (block, local) in enumerate(zip(blocks, locals_)):
         grad = np.empty_like(block)
         _core.sparse_backward(
-            "float64",
-            block,
-            local,
-            rows // inner,
-            width,
-            inner,
-            0.0,
-            0.0,
-            None,
-            None,
-            lse,
-            np.ones(rows),
-            grad,
-            total_classes=classes,
-            absent_label=-7,
-            softcap=cap,
+            "float64", block, local, lse=lse, grad_loss=np.ones(rows), grad_logits=grad, **layout, **shard
         )
         got = grad.transpose(0, 2, 1).reshape(rows, width)
         np.testing.assert_allclose(got, expected_grad[:, s * width : (s + 1) * width], rtol=1e-10, atol=1e-15)
