@@ -61,6 +61,7 @@ def assert_reloaded(loaded, saved):
         "ignore_class": None,
         "axis": -1,
         "label_smoothing": 0.0,
+        "softcap": None,
     }
     for key, value in saved.items():
         assert_float32_close(loaded["evaluate"][key], value, what=key)
@@ -180,6 +181,7 @@ def test_config_round_trip_and_registered_names():
         "ignore_class": 255,
         "axis": 1,
         "label_smoothing": 0.1,
+        "softcap": None,
     }
     names = [keras.saving.get_registered_name(type(m)) for m in metrics]
     assert names == ["fused_xent>SparseCategoricalCrossentropyMetric", "fused_xent>CategoricalCrossentropyMetric"]

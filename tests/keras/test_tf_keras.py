@@ -231,6 +231,29 @@ def test_metrics_equal_tf_keras_metrics():
         assert_float32_close(results[0], results[1], what=f"{name} {kwargs}")
 
 
+def test_softcap_losses_and_metrics_equal_tf_keras_on_capped_logits():
+    logits, _, labels, soft, weights = _inputs(3)
+    logits *= 4
+    cap = 2.5
+    capped = (cap * np.tanh(logits.astype(np.float64) / cap)).astype(np.float32)
+    for name, y_true in (("SparseCategoricalCrossentropy", labels), ("CategoricalCrossentropy", soft)):
+        ours = getattr(tk_losses, name)(from_logits=True, softcap=cap)
+        theirs = getattr(tf_keras.losses, name)(from_logits=True)
+        assert_float32_close(
+            ours(y_true, logits, weights["per_sample"]), theirs(y_true, capped, weights["per_sample"]), what=name
+        )
+        ours, theirs = (
+            getattr(tk_metrics, name)(from_logits=True, softcap=cap),
+            getattr(tf_keras.metrics, name)(from_logits=True),
+        )
+        ours.update_state(y_true, logits, weights["per_element"])
+        theirs.update_state(y_true, capped, weights["per_element"])
+        assert_float32_close(float(ours.result()), float(theirs.result()), what=f"{name} metric")
+        assert (
+            abs(float(ours.result()) - float(getattr(tf_keras.metrics, name)(from_logits=True)(y_true, logits))) > 1e-3
+        )
+
+
 def test_metric_runs_the_forward_op_only():
     """The metric's update adds the fused forward op to the graph, not its gradient."""
     metric = tk_metrics.SparseCategoricalCrossentropy(from_logits=True)
@@ -322,7 +345,7 @@ def test_arguments_and_config_round_trip():
             True, 255, Reduction.SUM, "s", axis=1, label_smoothing=0.1, class_weights=[1, 2], z_loss=1e-3
         ),
         tk_losses.CategoricalCrossentropy(True, 0.2, 1, Reduction.NONE, "c", z_loss=1e-3),
-        tk_metrics.SparseCategoricalCrossentropy("m", "float64", True, 3, 1, label_smoothing=0.1),
+        tk_metrics.SparseCategoricalCrossentropy("m", "float64", True, 3, 1, label_smoothing=0.1, softcap=30.0),
         tk_metrics.CategoricalCrossentropy("n", None, True, 0.2, 1),
     ]
     for obj in losses:
@@ -338,6 +361,7 @@ def test_arguments_and_config_round_trip():
         "z_loss": 1e-3,
         "ignore_class": 255,
         "class_weights": [1.0, 2.0],
+        "softcap": None,
     }
     assert losses[2].get_config() == {
         "name": "m",
@@ -346,6 +370,7 @@ def test_arguments_and_config_round_trip():
         "ignore_class": 3,
         "axis": 1,
         "label_smoothing": 0.1,
+        "softcap": 30.0,
     }
     names = {tf_keras.saving.get_registered_name(type(obj)) for obj in losses}
     assert names == {

@@ -75,9 +75,10 @@ class SparseCategoricalCrossentropy(_FusedCrossentropyMetric):
       ignore_class: an integer label whose elements are left out, as in tf_keras.
       axis: the class axis (any axis).
       label_smoothing: epsilon in [0, 1] (beyond tf_keras).
+      softcap: None, or cap > 0 (with ``from_logits=True``), as the loss.
     """
 
-    _CONFIG_ARGUMENTS = ("from_logits", "ignore_class", "axis", "label_smoothing")
+    _CONFIG_ARGUMENTS = ("from_logits", "ignore_class", "axis", "label_smoothing", "softcap")
 
     def __init__(
         self,
@@ -88,8 +89,13 @@ class SparseCategoricalCrossentropy(_FusedCrossentropyMetric):
         axis=-1,
         *,
         label_smoothing=0.0,
+        softcap=None,
     ):
         loss = _losses.SparseCategoricalCrossentropy(
-            from_logits=from_logits, ignore_class=ignore_class, axis=axis, label_smoothing=label_smoothing
+            from_logits=from_logits,
+            ignore_class=ignore_class,
+            axis=axis,
+            label_smoothing=label_smoothing,
+            softcap=softcap,
         )
         super().__init__(loss, name=name, dtype=dtype)
