@@ -209,7 +209,7 @@ def test_bench_softcap_runs(tmp_path):
     out_json = tmp_path / "softcap.json"
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_softcap.py"), "--reps", "1", "--shapes", "64x300"]
-        + ["--json", str(out_json)],
+        + ["--cache-shape", "4x300", "--json", str(out_json)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -219,3 +219,7 @@ def test_bench_softcap_runs(tmp_path):
     rows = json.loads(out_json.read_text())["results"]
     assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
     assert all(r["plain_ms"] > 0 and r["softcap_ms"] > 0 for r in rows)
+    summary = json.loads(out_json.read_text())
+    assert summary["copy_bandwidth"] > 0
+    assert [r["dtype"] for r in summary["in_cache"]] == ["float32", "bfloat16"]
+    assert all(r["plain_ns"] > 0 and r["softcap_ns"] > 0 and r["memory_ns"] > 0 for r in summary["in_cache"])
